@@ -1,0 +1,25 @@
+# The two README commands. Both build .venv from scratch when it is missing.
+# torch is pinned in the same pip command as everything else: an unpinned torch
+# (or a dependency resolving one first) would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[test,plots]" tests/fixtures/outside_plugin
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tokenmdp train configs/demo.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,126 @@
+"""Toy-vocabulary token MDPs, contributed through the ``tokenmdp_envs`` hook.
+
+Every task takes ``vocab_size``, ``horizon`` and ``seed`` and ships a base distribution
+(a seeded Markov chain over tokens) so a reference model can be built by SFT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokenmdp import EnvSpec, hookimpl
+from tokenmdp.env import TokenMDPEnv, TokenTask, TokenVectorEnv
+
+
+class ToyTask(TokenTask):
+    """Shared parts: seeded prompts ``[BOS, p_1..p_k]`` and a Markov-chain base distribution."""
+
+    def __init__(self, vocab_size: int = 6, horizon: int = 5, seed: int = 0, eos_token: int | None = None,
+                 num_prompts: int | None = None, prompt_len: int = 1, base_scale: float = 1.0):
+        super().__init__(vocab_size, horizon, seed, eos_token)
+        if num_prompts is None:
+            num_prompts = min(4, vocab_size**prompt_len)
+        if not 1 <= num_prompts <= vocab_size ** prompt_len:
+            raise ValueError(f"env.num_prompts must be in [1, {vocab_size ** prompt_len}] (got {num_prompts})")
+        if prompt_len < 1:
+            raise ValueError(f"env.prompt_len must be >= 1 (got {prompt_len})")
+        # Distinct prompts: the first token cycles through the vocabulary, the rest are random.
+        content = torch.randint(0, vocab_size, (num_prompts, prompt_len), generator=self.rng)
+        content[:, 0] = torch.arange(num_prompts) % vocab_size
+        while len({tuple(r) for r in content.tolist()}) < num_prompts:
+            content[:, 1:] = torch.randint(0, vocab_size, (num_prompts, prompt_len - 1), generator=self.rng)
+        bos = torch.full((num_prompts, 1), self.bos_token)
+        self._prompts = torch.cat([bos, content], dim=1)
+        # Base distribution: next-token logits depend on the previous token (prompt's last at t=0).
+        self.base_table = torch.randn(self.input_vocab_size, vocab_size, generator=self.rng) * base_scale
+
+    @property
+    def prompts(self) -> Tensor:
+        return self._prompts
+
+    def base_logits(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        last = prefix[:, -1] if prefix.shape[1] else self._prompts[prompt_index, -1]
+        return self.base_table[last]
+
+
+class PatternTask(ToyTask):
+    """Dense reward: +``reward_scale`` for each token that matches the prompt's target pattern."""
+
+    name = "Pattern"
+
+    def __init__(self, reward_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.reward_scale = reward_scale
+        self.target = torch.randint(0, self.vocab_size, (self.prompts.shape[0], self.horizon), generator=self.rng)
+
+    def dense_rewards(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        target = self.target[prompt_index, prefix.shape[1]]
+        return torch.nn.functional.one_hot(target, self.vocab_size).float() * self.reward_scale
+
+
+class SumModTask(ToyTask):
+    """Delayed reward: ``reward_scale`` at the end iff the sum of all tokens mod ``modulus`` hits the prompt's target."""
+
+    name = "SumMod"
+
+    def __init__(self, modulus: int = 3, reward_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if modulus < 2:
+            raise ValueError(f"env.modulus must be >= 2 (got {modulus})")
+        self.modulus = modulus
+        self.reward_scale = reward_scale
+        self.goal = self.prompts[:, 1] % modulus
+
+    def terminal_reward(self, prompt_index: Tensor, response: Tensor) -> Tensor:
+        hit = response.sum(dim=1) % self.modulus == self.goal[prompt_index]
+        return hit.float() * self.reward_scale
+
+
+class ForbiddenTask(ToyTask):
+    """Harmlessness analogue: each prompt forbids its own tokens; emitting one costs ``penalty``."""
+
+    name = "Forbidden"
+
+    def __init__(self, num_forbidden: int = 2, penalty: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 1 <= num_forbidden < self.vocab_size:
+            raise ValueError(f"env.num_forbidden must be in [1, {self.vocab_size - 1}] (got {num_forbidden})")
+        self.penalty = penalty
+        order = torch.stack([torch.randperm(self.vocab_size, generator=self.rng) for _ in range(self.prompts.shape[0])])
+        self.forbidden = torch.zeros(self.prompts.shape[0], self.vocab_size, dtype=torch.bool)
+        self.forbidden.scatter_(1, order[:, :num_forbidden], True)
+
+    def dense_rewards(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        return -self.penalty * self.forbidden[prompt_index].float()
+
+
+class BanditTask(ToyTask):
+    """One-step bandit: reward table ``r(prompt, a)``; optimum in closed form
+    ``pi*(a) ∝ pi_ref(a) exp(r(a)/beta)``. With ``horizon > 1`` the bandit repeats every step.
+    """
+
+    name = "Bandit"
+
+    def __init__(self, horizon: int = 1, reward_scale: float = 1.0, **kwargs):
+        super().__init__(horizon=horizon, **kwargs)
+        self.table = torch.randn(self.prompts.shape[0], self.vocab_size, generator=self.rng) * reward_scale
+
+    def dense_rewards(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        return self.table[prompt_index]
+
+
+TASKS = [PatternTask, SumModTask, ForbiddenTask, BanditTask]
+
+
+@hookimpl
+def tokenmdp_envs():
+    return [
+        EnvSpec(
+            name=task.name,
+            entry_point=TokenMDPEnv.factory(task),
+            vector_entry_point=TokenVectorEnv.factory(task),
+            description=(task.__doc__ or "").strip().splitlines()[0],
+        )
+        for task in TASKS
+    ]

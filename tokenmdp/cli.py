@@ -1,0 +1,125 @@
+"""``tokenmdp`` command line: train, solve, plugins, envs.
+
+User errors (bad config, unknown names, impossible compositions) print one line and
+exit with status 2; no traceback wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import TokenMDPError
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def results_table(summary: dict) -> str:
+    """Start vs. final policy against the exact optimum, as a Markdown table."""
+    start = summary["start"]
+    keys = ["true_reward", "kl_ref", "objective", "regret", "regret_frac", "kl_to_optimal"]
+    rows = [[k, f"{start[k]:.4f}", f"{summary[k]:.4f}"] for k in keys]
+    rows.append(["J* (exact optimum)", f"{summary['j_star']:.4f}", f"{summary['j_star']:.4f}"])
+    return _table(rows, ["metric", "reference (start)", "trained"])
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    if args.resume:
+        trainer = Trainer.from_run_dir(args.resume)
+    else:
+        if args.config is None:
+            raise TokenMDPError("train: give a CONFIG.toml or --resume RUN_DIR")
+        trainer = Trainer(load_config(args.config, args.set))
+    summary = trainer.train()
+    c = summary
+    print(f"{c['recipe'] or 'custom'}: {c['estimator']} + {c['advantage']} + {c['updater']} on {c['env']}, "
+          f"{c['steps']} steps, {c['env_tokens']} env tokens, {c['wall_seconds']:.1f}s")
+    print(results_table(summary))
+    print(f"run directory: {trainer.run_dir}")
+    return 0
+
+
+def cmd_solve(args) -> int:
+    from .config import load_config
+    from .plugins import Registry, plugin_manager
+    from .policies import TaskBasePolicy
+    from .solver import solve
+    from .trainer import make_vector_env
+
+    config = load_config(args.config, args.set)
+    registry = Registry(plugin_manager())
+    registry.register_envs()
+    task = make_vector_env(registry, config, 1, compute_rewards=True).task
+    started = time.perf_counter()
+    solution = solve(task, TaskBasePolicy(task), config.train.beta)
+    seconds = time.perf_counter() - started
+    ref = solution.evaluate(solution.ref_logp)
+    states = sum(v.numel() for v in solution.v)
+    print(f"{config.env['id']} {task.describe()} beta={config.train.beta}, reference = base distribution")
+    print(f"solved {states} prefix states in {seconds:.3f}s")
+    rows = [[p, str(task.prompts[p].tolist()), f"{float(solution.v[0][p, 0]):.4f}"] for p in range(task.prompts.shape[0])]
+    print(_table(rows, ["prompt", "ids", "V*(x)"]))
+    print(f"J* = {solution.j_star:.4f}   J(pi_ref) = {ref['objective']:.4f}   gap = {ref['regret']:.4f}   "
+          f"E_pi*[R] = {solution.evaluate(solution.opt_logp)['true_reward']:.4f}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import Registry, blocked_plugin_names, plugin_manager
+
+    registry = Registry(plugin_manager())
+    print(_table([list(r) for r in registry.rows()], ["kind", "name", "plugin", "source"]))
+    blocked = blocked_plugin_names()
+    if blocked:
+        print(f"blocked by TOKENMDP_DISABLE_PLUGINS: {', '.join(blocked)}")
+    return 0
+
+
+def cmd_envs(args) -> int:
+    from .plugins import Registry, plugin_manager
+
+    registry = Registry(plugin_manager())
+    rows = [[e.obj.id, e.plugin, e.obj.description] for e in registry.envs.values()]
+    print(_table(rows, ["id", "plugin", "description"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmdp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a policy from a TOML config")
+    train.add_argument("config", nargs="?")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.set_defaults(fn=cmd_train)
+    solve = sub.add_parser("solve", help="exact KL-regularised optimum of a toy env")
+    solve.add_argument("config", nargs="?")
+    solve.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    solve.set_defaults(fn=cmd_solve)
+    sub.add_parser("plugins", help="list plugins and components with their source").set_defaults(fn=cmd_plugins)
+    sub.add_parser("envs", help="list registered environments").set_defaults(fn=cmd_envs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TokenMDPError as exc:
+        print(f"tokenmdp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokenmdp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The three component kinds every algorithm is composed of, plus recipes and env specs.
+
+A component class has a ``name``, a frozen attrs ``Options`` class, and ``requires`` /
+``provides`` sets of signal names. Instances may narrow or widen those sets from their
+options (e.g. an estimator that only provides ``target_logits`` when asked to).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import attrs
+from torch import Tensor
+
+#: Signals every rollout batch carries, so any component may require them.
+BATCH_SIGNALS = frozenset(
+    {"prompt_ids", "response_ids", "response_mask", "logprobs", "ref_logprobs", "rewards"}
+)
+
+
+@attrs.frozen
+class NoOptions:
+    """Options class for components that have no settings."""
+
+
+class Component:
+    """Shared base: holds validated options and the signal contract."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    requires: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+        self.requires = frozenset(type(self).requires)
+        self.provides = frozenset(type(self).provides)
+
+    def setup(self, ctx) -> None:
+        """Called once before training (create optimisers, move buffers)."""
+
+    def state_dict(self) -> dict:
+        """Extra state to checkpoint (optimiser, KL controller, ...)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.name} {self.options}>"
+
+
+class TrajectoryEstimator(Component):
+    """Scores the sampled responses and returns per-token signals."""
+
+    kind = "estimator"
+    method = "estimate"
+
+    def estimate(self, batch, ctx) -> Mapping[str, Tensor]:
+        raise NotImplementedError
+
+
+class AdvantageConstructor(Component):
+    """Turns signals into per-token ``advantages`` (and optionally ``returns``)."""
+
+    kind = "advantage"
+    method = "construct"
+    provides = frozenset({"advantages"})
+
+    def construct(self, batch, signals, ctx) -> Mapping[str, Tensor]:
+        raise NotImplementedError
+
+
+class PolicyUpdater(Component):
+    """Runs the optimisation step(s) on the policy and returns scalar metrics."""
+
+    kind = "updater"
+    method = "update"
+
+    def update(self, batch, signals, advantages, ctx) -> Mapping[str, float]:
+        raise NotImplementedError
+
+
+#: The positional parameters each component's method must accept, after ``self``.
+METHOD_PARAMETERS = {
+    TrajectoryEstimator: ("batch", "ctx"),
+    AdvantageConstructor: ("batch", "signals", "ctx"),
+    PolicyUpdater: ("batch", "signals", "advantages", "ctx"),
+}
+
+
+@attrs.frozen
+class Recipe:
+    """A named algorithm: which estimator, advantage and updater, with default options."""
+
+    name: str
+    estimator: str
+    advantage: str
+    updater: str
+    options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    description: str = ""
+    #: What supervision the recipe consumes: "reward", "pairs" or "none".
+    supervision: str = "reward"
+
+
+@attrs.frozen
+class EnvSpec:
+    """An environment a plugin contributes; registered as ``tokenmdp/<name>-v0``."""
+
+    name: str
+    entry_point: Any
+    vector_entry_point: Any = None
+    kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+    description: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"tokenmdp/{self.name}-v0"

@@ -1,0 +1,75 @@
+"""Turn ``[algorithm]`` + component option tables into three checked component instances.
+
+Everything here runs before any run directory is created or any model is built, so a
+composition that cannot work fails at start-up with the missing signal named.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .components import BATCH_SIGNALS, Component
+from .config import Config
+from .errors import CompositionError
+from .options import build
+from .plugins import Registry
+
+KINDS = ("estimator", "advantage", "updater")
+
+
+@attrs.frozen
+class Composition:
+    estimator: Component
+    advantage: Component
+    updater: Component
+    recipe: str | None
+
+    @property
+    def components(self) -> tuple[Component, Component, Component]:
+        return self.estimator, self.advantage, self.updater
+
+    @property
+    def needs_env_reward(self) -> bool:
+        """Whether any component reads the environment's reward."""
+        return any("rewards" in c.requires for c in self.components)
+
+    def describe(self) -> dict:
+        return {c.kind: c.name for c in self.components} | {"recipe": self.recipe}
+
+
+def compose(registry: Registry, config: Config) -> Composition:
+    algo = config.algorithm
+    recipe = registry.recipe(algo.name) if algo.name else None
+    parts = {}
+    for kind in KINDS:
+        name = getattr(algo, kind) or (getattr(recipe, kind) if recipe else None)
+        if name is None:
+            raise CompositionError(
+                f"algorithm.{kind} is not set; set algorithm.name to a recipe "
+                f"({', '.join(sorted(registry.recipes)) or 'none installed'}) or name the {kind}"
+            )
+        cls = registry.component(kind, name)
+        defaults = dict(recipe.options.get(kind, {})) if recipe and getattr(recipe, kind) == name else {}
+        options = build(cls.Options, defaults | getattr(config, kind), f"[{kind}] ({name})")
+        parts[kind] = cls(options)
+    check_signals(parts)
+    return Composition(**parts, recipe=recipe.name if recipe else None)
+
+
+def check_signals(parts: dict[str, Component]) -> None:
+    available = set(BATCH_SIGNALS)
+    origin = {s: "the rollout batch" for s in BATCH_SIGNALS}
+    for kind in KINDS:
+        component = parts[kind]
+        missing = sorted(component.requires - available)
+        if missing:
+            have = ", ".join(f"{s} (from {origin[s]})" for s in sorted(available - BATCH_SIGNALS)) or "none"
+            raise CompositionError(
+                f"{kind} {component.name!r} requires signal(s) {', '.join(missing)}, which no earlier "
+                f"component provides; signals from components: {have}"
+            )
+        for signal in component.provides:
+            origin.setdefault(signal, f"{kind} {component.name!r}")
+        available |= component.provides
+    if "advantages" not in parts["advantage"].provides:
+        raise CompositionError(f"advantage {parts['advantage'].name!r} must provide 'advantages'")

@@ -1,0 +1,144 @@
+"""Run configuration: frozen attrs classes read from TOML, with ``--set`` overrides.
+
+``[env]`` and ``[policy]`` take free keys beyond their fixed ones; those are passed to the
+environment / policy constructor and checked against its signature there.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+import tomli_w
+
+from .errors import ConfigError
+from .options import build, non_negative_int, one_of, positive, positive_int, to_dict
+
+
+def _optional_str(instance, attribute, value):
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{attribute.name} must be a non-empty string (got {value!r})")
+
+
+@attrs.frozen
+class AlgorithmConfig:
+    name: str | None = attrs.field(default=None, validator=_optional_str)
+    estimator: str | None = attrs.field(default=None, validator=_optional_str)
+    advantage: str | None = attrs.field(default=None, validator=_optional_str)
+    updater: str | None = attrs.field(default=None, validator=_optional_str)
+
+
+@attrs.frozen
+class ReferenceConfig:
+    #: "sft": fine-tune a fresh policy network on the env's base distribution;
+    #: "init": the untrained initial policy is the reference.
+    init: str = attrs.field(default="sft", validator=one_of("sft", "init"))
+    sft_samples: int = attrs.field(default=4096, validator=positive_int)
+    #: Guide-tagged samples from the tilted distribution (METHOD.md section 5); 0 = none.
+    tagged_samples: int = attrs.field(default=0, validator=non_negative_int)
+    #: beta of the tilt ``pi_base * exp(R / tilt_beta)``; defaults to ``train.beta``.
+    tilt_beta: float | None = attrs.field(default=None, validator=positive)
+    sft_epochs: int = attrs.field(default=8, validator=positive_int)
+    sft_batch_size: int = attrs.field(default=256, validator=positive_int)
+    sft_lr: float = attrs.field(default=3e-3, validator=positive)
+
+
+@attrs.frozen
+class TrainConfig:
+    steps: int = attrs.field(default=100, validator=positive_int)
+    seed: int = attrs.field(default=0, validator=non_negative_int)
+    batch_size: int = attrs.field(default=64, validator=positive_int)
+    beta: float = attrs.field(default=1.0, validator=positive)
+    temperature: float = attrs.field(default=1.0, validator=positive)
+    eval_every: int = attrs.field(default=10, validator=positive_int)
+    progress: bool = True
+
+
+@attrs.frozen
+class RunConfig:
+    dir: str = "runs/default"
+    checkpoint_every: int = attrs.field(default=0, validator=non_negative_int)
+    keep_checkpoints: int = attrs.field(default=2, validator=positive_int)
+    overwrite: bool = False
+
+
+@attrs.frozen
+class Config:
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    env: dict = attrs.field(factory=lambda: {"id": "tokenmdp/Pattern-v0"})
+    policy: dict = attrs.field(factory=lambda: {"kind": "gru"})
+    reference: ReferenceConfig = ReferenceConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+    estimator: dict = attrs.field(factory=dict)
+    advantage: dict = attrs.field(factory=dict)
+    updater: dict = attrs.field(factory=dict)
+
+    @env.validator
+    def _env_has_id(self, attribute, value):
+        if not isinstance(value.get("id"), str):
+            raise ValueError("env.id is required, e.g. env.id = \"tokenmdp/Pattern-v0\" (see `tokenmdp envs`)")
+
+    @property
+    def env_kwargs(self) -> dict:
+        return {k: v for k, v in self.env.items() if k != "id"}
+
+
+SECTIONS = [f.name for f in attrs.fields(Config)]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: key must be section.key, sections: {', '.join(SECTIONS)}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def merge(data: dict, path: list[str], value: Any) -> dict:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a table")
+        node = child
+    node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Mapping | None = None) -> Config:
+    """Read TOML (if given), apply ``--set`` overrides, validate everything."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    for text in overrides:
+        key_path, value = parse_override(text)
+        merge(data, key_path, value)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
+    for section in ("env", "policy", "estimator", "advantage", "updater"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"[{section}] must be a table")
+    if "env" in data:
+        data["env"] = {"id": Config().env["id"], **data["env"]} if "id" not in data["env"] else data["env"]
+    return build(Config, data, "config")
+
+
+def dump_config(config: Config) -> str:
+    return tomli_w.dumps(to_dict(config))

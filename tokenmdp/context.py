@@ -1,0 +1,37 @@
+"""The training context ``ctx`` every component receives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from .rollout import RolloutBatch, token_logprobs
+from .policies.base import TokenPolicy
+
+
+@attrs.define
+class TrainContext:
+    policy: TokenPolicy
+    reference: TokenPolicy
+    beta: float
+    task: Any
+    config: Any
+    step: int = 0
+    generator: torch.Generator = attrs.field(factory=torch.Generator)
+    #: Exact solution of the toy task under the reference (None for text tasks).
+    solution: Any = None
+    #: Free slot for components that share state within a run.
+    extras: dict = attrs.field(factory=dict)
+
+    @property
+    def guide_ids(self) -> Tensor:
+        """The default conditioning prefix ``c``: the task's guide token."""
+        return torch.tensor([self.task.guide_token])
+
+    def token_logprobs(self, model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None,
+                       return_logits: bool = False):
+        """Score the batch's response tokens under ``model`` (optionally guide-prefixed)."""
+        return token_logprobs(model, batch, prefix_ids=prefix_ids, return_logits=return_logits)

@@ -1,0 +1,325 @@
+"""The token MDP as Gymnasium environments.
+
+A :class:`TokenTask` holds the problem (prompts, vocabulary, horizon, reward, base
+distribution) as batched torch functions. :class:`TokenMDPEnv` is the single-episode
+``gymnasium.Env``; :class:`TokenVectorEnv` is the torch-native batched form the trainer
+uses. Both share the task, so the exact solver, the env and the trainer agree by
+construction.
+
+State ``s_t = (prompt, y_<t)``; action = next token; ``terminated`` when EOS is emitted,
+``truncated`` when ``horizon`` (max_new_tokens) tokens have been emitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+from torch import Tensor
+
+from .errors import TokenMDPError
+
+
+class InvalidActionError(TokenMDPError, ValueError):
+    """An action outside ``Discrete(vocab_size)``."""
+
+
+class TokenTask:
+    """A toy token-MDP problem. Subclasses implement the reward and base distribution.
+
+    Token ids ``0..vocab_size-1`` are actions. Two extra *input-only* ids follow:
+    ``bos_token`` starts every prompt and ``guide_token`` is the conditioning tag ``c``
+    of METHOD.md section 5. Policies therefore embed ``input_vocab_size`` ids and
+    predict ``vocab_size`` actions.
+    """
+
+    name = "task"
+
+    def __init__(self, vocab_size: int, horizon: int, seed: int = 0, eos_token: int | None = None):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise TokenMDPError(f"env.vocab_size must be an integer >= 2 (got {vocab_size!r})")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise TokenMDPError(f"env.horizon must be an integer >= 1 (got {horizon!r})")
+        if eos_token is not None and not (0 <= eos_token < vocab_size):
+            raise TokenMDPError(f"env.eos_token must be in [0, {vocab_size}) or unset (got {eos_token!r})")
+        self.vocab_size = vocab_size
+        self.horizon = horizon
+        self.seed = seed
+        self.eos_token = eos_token
+        self.bos_token = vocab_size
+        self.guide_token = vocab_size + 1
+        self.input_vocab_size = vocab_size + 2
+        self.rng = torch.Generator().manual_seed(seed)
+        self.reward_calls = 0  # lets tests prove a reward-free method never looked
+
+    # --- problem definition (override) --------------------------------------------
+    @property
+    def prompts(self) -> Tensor:
+        """``[num_prompts, prompt_len]`` int64, each row starting with ``bos_token``."""
+        raise NotImplementedError
+
+    @property
+    def prompt_probs(self) -> Tensor:
+        n = self.prompts.shape[0]
+        return torch.full((n,), 1.0 / n)
+
+    def dense_rewards(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        """``[N, V]`` reward of every next token from states ``(prompt, prefix)``."""
+        return torch.zeros(prefix.shape[0], self.vocab_size)
+
+    def terminal_reward(self, prompt_index: Tensor, response: Tensor) -> Tensor:
+        """``[N]`` reward paid when a complete ``response`` ends the episode."""
+        return torch.zeros(response.shape[0])
+
+    def base_logits(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        """``[N, V]`` logits of the base distribution ``pi_base(. | prompt, prefix)``."""
+        raise NotImplementedError
+
+    # --- derived --------------------------------------------------------------------
+    def next_token_rewards(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        """``[N, V]``: dense reward plus, for actions that end the episode, the terminal reward."""
+        self.reward_calls += 1
+        n, t = prefix.shape
+        rewards = self.dense_rewards(prompt_index, prefix).to(torch.float32)
+        ends = self.ending_actions(t)
+        if ends.any():
+            actions = torch.arange(self.vocab_size)[ends]
+            k = actions.numel()
+            full = torch.cat([prefix.repeat_interleave(k, 0), actions.repeat(n)[:, None]], dim=1)
+            term = self.terminal_reward(prompt_index.repeat_interleave(k), full).view(n, k)
+            rewards[:, ends] += term.to(torch.float32)
+        return rewards
+
+    def ending_actions(self, t: int) -> Tensor:
+        """``[V]`` bool: which next tokens end the episode when ``t`` tokens exist."""
+        if t + 1 >= self.horizon:
+            return torch.ones(self.vocab_size, dtype=torch.bool)
+        ends = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if self.eos_token is not None:
+            ends[self.eos_token] = True
+        return ends
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "vocab_size": self.vocab_size,
+            "horizon": self.horizon,
+            "eos_token": self.eos_token,
+            "num_prompts": int(self.prompts.shape[0]),
+        }
+
+
+def check_action(task: TokenTask, action: Any) -> int:
+    try:
+        a = int(action)
+        ok = a == action and 0 <= a < task.vocab_size
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidActionError(
+            f"action {action!r} is outside the vocabulary; valid actions are integers 0..{task.vocab_size - 1}"
+        )
+    return a
+
+
+def _observation_space(task: TokenTask) -> spaces.Dict:
+    prompt_len = task.prompts.shape[1]
+    return spaces.Dict(
+        {
+            "prompt": spaces.MultiDiscrete(np.full(prompt_len, task.input_vocab_size), dtype=np.int64),
+            # Slots not yet generated hold ``vocab_size`` (a padding id that is never an action).
+            "response": spaces.MultiDiscrete(np.full(task.horizon, task.vocab_size + 1), dtype=np.int64),
+            "length": spaces.Discrete(task.horizon + 1),
+        }
+    )
+
+
+class TokenMDPEnv(gymnasium.Env):
+    """One episode = one response to one prompt; rewards come from the task."""
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, task: TokenTask, render_mode: str | None = None):
+        self.task = task
+        self.render_mode = render_mode
+        self.action_space = spaces.Discrete(task.vocab_size)
+        self.observation_space = _observation_space(task)
+        self._prompt_index = 0
+        self._response: list[int] = []
+        self._done = True
+
+    @classmethod
+    def factory(cls, task_cls: type[TokenTask]):
+        """An entry point for ``gymnasium.register``: kwargs go to the task."""
+
+        def make(render_mode: str | None = None, **task_kwargs):
+            return cls(task_cls(**task_kwargs), render_mode=render_mode)
+
+        make.__name__ = f"make_{task_cls.__name__}"
+        make.task_cls = task_cls
+        return make
+
+    def _obs(self) -> dict[str, Any]:
+        response = np.full(self.task.horizon, self.task.vocab_size, dtype=np.int64)
+        response[: len(self._response)] = self._response
+        return {
+            "prompt": self.task.prompts[self._prompt_index].numpy().astype(np.int64),
+            "response": response,
+            "length": len(self._response),
+        }
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        num_prompts = self.task.prompts.shape[0]
+        if options and "prompt_index" in options:
+            index = int(options["prompt_index"])
+            if not 0 <= index < num_prompts:
+                raise TokenMDPError(f"options.prompt_index must be in [0, {num_prompts}) (got {index})")
+        else:
+            index = int(self.np_random.choice(num_prompts, p=self.task.prompt_probs.double().numpy()))
+        self._prompt_index = index
+        self._response = []
+        self._done = False
+        return self._obs(), {"prompt_index": index}
+
+    def step(self, action):
+        if self._done:
+            raise TokenMDPError("step() called on a finished episode; call reset() first")
+        a = check_action(self.task, action)
+        t = len(self._response)
+        prefix = torch.tensor([self._response], dtype=torch.long).view(1, t)
+        reward = float(self.task.next_token_rewards(torch.tensor([self._prompt_index]), prefix)[0, a])
+        self._response.append(a)
+        terminated = self.task.eos_token is not None and a == self.task.eos_token
+        truncated = not terminated and len(self._response) >= self.task.horizon
+        self._done = terminated or truncated
+        return self._obs(), reward, terminated, truncated, {"prompt_index": self._prompt_index}
+
+    def render(self):
+        if self.render_mode == "ansi":
+            prompt = self.task.prompts[self._prompt_index].tolist()
+            return f"prompt={prompt} response={self._response}"
+        return None
+
+
+class TokenVectorEnv(gymnasium.vector.VectorEnv):
+    """A batch of token MDPs as torch tensors: no Python loop over environments.
+
+    ``compute_rewards=False`` makes every reward 0 without calling the task's reward
+    function, for methods that must never see it (Inverse-Q* with a guide).
+    """
+
+    def __init__(
+        self,
+        task: TokenTask,
+        num_envs: int = 1,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        compute_rewards: bool = True,
+        render_mode: str | None = None,
+    ):
+        self.task = task
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.compute_rewards = compute_rewards
+        mode = AutoresetMode(autoreset_mode)
+        if mode == AutoresetMode.SAME_STEP:
+            raise TokenMDPError("TokenVectorEnv supports autoreset_mode NextStep or Disabled")
+        self.metadata = {"autoreset_mode": mode, "render_modes": []}
+        self.single_action_space = spaces.Discrete(task.vocab_size)
+        self.single_observation_space = _observation_space(task)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.prompt_index = torch.zeros(num_envs, dtype=torch.long)
+        self.response = torch.full((num_envs, task.horizon), task.vocab_size, dtype=torch.long)
+        self.length = torch.zeros(num_envs, dtype=torch.long)
+        self.done = torch.ones(num_envs, dtype=torch.bool)
+        self._pending_reset = torch.zeros(num_envs, dtype=torch.bool)
+        self._torch_rng = torch.Generator()
+
+    @classmethod
+    def factory(cls, task_cls: type[TokenTask]):
+        """A ``vector_entry_point``: ``make_vec(id, num_envs=..., **task_kwargs)``."""
+
+        def make(num_envs: int = 1, autoreset_mode=AutoresetMode.NEXT_STEP, compute_rewards=True,
+                 render_mode=None, **task_kwargs):
+            return cls(task_cls(**task_kwargs), num_envs=num_envs, autoreset_mode=autoreset_mode,
+                       compute_rewards=compute_rewards, render_mode=render_mode)
+
+        make.__name__ = f"make_vec_{task_cls.__name__}"
+        make.task_cls = task_cls
+        return make
+
+    def _obs(self) -> dict[str, Tensor]:
+        return {
+            "prompt": self.task.prompts[self.prompt_index],
+            "response": self.response.clone(),
+            "length": self.length.clone(),
+        }
+
+    def _reset_rows(self, rows: Tensor, prompt_index: Tensor | None = None) -> None:
+        n = int(rows.sum())
+        if n == 0:
+            return
+        if prompt_index is None:
+            prompt_index = torch.multinomial(self.task.prompt_probs, n, replacement=True, generator=self._torch_rng)
+        self.prompt_index[rows] = prompt_index
+        self.response[rows] = self.task.vocab_size
+        self.length[rows] = 0
+        self.done[rows] = False
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._torch_rng.manual_seed(seed)
+        elif not hasattr(self, "_seeded"):
+            self._torch_rng.manual_seed(int(self.np_random.integers(2**62)))
+        self._seeded = True
+        options = options or {}
+        rows = options.get("reset_mask")
+        rows = torch.ones(self.num_envs, dtype=torch.bool) if rows is None else torch.as_tensor(rows, dtype=torch.bool)
+        given = options.get("prompt_index")
+        if given is not None:
+            given = torch.as_tensor(given, dtype=torch.long)
+            if given.min() < 0 or given.max() >= self.task.prompts.shape[0]:
+                raise TokenMDPError(f"options.prompt_index must be in [0, {self.task.prompts.shape[0]})")
+            given = given[rows] if given.numel() == self.num_envs else given
+        self._reset_rows(rows, given)
+        self._pending_reset[rows] = False
+        return self._obs(), {"prompt_index": self.prompt_index.clone()}
+
+    def step(self, actions):
+        actions = torch.as_tensor(np.asarray(actions) if not isinstance(actions, Tensor) else actions)
+        if actions.shape != (self.num_envs,) or actions.dtype.is_floating_point or (
+            (actions < 0) | (actions >= self.task.vocab_size)
+        ).any():
+            raise InvalidActionError(
+                f"actions must be {self.num_envs} integers in 0..{self.task.vocab_size - 1} (got {actions.tolist()})"
+            )
+        actions = actions.long()
+        rewards = torch.zeros(self.num_envs)
+        terminated = torch.zeros(self.num_envs, dtype=torch.bool)
+        truncated = torch.zeros(self.num_envs, dtype=torch.bool)
+        # NEXT_STEP autoreset: envs that finished on the previous step restart and ignore their action.
+        restarting = self._pending_reset.clone()
+        self._reset_rows(restarting)
+        active = ~self.done & ~restarting
+        if self.compute_rewards and active.any():
+            for t in self.length[active].unique().tolist():
+                rows = active & (self.length == t)
+                table = self.task.next_token_rewards(self.prompt_index[rows], self.response[rows, :t])
+                rewards[rows] = table.gather(1, actions[rows, None]).squeeze(1)
+        rows = active.nonzero().squeeze(1)
+        self.response[rows, self.length[rows]] = actions[rows]
+        self.length[rows] += 1
+        if self.task.eos_token is not None:
+            terminated = active & (actions == self.task.eos_token)
+        truncated = active & ~terminated & (self.length >= self.task.horizon)
+        self.done |= terminated | truncated
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            self._pending_reset = terminated | truncated
+        return self._obs(), rewards, terminated, truncated, {"prompt_index": self.prompt_index.clone()}

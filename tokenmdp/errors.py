@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints these as one line, without a traceback."""
+
+
+class TokenMDPError(Exception):
+    """A problem the user can fix: bad config, unknown name, impossible composition."""
+
+
+class ConfigError(TokenMDPError):
+    """A config value, TOML file or ``--set`` override is invalid."""
+
+
+class PluginError(TokenMDPError):
+    """A plugin is malformed, duplicated, unknown or failed inside a hook."""
+
+
+class CompositionError(TokenMDPError):
+    """The chosen estimator/advantage/updater cannot work together."""
+
+
+class NonFiniteError(TokenMDPError):
+    """A loss, advantage or signal became NaN or infinite; the run is stopped."""

@@ -1,0 +1,49 @@
+"""Every hook of tokenmdp. Plugins implement them with ``@tokenmdp.hookimpl``.
+
+Registration hooks return lists that are concatenated across plugins; lifecycle hooks
+are called by keyword, so an implementation may accept any subset of the arguments.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("tokenmdp")
+
+
+@hookspec
+def tokenmdp_trajectory_estimators():
+    """Return a list of TrajectoryEstimator classes this plugin provides."""
+
+
+@hookspec
+def tokenmdp_advantage_constructors():
+    """Return a list of AdvantageConstructor classes this plugin provides."""
+
+
+@hookspec
+def tokenmdp_policy_updaters():
+    """Return a list of PolicyUpdater classes this plugin provides."""
+
+
+@hookspec
+def tokenmdp_algorithms():
+    """Return a list of Recipe objects: named estimator + advantage + updater compositions."""
+
+
+@hookspec
+def tokenmdp_envs():
+    """Return a list of EnvSpec objects, registered with Gymnasium as ``tokenmdp/<Name>-v0``."""
+
+
+@hookspec
+def tokenmdp_on_train_start(run):
+    """Called once after set-up and before the first step; ``run`` exposes dir, config, resources."""
+
+
+@hookspec
+def tokenmdp_on_step_end(run, step, metrics):
+    """Called after every training step with that step's metrics dict."""
+
+
+@hookspec
+def tokenmdp_on_train_end(run, summary):
+    """Called once when training ends normally, with the final summary dict."""

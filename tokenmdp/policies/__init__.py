@@ -1,0 +1,47 @@
+"""Policies: one interface for toy networks, exact tree policies and HF causal LMs."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ExactPolicy, TaskBasePolicy, TokenPolicy
+from .toy import TOY_POLICIES, GRUPolicy, MLPPolicy, TabularPolicy, TransformerPolicy
+
+__all__ = [
+    "ExactPolicy",
+    "GRUPolicy",
+    "MLPPolicy",
+    "TOY_POLICIES",
+    "TabularPolicy",
+    "TaskBasePolicy",
+    "TokenPolicy",
+    "TransformerPolicy",
+]
+
+
+def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
+    """Build the policy named by the ``[policy]`` table for ``task`` (seeded init)."""
+    import inspect
+
+    from ..errors import ConfigError
+    from .hf import HFCausalLMPolicy
+
+    spec = dict(spec)
+    kind = spec.pop("kind", "gru")
+    torch.manual_seed(seed)
+    if kind == "hf":
+        if "path" in spec:
+            return HFCausalLMPolicy.from_pretrained(spec["path"], vocab_size=task.vocab_size)
+        hf_config = {"vocab_size": task.input_vocab_size, **spec.get("config", {})}
+        return HFCausalLMPolicy.from_config(hf_config, vocab_size=task.vocab_size, seed=seed)
+    if kind not in TOY_POLICIES:
+        raise ConfigError(f"policy.kind {kind!r} is unknown; valid kinds: {', '.join([*TOY_POLICIES, 'hf'])}")
+    cls = TOY_POLICIES[kind]
+    params = [p for p in inspect.signature(cls).parameters if p not in ("input_vocab_size", "vocab_size")]
+    unknown = sorted(set(spec) - set(params))
+    if unknown:
+        raise ConfigError(f"policy: unknown option(s) {', '.join(unknown)} for kind {kind!r}; valid: {', '.join(params)}")
+    try:
+        return cls(task.input_vocab_size, task.vocab_size, **spec)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"policy ({kind}): {exc}") from None

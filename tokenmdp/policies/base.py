@@ -1,0 +1,85 @@
+"""The one policy interface shared by toy networks, exact tree policies and HF causal LMs.
+
+``forward(input_ids, attention_mask) -> logits [B, L, vocab_size]``: position ``i``
+predicts the token after ``input_ids[:, i]`` (causal-LM convention). ``start`` /
+``advance`` give incremental decoding; the default recomputes the whole prefix, and
+recurrent or KV-cached models override them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import TokenMDPError
+
+
+class TokenPolicy(nn.Module):
+    vocab_size: int
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Any]:
+        """Logits for the first response token and a decoding state."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self(input_ids, attention_mask)[:, -1], (input_ids, attention_mask)
+
+    def reindex_state(self, state: Any, index: Tensor) -> Any:
+        """Select (and repeat) batch rows of a decoding state, e.g. to expand a prefix tree."""
+        ids, mask = state
+        return ids[index], mask[index]
+
+    def advance(self, state: Any, tokens: Tensor) -> tuple[Tensor, Any]:
+        """Append ``tokens`` ([B]) and return the next logits and the new state."""
+        ids, mask = state
+        ids = torch.cat([ids, tokens[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)
+        return self(ids, mask)[:, -1], (ids, mask)
+
+
+def require_unpadded(attention_mask: Tensor | None, who: str) -> None:
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise TokenMDPError(
+            f"{who} needs unpadded inputs (all prompts of one length); use an HF policy for padded text"
+        )
+
+
+class ExactPolicy(TokenPolicy):
+    """A fixed policy given by a function of (prompt index, prefix) on a toy task.
+
+    Inputs are laid out as ``[guide...] + prompt + response``; the prompt is found by its
+    BOS token, so a conditioning prefix in front is ignored.
+    """
+
+    def __init__(self, task):
+        super().__init__()
+        self.task = task
+        self.vocab_size = task.vocab_size
+
+    def next_logits(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        require_unpadded(attention_mask, type(self).__name__)
+        prompts = self.task.prompts
+        p = prompts.shape[1]
+        start = int((input_ids[0] == self.task.bos_token).nonzero()[0])
+        window = input_ids[:, start : start + p]
+        match = (window[:, None, :] == prompts[None]).all(-1)
+        if not bool(match.any(1).all()):
+            raise TokenMDPError(f"{type(self).__name__}: input holds a prompt the task does not know")
+        prompt_index = match.float().argmax(1)
+        b, length = input_ids.shape
+        logits = torch.zeros(b, length, self.vocab_size)
+        for pos in range(start + p - 1, length):
+            prefix = input_ids[:, start + p : pos + 1]
+            logits[:, pos] = self.next_logits(prompt_index, prefix)
+        return logits
+
+
+class TaskBasePolicy(ExactPolicy):
+    """The task's base distribution ``pi_base`` as a policy (for SFT data and tests)."""
+
+    def next_logits(self, prompt_index, prefix):
+        return self.task.base_logits(prompt_index, prefix)

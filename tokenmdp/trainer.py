@@ -1,0 +1,276 @@
+"""The training loop, as a template method: collect -> estimate -> construct -> update.
+
+Everything that can fail on bad input (config, plugin names, composition, env options)
+is checked in ``Trainer.__init__``, before any model is built or any file is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import gymnasium
+import torch
+from gymnasium.vector import AutoresetMode
+
+from .composition import Composition, compose
+from .config import Config, dump_config, load_config
+from .context import TrainContext
+from .env import TokenVectorEnv
+from .errors import ConfigError, PluginError, TokenMDPError
+from .evaluation import ExactEvaluator
+from .ops import check_finite
+from .plugins import Registry, plugin_manager
+from .policies import build_policy
+from .rollout import collect, token_logprobs
+from .sft import make_sft_data, supervised_finetune
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@attrs.define
+class Run:
+    """What lifecycle hooks see: the run directory, config and a slot for per-run resources."""
+
+    dir: Path
+    config: Config
+    composition: Composition
+    start_step: int = 0
+    resources: dict = attrs.field(factory=dict)
+
+
+def _task_parameters(task_cls: type) -> list[str]:
+    names = []
+    for cls in task_cls.__mro__:
+        if "__init__" in vars(cls):
+            names += [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+    return sorted(set(names))
+
+
+def make_vector_env(registry: Registry, config: Config, num_envs: int, compute_rewards: bool) -> TokenVectorEnv:
+    spec = registry.env(config.env["id"])
+    if spec.vector_entry_point is None:
+        raise ConfigError(f"env.id {spec.id!r} has no torch vector form; training needs one")
+    try:
+        env = gymnasium.make_vec(spec.id, num_envs=num_envs, autoreset_mode=AutoresetMode.DISABLED,
+                                 compute_rewards=compute_rewards, **config.env_kwargs)
+    except TypeError as exc:
+        valid = _task_parameters(getattr(spec.vector_entry_point, "task_cls", object))
+        raise ConfigError(f"[env] ({spec.id}): {exc}; valid options: {', '.join(valid)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"[env] ({spec.id}): {exc}") from None
+    return env
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Each step's sampling seed depends only on (seed, step), so a resumed run replays exactly."""
+    return (seed * 1_000_003 + step * 7_919) % (2**63)
+
+
+class Trainer:
+    def __init__(self, config: Config, pm=None, resume: bool = False):
+        self.config = config
+        self.pm = pm if pm is not None else plugin_manager()
+        self.registry = Registry(self.pm)
+        self.registry.register_envs()
+        self.composition = compose(self.registry, config)
+        self.env = make_vector_env(self.registry, config, config.train.batch_size,
+                                   compute_rewards=self.composition.needs_env_reward)
+        self.task = self.env.task
+        self.run_dir = Path(config.run.dir)
+        self.resume = resume
+        if not resume and (self.run_dir / "metrics.jsonl").exists() and not config.run.overwrite:
+            raise ConfigError(
+                f"run.dir {str(self.run_dir)!r} already holds a run; use --resume {self.run_dir}, "
+                "--set run.overwrite=true, or another run.dir"
+            )
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, pm=None) -> "Trainer":
+        path = Path(run_dir) / "config.toml"
+        if not path.is_file():
+            raise ConfigError(f"--resume {str(run_dir)!r}: no config.toml there, so it is not a run directory")
+        return cls(load_config(path), pm=pm, resume=True)
+
+    # --- set-up -------------------------------------------------------------------
+    def build_models(self) -> None:
+        cfg = self.config
+        reference = build_policy(cfg.policy, self.task, seed=cfg.train.seed)
+        self.sft_losses: list[float] = []
+        ref_file = self.run_dir / "reference.pt"
+        if self.resume and ref_file.exists():
+            reference.load_state_dict(torch.load(ref_file, weights_only=True))
+        elif cfg.reference.init == "sft":
+            generator = torch.Generator().manual_seed(cfg.train.seed)
+            ref_cfg = cfg.reference
+            groups = make_sft_data(self.task, ref_cfg.sft_samples, ref_cfg.tagged_samples,
+                                   ref_cfg.tilt_beta or cfg.train.beta, generator)
+            self.sft_losses = supervised_finetune(reference, groups, ref_cfg.sft_epochs,
+                                                  ref_cfg.sft_batch_size, ref_cfg.sft_lr, generator)
+        self.policy = copy.deepcopy(reference)
+        self.reference = reference.requires_grad_(False).eval()
+        self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
+        self.ctx = TrainContext(policy=self.policy, reference=self.reference, beta=cfg.train.beta,
+                                task=self.task, config=cfg, solution=self.evaluator.solution)
+        for component in self.composition.components:
+            self._guard(component, "setup", component.setup, self.ctx)
+
+    def _guard(self, component, what: str, fn, *args):
+        """Call a component, reporting a crash with the plugin's name and the step."""
+        try:
+            return fn(*args)
+        except TokenMDPError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{component.kind} {component.name!r} raised in {what} at step {self.ctx.step}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    # --- the loop -----------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        self.build_models()
+        cfg = self.config
+        start_step, env_tokens = self._prepare_run_dir()
+        run = Run(dir=self.run_dir, config=cfg, composition=self.composition, start_step=start_step)
+        self.pm.hook.tokenmdp_on_train_start(run=run)
+        started = time.perf_counter()
+        if start_step == 0:
+            self._emit(run, 0, {"env_tokens": 0, **self.evaluator.evaluate(self.policy)})
+        metrics: dict[str, Any] = {}
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            metrics = self.train_step(step)
+            env_tokens += metrics.pop("rollout/tokens")
+            metrics["env_tokens"] = env_tokens
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                metrics.update(self.evaluator.evaluate(self.policy))
+            self._emit(run, step, metrics)
+            every = cfg.run.checkpoint_every
+            if (every and step % every == 0) or step == cfg.train.steps:
+                self.save_checkpoint(step, env_tokens)
+        summary = self._summary(env_tokens, time.perf_counter() - started)
+        _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self.pm.hook.tokenmdp_on_train_end(run=run, summary=summary)
+        return summary
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """collect -> estimate -> construct -> update, for one batch of responses."""
+        ctx, cfg = self.ctx, self.config
+        ctx.step = step
+        ctx.generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
+        batch = collect(self.policy, self.env, seed=step_seed(cfg.train.seed, step), generator=ctx.generator,
+                        temperature=cfg.train.temperature)
+        with torch.no_grad():
+            batch.logprobs = token_logprobs(self.policy, batch)
+            batch.ref_logprobs = token_logprobs(self.reference, batch)
+        estimator, constructor, updater = self.composition.components
+        signals = dict(self._guard(estimator, "estimate", estimator.estimate, batch, ctx))
+        check_finite(signals, f"estimator {estimator.name!r}", step)
+        advantages = dict(self._guard(constructor, "construct", constructor.construct, batch, signals, ctx))
+        check_finite(advantages, f"advantage {constructor.name!r}", step)
+        update_metrics = dict(self._guard(updater, "update", updater.update, batch, signals, advantages, ctx))
+        check_finite(update_metrics, f"updater {updater.name!r}", step)
+        metrics: dict[str, Any] = {"rollout/tokens": batch.num_tokens}
+        metrics["rollout/response_length"] = batch.num_tokens / batch.size
+        if batch.rewards_observed:
+            metrics["rollout/reward_mean"] = float(batch.sequence_rewards.mean())
+        metrics.update(self.evaluator.credit(batch, signals, advantages))
+        metrics.update(update_metrics)
+        return metrics
+
+    # --- run directory, checkpoints -------------------------------------------------
+    def _prepare_run_dir(self) -> tuple[int, int]:
+        ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        if self.resume:
+            latest = latest_checkpoint(self.run_dir)
+            if latest is None:
+                raise ConfigError(f"--resume {str(self.run_dir)!r}: no checkpoint to resume from")
+            state = torch.load(latest, weights_only=False)
+            self.policy.load_state_dict(state["policy"])
+            for component in self.composition.components:
+                component.load_state_dict(state["components"].get(component.kind, {}))
+            _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+            return state["step"], state["env_tokens"]
+        if self.run_dir.exists():
+            for name in ("metrics.jsonl", "summary.json", CHECKPOINT_DIR, "tensorboard"):
+                path = self.run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.run_dir / "config.toml", dump_config(self.config))
+        _atomic_save(self.reference.state_dict(), self.run_dir / "reference.pt")
+        return 0, 0
+
+    def save_checkpoint(self, step: int, env_tokens: int) -> Path:
+        state = {
+            "step": step,
+            "env_tokens": env_tokens,
+            "policy": self.policy.state_dict(),
+            "components": {c.kind: c.state_dict() for c in self.composition.components},
+        }
+        path = self.run_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+        _atomic_save(state, path)
+        for old in sorted(path.parent.glob("step_*.pt"))[: -self.config.run.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def _emit(self, run: Run, step: int, metrics: dict[str, Any]) -> None:
+        self.pm.hook.tokenmdp_on_step_end(run=run, step=step, metrics={"step": step, **metrics})
+
+    def _summary(self, env_tokens: int, wall_seconds: float) -> dict[str, Any]:
+        final = self.evaluator.evaluate(self.policy)
+        start = self.evaluator.start
+        return {
+            **self.composition.describe(),
+            "env": self.config.env["id"],
+            "steps": self.config.train.steps,
+            "env_tokens": env_tokens,
+            "wall_seconds": wall_seconds,
+            "used_env_reward": self.composition.needs_env_reward,
+            "j_star": self.evaluator.solution.j_star,
+            "start": {**start, "regret_frac": 1.0},
+            **final,
+        }
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
