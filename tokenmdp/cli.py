@@ -34,9 +34,7 @@ def cmd_train(args) -> int:
 
     if args.resume:
         trainer = Trainer.from_run_dir(args.resume)
-    else:
-        if args.config is None:
-            raise TokenMDPError("train: give a CONFIG.toml or --resume RUN_DIR")
+    else:  # without a CONFIG.toml, the defaults plus --set overrides
         trainer = Trainer(load_config(args.config, args.set))
     summary = trainer.train()
     c = summary

@@ -45,7 +45,9 @@ class TokenTask:
             raise TokenMDPError(f"env.vocab_size must be an integer >= 2 (got {vocab_size!r})")
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise TokenMDPError(f"env.horizon must be an integer >= 1 (got {horizon!r})")
-        if eos_token is not None and not (0 <= eos_token < vocab_size):
+        if eos_token is not None and (
+            isinstance(eos_token, bool) or not isinstance(eos_token, int) or not 0 <= eos_token < vocab_size
+        ):
             raise TokenMDPError(f"env.eos_token must be in [0, {vocab_size}) or unset (got {eos_token!r})")
         self.vocab_size = vocab_size
         self.horizon = horizon
@@ -66,7 +68,7 @@ class TokenTask:
     @property
     def prompt_probs(self) -> Tensor:
         n = self.prompts.shape[0]
-        return torch.full((n,), 1.0 / n)
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
 
     def dense_rewards(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
         """``[N, V]`` reward of every next token from states ``(prompt, prefix)``."""
@@ -118,7 +120,7 @@ def check_action(task: TokenTask, action: Any) -> int:
     try:
         a = int(action)
         ok = a == action and 0 <= a < task.vocab_size
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
         raise InvalidActionError(
@@ -181,7 +183,8 @@ class TokenMDPEnv(gymnasium.Env):
             if not 0 <= index < num_prompts:
                 raise TokenMDPError(f"options.prompt_index must be in [0, {num_prompts}) (got {index})")
         else:
-            index = int(self.np_random.choice(num_prompts, p=self.task.prompt_probs.double().numpy()))
+            p = self.task.prompt_probs.double().numpy()
+            index = int(self.np_random.choice(num_prompts, p=p / p.sum()))
         self._prompt_index = index
         self._response = []
         self._done = False
@@ -293,12 +296,18 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         return self._obs(), {"prompt_index": self.prompt_index.clone()}
 
     def step(self, actions):
-        actions = torch.as_tensor(np.asarray(actions) if not isinstance(actions, Tensor) else actions)
-        if actions.shape != (self.num_envs,) or actions.dtype.is_floating_point or (
-            (actions < 0) | (actions >= self.task.vocab_size)
-        ).any():
+        given = actions
+        try:
+            actions = torch.as_tensor(np.asarray(actions) if not isinstance(actions, Tensor) else actions)
+            bad = actions.shape != (self.num_envs,) or actions.dtype.is_floating_point or actions.dtype.is_complex or bool(
+                ((actions < 0) | (actions >= self.task.vocab_size)).any()
+            )
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            bad = True
+        if bad:
+            shown = given.tolist() if isinstance(given, (Tensor, np.ndarray)) else given
             raise InvalidActionError(
-                f"actions must be {self.num_envs} integers in 0..{self.task.vocab_size - 1} (got {actions.tolist()})"
+                f"actions must be {self.num_envs} integers in 0..{self.task.vocab_size - 1} (got {shown!r})"
             )
         actions = actions.long()
         rewards = torch.zeros(self.num_envs)

@@ -75,7 +75,8 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> None:
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {name!r} has a bad hook implementation: {exc}") from None
+        detail = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise PluginError(f"plugin {name!r} has a bad hook implementation: {detail}") from None
     except ValueError as exc:  # pluggy: name or object already registered
         raise PluginError(f"plugin {name!r} could not be registered: {exc}") from None
 

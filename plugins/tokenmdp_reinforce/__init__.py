@@ -58,11 +58,16 @@ class PolicyGradient(PolicyUpdater):
 
     @attrs.frozen
     class Options:
-        lr: float = attrs.field(default=3e-3, validator=positive)
+        lr: float = attrs.field(default=1e-2, validator=positive)
         max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)
+        #: Decay the learning rate linearly to 0 over ``train.steps`` (removes the noise floor).
+        anneal_lr: bool = True
 
     def setup(self, ctx):
         self.optimizer = torch.optim.Adam(ctx.policy.parameters(), lr=self.options.lr)
+        total = ctx.config.train.steps
+        decay = (lambda i: max(0.0, 1 - i / total)) if self.options.anneal_lr else (lambda i: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
 
     def update(self, batch, signals, advantages, ctx):
         mask = batch.response_mask
@@ -72,20 +77,24 @@ class PolicyGradient(PolicyUpdater):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(ctx.policy.parameters(), self.options.max_grad_norm or float("inf"))
         self.optimizer.step()
+        self.scheduler.step()
+        logits = logits.detach()
         entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
         return {
             "losses/policy": loss.item(),
             "policy/entropy": float(masked_mean(entropy, mask)),
             "policy/grad_norm": float(grad_norm),
             "objective/kl": float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean()),
+            "charts/learning_rate": self.scheduler.get_last_lr()[0],
         }
 
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state):
         if state:
             self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 @hookimpl

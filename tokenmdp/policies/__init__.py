@@ -32,7 +32,9 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
     if kind == "hf":
         if "path" in spec:
             return HFCausalLMPolicy.from_pretrained(spec["path"], vocab_size=task.vocab_size)
-        hf_config = {"vocab_size": task.input_vocab_size, **spec.get("config", {})}
+        eos = task.eos_token if task.eos_token is not None else task.bos_token
+        hf_config = {"vocab_size": task.input_vocab_size, "bos_token_id": task.bos_token, "eos_token_id": eos,
+                     **spec.get("config", {})}
         return HFCausalLMPolicy.from_config(hf_config, vocab_size=task.vocab_size, seed=seed)
     if kind not in TOY_POLICIES:
         raise ConfigError(f"policy.kind {kind!r} is unknown; valid kinds: {', '.join([*TOY_POLICIES, 'hf'])}")

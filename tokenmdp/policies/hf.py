@@ -3,6 +3,7 @@ sentencepiece trainer so tests never need a download."""
 
 from __future__ import annotations
 
+import inspect
 import io
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +24,8 @@ class HFCausalLMPolicy(TokenPolicy):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size or model.config.vocab_size
+        # transformers >= 5 renamed ``past_key_values`` to ``cache``; accept both.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         if self.vocab_size > model.config.vocab_size:
             raise TokenMDPError(
                 f"action vocabulary {self.vocab_size} exceeds the model's vocab_size {model.config.vocab_size}"
@@ -62,7 +65,10 @@ class HFCausalLMPolicy(TokenPolicy):
             attention_mask = torch.ones_like(input_ids)
         positions = self._positions(attention_mask)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
-        return out.logits[:, -1, : self.vocab_size], (out.past_key_values, attention_mask, positions[:, -1])
+        return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), attention_mask, positions[:, -1])
+
+    def _cache_of(self, out):
+        return out["cache"] if "cache" in out else out["past_key_values"]
 
     def reindex_state(self, state, index):
         past, mask, last_pos = state
@@ -74,8 +80,8 @@ class HFCausalLMPolicy(TokenPolicy):
         mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)
         pos = last_pos + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
-                         past_key_values=past, use_cache=True)
-        return out.logits[:, -1, : self.vocab_size], (out.past_key_values, mask, pos)
+                         use_cache=True, **{self._cache_arg: past})
+        return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), mask, pos)
 
 
 def train_sentencepiece(lines: Iterable[str], vocab_size: int, model_type: str = "bpe"):

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from tokenmdp.config import load_config
+
+torch.set_num_threads(1)
+
+#: A config small enough to train in a second or two.
+TINY = [
+    "algorithm.name=reinforce",
+    "env.id=tokenmdp/Pattern-v0",
+    "env.vocab_size=4",
+    "env.horizon=3",
+    "policy.kind=gru",
+    "policy.hidden=16",
+    "reference.sft_samples=256",
+    "reference.sft_epochs=2",
+    "train.steps=4",
+    "train.batch_size=16",
+    "train.eval_every=2",
+    "train.progress=false",
+]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    def make(*overrides, run_dir=None):
+        return load_config(None, [*TINY, f"run.dir={run_dir or tmp_path / 'run'}", *overrides])
+
+    return make

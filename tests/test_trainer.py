@@ -1,0 +1,193 @@
+"""The training loop end to end: files, reproducibility, reward-free runs, faults, resume."""
+
+import json
+import types
+
+import attrs
+import pytest
+import torch
+
+import tokenmdp
+from tokenmdp import NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
+from tokenmdp.plugins import plugin_manager
+from tokenmdp.trainer import Trainer
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents(tiny_config, tmp_path):
+    summary = Trainer(tiny_config()).train()
+    run = tmp_path / "run"
+    assert (run / "config.toml").is_file() and (run / "summary.json").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "checkpoints").glob("step_*.pt"))
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    for key in ["true_reward", "kl_ref", "regret", "kl_to_optimal", "env_tokens"]:
+        assert key in rows[0] and key in rows[-1]
+    assert "credit_corr" in rows[1]
+    assert rows[-1]["env_tokens"] == 4 * 16 * 3
+    # regret and kl_to_optimal are one quantity: J* - J = beta * KL(pi || pi*)
+    assert rows[-1]["regret"] == pytest.approx(rows[-1]["kl_to_optimal"], rel=1e-9, abs=1e-12)
+    assert summary["regret"] == pytest.approx(rows[-1]["regret"])
+    assert json.loads((run / "summary.json").read_text())["env_tokens"] == 192
+    # the resolved config round-trips
+    again = tokenmdp.config.load_config(run / "config.toml")
+    assert again == tiny_config()
+
+
+def test_same_seed_same_metrics(tiny_config, tmp_path):
+    Trainer(tiny_config(run_dir=tmp_path / "a")).train()
+    Trainer(tiny_config(run_dir=tmp_path / "b")).train()
+    Trainer(tiny_config("train.seed=1", run_dir=tmp_path / "c")).train()
+    a, b, c = ((tmp_path / d / "metrics.jsonl").read_text() for d in "abc")
+    assert a == b
+    assert a != c
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path):
+    full = tiny_config("train.steps=6", run_dir=tmp_path / "full")
+    Trainer(full).train()
+    part = tiny_config("train.steps=6", "run.checkpoint_every=3", run_dir=tmp_path / "part")
+    trainer = Trainer(part)
+    # interrupt after step 3 by making step 4 fail
+    original = trainer.train_step
+
+    def crash_at_4(step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(step)
+
+    trainer.train_step = crash_at_4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    Trainer.from_run_dir(tmp_path / "part").train()
+    assert (tmp_path / "part/metrics.jsonl").read_text() == (tmp_path / "full/metrics.jsonl").read_text()
+    a = torch.load(sorted((tmp_path / "full/checkpoints").glob("*.pt"))[-1], weights_only=False)["policy"]
+    b = torch.load(sorted((tmp_path / "part/checkpoints").glob("*.pt"))[-1], weights_only=False)["policy"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_dir_is_not_clobbered(tiny_config):
+    Trainer(tiny_config()).train()
+    with pytest.raises(tokenmdp.ConfigError, match="already holds a run"):
+        Trainer(tiny_config())
+    Trainer(tiny_config("run.overwrite=true")).train()
+
+
+class GuideOnly(TrajectoryEstimator):
+    """Scores tokens with the reference under the guide prefix; never reads the env reward."""
+
+    name = "guide-only-test"
+    provides = frozenset({"token_rewards"})
+
+    def estimate(self, batch, ctx):
+        with torch.no_grad():
+            guided = ctx.token_logprobs(ctx.reference, batch, prefix_ids=ctx.guide_ids)
+        return {"token_rewards": ctx.beta * (guided - batch.ref_logprobs) * batch.response_mask}
+
+
+def _plugin(**hooks):
+    mod = types.ModuleType(f"test_plugin_{'_'.join(hooks)}")
+    for name, fn in hooks.items():
+        setattr(mod, name, hookimpl(fn))
+    return mod
+
+
+def test_reward_free_composition_never_calls_the_env_reward(tiny_config):
+    pm = plugin_manager(extra_plugins=[_plugin(tokenmdp_trajectory_estimators=lambda: [GuideOnly])])
+    trainer = Trainer(tiny_config("algorithm.estimator=guide-only-test"), pm=pm)
+    assert not trainer.composition.needs_env_reward
+    trainer.build_models()
+    calls_after_setup = trainer.task.reward_calls  # the solver's tables (evaluation only)
+    trainer.build_models = lambda: None
+    trainer.train()
+    assert trainer.task.reward_calls == calls_after_setup
+    rows = read_metrics(trainer.run_dir)
+    assert "rollout/reward_mean" not in rows[1]
+
+    with_reward = Trainer(tiny_config("run.overwrite=true"))
+    with_reward.build_models()
+    before = with_reward.task.reward_calls
+    with_reward.build_models = lambda: None
+    with_reward.train()
+    assert with_reward.task.reward_calls > before
+
+
+class NaNEstimator(GuideOnly):
+    name = "nan-test"
+
+    def estimate(self, batch, ctx):
+        out = super().estimate(batch, ctx)
+        if ctx.step == 2:
+            out["token_rewards"] = out["token_rewards"] * float("nan")
+        return out
+
+
+class Crashing(GuideOnly):
+    name = "crash-test"
+
+    def estimate(self, batch, ctx):
+        raise RuntimeError("boom")
+
+
+def test_nan_stops_the_run_naming_component_and_step(tiny_config):
+    pm = plugin_manager(extra_plugins=[_plugin(tokenmdp_trajectory_estimators=lambda: [NaNEstimator])])
+    trainer = Trainer(tiny_config("algorithm.estimator=nan-test", "run.checkpoint_every=1"), pm=pm)
+    with pytest.raises(NonFiniteError, match="estimator 'nan-test'.*'token_rewards' at step 2"):
+        trainer.train()
+    # the last good checkpoint (step 1) is intact and no NaN state was written
+    ckpts = sorted((trainer.run_dir / "checkpoints").glob("*.pt"))
+    assert [c.name for c in ckpts] == ["step_00000001.pt"]
+
+
+def test_crash_inside_a_hook_is_reported_with_the_plugin_name(tiny_config):
+    pm = plugin_manager(extra_plugins=[_plugin(tokenmdp_trajectory_estimators=lambda: [Crashing])])
+    with pytest.raises(PluginError, match="estimator 'crash-test' raised in estimate at step 1: RuntimeError: boom"):
+        Trainer(tiny_config("algorithm.estimator=crash-test"), pm=pm).train()
+
+
+def test_lifecycle_hooks_are_called_by_keyword(tiny_config):
+    seen = []
+    plugin = _plugin(
+        tokenmdp_on_train_start=lambda run: seen.append(("start", run.start_step)),
+        tokenmdp_on_step_end=lambda step, metrics: seen.append(("step", step, "env_tokens" in metrics)),
+        tokenmdp_on_train_end=lambda summary: seen.append(("end", "regret" in summary)),
+    )
+    Trainer(tiny_config(), pm=plugin_manager(extra_plugins=[plugin])).train()
+    assert seen[0] == ("start", 0)
+    assert [s[1] for s in seen if s[0] == "step"] == [0, 1, 2, 3, 4]
+    assert all(s[2] for s in seen if s[0] == "step")
+    assert seen[-1] == ("end", True)
+
+
+def test_outside_plugin_advantage_is_used(tiny_config):
+    summary = Trainer(tiny_config("algorithm.advantage=signed-return", "advantage.scale=0.5")).train()
+    assert summary["advantage"] == "signed-return"
+
+
+def test_tiny_gpt2_trains_through_the_same_trainer(tiny_config):
+    config = tiny_config(
+        "policy.kind=hf", 'policy.config={n_layer=1, n_head=2, n_embd=16, n_positions=16}', "train.steps=3"
+    )
+    trainer = Trainer(config)
+    summary = trainer.train()
+    assert type(trainer.policy).__name__ == "HFCausalLMPolicy"
+    before = trainer.reference.state_dict()
+    after = trainer.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert summary["regret"] >= 0
+
+
+@pytest.mark.parametrize("env, horizon", [("Bandit", 1), ("Pattern", 5)])
+def test_reinforce_cuts_regret_below_five_percent(env, horizon, tmp_path):
+    config = tokenmdp.config.load_config(
+        "configs/demo.toml",
+        [f"env.id=tokenmdp/{env}-v0", f"env.horizon={horizon}", f"run.dir={tmp_path}", "train.progress=false",
+         "train.eval_every=100"],
+    )
+    summary = Trainer(config).train()
+    assert summary["start"]["regret"] > 0.05
+    assert summary["regret_frac"] < 0.05, summary
