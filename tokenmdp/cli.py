@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
     from .trainer import Trainer
 
     if args.resume:
-        trainer = Trainer.from_run_dir(args.resume)
+        trainer = Trainer.from_run_dir(args.resume, args.set)
     else:  # without a CONFIG.toml, the defaults plus --set overrides
         trainer = Trainer(load_config(args.config, args.set))
     summary = trainer.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping
 
 import torch
@@ -11,16 +12,23 @@ from torch import Tensor
 from .errors import NonFiniteError
 
 
+def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with padded positions set to 0, so that garbage there (even NaN/inf, or values
+    whose square overflows) cannot leak into results through ``0 * garbage``."""
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum()
+    return (_zero_padding(x, mask) * mask).sum()
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (_zero_padding(x, mask) * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """Mean 0, std 1 over real tokens only; padding stays 0."""
+    x = _zero_padding(x, mask)
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -31,7 +39,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
 def suffix_sums(x: Tensor, mask: Tensor) -> Tensor:
     """``out[:, t] = sum_{k >= t} x[:, k]`` over real tokens (reward-to-go, gamma = 1)."""
-    x = x * mask
+    x = _zero_padding(x, mask) * mask
     return (x.flip(1).cumsum(1).flip(1)) * mask
 
 
@@ -50,6 +58,6 @@ def check_finite(values: Mapping[str, object], who: str, step: int) -> None:
     """Stop the run on NaN/inf, naming the component and step."""
     for key, value in values.items():
         bad = (not bool(torch.isfinite(value).all())) if isinstance(value, Tensor) else (
-            isinstance(value, float) and not math.isfinite(value))
+            isinstance(value, numbers.Real) and not math.isfinite(value))
         if bad:
             raise NonFiniteError(f"{who} produced a non-finite {key!r} at step {step}; run stopped")

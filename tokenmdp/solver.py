@@ -96,7 +96,7 @@ class Solution:
             "true_reward": reward,
             "kl_ref": kl_ref,
             "objective": j,
-            "regret": self.j_star - reward,
+            "regret": self.j_star - j,
             "kl_to_optimal": kl_opt,
         }
 

@@ -28,7 +28,7 @@ from .errors import ConfigError, PluginError, TokenMDPError
 from .evaluation import ExactEvaluator
 from .ops import check_finite
 from .plugins import Registry, plugin_manager
-from .policies import build_policy
+from .policies import TokenPolicy, build_policy
 from .rollout import collect, token_logprobs
 from .sft import make_sft_data, supervised_finetune
 
@@ -93,11 +93,13 @@ class Trainer:
             )
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, pm=None) -> "Trainer":
+    def from_run_dir(cls, run_dir: str | Path, overrides: list[str] = (), pm=None) -> "Trainer":
+        """Resume the run in ``run_dir`` (wherever it now lives); ``overrides`` may extend
+        it, e.g. ``train.steps=500``."""
         path = Path(run_dir) / "config.toml"
         if not path.is_file():
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.toml there, so it is not a run directory")
-        return cls(load_config(path), pm=pm, resume=True)
+        return cls(load_config(path, [*overrides, f"run.dir={Path(run_dir)}"]), pm=pm, resume=True)
 
     # --- set-up -------------------------------------------------------------------
     def build_models(self) -> None:
@@ -144,9 +146,10 @@ class Trainer:
         started = time.perf_counter()
         if start_step == 0:
             self._emit(run, 0, {"env_tokens": 0, **self.evaluator.evaluate(self.policy)})
-        metrics: dict[str, Any] = {}
+        self.recent_credit = _logged_values(self.run_dir / "metrics.jsonl", "credit_corr")[-10:]
         for step in range(start_step + 1, cfg.train.steps + 1):
             metrics = self.train_step(step)
+            self.recent_credit = [*self.recent_credit, metrics["credit_corr"]][-10:]
             env_tokens += metrics.pop("rollout/tokens")
             metrics["env_tokens"] = env_tokens
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -236,7 +239,37 @@ class Trainer:
             "j_star": self.evaluator.solution.j_star,
             "start": {**start, "regret_frac": 1.0},
             **final,
+            # mean over the last (up to) 10 steps: one step's correlation is noisy
+            "credit_corr": _nan_mean(self.recent_credit),
         }
+
+
+def _logged_values(path: Path, key: str) -> list[float]:
+    if not path.exists():
+        return []
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line)
+    return [row[key] if row[key] is not None else float("nan") for row in rows if key in row]
+
+
+def _nan_mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else None
+
+
+def load_policy(path: str | Path, task) -> TokenPolicy:
+    """A trained policy from a run directory (its last checkpoint) or an HF model directory."""
+    path = Path(path)
+    if (path / "config.toml").is_file():
+        config = load_config(path / "config.toml")
+        policy = build_policy(config.policy, task, seed=config.train.seed)
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
+        policy.load_state_dict(torch.load(checkpoint, weights_only=False)["policy"])
+        return policy
+    from .policies.hf import HFCausalLMPolicy
+
+    return HFCausalLMPolicy.from_pretrained(path, vocab_size=task.vocab_size)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import attrs
-import torch
-
-from tokenmdp import AdvantageConstructor, PolicyUpdater, Recipe, TrajectoryEstimator, hookimpl
+from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, hookimpl
 from tokenmdp.ops import masked_mean, masked_whiten, suffix_sums
-from tokenmdp.options import non_negative, one_of, positive
+from tokenmdp.options import one_of, positive
+from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
 
 
 class KLPenalisedReward(TrajectoryEstimator):
@@ -51,50 +50,29 @@ class RewardToGo(AdvantageConstructor):
         return {"advantages": advantages, "returns": returns}
 
 
-class PolicyGradient(PolicyUpdater):
-    """One Adam step on ``-sum_t A_t log pi(a_t|s_t)`` per rollout, with gradient clipping."""
+class PolicyGradient(GradientUpdater):
+    """Adam steps on ``-sum_t A_t log pi(a_t|s_t)`` per rollout, with gradient clipping."""
 
     name = "policy-gradient"
 
     @attrs.frozen
-    class Options:
+    class Options(GradientOptions):
         lr: float = attrs.field(default=1e-2, validator=positive)
-        max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)
-        #: Decay the learning rate linearly to 0 over ``train.steps`` (removes the noise floor).
-        anneal_lr: bool = True
-
-    def setup(self, ctx):
-        self.optimizer = torch.optim.Adam(ctx.policy.parameters(), lr=self.options.lr)
-        total = ctx.config.train.steps
-        decay = (lambda i: max(0.0, 1 - i / total)) if self.options.anneal_lr else (lambda i: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
 
     def update(self, batch, signals, advantages, ctx):
+        for rows in self.minibatches(batch, ctx):
+            mb = batch.select(rows)
+            logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
+            loss = -(advantages["advantages"][rows].detach() * logp * mb.response_mask).sum() / mb.size
+            grad_norm = self.apply_gradients(loss, ctx)
         mask = batch.response_mask
-        logp, logits = ctx.token_logprobs(ctx.policy, batch, return_logits=True)
-        loss = -(advantages["advantages"].detach() * logp * mask).sum() / batch.size
-        self.optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(ctx.policy.parameters(), self.options.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        logits = logits.detach()
-        entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
         return {
             "losses/policy": loss.item(),
-            "policy/entropy": float(masked_mean(entropy, mask)),
-            "policy/grad_norm": float(grad_norm),
+            "policy/entropy": float(masked_mean(entropy_of(logits.detach()), mb.response_mask)),
+            "policy/grad_norm": grad_norm,
             "objective/kl": float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean()),
-            "charts/learning_rate": self.scheduler.get_last_lr()[0],
+            **self.end_rollout(),
         }
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state):
-        if state:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
 
 
 @hookimpl
