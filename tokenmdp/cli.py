@@ -22,8 +22,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def results_table(summary: dict) -> str:
     """Start vs. final policy against the exact optimum, as a Markdown table."""
     start = summary["start"]
-    keys = ["true_reward", "kl_ref", "objective", "regret", "regret_frac", "kl_to_optimal"]
+    keys = ["true_reward", "kl_ref", "objective", "regret", "regret_frac", "closure", "kl_to_optimal"]
     rows = [[k, f"{start[k]:.4f}", f"{summary[k]:.4f}"] for k in keys]
+    if summary.get("credit_corr") is not None:
+        rows.append(["credit_corr (last 10 steps)", "", f"{summary['credit_corr']:.4f}"])
+    if "ceiling" in summary:
+        rows.append(["ceiling (closure of pi_hat*)", "", f"{summary['ceiling']:.4f}"])
     rows.append(["J* (exact optimum)", f"{summary['j_star']:.4f}", f"{summary['j_star']:.4f}"])
     return _table(rows, ["metric", "reference (start)", "trained"])
 

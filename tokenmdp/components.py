@@ -40,6 +40,10 @@ class Component:
     def setup(self, ctx) -> None:
         """Called once before training (create optimisers, move buffers)."""
 
+    def report(self) -> dict:
+        """Extra keys for ``summary.json`` (e.g. the ceiling of a target policy)."""
+        return {}
+
     def state_dict(self) -> dict:
         """Extra state to checkpoint (optimiser, KL controller, ...)."""
         return {}

@@ -23,6 +23,8 @@ class TrainContext:
     generator: torch.Generator = attrs.field(factory=torch.Generator)
     #: Exact solution of the toy task under the reference (None for text tasks).
     solution: Any = None
+    #: Exact scorer (``ExactEvaluator``) for toy tasks; None for text tasks.
+    evaluator: Any = None
     #: Free slot for components that share state within a run.
     extras: dict = attrs.field(factory=dict)
 

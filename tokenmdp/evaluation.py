@@ -22,9 +22,13 @@ class ExactEvaluator:
         #: ``J* - J(pi_ref)``: what there is to gain; regret is also reported as a fraction of it.
         self.start_gap = self.start["regret"]
 
-    def evaluate(self, policy: TokenPolicy) -> dict[str, float]:
-        scores = self.solution.evaluate(tree_logprobs(policy, self.task))
+    def evaluate(self, policy: TokenPolicy, prefix_ids: Tensor | None = None) -> dict[str, float]:
+        """Exact scores of ``policy`` (conditioned on ``prefix_ids`` if given).
+
+        ``closure = (J(pi) - J(pi_ref)) / (J* - J(pi_ref)) = 1 - regret_frac``."""
+        scores = self.solution.evaluate(tree_logprobs(policy, self.task, prefix_ids=prefix_ids))
         scores["regret_frac"] = scores["regret"] / self.start_gap if self.start_gap > 0 else 0.0
+        scores["closure"] = 1.0 - scores["regret_frac"]
         scores["j_star"] = self.solution.j_star
         return scores
 

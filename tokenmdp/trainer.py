@@ -120,7 +120,8 @@ class Trainer:
         self.reference = reference.requires_grad_(False).eval()
         self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
         self.ctx = TrainContext(policy=self.policy, reference=self.reference, beta=cfg.train.beta,
-                                task=self.task, config=cfg, solution=self.evaluator.solution)
+                                task=self.task, config=cfg, solution=self.evaluator.solution,
+                                evaluator=self.evaluator)
         for component in self.composition.components:
             self._guard(component, "setup", component.setup, self.ctx)
 
@@ -237,10 +238,11 @@ class Trainer:
             "wall_seconds": wall_seconds,
             "used_env_reward": self.composition.needs_env_reward,
             "j_star": self.evaluator.solution.j_star,
-            "start": {**start, "regret_frac": 1.0},
+            "start": {**start, "regret_frac": 1.0, "closure": 0.0},
             **final,
             # mean over the last (up to) 10 steps: one step's correlation is noisy
             "credit_corr": _nan_mean(self.recent_credit),
+            **{k: v for c in self.composition.components for k, v in c.report().items()},
         }
 
 

@@ -77,6 +77,28 @@ class SumModTask(ToyTask):
         return hit.float() * self.reward_scale
 
 
+class SumThresholdTask(ToyTask):
+    """Delayed reward: ``reward_scale`` at the end iff the sum of all tokens reaches the prompt's threshold.
+
+    Like ``SumMod`` it pays only on the last token and depends on every token, but the
+    running statistic is monotone, so a model can learn it from samples (SFT) as well as
+    from rewards; ``SumMod``'s modulo makes it a parity-like feature that is hard to learn.
+    """
+
+    name = "SumThreshold"
+
+    def __init__(self, reward_scale: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.reward_scale = reward_scale
+        middle = self.horizon * (self.vocab_size - 1) / 2
+        # thresholds around the base median, one per prompt, so each prompt is a different goal
+        offsets = torch.randint(0, self.vocab_size, (self.prompts.shape[0],), generator=self.rng)
+        self.threshold = (middle + offsets - self.vocab_size // 2).round().long()
+
+    def terminal_reward(self, prompt_index: Tensor, response: Tensor) -> Tensor:
+        return (response.sum(dim=1) >= self.threshold[prompt_index]).float() * self.reward_scale
+
+
 class ForbiddenTask(ToyTask):
     """Harmlessness analogue: each prompt forbids its own tokens; emitting one costs ``penalty``."""
 
@@ -110,7 +132,7 @@ class BanditTask(ToyTask):
         return self.table[prompt_index]
 
 
-TASKS = [PatternTask, SumModTask, ForbiddenTask, BanditTask]
+TASKS = [PatternTask, SumModTask, SumThresholdTask, ForbiddenTask, BanditTask]
 
 
 @hookimpl

@@ -1,0 +1,252 @@
+"""Inverse-Q*: token-level RL with no reward model, no critic and no preference pairs.
+
+METHOD.md section 3, read top to bottom:
+
+    pi_hat*(a_t|s_t) = pi_phi(a_t | c + x, y_<t)                        estimator
+    r_t = clip(beta * (log pi_hat*(a_t|s_t) - log pi_ref(a_t|s_t)), -kappa, kappa)
+    A_t = r_t  (form="token")   or   sum_{k>=t} r_k  (form="return")  advantage
+    PPO-clip on A_t with a KL penalty to pi_ref, or                     updater
+    sum_t KL(pi_theta(.|s_t) || pi_hat*(.|s_t)) over visited states
+
+With token reward beta*log(pi_hat/pi_ref) and KL coefficient beta the objective is
+-beta * KL(pi || pi_hat), so both updaters have pi_hat* as their fixed point.
+The paper's full text could not be read; every choice it may have made differently is an
+option here (source, phi, form, whiten, kappa, KL estimator), never a constant.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, hookimpl
+from tokenmdp.errors import ConfigError
+from tokenmdp.ops import masked_mean, masked_whiten, suffix_sums
+from tokenmdp.options import non_negative, one_of, positive, positive_int
+from tokenmdp.rollout import response_logits
+from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
+
+
+def _guide_ids(value, ctx) -> torch.Tensor:
+    """The conditioning prefix c: the task's guide token by default, else ids or text."""
+    if value is None:
+        return ctx.guide_ids
+    if isinstance(value, str):
+        tokenizer = getattr(ctx.task, "tokenizer", None)
+        if tokenizer is None:
+            raise ConfigError("[estimator] guide: text needs a text env with a tokenizer; give token ids instead")
+        return torch.tensor(tokenizer.encode(value))
+    return torch.tensor(list(value), dtype=torch.long)
+
+
+class ConditionalOptimal(TrajectoryEstimator):
+    """Scores the policy's own responses under the conditionally optimal policy pi_hat*."""
+
+    name = "conditional-optimal"
+    provides = frozenset({"target_logprobs", "target_logits"})
+
+    @attrs.frozen
+    class Options:
+        #: guide: pi_phi with the guide prefix; teacher: a separate model; oracle: the solver's pi*.
+        source: str = attrs.field(default="guide", validator=one_of("guide", "teacher", "oracle"))
+        #: Which network is conditioned on the guide: the frozen reference or the current policy.
+        phi: str = attrs.field(default="reference", validator=one_of("reference", "policy"))
+        #: Guide prefix as token ids or text; unset = the task's guide token.
+        guide: tuple[int, ...] | str | None = None
+        #: source=teacher: a run directory (its last checkpoint) or a model directory.
+        teacher: str | None = None
+        #: Also return full-vocabulary ``target_logits`` (needed by ``reverse-kl``).
+        full_vocab: bool = True
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if not self.options.full_vocab:
+            self.provides = frozenset({"target_logprobs"})
+        if self.options.source == "teacher" and not self.options.teacher:
+            raise ConfigError("[estimator] (conditional-optimal): source='teacher' needs teacher = <run or model dir>")
+
+    def setup(self, ctx):
+        if self.options.source == "oracle":
+            if ctx.solution is None:
+                raise ConfigError("[estimator] source='oracle' needs a toy env with an exact solution")
+            self.target_model = ctx.solution.policy()
+        elif self.options.source == "teacher":
+            from tokenmdp.trainer import load_policy
+
+            self.target_model = load_policy(self.options.teacher, ctx.task).requires_grad_(False).eval()
+        else:
+            self.target_model = None
+            self.prefix = _guide_ids(self.options.guide, ctx)
+        self.ceiling = self._score_target(ctx) if ctx.evaluator is not None else None
+
+    def _score_target(self, ctx):
+        """The RL phase can only reproduce pi_hat*, so its exact score is the ceiling."""
+        if self.target_model is not None:
+            return ctx.evaluator.evaluate(self.target_model)
+        phi = ctx.reference if self.options.phi == "reference" else ctx.policy
+        return ctx.evaluator.evaluate(phi, prefix_ids=self.prefix)
+
+    def report(self):
+        if not self.ceiling:
+            return {}
+        return {"ceiling": self.ceiling["closure"], "ceiling_kl_ref": self.ceiling["kl_ref"],
+                "ceiling_true_reward": self.ceiling["true_reward"]}
+
+    @torch.no_grad()
+    def estimate(self, batch, ctx):
+        if self.target_model is not None:
+            logits = response_logits(self.target_model, batch)
+        else:
+            phi = ctx.reference if self.options.phi == "reference" else ctx.policy
+            logits = response_logits(phi, batch, prefix_ids=self.prefix)  # one forward pass
+        logp = torch.log_softmax(logits.float(), -1)
+        taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+        out = {"target_logprobs": taken}
+        if self.options.full_vocab:
+            out["target_logits"] = logp
+        return out
+
+
+class LogRatio(AdvantageConstructor):
+    """``r_t = clip(beta * log(pi_hat*/pi_ref)(a_t|s_t), +-kappa)`` as token reward and advantage."""
+
+    name = "log-ratio"
+    requires = frozenset({"target_logprobs"})
+    provides = frozenset({"advantages", "token_rewards", "returns"})
+
+    @attrs.frozen
+    class Options:
+        form: str = attrs.field(default="token", validator=one_of("token", "return"))
+        whiten: bool = False
+        #: Clip each token reward to [-kappa, kappa]; unset = no clipping.
+        kappa: float | None = attrs.field(default=None, validator=positive)
+        #: Scale of the log-ratio; unset = ``train.beta``.
+        beta: float | None = attrs.field(default=None, validator=positive)
+
+    def construct(self, batch, signals, ctx):
+        mask = batch.response_mask
+        beta = self.options.beta or ctx.beta
+        rewards = beta * (signals["target_logprobs"] - batch.ref_logprobs) * mask
+        if self.options.kappa is not None:
+            rewards = rewards.clamp(-self.options.kappa, self.options.kappa)
+        returns = suffix_sums(rewards, mask)
+        advantages = rewards if self.options.form == "token" else returns
+        if self.options.whiten:
+            advantages = masked_whiten(advantages, mask)
+        return {"advantages": advantages, "token_rewards": rewards, "returns": returns}
+
+
+class ClippedPG(GradientUpdater):
+    """PPO-clip surrogate without a critic, plus a KL penalty to pi_ref.
+
+    ``k1``: ``-kl_coef * log(pi_old/pi_ref)`` is added to each token's advantage (summed
+    over the suffix when ``kl_returns``), the form whose fixed point is exactly pi_hat*.
+    ``k3``: ``kl_coef * (ratio - 1 - log ratio)`` with ratio = pi_ref/pi is added to the
+    loss (GRPO style; its fixed point differs).
+    """
+
+    name = "clipped-pg"
+    requires = frozenset({"advantages"})
+
+    @attrs.frozen
+    class Options(GradientOptions):
+        lr: float = attrs.field(default=3e-3, validator=positive)
+        epochs: int = attrs.field(default=4, validator=positive_int)
+        minibatches: int = attrs.field(default=4, validator=positive_int)
+        clip: float = attrs.field(default=0.2, validator=positive)
+        kl_estimator: str = attrs.field(default="k1", validator=one_of("k1", "k3"))
+        #: KL coefficient; unset = ``train.beta``; 0 = no penalty.
+        kl_coef: float | None = attrs.field(default=None, validator=non_negative)
+        kl_returns: bool = False
+        entropy_coef: float = attrs.field(default=0.0, validator=non_negative)
+
+    def update(self, batch, signals, advantages, ctx):
+        opts, mask = self.options, batch.response_mask
+        kl_coef = ctx.beta if opts.kl_coef is None else opts.kl_coef
+        adv = advantages["advantages"].detach()
+        if opts.kl_estimator == "k1" and kl_coef:
+            k1 = (batch.logprobs - batch.ref_logprobs) * mask
+            adv = adv - kl_coef * (suffix_sums(k1, mask) if opts.kl_returns else k1)
+        stats = {"losses/policy": 0.0, "losses/kl": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
+        n = 0
+        for rows in self.minibatches(batch, ctx):
+            mb, mb_adv, m = batch.select(rows), adv[rows], mask[rows]
+            logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
+            log_ratio = (logp - mb.logprobs) * m
+            ratio = log_ratio.exp()
+            surrogate = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - opts.clip, 1 + opts.clip))
+            loss = masked_mean(surrogate, m)
+            ref_minus = (mb.ref_logprobs - logp) * m
+            k3 = masked_mean(ref_minus.exp() - 1 - ref_minus, m)
+            if opts.kl_estimator == "k3" and kl_coef:
+                loss = loss + kl_coef * k3
+            if opts.entropy_coef:
+                loss = loss - opts.entropy_coef * masked_mean(entropy_of(logits), m)
+            self.apply_gradients(loss, ctx)
+            n += 1
+            stats["losses/policy"] += masked_mean(surrogate, m).item()
+            stats["losses/kl"] += k3.item()
+            stats["policy/clipfrac"] += float(masked_mean(((ratio - 1).abs() > opts.clip).float(), m))
+            stats["policy/approxkl"] += float(masked_mean(0.5 * log_ratio**2, m))
+        stats = {k: v / n for k, v in stats.items()}
+        stats["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean())
+        stats["policy/entropy"] = float(masked_mean(entropy_of(logits.detach()), m))
+        return {**stats, **self.end_rollout()}
+
+
+class ReverseKL(GradientUpdater):
+    """Token-level distillation: minimise ``sum_t KL(pi_theta(.|s_t) || pi_hat*(.|s_t))``
+    over the visited states, exactly, over the full vocabulary."""
+
+    name = "reverse-kl"
+    requires = frozenset({"target_logits"})
+
+    @attrs.frozen
+    class Options(GradientOptions):
+        lr: float = attrs.field(default=3e-3, validator=positive)
+        epochs: int = attrs.field(default=4, validator=positive_int)
+        minibatches: int = attrs.field(default=4, validator=positive_int)
+
+    def update(self, batch, signals, advantages, ctx):
+        target = signals["target_logits"].detach()
+        for rows in self.minibatches(batch, ctx):
+            mb, m = batch.select(rows), batch.response_mask[rows]
+            _, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
+            logp = torch.log_softmax(logits, -1)
+            kl = (logp.exp() * (logp - target[rows])).sum(-1)
+            loss = masked_mean(kl, m)
+            grad_norm = self.apply_gradients(loss, ctx)
+        mask = batch.response_mask
+        return {
+            "losses/reverse_kl": loss.item(),
+            "policy/grad_norm": grad_norm,
+            "policy/entropy": float(masked_mean(entropy_of(logits.detach()), m)),
+            "objective/kl": float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean()),
+            **self.end_rollout(),
+        }
+
+
+@hookimpl
+def tokenmdp_trajectory_estimators():
+    return [ConditionalOptimal]
+
+
+@hookimpl
+def tokenmdp_advantage_constructors():
+    return [LogRatio]
+
+
+@hookimpl
+def tokenmdp_policy_updaters():
+    return [ClippedPG, ReverseKL]
+
+
+@hookimpl
+def tokenmdp_algorithms():
+    common = dict(estimator=ConditionalOptimal.name, advantage=LogRatio.name, supervision="none")
+    return [
+        Recipe(name="inverse-q", updater=ClippedPG.name,
+               description="Inverse-Q*: guide-conditioned log-ratio advantages, PPO-clip, no critic", **common),
+        Recipe(name="inverse-q-distill", updater=ReverseKL.name,
+               description="Inverse-Q* target, full-vocabulary reverse-KL distillation", **common),
+    ]
