@@ -86,3 +86,13 @@ def test_solve_prints_optimum(capsys):
 
 def test_envs_and_plugins_commands(capsys):
     assert run_cli(capsys, "envs")[1].count("tokenmdp/") >= 4
+
+
+def test_outside_plugin_is_usable_from_the_command_line(capsys, tmp_path):
+    """The fixture package under tests/fixtures/outside_plugin is installed with only its
+    entry point; `--set algorithm.advantage=<its name>` is all it takes to use it."""
+    sets = [a for s in TINY for a in ("--set", s)]
+    code, out, _ = run_cli(capsys, "train", *sets, "--set", f"run.dir={tmp_path / 'run'}",
+                           "--set", "algorithm.advantage=signed-return")
+    assert code == 0 and "signed-return" in out
+    assert json.loads((tmp_path / "run/summary.json").read_text())["advantage"] == "signed-return"

@@ -113,8 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .trainer import TrainingInterrupted
+
     try:
         return args.fn(args)
+    except TrainingInterrupted as exc:
+        print(f"tokenmdp: {exc}", file=sys.stderr)
+        return 130
     except TokenMDPError as exc:
         print(f"tokenmdp: error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import attrs
 import tomli_w
 
 from .errors import ConfigError
-from .options import build, non_negative_int, one_of, positive, positive_int, to_dict
+from .options import build, non_negative, non_negative_int, one_of, positive, positive_int, to_dict
 
 
 def _optional_str(instance, attribute, value):
@@ -53,6 +53,8 @@ class TrainConfig:
     beta: float = attrs.field(default=1.0, validator=positive)
     temperature: float = attrs.field(default=1.0, validator=positive)
     eval_every: int = attrs.field(default=10, validator=positive_int)
+    #: Stop at the first evaluation whose ``regret_frac`` is at or below this (toy envs).
+    target_regret_frac: float | None = attrs.field(default=None, validator=non_negative)
     progress: bool = True
 
 

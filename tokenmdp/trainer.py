@@ -6,11 +6,14 @@ is checked in ``Trainer.__init__``, before any model is built or any file is wri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,29 @@ from .rollout import collect, token_logprobs
 from .sft import make_sft_data, supervised_finetune
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingInterrupted(TokenMDPError):
+    """SIGINT arrived; the step in flight was finished and checkpointed."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Turn the first SIGINT into a flag checked between steps (a second one aborts)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @attrs.define
@@ -147,7 +173,17 @@ class Trainer:
         started = time.perf_counter()
         if start_step == 0:
             self._emit(run, 0, {"env_tokens": 0, **self.evaluator.evaluate(self.policy)})
+        self.stopped_at = None
         self.recent_credit = _logged_values(self.run_dir / "metrics.jsonl", "credit_corr")[-10:]
+        with deferred_interrupt() as interrupted:
+            env_tokens = self._loop(run, start_step, env_tokens, interrupted)
+        summary = self._summary(env_tokens, time.perf_counter() - started)
+        _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        self.pm.hook.tokenmdp_on_train_end(run=run, summary=summary)
+        return summary
+
+    def _loop(self, run: Run, start_step: int, env_tokens: int, interrupted: threading.Event) -> int:
+        cfg = self.config
         for step in range(start_step + 1, cfg.train.steps + 1):
             metrics = self.train_step(step)
             self.recent_credit = [*self.recent_credit, metrics["credit_corr"]][-10:]
@@ -156,13 +192,21 @@ class Trainer:
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 metrics.update(self.evaluator.evaluate(self.policy))
             self._emit(run, step, metrics)
+            target = cfg.train.target_regret_frac
+            reached = target is not None and metrics.get("regret_frac", float("inf")) <= target
             every = cfg.run.checkpoint_every
-            if (every and step % every == 0) or step == cfg.train.steps:
+            if (every and step % every == 0) or step == cfg.train.steps or reached:
                 self.save_checkpoint(step, env_tokens)
-        summary = self._summary(env_tokens, time.perf_counter() - started)
-        _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.pm.hook.tokenmdp_on_train_end(run=run, summary=summary)
-        return summary
+            if reached:
+                self.stopped_at = step
+                break
+            if interrupted.is_set():  # Ctrl-C: finish the step, save, stop cleanly
+                self.save_checkpoint(step, env_tokens)
+                raise TrainingInterrupted(
+                    f"interrupted after step {step}; checkpoint saved; continue with: "
+                    f"tokenmdp train --resume {self.run_dir}"
+                )
+        return env_tokens
 
     def train_step(self, step: int) -> dict[str, Any]:
         """collect -> estimate -> construct -> update, for one batch of responses."""
@@ -233,7 +277,8 @@ class Trainer:
         return {
             **self.composition.describe(),
             "env": self.config.env["id"],
-            "steps": self.config.train.steps,
+            "steps": self.stopped_at or self.config.train.steps,
+            "reached_target": self.stopped_at is not None,
             "env_tokens": env_tokens,
             "wall_seconds": wall_seconds,
             "used_env_reward": self.composition.needs_env_reward,

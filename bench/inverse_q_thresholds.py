@@ -1,0 +1,86 @@
+"""Issue-3 thresholds at full size (V=6, H=5, beta=1, GRU hidden 96, 64 responses/step).
+
+Prints, over seeds, median [min, max] of:
+  1. oracle Inverse-Q*: env tokens until regret < 2% of the starting gap
+     (reverse-kl budget 0.6M tokens, clipped-pg budget 1.5M tokens), on Pattern and SumMod;
+  2. the no-preference guide experiment (10k + 10k SFT samples): closure, ceiling,
+     kl_ref and credit_corr on Pattern, Forbidden, SumThreshold and SumMod.
+
+    .venv/bin/python bench/inverse_q_thresholds.py --seeds 0 1 2
+    .venv/bin/python bench/inverse_q_thresholds.py --part guide --envs Pattern
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from tokenmdp.config import load_config
+from tokenmdp.trainer import Trainer
+
+TOKENS_PER_STEP = 64 * 5
+BUDGETS = {"inverse-q-distill": 600_000, "inverse-q": 1_500_000}
+
+
+def run(config_path: str, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(config_path, [*overrides, f"run.dir={tmp}", "train.progress=false"])
+        return Trainer(config).train()
+
+
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    if not values:
+        return "-"
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
+def oracle_part(seeds, envs) -> None:
+    print("\n## Oracle Inverse-Q*: env tokens until regret < 2% of the starting gap\n")
+    print("| recipe (updater) | env | budget | reached | env tokens median [min, max] |")
+    print("|---|---|---|---|---|")
+    for recipe, budget in BUDGETS.items():
+        for env in envs:
+            tokens, reached = [], 0
+            for seed in seeds:
+                s = run("configs/inverse_q_oracle.toml", [
+                    f"algorithm.name={recipe}", f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}",
+                    f"train.steps={budget // TOKENS_PER_STEP}"])
+                reached += bool(s["reached_target"])
+                tokens.append(s["env_tokens"] if s["reached_target"] else float("inf"))
+            shown = spread([t for t in tokens if t != float("inf")], "{:,.0f}")
+            print(f"| {recipe} | {env} | {budget:,} | {reached}/{len(seeds)} | {shown} |", flush=True)
+
+
+def guide_part(seeds, envs) -> None:
+    print("\n## No preference data: Inverse-Q* with the guide only (10k + 10k SFT samples)\n")
+    print("| env | closure | ceiling | kl_ref | credit_corr |")
+    print("|---|---|---|---|---|")
+    for env in envs:
+        rows = [run("configs/inverse_q_guide.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}"]) for seed in seeds]
+        cols = [spread([r[k] for r in rows]) for k in ("closure", "ceiling", "kl_ref", "credit_corr")]
+        print(f"| {env} | " + " | ".join(cols) + " |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--part", choices=["oracle", "guide", "all"], default="all")
+    parser.add_argument("--envs", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}, seeds: {args.seeds}")
+    started = time.perf_counter()
+    if args.part in ("oracle", "all"):
+        oracle_part(args.seeds, args.envs or ["Pattern", "SumMod"])
+    if args.part in ("guide", "all"):
+        guide_part(args.seeds, args.envs or ["Pattern", "Forbidden", "SumThreshold", "SumMod"])
+    print(f"\nwall time: {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
