@@ -191,3 +191,36 @@ def test_reinforce_cuts_regret_below_five_percent(env, horizon, tmp_path):
     summary = Trainer(config).train()
     assert summary["start"]["regret"] > 0.05
     assert summary["regret_frac"] < 0.05, summary
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path):
+    """SIGINT finishes the step in flight, checkpoints it, exits 130; --resume completes
+    the run with the same metrics.jsonl as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY
+
+    def argv(run_dir, *extra):
+        sets = [a for s in [*TINY, "train.steps=300", "train.eval_every=50"] for a in ("--set", s)]
+        return [sys.executable, "-m", "tokenmdp", "train", *sets, "--set", f"run.dir={run_dir}", *extra]
+
+    subprocess.run(argv(tmp_path / "full"), check=True, capture_output=True)
+    proc = subprocess.Popen(argv(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut/metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved; continue with: tokenmdp train --resume" in err
+    rows = metrics.read_text().splitlines()
+    assert 5 <= len(rows) < 301
+    assert sorted((tmp_path / "cut/checkpoints").glob("*.pt"))[-1].name == f"step_{len(rows) - 1:08d}.pt"
+    resumed = subprocess.run([sys.executable, "-m", "tokenmdp", "train", "--resume", str(tmp_path / "cut")],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics.read_text() == (tmp_path / "full/metrics.jsonl").read_text()
