@@ -186,8 +186,8 @@ class ClippedPG(GradientUpdater):
             n += 1
             stats["losses/policy"] += masked_mean(surrogate, m).item()
             stats["losses/kl"] += k3.item()
-            stats["policy/clipfrac"] += float(masked_mean(((ratio - 1).abs() > opts.clip).float(), m))
-            stats["policy/approxkl"] += float(masked_mean(0.5 * log_ratio**2, m))
+            stats["policy/clipfrac"] += masked_mean(((ratio - 1).abs() > opts.clip).float(), m).item()
+            stats["policy/approxkl"] += masked_mean(0.5 * log_ratio.detach() ** 2, m).item()
         stats = {k: v / n for k, v in stats.items()}
         stats["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean())
         stats["policy/entropy"] = float(masked_mean(entropy_of(logits.detach()), m))
