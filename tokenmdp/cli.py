@@ -1,12 +1,15 @@
 """``tokenmdp`` command line: train, solve, plugins, envs.
 
 User errors (bad config, unknown names, impossible compositions) print one line and
-exit with status 2; no traceback wall.
+exit with status 2; no traceback wall. Under torchrun (``torchrun --nproc_per_node=N -m
+tokenmdp train ...``) every rank trains; rank 0 prints the results, and an error is
+printed by every rank, prefixed with its rank past rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -41,6 +44,8 @@ def cmd_train(args) -> int:
     else:  # without a CONFIG.toml, the defaults plus --set overrides
         trainer = Trainer(load_config(args.config, args.set))
     summary = trainer.train()
+    if _rank() != 0:  # under torchrun, rank 0 reports for everyone
+        return 0
     c = summary
     print(f"{c['recipe'] or 'custom'}: {c['estimator']} + {c['advantage']} + {c['updater']} on {c['env']}, "
           f"{c['steps']} steps, {c['env_tokens']} env tokens, {c['wall_seconds']:.1f}s")
@@ -111,20 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .trainer import TrainingInterrupted
 
+    me = "tokenmdp" if _rank() == 0 else f"tokenmdp[rank {_rank()}]"
     try:
         return args.fn(args)
     except TrainingInterrupted as exc:
-        print(f"tokenmdp: {exc}", file=sys.stderr)
+        print(f"{me}: {exc}", file=sys.stderr)
         return 130
     except TokenMDPError as exc:
-        print(f"tokenmdp: error: {exc}", file=sys.stderr)
+        print(f"{me}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tokenmdp: interrupted", file=sys.stderr)
+        print(f"{me}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -22,6 +22,27 @@ def _optional_str(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be a non-empty string (got {value!r})")
 
 
+def _boolean(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be true or false (got {value!r})")
+
+
+def _path(instance, attribute, value):
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ValueError(f"{attribute.name} must be a non-empty path string (got {value!r})")
+
+
+def _seed(instance, attribute, value):
+    non_negative_int(instance, attribute, value)
+    if value >= 2**63:
+        raise ValueError(f"{attribute.name} must be below 2**63 (got {value!r})")
+
+
+def _optional_positive_int(instance, attribute, value):
+    if value is not None:
+        positive_int(instance, attribute, value)
+
+
 @attrs.frozen
 class AlgorithmConfig:
     name: str | None = attrs.field(default=None, validator=_optional_str)
@@ -48,22 +69,26 @@ class ReferenceConfig:
 @attrs.frozen
 class TrainConfig:
     steps: int = attrs.field(default=100, validator=positive_int)
-    seed: int = attrs.field(default=0, validator=non_negative_int)
+    seed: int = attrs.field(default=0, validator=_seed)
     batch_size: int = attrs.field(default=64, validator=positive_int)
     beta: float = attrs.field(default=1.0, validator=positive)
     temperature: float = attrs.field(default=1.0, validator=positive)
     eval_every: int = attrs.field(default=10, validator=positive_int)
     #: Stop at the first evaluation whose ``regret_frac`` is at or below this (toy envs).
     target_regret_frac: float | None = attrs.field(default=None, validator=non_negative)
-    progress: bool = True
+    progress: bool = attrs.field(default=True, validator=_boolean)
+    #: Testing/debugging only: one process collects, per step, the concatenation of the
+    #: ``batch_size`` sub-batches that ranks 0..N-1 of an N-process run would sample (same
+    #: per-rank seeds), to compare against a real distributed run (docs/distributed.md).
+    simulate_world_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
 
 
 @attrs.frozen
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = attrs.field(default="runs/default", validator=_path)
     checkpoint_every: int = attrs.field(default=0, validator=non_negative_int)
     keep_checkpoints: int = attrs.field(default=2, validator=positive_int)
-    overwrite: bool = False
+    overwrite: bool = attrs.field(default=False, validator=_boolean)
 
 
 @attrs.frozen

@@ -45,6 +45,8 @@ class TokenTask:
             raise TokenMDPError(f"env.vocab_size must be an integer >= 2 (got {vocab_size!r})")
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise TokenMDPError(f"env.horizon must be an integer >= 1 (got {horizon!r})")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+            raise TokenMDPError(f"env.seed must be an integer in [-2**63, 2**64) (got {seed!r})")
         if eos_token is not None and (
             isinstance(eos_token, bool) or not isinstance(eos_token, int) or not 0 <= eos_token < vocab_size
         ):

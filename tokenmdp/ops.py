@@ -1,4 +1,11 @@
-"""Masked tensor helpers shared by every plugin (one obvious place, as in SB3)."""
+"""Masked tensor helpers shared by every plugin (one obvious place, as in SB3).
+
+Under data-parallel training the batch statistics here (``masked_sum``, ``masked_mean``,
+``masked_whiten``, ``masked_correlation``) are taken over the union of every rank's batch
+while the trainer holds :func:`tokenmdp.distributed.global_batch` (around ``estimate``,
+``construct`` and the credit metrics): the sums and counts are all-reduced, so the result
+equals the one on the concatenated global batch. In a single process nothing changes.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from . import distributed
 from .errors import NonFiniteError
 
 
@@ -19,11 +27,20 @@ def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
-    return (_zero_padding(x, mask) * mask).sum()
+    total = (_zero_padding(x, mask) * mask).sum()
+    return distributed.all_sum(total)[0] if distributed.reducing() else total
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (_zero_padding(x, mask) * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean over real tokens; with ``dim`` (e.g. 0: a per-position mean over the batch),
+    only along that dimension. A slice with no real token gives 0."""
+    if dim is None:
+        total, count = (_zero_padding(x, mask) * mask).sum(), mask.sum()
+    else:
+        total, count = (_zero_padding(x, mask) * mask).sum(dim), mask.sum(dim)
+    if distributed.reducing():
+        total, count = distributed.all_sum(total, count)
+    return total / count.clamp(min=1)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
@@ -47,11 +64,26 @@ def masked_correlation(a: Tensor, b: Tensor, mask: Tensor) -> float:
     """Pearson correlation over real tokens; NaN when either side is constant."""
     m = mask.bool()
     x, y = a[m].double(), b[m].double()
+    if distributed.reducing():
+        return _global_correlation(x, y)
     if x.numel() < 2:
         return float("nan")
     x, y = x - x.mean(), y - y.mean()
     denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
     return float((x * y).sum()) / denom if denom > 0 else float("nan")
+
+
+def _global_correlation(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation over every rank's real tokens, from all-reduced float64 moments."""
+    moments = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), y.sum(),
+                           (x * x).sum(), (y * y).sum(), (x * y).sum()])
+    n, sx, sy, sxx, syy, sxy = distributed.all_sum(moments)[0].tolist()
+    if n < 2:
+        return float("nan")
+    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
+    if vx <= 1e-12 * sxx or vy <= 1e-12 * syy:  # constant on one side (up to rounding)
+        return float("nan")
+    return (sxy - sx * sy / n) / math.sqrt(vx * vy)
 
 
 def check_finite(values: Mapping[str, object], who: str, step: int) -> None:

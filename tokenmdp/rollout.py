@@ -47,6 +47,23 @@ class RolloutBatch:
         )
 
 
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """The rows of several batches, in order, as one batch (tensor shapes must agree past
+    the first dimension)."""
+    if len(batches) == 1:
+        return batches[0]
+    tensors = {}
+    for f in attrs.fields(RolloutBatch):
+        values = [getattr(b, f.name) for b in batches]
+        if isinstance(values[0], Tensor):
+            shapes = {tuple(v.shape[1:]) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot concatenate batches: {f.name} shapes differ past dim 0: {sorted(shapes)}")
+            tensors[f.name] = torch.cat(values)
+    observed = {b.rewards_observed for b in batches}
+    return attrs.evolve(batches[0], **tensors, rewards_observed=all(observed))
+
+
 @torch.no_grad()
 def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: int | None,
              generator: torch.Generator, temperature: float = 1.0) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ import gymnasium
 import torch
 from gymnasium.vector import AutoresetMode
 
+from . import distributed
 from .composition import Composition, compose
 from .config import Config, dump_config, load_config
 from .context import TrainContext
@@ -32,7 +33,7 @@ from .evaluation import ExactEvaluator
 from .ops import check_finite
 from .plugins import Registry, plugin_manager
 from .policies import TokenPolicy, build_policy
-from .rollout import collect, token_logprobs
+from .rollout import collect, concat_batches, token_logprobs
 from .sft import make_sft_data, supervised_finetune
 
 CHECKPOINT_DIR = "checkpoints"
@@ -40,6 +41,11 @@ CHECKPOINT_DIR = "checkpoints"
 
 class TrainingInterrupted(TokenMDPError):
     """SIGINT arrived; the step in flight was finished and checkpointed."""
+
+
+class CheckpointError(TokenMDPError):
+    """A checkpoint or run file could not be written (disk full, no permission, ...); the
+    file it would have replaced is unchanged."""
 
 
 @contextlib.contextmanager
@@ -90,14 +96,16 @@ def make_vector_env(registry: Registry, config: Config, num_envs: int, compute_r
     except TypeError as exc:
         valid = _task_parameters(getattr(spec.vector_entry_point, "task_cls", object))
         raise ConfigError(f"[env] ({spec.id}): {exc}; valid options: {', '.join(valid)}") from None
-    except ValueError as exc:
+    except (ValueError, OverflowError, RuntimeError) as exc:  # RuntimeError: torch rejecting a value
         raise ConfigError(f"[env] ({spec.id}): {exc}") from None
     return env
 
 
-def step_seed(seed: int, step: int) -> int:
-    """Each step's sampling seed depends only on (seed, step), so a resumed run replays exactly."""
-    return (seed * 1_000_003 + step * 7_919) % (2**63)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Each step's sampling seed depends only on (seed, step) (and the rank of a distributed
+    run), so a resumed run replays exactly. Rank 0 uses the single-process seed."""
+    base = (seed * 1_000_003 + step * 7_919) % (2**63)
+    return base if rank == 0 else (base + rank * 0x9E3779B97F4A7C15) % (2**63)
 
 
 class Trainer:
@@ -112,6 +120,10 @@ class Trainer:
         self.task = self.env.task
         self.run_dir = Path(config.run.dir)
         self.resume = resume
+        simulate = config.train.simulate_world_size
+        if simulate is not None and simulate > 1 and distributed.requested_world_size() > 1:
+            raise ConfigError("train.simulate_world_size stands in for a distributed run in one process; "
+                              "unset it when launching with torchrun")
         if not resume and (self.run_dir / "metrics.jsonl").exists() and not config.run.overwrite:
             raise ConfigError(
                 f"run.dir {str(self.run_dir)!r} already holds a run; use --resume {self.run_dir}, "
@@ -142,6 +154,7 @@ class Trainer:
                                    ref_cfg.tilt_beta or cfg.train.beta, generator)
             self.sft_losses = supervised_finetune(reference, groups, ref_cfg.sft_epochs,
                                                   ref_cfg.sft_batch_size, ref_cfg.sft_lr, generator)
+        distributed.broadcast_module(reference)  # every rank starts from rank 0's weights
         self.policy = copy.deepcopy(reference)
         self.reference = reference.requires_grad_(False).eval()
         self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
@@ -150,6 +163,18 @@ class Trainer:
                                 evaluator=self.evaluator)
         for component in self.composition.components:
             self._guard(component, "setup", component.setup, self.ctx)
+
+    def _lifecycle(self, hook_name: str, **kwargs):
+        """Call a lifecycle hook; a crash is reported with the plugin's name (and the step)."""
+        hook = getattr(self.pm.hook, hook_name)
+        try:
+            return hook(**kwargs)
+        except TokenMDPError:
+            raise
+        except Exception as exc:
+            where = f" at step {kwargs['step']}" if "step" in kwargs else ""
+            raise PluginError(f"plugin {_plugin_that_raised(hook, exc)} raised in {hook_name}{where}: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
     def _guard(self, component, what: str, fn, *args):
         """Call a component, reporting a crash with the plugin's name and the step."""
@@ -165,42 +190,63 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        """Train; under torchrun, on every rank (rank 0 writes the files and calls the hooks)."""
+        joined = distributed.init()
+        try:
+            return self._train()
+        finally:
+            if joined is not None:
+                distributed.shutdown()
+
+    def _train(self) -> dict[str, Any]:
         self.build_models()
         cfg = self.config
+        main = distributed.is_main()
         start_step, env_tokens = self._prepare_run_dir()
         run = Run(dir=self.run_dir, config=cfg, composition=self.composition, start_step=start_step)
-        self.pm.hook.tokenmdp_on_train_start(run=run)
         started = time.perf_counter()
-        if start_step == 0:
-            self._emit(run, 0, {"env_tokens": 0, **self.evaluator.evaluate(self.policy)})
         self.stopped_at = None
-        self.recent_credit = _logged_values(self.run_dir / "metrics.jsonl", "credit_corr")[-10:]
+        self.recent_credit = []
+        with distributed.agreement("tokenmdp_on_train_start"):
+            if main:
+                self._lifecycle("tokenmdp_on_train_start", run=run)
+                if start_step == 0:
+                    self._emit(run, 0, {"env_tokens": 0, **self.evaluator.evaluate(self.policy)})
+                self.recent_credit = _logged_values(self.run_dir / "metrics.jsonl", "credit_corr")[-10:]
         with deferred_interrupt() as interrupted:
             env_tokens = self._loop(run, start_step, env_tokens, interrupted)
-        summary = self._summary(env_tokens, time.perf_counter() - started)
-        _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        self.pm.hook.tokenmdp_on_train_end(run=run, summary=summary)
-        return summary
+        summary = None
+        with distributed.agreement("the summary"):
+            if main:
+                summary = self._summary(env_tokens, time.perf_counter() - started)
+                _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+                self._lifecycle("tokenmdp_on_train_end", run=run, summary=summary)
+        return distributed.broadcast_object(summary)
 
     def _loop(self, run: Run, start_step: int, env_tokens: int, interrupted: threading.Event) -> int:
         cfg = self.config
+        main = distributed.is_main()
+        target = cfg.train.target_regret_frac
         for step in range(start_step + 1, cfg.train.steps + 1):
-            metrics = self.train_step(step)
+            metrics = self.train_step(step)  # averaged over ranks
             self.recent_credit = [*self.recent_credit, metrics["credit_corr"]][-10:]
             env_tokens += metrics.pop("rollout/tokens")
             metrics["env_tokens"] = env_tokens
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                metrics.update(self.evaluator.evaluate(self.policy))
-            self._emit(run, step, metrics)
-            target = cfg.train.target_regret_frac
+            with distributed.agreement(f"tokenmdp_on_step_end at step {step}"):
+                if main:  # the ranks hold the same weights: rank 0 evaluates and logs
+                    if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                        metrics.update(self.evaluator.evaluate(self.policy))
+                    self._emit(run, step, metrics)
             reached = target is not None and metrics.get("regret_frac", float("inf")) <= target
+            if target is not None:
+                reached = distributed.broadcast_object(reached)
             every = cfg.run.checkpoint_every
             if (every and step % every == 0) or step == cfg.train.steps or reached:
                 self.save_checkpoint(step, env_tokens)
             if reached:
                 self.stopped_at = step
                 break
-            if interrupted.is_set():  # Ctrl-C: finish the step, save, stop cleanly
+            if distributed.any_rank(interrupted.is_set()):  # Ctrl-C: finish the step, save, stop cleanly
                 self.save_checkpoint(step, env_tokens)
                 raise TrainingInterrupted(
                     f"interrupted after step {step}; checkpoint saved; continue with: "
@@ -212,64 +258,103 @@ class Trainer:
         """collect -> estimate -> construct -> update, for one batch of responses."""
         ctx, cfg = self.ctx, self.config
         ctx.step = step
-        ctx.generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
-        batch = collect(self.policy, self.env, seed=step_seed(cfg.train.seed, step), generator=ctx.generator,
-                        temperature=cfg.train.temperature)
+        batch = self._collect(step)
         with torch.no_grad():
             batch.logprobs = token_logprobs(self.policy, batch)
             batch.ref_logprobs = token_logprobs(self.reference, batch)
         estimator, constructor, updater = self.composition.components
-        signals = dict(self._guard(estimator, "estimate", estimator.estimate, batch, ctx))
-        check_finite(signals, f"estimator {estimator.name!r}", step)
-        advantages = dict(self._guard(constructor, "construct", constructor.construct, batch, signals, ctx))
-        check_finite(advantages, f"advantage {constructor.name!r}", step)
-        update_metrics = dict(self._guard(updater, "update", updater.update, batch, signals, advantages, ctx))
-        check_finite(update_metrics, f"updater {updater.name!r}", step)
+        # Under torchrun every phase ends with the ranks agreeing: a failure on one rank
+        # stops all of them here. Batch statistics (tokenmdp.ops) are global in the first two.
+        with distributed.agreement(f"estimator {estimator.name!r} at step {step}"), distributed.global_batch():
+            signals = dict(self._guard(estimator, "estimate", estimator.estimate, batch, ctx))
+            check_finite(signals, f"estimator {estimator.name!r}", step)
+        with distributed.agreement(f"advantage {constructor.name!r} at step {step}"), distributed.global_batch():
+            advantages = dict(self._guard(constructor, "construct", constructor.construct, batch, signals, ctx))
+            check_finite(advantages, f"advantage {constructor.name!r}", step)
+            credit = self.evaluator.credit(batch, signals, advantages)
+        with distributed.agreement(f"updater {updater.name!r} at step {step}"), \
+                distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"):
+            update_metrics = dict(self._guard(updater, "update", updater.update, batch, signals, advantages, ctx))
+            check_finite(update_metrics, f"updater {updater.name!r}", step)
+            check_finite(dict(self.policy.named_parameters()), f"the policy after updater {updater.name!r}", step)
         metrics: dict[str, Any] = {"rollout/tokens": batch.num_tokens}
         metrics["rollout/response_length"] = batch.num_tokens / batch.size
         if batch.rewards_observed:
             metrics["rollout/reward_mean"] = float(batch.sequence_rewards.mean())
-        metrics.update(self.evaluator.credit(batch, signals, advantages))
+        metrics.update(credit)
         metrics.update(update_metrics)
-        return metrics
+        return distributed.reduce_metrics(metrics)
+
+    def _collect(self, step: int):
+        """This rank's batch, sampled with its own seed; with ``train.simulate_world_size = N``
+        the concatenation of the N sub-batches ranks 0..N-1 would sample. ``ctx.generator``
+        is left as the (first) sampling generator, for the components."""
+        cfg = self.config
+        ranks = range(cfg.train.simulate_world_size or 1) if distributed.world_size() == 1 else [distributed.rank()]
+        batches = []
+        for r in ranks:
+            seed = step_seed(cfg.train.seed, step, r)
+            generator = torch.Generator().manual_seed(seed)
+            if not batches:
+                self.ctx.generator = generator
+            batches.append(collect(self.policy, self.env, seed=seed, generator=generator,
+                                   temperature=cfg.train.temperature))
+        try:
+            return concat_batches(batches)
+        except ValueError as exc:
+            raise ConfigError(f"train.simulate_world_size: {exc}") from None
 
     # --- run directory, checkpoints -------------------------------------------------
     def _prepare_run_dir(self) -> tuple[int, int]:
-        ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        """Start a fresh run directory or restore the newest checkpoint. Only rank 0 touches
+        files; under torchrun the others get the checkpoint from it."""
+        main = distributed.is_main()
         if self.resume:
-            latest = latest_checkpoint(self.run_dir)
-            if latest is None:
-                raise ConfigError(f"--resume {str(self.run_dir)!r}: no checkpoint to resume from")
-            state = torch.load(latest, weights_only=False)
+            state = None
+            with distributed.agreement("loading the checkpoint"):
+                if main:
+                    _remove_stale_temp_files(self.run_dir)
+                    latest = latest_checkpoint(self.run_dir)
+                    if latest is None:
+                        raise ConfigError(f"--resume {str(self.run_dir)!r}: no checkpoint to resume from")
+                    state = torch.load(latest, weights_only=False)
+                    _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+            state = distributed.broadcast_object(state)
             self.policy.load_state_dict(state["policy"])
             for component in self.composition.components:
                 component.load_state_dict(state["components"].get(component.kind, {}))
-            _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
             return state["step"], state["env_tokens"]
-        if self.run_dir.exists():
-            for name in ("metrics.jsonl", "summary.json", CHECKPOINT_DIR, "tensorboard"):
-                path = self.run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.run_dir / "config.toml", dump_config(self.config))
-        _atomic_save(self.reference.state_dict(), self.run_dir / "reference.pt")
+        with distributed.agreement("preparing the run directory"):
+            if main:
+                if self.run_dir.exists():
+                    _remove_stale_temp_files(self.run_dir)
+                    for name in ("metrics.jsonl", "summary.json", CHECKPOINT_DIR, "tensorboard"):
+                        path = self.run_dir / name
+                        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+                _atomic_write_text(self.run_dir / "config.toml", dump_config(self.config))
+                _atomic_save(self.reference.state_dict(), self.run_dir / "reference.pt")
         return 0, 0
 
     def save_checkpoint(self, step: int, env_tokens: int) -> Path:
-        state = {
-            "step": step,
-            "env_tokens": env_tokens,
-            "policy": self.policy.state_dict(),
-            "components": {c.kind: c.state_dict() for c in self.composition.components},
-        }
+        """Rank 0 writes the checkpoint (atomically); a failure stops every rank."""
         path = self.run_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
-        _atomic_save(state, path)
-        for old in sorted(path.parent.glob("step_*.pt"))[: -self.config.run.keep_checkpoints]:
-            old.unlink()
+        distributed.check_same_parameters(self.policy, f"at step {step}")
+        with distributed.agreement(f"the checkpoint at step {step}"):
+            if distributed.is_main():
+                state = {
+                    "step": step,
+                    "env_tokens": env_tokens,
+                    "policy": self.policy.state_dict(),
+                    "components": {c.kind: c.state_dict() for c in self.composition.components},
+                }
+                _atomic_save(state, path)
+                for old in sorted(path.parent.glob("step_*.pt"))[: -self.config.run.keep_checkpoints]:
+                    old.unlink()
         return path
 
     def _emit(self, run: Run, step: int, metrics: dict[str, Any]) -> None:
-        self.pm.hook.tokenmdp_on_step_end(run=run, step=step, metrics={"step": step, **metrics})
+        self._lifecycle("tokenmdp_on_step_end", step=step, run=run, metrics={"step": step, **metrics})
 
     def _summary(self, env_tokens: int, wall_seconds: float) -> dict[str, Any]:
         final = self.evaluator.evaluate(self.policy)
@@ -289,6 +374,22 @@ class Trainer:
             "credit_corr": _nan_mean(self.recent_credit),
             **{k: v for c in self.composition.components for k, v in c.report().items()},
         }
+
+
+def _plugin_that_raised(hook, exc: BaseException) -> str:
+    """The plugin whose implementation of ``hook`` is on ``exc``'s traceback (outermost first)."""
+    owners = {}
+    for impl in hook.get_hookimpls():
+        code = getattr(impl.function, "__code__", None)
+        if code is not None:
+            owners[code] = impl.plugin_name
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in owners:
+            return repr(owners[tb.tb_frame.f_code])
+        tb = tb.tb_next
+    names = ", ".join(repr(impl.plugin_name) for impl in hook.get_hookimpls())
+    return f"(one of {names})"
 
 
 def _logged_values(path: Path, key: str) -> list[float]:
@@ -332,25 +433,51 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     _atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
+TEMP_MARK = ".tmp-"
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Temporary files a killed process left behind (never under a final name)."""
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        for stale in folder.glob(f".*{TEMP_MARK}*"):
+            stale.unlink(missing_ok=True)
+
+
+def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
+    reason = f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror else str(exc)
+    kept = (f"the existing {path.name} is unchanged" if path.exists()
+            else f"nothing was written there; the other files in {path.parent} are unchanged")
+    return CheckpointError(f"could not write {path}: {reason}; {kept}")
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file.
+    A failed write (disk full, ...) removes the temporary file and raises CheckpointError."""
+    tmp = _temp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        raise _write_failed(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)

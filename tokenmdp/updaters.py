@@ -10,6 +10,7 @@ from typing import Iterator
 import attrs
 import torch
 
+from . import distributed
 from .components import PolicyUpdater
 from .options import non_negative, positive, positive_int
 from .rollout import RolloutBatch
@@ -45,9 +46,15 @@ class GradientUpdater(PolicyUpdater):
             yield from order.chunk(min(self.options.minibatches, batch.size))
 
     def apply_gradients(self, loss: torch.Tensor, ctx) -> float:
-        """Backward, clip, step; returns the pre-clipping gradient norm."""
+        """Backward, average the gradients over ranks (distributed runs only), clip, step;
+        returns the pre-clipping norm of the averaged gradient.
+
+        An override that steps its optimizer itself should call
+        ``tokenmdp.distributed.average_gradients(self.optimizer)`` between ``backward`` and
+        clipping; otherwise the trainer averages just before ``step()``, after per-rank clipping."""
         self.optimizer.zero_grad()
         loss.backward()
+        distributed.average_gradients(self.optimizer)
         limit = self.options.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(ctx.policy.parameters(), limit)
         self.optimizer.step()

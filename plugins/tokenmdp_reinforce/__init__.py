@@ -43,7 +43,7 @@ class RewardToGo(AdvantageConstructor):
         returns = suffix_sums(signals["token_rewards"], mask)
         advantages = returns
         if self.options.baseline == "position-mean":
-            baseline = (returns * mask).sum(0) / mask.sum(0).clamp(min=1)
+            baseline = masked_mean(returns, mask, dim=0)  # over every rank's batch under DDP
             advantages = (returns - baseline) * mask
         if self.options.whiten:
             advantages = masked_whiten(advantages, mask)

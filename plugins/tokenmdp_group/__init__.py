@@ -1,0 +1,114 @@
+"""RLOO and GRPO: group-relative sequence advantages over k samples per prompt.
+
+A *group* is the responses of one batch that share a prompt (``batch.prompt_index``). The
+vector env draws prompts at random, so a batch of 64 on a 4-prompt task holds about 16
+responses per prompt. Each response's sequence reward is the env reward minus the k1
+estimate of its sequence KL to the reference:
+
+    r_i  = sum_t R_t - kl_coef * sum_t (log pi_old - log pi_ref)(a_t|s_t)   (kl_coef = train.beta)
+    RLOO   A_i = r_i - mean_{j != i} r_j                 (Ahmadian et al. 2024)
+    GRPO   A_i = (r_i - mean_j r_j) / (std_j r_j + eps)  (Shao et al. 2024; sample std)
+
+A group of one has nothing to compare with: its A_i is 0 (no gradient) under both rules.
+The sequence credit A_i is placed on every real token of response i: the estimator returns
+it as ``token_rewards``, and advantage ``sequence-credit`` passes it on as ``advantages``.
+The recipes update with ``clipped-pg`` (tokenmdp_inverse_q) with ``kl_coef = 0``, since the
+KL penalty is already inside r_i.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, hookimpl
+from tokenmdp.ops import masked_whiten
+from tokenmdp.options import non_negative, positive
+
+
+class GroupRelative(TrajectoryEstimator):
+    """Sequence rewards, grouped by prompt; subclasses turn a group into advantages."""
+
+    requires = frozenset({"rewards"})
+    provides = frozenset({"token_rewards"})
+
+    @attrs.frozen
+    class Options:
+        #: Weight of the sequence KL in r_i; unset = ``train.beta``.
+        kl_coef: float | None = attrs.field(default=None, validator=non_negative)
+
+    @torch.no_grad()
+    def estimate(self, batch, ctx):
+        mask = batch.response_mask
+        kl_coef = ctx.beta if self.options.kl_coef is None else self.options.kl_coef
+        r = batch.sequence_rewards - kl_coef * ((batch.logprobs - batch.ref_logprobs) * mask).sum(1)
+        group = torch.unique(batch.prompt_index, return_inverse=True)[1]
+        size = torch.bincount(group).to(r.dtype)
+        total = torch.zeros_like(size).index_add_(0, group, r)
+        return {"token_rewards": self.group_advantage(r, group, size, total)[:, None] * mask}
+
+
+class RLOO(GroupRelative):
+    """``A_i = r_i - mean_{j != i} r_j`` over the other responses to the same prompt."""
+
+    name = "rloo"
+
+    def group_advantage(self, r, group, size, total):
+        n = size[group]
+        leave_one_out = (total[group] - r) / (n - 1).clamp(min=1)
+        return torch.where(n > 1, r - leave_one_out, torch.zeros_like(r))
+
+
+class GRPO(GroupRelative):
+    """``A_i = (r_i - mean_j r_j) / (std_j r_j + eps)`` within the prompt's group."""
+
+    name = "grpo"
+
+    @attrs.frozen
+    class Options(GroupRelative.Options):
+        #: Added to the group's std.
+        eps: float = attrs.field(default=1e-6, validator=positive)
+
+    def group_advantage(self, r, group, size, total):
+        n = size[group]
+        centred = r - (total / size)[group]
+        var = torch.zeros_like(size).index_add_(0, group, centred**2) / (size - 1).clamp(min=1)
+        return torch.where(n > 1, centred / (var[group].sqrt() + self.options.eps), torch.zeros_like(r))
+
+
+class SequenceCredit(AdvantageConstructor):
+    """``A_t = token_rewards_t``: the response's sequence credit on each of its tokens."""
+
+    name = "sequence-credit"
+    requires = frozenset({"token_rewards"})
+    provides = frozenset({"advantages"})
+
+    @attrs.frozen
+    class Options:
+        whiten: bool = False
+
+    def construct(self, batch, signals, ctx):
+        advantages = signals["token_rewards"] * batch.response_mask
+        if self.options.whiten:
+            advantages = masked_whiten(advantages, batch.response_mask)
+        return {"advantages": advantages}
+
+
+@hookimpl
+def tokenmdp_trajectory_estimators():
+    return [RLOO, GRPO]
+
+
+@hookimpl
+def tokenmdp_advantage_constructors():
+    return [SequenceCredit]
+
+
+@hookimpl
+def tokenmdp_algorithms():
+    updater = {"kl_coef": 0.0}  # the KL is in the sequence reward
+    return [
+        Recipe(name=cls.name, estimator=cls.name, advantage=SequenceCredit.name, updater="clipped-pg",
+               options={"updater": updater}, description=(cls.__doc__ or "").strip(), supervision="reward")
+        for cls in (RLOO, GRPO)
+    ]

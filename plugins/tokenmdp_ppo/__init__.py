@@ -1,0 +1,323 @@
+"""PPO with a learned critic and GAE (Ziegler et al. 2019; Ouyang et al. 2022), CleanRL style.
+
+METHOD.md section 4, read top to bottom:
+
+    beta            KL controller: "fixed", or "adaptive" (Ziegler et al.):
+                    beta <- beta * (1 + clip((KL - target)/target, -0.2, 0.2) * n_steps/horizon)
+    r_t             R_t - beta * (log pi_old - log pi_ref)(a_t|s_t)             estimator
+                    (R_t = the env reward on that token: terminal or dense)
+    V(s_t)          a critic: a separate network ("separate") or a head on the
+                    policy's trunk ("head"); V after the last real token is 0    estimator
+    delta_t         r_t + gamma * V(s_{t+1}) - V(s_t)
+    A_t             delta_t + gamma * lam * A_{t+1};  returns G_t = A_t + V(s_t);
+                    A whitened over the batch's real tokens                     advantage
+    loss            clipped surrogate - entropy_coef * entropy
+                    + vf_coef * clipped value loss, several epochs of minibatches,
+                    early stop when the approximate KL to pi_old > target_kl    updater
+
+The KL coefficient is ``train.beta`` and does not move by default (``kl_controller =
+"fixed"``): every toy run is scored against the optimum for ``train.beta``, and an
+adaptive coefficient optimises another objective. The critic is built by the estimator,
+shared with the updater as ``ctx.extras["critic"]``, and trained by the updater together
+with the policy (one Adam over both, as in CleanRL). Its parameters are checkpointed by
+the estimator, its optimiser state by the updater.
+"""
+
+from __future__ import annotations
+
+import types
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, distributed, hookimpl
+from tokenmdp.errors import ConfigError
+from tokenmdp.ops import masked_mean, masked_sum, masked_whiten
+from tokenmdp.options import non_negative, one_of, positive, positive_int, probability
+from tokenmdp.policies import GRUPolicy, build_policy
+from tokenmdp.rollout import response_logits
+from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
+
+
+# --- the KL controller ------------------------------------------------------------------
+
+class KLController:
+    """The KL coefficient beta. ``adaptive`` moves it towards a KL target (Ziegler et al.
+    2019, eq. 2); otherwise it stays at its initial value."""
+
+    def __init__(self, init: float, adaptive: bool, target: float, horizon: float):
+        self.value, self.adaptive, self.target, self.horizon = init, adaptive, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.adaptive:
+            error = min(max((kl - self.target) / self.target, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+# --- critics: V(s_t) on every response position -------------------------------------------
+
+class ValueNetwork(nn.Module):
+    """``critic = "separate"``: the policy's toy network class with one output, V(s_t)."""
+
+    def __init__(self, policy_spec: dict, task, seed: int, hidden: int | None = None):
+        super().__init__()
+        spec = dict(policy_spec)
+        if spec.get("kind", "gru") == "hf":
+            raise ConfigError("[estimator] (ppo-rewards): critic='separate' builds toy networks only; "
+                              "policy.kind='hf' has no separate critic yet")
+        if hidden is not None:
+            spec["hidden"] = hidden
+        one_output = types.SimpleNamespace(input_vocab_size=task.input_vocab_size, vocab_size=1)
+        with torch.random.fork_rng():  # seeded, and leaves the global RNG alone
+            self.net = build_policy(spec, one_output, seed=seed + 1)
+
+    def forward(self, policy, batch) -> Tensor:
+        return response_logits(self.net, batch)[..., 0].float() * batch.response_mask
+
+
+class ValueHead(nn.Module):
+    """``critic = "head"``: a linear value head on the GRU policy's hidden states. The value
+    loss also trains the shared trunk. The policy is passed in, not stored, so the head's
+    ``state_dict`` and ``parameters`` are the head's alone."""
+
+    def __init__(self, policy):
+        super().__init__()
+        if type(policy) is not GRUPolicy:
+            raise ConfigError(f"[estimator] (ppo-rewards): critic='head' is available only for policy.kind='gru' "
+                              f"(got {type(policy).__name__}); use critic='separate'")
+        self.head = nn.Linear(policy.rnn.hidden_size, 1)
+
+    def forward(self, policy, batch) -> Tensor:
+        def trunk_values(ids, mask=None):
+            return self.head(policy.rnn(policy.embed(ids))[0])
+
+        return response_logits(trunk_values, batch)[..., 0].float() * batch.response_mask
+
+
+# --- estimator: KL-penalised token rewards and values ------------------------------------
+
+class PPORewards(TrajectoryEstimator):
+    """``r_t = R_t - beta * log(pi_old/pi_ref)(a_t|s_t)`` and the critic's ``V(s_t)``."""
+
+    name = "ppo-rewards"
+    requires = frozenset({"rewards"})
+    provides = frozenset({"token_rewards", "values"})
+
+    @attrs.frozen
+    class Options:
+        kl_controller: str = attrs.field(default="fixed", validator=one_of("fixed", "adaptive"))
+        #: Initial KL coefficient; unset = ``train.beta``.
+        init_kl_coef: float | None = attrs.field(default=None, validator=non_negative)
+        #: adaptive: the sequence KL to aim for, and the horizon (in responses) of the correction.
+        target: float = attrs.field(default=6.0, validator=positive)
+        horizon: float = attrs.field(default=10000.0, validator=positive)
+        critic: str = attrs.field(default="separate", validator=one_of("separate", "head"))
+        #: critic="separate": hidden size of the value network; unset = the policy's.
+        critic_hidden: int | None = attrs.field(default=None)
+
+        @critic_hidden.validator
+        def _hidden(self, attribute, value):
+            if value is not None:
+                positive_int(self, attribute, value)
+
+    def setup(self, ctx):
+        o = self.options
+        init = ctx.beta if o.init_kl_coef is None else o.init_kl_coef
+        self.kl_controller = KLController(init, o.kl_controller == "adaptive", o.target, o.horizon)
+        if o.critic == "head":
+            self.critic = ValueHead(ctx.policy)
+        else:
+            self.critic = ValueNetwork(ctx.config.policy, ctx.task, ctx.config.train.seed, o.critic_hidden)
+        ctx.extras["critic"] = self.critic
+
+    @torch.no_grad()
+    def estimate(self, batch, ctx):
+        mask = batch.response_mask
+        kl = (batch.logprobs - batch.ref_logprobs) * mask  # k1, per token
+        beta = self.kl_controller.value
+        token_rewards = (batch.rewards - beta * kl) * mask
+        values = self.critic(ctx.policy, batch)
+        ctx.extras["kl_coef"] = beta  # the coefficient this rollout was rewarded with
+        # mean sequence KL over the responses (over every rank's, in a data-parallel run)
+        responses = torch.ones_like(kl[:, 0])
+        self.kl_controller.update(float(masked_mean(kl.sum(1), responses)),
+                                  n_steps=int(masked_sum(responses, responses)))
+        return {"token_rewards": token_rewards, "values": values}
+
+    def state_dict(self):
+        return {"kl_controller": self.kl_controller.state_dict(), "critic": self.critic.state_dict()}
+
+    def load_state_dict(self, state):
+        if state:
+            self.kl_controller.load_state_dict(state["kl_controller"])
+            self.critic.load_state_dict(state["critic"])
+
+
+# --- advantage: generalised advantage estimation ----------------------------------------------
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """GAE(gamma, lam) over each response; padding (mask 0) never enters, and the value
+    after the last real token is 0 (the token MDP ends there). Returns (advantages, returns)."""
+    real = mask != 0
+    rewards = torch.where(real, rewards, torch.zeros((), dtype=rewards.dtype))
+    values = torch.where(real, values, torch.zeros((), dtype=values.dtype))
+    mask = real.to(rewards.dtype)
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+class GAE(AdvantageConstructor):
+    """Generalised advantage estimation with the critic's values; whitened by default."""
+
+    name = "gae"
+    requires = frozenset({"token_rewards", "values"})
+    provides = frozenset({"advantages", "returns"})
+
+    @attrs.frozen
+    class Options:
+        gamma: float = attrs.field(default=1.0, validator=probability)
+        lam: float = attrs.field(default=0.95, validator=probability)
+        #: Mean 0, std 1 over the batch's real tokens (the returns are never whitened).
+        whiten: bool = True
+
+    def construct(self, batch, signals, ctx):
+        mask = batch.response_mask
+        advantages, returns = gae(signals["token_rewards"], signals["values"], mask,
+                                  self.options.gamma, self.options.lam)
+        if self.options.whiten:
+            advantages = masked_whiten(advantages, mask)
+        return {"advantages": advantages, "returns": returns}
+
+
+# --- updater: clipped surrogate + clipped value loss ------------------------------------------
+
+class PPO(GradientUpdater):
+    """Several epochs of minibatch Adam steps on the PPO loss, for the policy and the critic."""
+
+    name = "ppo"
+    requires = frozenset({"advantages", "returns", "values"})
+
+    @attrs.frozen
+    class Options(GradientOptions):
+        #: 1e-3 learns the full-size toy tasks (V=6, H=5, GRU 96); 3e-3 is faster on Pattern but
+        #: too noisy for SumMod's delayed reward, 3e-4 too slow (configs/ppo.toml).
+        lr: float = attrs.field(default=1e-3, validator=positive)
+        #: Learning rate of the critic's parameters; unset = ``lr``.
+        vf_lr: float | None = attrs.field(default=None, validator=positive)
+        epochs: int = attrs.field(default=4, validator=positive_int)
+        minibatches: int = attrs.field(default=4, validator=positive_int)
+        clip: float = attrs.field(default=0.2, validator=positive)
+        #: Clip the new value to old +- vf_clip in the value loss; unset = no clipping.
+        vf_clip: float | None = attrs.field(default=0.2, validator=positive)
+        vf_coef: float = attrs.field(default=0.5, validator=non_negative)
+        entropy_coef: float = attrs.field(default=0.0, validator=non_negative)
+        #: Stop this rollout's updates when a minibatch's approximate KL exceeds it; unset = never.
+        target_kl: float | None = attrs.field(default=None, validator=positive)
+
+    def setup(self, ctx):
+        self.critic = ctx.extras.get("critic")
+        if self.critic is None:
+            raise ConfigError("updater 'ppo' trains the critic that the estimator shares as ctx.extras['critic'] "
+                              "(e.g. estimator 'ppo-rewards'); this estimator shares none")
+        o = self.options
+        self.trained = [*ctx.policy.parameters(), *self.critic.parameters()]
+        self.optimizer = torch.optim.Adam([{"params": list(ctx.policy.parameters())},
+                                           {"params": list(self.critic.parameters()), "lr": o.vf_lr or o.lr}],
+                                          lr=o.lr)
+        total = ctx.config.train.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, (lambda i: max(0.0, 1 - i / total)) if o.anneal_lr else (lambda i: 1.0))
+
+    def apply_gradients(self, loss, ctx):
+        """Backward, average over ranks (data-parallel runs only), clip the policy's and the
+        critic's gradients together, step."""
+        self.optimizer.zero_grad()
+        loss.backward()
+        distributed.average_gradients(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.trained, self.options.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        return float(norm)
+
+    def update(self, batch, signals, advantages, ctx):
+        o, mask = self.options, batch.response_mask
+        adv = advantages["advantages"].detach()  # computed once per rollout
+        returns = advantages["returns"].detach()
+        old_values = signals["values"].detach()
+        keys = ("policy/approxkl", "policy/clipfrac", "val/vpred", "val/error", "val/clipfrac",
+                "objective/entropy", "losses/policy", "losses/value")
+        stats, updates = dict.fromkeys(keys, 0.0), 0
+        for rows in self.minibatches(batch, ctx):
+            mb, m, mb_adv, mb_returns, mb_old_v = batch.select(rows), mask[rows], adv[rows], returns[rows], old_values[rows]
+            # policy: clipped surrogate on the probability ratio pi / pi_old
+            logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
+            log_ratio = (logp - mb.logprobs) * m
+            ratio = log_ratio.exp()
+            approx_kl = masked_mean((ratio - 1) - log_ratio, m)  # k3 estimate of KL(pi_old || pi)
+            if o.target_kl is not None and approx_kl > o.target_kl:
+                break
+            pg_loss1 = -mb_adv * ratio
+            pg_loss2 = -mb_adv * ratio.clamp(1 - o.clip, 1 + o.clip)
+            pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), m)
+            # value: squared error to the GAE returns, with the new value clipped around the old
+            v = self.critic(ctx.policy, mb)
+            v_loss1 = (v - mb_returns) ** 2
+            if o.vf_clip is None:
+                v_loss2 = v_loss1
+            else:
+                v_loss2 = (mb_old_v + (v - mb_old_v).clamp(-o.vf_clip, o.vf_clip) - mb_returns) ** 2
+            v_loss = 0.5 * masked_mean(torch.max(v_loss1, v_loss2), m)
+            entropy = masked_mean(entropy_of(logits), m)
+            loss = pg_loss - o.entropy_coef * entropy + o.vf_coef * v_loss
+            self.apply_gradients(loss, ctx)
+
+            updates += 1
+            stats["policy/approxkl"] += approx_kl.item()
+            stats["policy/clipfrac"] += masked_mean(((ratio - 1).abs() > o.clip).float(), m).item()
+            stats["val/vpred"] += masked_mean(v.detach(), m).item()
+            stats["val/error"] += masked_mean(v_loss1.detach(), m).item()
+            stats["val/clipfrac"] += masked_mean((v_loss2 > v_loss1).float(), m).item()
+            stats["objective/entropy"] += entropy.item()
+            stats["losses/policy"] += pg_loss.item()
+            stats["losses/value"] += v_loss.item()
+        stats = {k: v / max(updates, 1) for k, v in stats.items()}
+        stats["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean())
+        stats["objective/kl_coef"] = float(ctx.extras.get("kl_coef", ctx.beta))
+        return {**stats, **self.end_rollout()}
+
+
+@hookimpl
+def tokenmdp_trajectory_estimators():
+    return [PPORewards]
+
+
+@hookimpl
+def tokenmdp_advantage_constructors():
+    return [GAE]
+
+
+@hookimpl
+def tokenmdp_policy_updaters():
+    return [PPO]
+
+
+@hookimpl
+def tokenmdp_algorithms():
+    return [
+        Recipe(name="ppo", estimator=PPORewards.name, advantage=GAE.name, updater=PPO.name,
+               description="PPO: KL-penalised token rewards, a learned critic, GAE, clipped surrogate and value loss",
+               supervision="reward"),
+    ]
