@@ -14,34 +14,14 @@ is not counted.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
-from pathlib import Path
 
 import torch
-
-from tokenmdp.config import load_config
-from tokenmdp.trainer import Trainer
-
-
-def history(config_path: str, overrides: list[str]) -> tuple[dict, list[dict]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(config_path, [*overrides, f"run.dir={tmp}", "train.progress=false"])
-        summary = Trainer(config).train()
-        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-        return summary, config, [r for r in rows if "true_reward" in r]
+from _common import run, spread
 
 
 def first(rows: list[dict], ok) -> int | None:
     return next((r["env_tokens"] for r in rows if ok(r)), None)
-
-
-def spread(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "never"
-    return f"{statistics.median(values):,.0f} [{min(values):,.0f}, {max(values):,.0f}]"
 
 
 def main() -> None:
@@ -60,7 +40,7 @@ def main() -> None:
         iq, iq_sft, ppo, bars = [], [], [], []
         for seed in args.seeds:
             common = [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}", "train.eval_every=2"]
-            summary, config, rows = history("configs/inverse_q_guide.toml", [*common, f"train.steps={args.iq_steps}"])
+            summary, config, rows = run("configs/inverse_q_guide.toml", [*common, f"train.steps={args.iq_steps}"])
             goal = 0.9 * summary["ceiling"]
             hit = next((r for r in rows if r["closure"] >= goal), None)
             if hit is None:
@@ -70,7 +50,7 @@ def main() -> None:
             iq.append(hit["env_tokens"])
             iq_sft.append(hit["env_tokens"] + sft_tokens)
             bars.append(hit["true_reward"])
-            _, _, ppo_rows = history("configs/ppo.toml", [
+            _, _, ppo_rows = run("configs/ppo.toml", [
                 *common, f"train.steps={args.ppo_steps}",
                 # same reference model as the guide run: same SFT data and seed
                 f"reference.sft_samples={config.reference.sft_samples}",
@@ -79,7 +59,7 @@ def main() -> None:
             ])
             ppo.append(first(ppo_rows, lambda r: r["true_reward"] >= hit["true_reward"]))
         bar = f"{statistics.median(bars):.3f}" if bars else "-"
-        print(f"| {env} | {spread(iq)} | {spread(iq_sft)} | {spread(ppo)} | {bar} |", flush=True)
+        print(f"| {env} | {spread(iq, '{:,.0f}')} | {spread(iq_sft, '{:,.0f}')} | {spread(ppo, '{:,.0f}')} | {bar} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,29 +13,12 @@ Prints, over seeds, median [min, max] of:
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
 import time
 
 import torch
+from _common import TOKENS_PER_STEP, run, spread
 
-from tokenmdp.config import load_config
-from tokenmdp.trainer import Trainer
-
-TOKENS_PER_STEP = 64 * 5
 BUDGETS = {"inverse-q-distill": 600_000, "inverse-q": 1_500_000}
-
-
-def run(config_path: str, overrides: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(config_path, [*overrides, f"run.dir={tmp}", "train.progress=false"])
-        return Trainer(config).train()
-
-
-def spread(values: list[float], fmt: str = "{:.3f}") -> str:
-    if not values:
-        return "-"
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def oracle_part(seeds, envs) -> None:
@@ -46,7 +29,7 @@ def oracle_part(seeds, envs) -> None:
         for env in envs:
             tokens, reached = [], 0
             for seed in seeds:
-                s = run("configs/inverse_q_oracle.toml", [
+                s, _, _ = run("configs/inverse_q_oracle.toml", [
                     f"algorithm.name={recipe}", f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}",
                     f"train.steps={budget // TOKENS_PER_STEP}"])
                 reached += bool(s["reached_target"])
@@ -60,7 +43,7 @@ def guide_part(seeds, envs) -> None:
     print("| env | closure | ceiling | kl_ref | credit_corr |")
     print("|---|---|---|---|---|")
     for env in envs:
-        rows = [run("configs/inverse_q_guide.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}"]) for seed in seeds]
+        rows = [run("configs/inverse_q_guide.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}"])[0] for seed in seeds]
         cols = [spread([r[k] for r in rows]) for k in ("closure", "ceiling", "kl_ref", "credit_corr")]
         print(f"| {env} | " + " | ".join(cols) + " |", flush=True)
 

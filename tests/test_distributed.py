@@ -92,7 +92,10 @@ TWO_RANKS_SCRIPT = textwrap.dedent('''
     results = {{"cli_code": code}}
     for scenario, sets in [("nan", ["algorithm.estimator=nan-on-rank-1"]),
                            ("own-step", ["algorithm.updater=own-step", "train.steps=2"]),
-                           ("no-optimizer", ["algorithm.updater=no-optimizer", "train.steps=2"])]:
+                           ("no-optimizer", ["algorithm.updater=no-optimizer", "train.steps=2"]),
+                           # each rank's approximate KL differs; the early stop must not
+                           ("ppo-target-kl", ["algorithm.name=ppo", "updater.target_kl=0.002",
+                                              "updater.lr=0.03", "train.steps=2"])]:
         config = load_config(None, [*TINY, *sets, "reference.init=init", "run.checkpoint_every=1",
                                     "run.dir=" + {fail_dir!r} + scenario])
         with warnings.catch_warnings(record=True) as caught:
@@ -148,6 +151,16 @@ def test_ranks_that_drift_apart_are_caught_at_the_checkpoint(two_ranks):
         assert name == "TokenMDPError"
         assert "the policy's parameters differ across ranks at step 1" in message
     assert checkpoints_of(Path(f"{two_ranks.fail_dir}no-optimizer")) == []
+
+
+def test_ppo_early_stop_on_target_kl_is_one_decision_for_every_rank(two_ranks):
+    """The approximate KL is averaged over ranks before the break: with per-rank decisions
+    the ranks would take different numbers of optimizer steps, and the gradient all-reduce
+    would pair up different minibatches (or hang)."""
+    assert [r["ppo-target-kl"]["error"] for r in two_ranks.results] == [None, None]
+    assert checkpoints_of(Path(f"{two_ranks.fail_dir}ppo-target-kl")) == ["step_00000001.pt", "step_00000002.pt"]
+    steps = [r["policy/updates"] for r in rows(Path(f"{two_ranks.fail_dir}ppo-target-kl"))[1:]]
+    assert all(0 < n < 16 for n in steps), steps  # it did stop early, on both ranks alike
 
 
 def checkpoints_of(run_dir):

@@ -284,9 +284,13 @@ def test_metrics_are_logged_and_documented(tmp_path):
 def test_target_kl_stops_the_epochs_early(tmp_path, monkeypatch):
     trainer = Trainer(ppo_config(tmp_path, "updater.target_kl=1e-9", "updater.lr=0.05", "train.steps=1"))
     updater = trainer.composition.updater
-    calls = []
-    original = type(updater).apply_gradients
-    monkeypatch.setattr(type(updater), "apply_gradients", lambda self, loss, ctx: calls.append(1) or original(self, loss, ctx))
+    calls, original = [], type(updater).apply_gradients
+
+    def counted(self, loss, ctx):
+        calls.append(1)
+        return original(self, loss, ctx)
+
+    monkeypatch.setattr(type(updater), "apply_gradients", counted)
     trainer.train()
     assert 1 <= len(calls) < updater.options.epochs * updater.options.minibatches
 

@@ -14,6 +14,10 @@ The sequence credit A_i is placed on every real token of response i: the estimat
 it as ``token_rewards``, and advantage ``sequence-credit`` passes it on as ``advantages``.
 The recipes update with ``clipped-pg`` (tokenmdp_inverse_q) with ``kl_coef = 0``, since the
 KL penalty is already inside r_i.
+
+Groups only hold what the batch happens to hold: on a task with many prompts and a small
+batch most groups have one member and learn nothing, and in a data-parallel run each rank
+groups its own rows.
 """
 
 from __future__ import annotations

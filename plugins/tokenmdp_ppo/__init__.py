@@ -69,9 +69,18 @@ class ValueNetwork(nn.Module):
     def __init__(self, policy_spec: dict, task, seed: int, hidden: int | None = None):
         super().__init__()
         spec = dict(policy_spec)
+        self.lm = None
         if spec.get("kind", "gru") == "hf":
-            raise ConfigError("[estimator] (ppo-rewards): critic='separate' builds toy networks only; "
-                              "policy.kind='hf' has no separate critic yet")
+            # a separate copy of the causal LM (never its LoRA adapter) with a linear value head
+            # on its last hidden state; the output layer is skipped
+            spec.pop("lora", None)
+            with torch.random.fork_rng():
+                self.lm = build_policy(spec, task, seed=seed + 1)
+            width = self.lm.model.get_input_embeddings().embedding_dim
+            self.head = nn.Linear(width, 1)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+            return
         if hidden is not None:
             spec["hidden"] = hidden
         one_output = types.SimpleNamespace(input_vocab_size=task.input_vocab_size, vocab_size=1)
@@ -79,7 +88,15 @@ class ValueNetwork(nn.Module):
             self.net = build_policy(spec, one_output, seed=seed + 1)
 
     def forward(self, policy, batch) -> Tensor:
+        if self.lm is not None:
+            return response_logits(self._hf_values, batch)[..., 0].float() * batch.response_mask
         return response_logits(self.net, batch)[..., 0].float() * batch.response_mask
+
+    def _hf_values(self, ids, mask=None):
+        mask = torch.ones_like(ids) if mask is None else mask
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=self.lm._positions(mask),
+                            use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return self.head(out.hidden_states[-1])
 
 
 class ValueHead(nn.Module):
@@ -261,13 +278,15 @@ class PPO(GradientUpdater):
                 "objective/entropy", "losses/policy", "losses/value")
         stats, updates = dict.fromkeys(keys, 0.0), 0
         for rows in self.minibatches(batch, ctx):
-            mb, m, mb_adv, mb_returns, mb_old_v = batch.select(rows), mask[rows], adv[rows], returns[rows], old_values[rows]
+            mb, m = batch.select(rows), mask[rows]
+            mb_adv, mb_returns, mb_old_v = adv[rows], returns[rows], old_values[rows]
             # policy: clipped surrogate on the probability ratio pi / pi_old
             logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
             log_ratio = (logp - mb.logprobs) * m
             ratio = log_ratio.exp()
-            approx_kl = masked_mean((ratio - 1) - log_ratio, m)  # k3 estimate of KL(pi_old || pi)
-            if o.target_kl is not None and approx_kl > o.target_kl:
+            approx_kl = masked_mean((ratio - 1) - log_ratio, m).detach()  # k3 estimate of KL(pi_old || pi)
+            # one decision for every rank (their KLs differ), or the ranks' steps fall out of step
+            if o.target_kl is not None and distributed.all_mean(float(approx_kl)) > o.target_kl:
                 break
             pg_loss1 = -mb_adv * ratio
             pg_loss2 = -mb_adv * ratio.clamp(1 - o.clip, 1 + o.clip)
@@ -294,6 +313,7 @@ class PPO(GradientUpdater):
             stats["losses/policy"] += pg_loss.item()
             stats["losses/value"] += v_loss.item()
         stats = {k: v / max(updates, 1) for k, v in stats.items()}
+        stats["policy/updates"] = updates
         stats["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean())
         stats["objective/kl_coef"] = float(ctx.extras.get("kl_coef", ctx.beta))
         return {**stats, **self.end_rollout()}

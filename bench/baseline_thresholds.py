@@ -1,0 +1,77 @@
+"""Issue-4 thresholds at full size (V=6, H=5, beta=1, GRU hidden 96, 64 responses/step).
+
+Prints, over seeds, median [min, max] of:
+  1. PPO, RLOO and GRPO (configs/<recipe>.toml): env tokens until regret < 10% of the
+     starting gap J* - J(pi_ref), within a 1M-token budget, on the dense (Pattern) and the
+     delayed-reward (SumMod) environments; and the regret_frac where each run stopped;
+  2. DPO offline (configs/dpo.toml) and online (configs/dpo_online.toml) at the same
+     8k-pair budget: final regret_frac on Pattern and Forbidden.
+
+    .venv/bin/python bench/baseline_thresholds.py --seeds 0 1 2 --threads 1
+    .venv/bin/python bench/baseline_thresholds.py --part dpo --envs Forbidden
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import TOKENS_PER_STEP, run, spread
+
+RL_BUDGET = 1_000_000
+RL_TARGET = 0.10
+
+
+def rl_part(recipes, envs, seeds) -> None:
+    print(f"\n## Env tokens until regret < {RL_TARGET:.0%} of the starting gap (budget {RL_BUDGET:,})\n")
+    print("| recipe | env | reached | env tokens | regret_frac at stop | wall s |")
+    print("|---|---|---|---|---|---|")
+    for recipe in recipes:
+        for env in envs:
+            tokens, final, wall, reached = [], [], [], 0
+            for seed in seeds:
+                summary, _, _ = run(f"configs/{recipe}.toml", [
+                    f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}",
+                    f"train.steps={RL_BUDGET // TOKENS_PER_STEP}", f"train.target_regret_frac={RL_TARGET}"])
+                reached += bool(summary["reached_target"])
+                tokens.append(summary["env_tokens"] if summary["reached_target"] else None)
+                final.append(summary["regret_frac"])
+                wall.append(summary["wall_seconds"])
+            print(f"| {recipe} | {env} | {reached}/{len(seeds)} | {spread(tokens, '{:,.0f}')} | "
+                  f"{spread(final)} | {spread(wall, '{:.0f}')} |", flush=True)
+
+
+def dpo_part(envs, seeds) -> None:
+    print("\n## DPO, 8k pairs, 3 epochs: final regret_frac (offline vs online)\n")
+    print("| env | offline | online | online better in |")
+    print("|---|---|---|---|")
+    for env in envs:
+        results = {}
+        for name in ("dpo", "dpo_online"):
+            results[name] = [run(f"configs/{name}.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}"])[0]["regret_frac"]
+                             for seed in seeds]
+        wins = sum(on < off for on, off in zip(results["dpo_online"], results["dpo"]))
+        print(f"| {env} | {spread(results['dpo'])} | {spread(results['dpo_online'])} | {wins}/{len(seeds)} seeds |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--part", choices=["rl", "dpo", "all"], default="all")
+    parser.add_argument("--recipes", nargs="+", default=["ppo", "rloo", "grpo"])
+    parser.add_argument("--envs", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}, seeds: {args.seeds}")
+    started = time.perf_counter()
+    if args.part in ("rl", "all"):
+        rl_part(args.recipes, args.envs or ["Pattern", "SumMod"], args.seeds)
+    if args.part in ("dpo", "all"):
+        dpo_part(args.envs or ["Pattern", "Forbidden"], args.seeds)
+    print(f"\nwall time: {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
