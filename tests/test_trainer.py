@@ -12,6 +12,8 @@ from tokenmdp import NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
 from tokenmdp.plugins import plugin_manager
 from tokenmdp.trainer import Trainer
 
+from conftest import TINY
+
 
 def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -168,10 +170,11 @@ def test_outside_plugin_advantage_is_used(tiny_config):
     assert summary["advantage"] == "signed-return"
 
 
-def test_tiny_gpt2_trains_through_the_same_trainer(tiny_config):
-    config = tiny_config(
-        "policy.kind=hf", 'policy.config={n_layer=1, n_head=2, n_embd=16, n_positions=16}', "train.steps=3"
-    )
+def test_tiny_gpt2_trains_through_the_same_trainer(tmp_path):
+    toy_only = [s for s in TINY if not s.startswith("policy.hidden")]  # an hf policy rejects toy options
+    config = tokenmdp.config.load_config(None, [
+        *toy_only, f"run.dir={tmp_path}", "policy.kind=hf",
+        "policy.config={n_layer=1, n_head=2, n_embd=16, n_positions=16}", "train.steps=3"])
     trainer = Trainer(config)
     summary = trainer.train()
     assert type(trainer.policy).__name__ == "HFCausalLMPolicy"
@@ -200,8 +203,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path):
     import subprocess
     import sys
     import time
-
-    from conftest import TINY
 
     def argv(run_dir, *extra):
         sets = [a for s in [*TINY, "train.steps=300", "train.eval_every=50"] for a in ("--set", s)]

@@ -43,6 +43,12 @@ def _optional_positive_int(instance, attribute, value):
         positive_int(instance, attribute, value)
 
 
+def _optional_unit_interval(instance, attribute, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 < value <= 1):
+        raise ValueError(f"{attribute.name} must be in (0, 1] or unset (got {value!r})")
+
+
 @attrs.frozen
 class AlgorithmConfig:
     name: str | None = attrs.field(default=None, validator=_optional_str)
@@ -73,6 +79,14 @@ class TrainConfig:
     batch_size: int = attrs.field(default=64, validator=positive_int)
     beta: float = attrs.field(default=1.0, validator=positive)
     temperature: float = attrs.field(default=1.0, validator=positive)
+    #: Sample only among the k most likely tokens (unset = all). Sampling only: the stored
+    #: ``logprobs`` are the policy's own (temperature 1, unfiltered); docs/text.md.
+    top_k: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    #: Nucleus sampling: the smallest set of tokens whose probability reaches top_p (unset = all).
+    top_p: float | None = attrs.field(default=None, validator=_optional_unit_interval)
+    #: Text envs (no exact solver): responses sampled, on fixed prompts and seed, to
+    #: estimate ``true_reward`` and ``kl_ref`` at each evaluation; unset = ``batch_size``.
+    eval_samples: int | None = attrs.field(default=None, validator=_optional_positive_int)
     eval_every: int = attrs.field(default=10, validator=positive_int)
     #: Stop at the first evaluation whose ``regret_frac`` is at or below this (toy envs).
     target_regret_frac: float | None = attrs.field(default=None, validator=non_negative)
@@ -142,17 +156,22 @@ def merge(data: dict, path: list[str], value: Any) -> dict:
     return data
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """The TOML file at ``path`` as a dict; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Mapping | None = None) -> Config:
     """Read TOML (if given), apply ``--set`` overrides, validate everything."""
     data: dict = dict(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        data = read_toml(path)
     for text in overrides:
         key_path, value = parse_override(text)
         merge(data, key_path, value)

@@ -30,7 +30,13 @@ class TrainContext:
 
     @property
     def guide_ids(self) -> Tensor:
-        """The default conditioning prefix ``c``: the task's guide token."""
+        """The default conditioning prefix ``c``: the task's guide token (text tasks have
+        none: their guides are text, given as ``[estimator] guide = "..."``)."""
+        if getattr(self.task, "guide_token", None) is None:
+            from .errors import ConfigError
+
+            raise ConfigError(f"env {getattr(self.task, 'name', 'task')!r} has no guide token; give the guide as "
+                              "text, e.g. [estimator] guide = \"Answer kindly and helpfully.\"")
         return torch.tensor([self.task.guide_token])
 
     def token_logprobs(self, model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None,

@@ -39,6 +39,12 @@ class TokenTask:
     """
 
     name = "task"
+    #: An exact solver exists (a small prefix tree and a base distribution); text tasks: False.
+    exact = True
+    #: Prompts of different lengths: the observation carries a 0/1 ``prompt_mask``.
+    padded_prompts = False
+    #: Leading prompt columns kept in front of a conditioning prefix (1 for a pinned BOS).
+    prefix_offset = 0
 
     def __init__(self, vocab_size: int, horizon: int, seed: int = 0, eos_token: int | None = None):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
@@ -66,6 +72,11 @@ class TokenTask:
     def prompts(self) -> Tensor:
         """``[num_prompts, prompt_len]`` int64, each row starting with ``bos_token``."""
         raise NotImplementedError
+
+    @property
+    def prompt_mask(self) -> Tensor:
+        """``[num_prompts, prompt_len]`` 0/1: real prompt tokens (all 1 for toy prompts)."""
+        return torch.ones_like(self.prompts)
 
     @property
     def prompt_probs(self) -> Tensor:
@@ -98,6 +109,10 @@ class TokenTask:
             term = self.terminal_reward(prompt_index.repeat_interleave(k), full).view(n, k)
             rewards[:, ends] += term.to(torch.float32)
         return rewards
+
+    def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:
+        """``[N]`` reward of taking ``actions`` after ``prefix`` (every row has the same length)."""
+        return self.next_token_rewards(prompt_index, prefix).gather(1, actions[:, None]).squeeze(1)
 
     def ending_actions(self, t: int) -> Tensor:
         """``[V]`` bool: which next tokens end the episode when ``t`` tokens exist."""
@@ -133,14 +148,15 @@ def check_action(task: TokenTask, action: Any) -> int:
 
 def _observation_space(task: TokenTask) -> spaces.Dict:
     prompt_len = task.prompts.shape[1]
-    return spaces.Dict(
-        {
-            "prompt": spaces.MultiDiscrete(np.full(prompt_len, task.input_vocab_size), dtype=np.int64),
-            # Slots not yet generated hold ``vocab_size`` (a padding id that is never an action).
-            "response": spaces.MultiDiscrete(np.full(task.horizon, task.vocab_size + 1), dtype=np.int64),
-            "length": spaces.Discrete(task.horizon + 1),
-        }
-    )
+    space = {
+        "prompt": spaces.MultiDiscrete(np.full(prompt_len, task.input_vocab_size), dtype=np.int64),
+        # Slots not yet generated hold ``vocab_size`` (a padding id that is never an action).
+        "response": spaces.MultiDiscrete(np.full(task.horizon, task.vocab_size + 1), dtype=np.int64),
+        "length": spaces.Discrete(task.horizon + 1),
+    }
+    if task.padded_prompts:  # text: 1 on real prompt tokens, 0 on left padding
+        space["prompt_mask"] = spaces.MultiBinary(prompt_len)
+    return spaces.Dict(space)
 
 
 class TokenMDPEnv(gymnasium.Env):
@@ -171,11 +187,14 @@ class TokenMDPEnv(gymnasium.Env):
     def _obs(self) -> dict[str, Any]:
         response = np.full(self.task.horizon, self.task.vocab_size, dtype=np.int64)
         response[: len(self._response)] = self._response
-        return {
+        obs = {
             "prompt": self.task.prompts[self._prompt_index].numpy().astype(np.int64),
             "response": response,
             "length": len(self._response),
         }
+        if self.task.padded_prompts:
+            obs["prompt_mask"] = self.task.prompt_mask[self._prompt_index].numpy().astype(np.int8)
+        return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -198,7 +217,7 @@ class TokenMDPEnv(gymnasium.Env):
         a = check_action(self.task, action)
         t = len(self._response)
         prefix = torch.tensor([self._response], dtype=torch.long).view(1, t)
-        reward = float(self.task.next_token_rewards(torch.tensor([self._prompt_index]), prefix)[0, a])
+        reward = float(self.task.action_rewards(torch.tensor([self._prompt_index]), prefix, torch.tensor([a]))[0])
         self._response.append(a)
         terminated = self.task.eos_token is not None and a == self.task.eos_token
         truncated = not terminated and len(self._response) >= self.task.horizon
@@ -260,11 +279,14 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         return make
 
     def _obs(self) -> dict[str, Tensor]:
-        return {
+        obs = {
             "prompt": self.task.prompts[self.prompt_index],
             "response": self.response.clone(),
             "length": self.length.clone(),
         }
+        if self.task.padded_prompts:
+            obs["prompt_mask"] = self.task.prompt_mask[self.prompt_index]
+        return obs
 
     def _reset_rows(self, rows: Tensor, prompt_index: Tensor | None = None) -> None:
         n = int(rows.sum())
@@ -322,8 +344,8 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         if self.compute_rewards and active.any():
             for t in self.length[active].unique().tolist():
                 rows = active & (self.length == t)
-                table = self.task.next_token_rewards(self.prompt_index[rows], self.response[rows, :t])
-                rewards[rows] = table.gather(1, actions[rows, None]).squeeze(1)
+                rewards[rows] = self.task.action_rewards(self.prompt_index[rows], self.response[rows, :t],
+                                                         actions[rows])
         rows = active.nonzero().squeeze(1)
         self.response[rows, self.length[rows]] = actions[rows]
         self.length[rows] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
 from .ops import masked_correlation
@@ -42,3 +43,73 @@ class ExactEvaluator:
             "credit_corr": masked_correlation(credit.detach(), true, batch.response_mask),
             "credit_corr_advantages": masked_correlation(advantages["advantages"].detach(), true, batch.response_mask),
         }
+
+
+class SampledEvaluator:
+    """Scores policies on tasks without an exact solver (text) by sampling.
+
+    Each evaluation samples ``num_samples`` responses from the policy, for prompts drawn
+    with a fixed seed (the same prompts and the same random stream every time, so
+    successive evaluations differ only by the policy), and reports
+
+    * ``kl_ref``: the mean over responses of ``sum_t log pi(y_t|s_t) - log pi_ref(y_t|s_t)``,
+      an unbiased estimate of the sequence-level ``KL(pi || pi_ref)``;
+    * ``true_reward``: the mean reward of those responses, when the task has a reward
+      (read for evaluation only, as the exact solver reads the toy reward);
+    * ``objective``: ``true_reward - beta * kl_ref`` (with a reward).
+
+    There is no ``regret``, ``closure``, ``J*`` or credit score: nothing knows the optimum.
+    """
+
+    solution = None
+
+    def __init__(self, task, reference: TokenPolicy, beta: float, num_samples: int, seed: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+        self.task, self.reference, self.beta = task, reference, beta
+        self.num_samples, self.seed = num_samples, seed
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self._start: dict[str, float] | None = None
+
+    @property
+    def start(self) -> dict[str, float]:
+        """The reference's own scores (its ``kl_ref`` is 0 by definition)."""
+        if self._start is None:
+            self._start = self.evaluate(self.reference)
+            self._start["kl_ref"] = 0.0
+            if "objective" in self._start:
+                self._start["objective"] = self._start["true_reward"]
+        return self._start
+
+    @torch.no_grad()
+    def sample(self, policy: TokenPolicy) -> RolloutBatch:
+        from .rollout import generate
+
+        task = self.task
+        generator = torch.Generator().manual_seed(self.seed)
+        index = torch.multinomial(task.prompt_probs, self.num_samples, replacement=True, generator=generator)
+        prompt_ids, prompt_mask = task.prompts[index], task.prompt_mask[index]
+        padded = None if bool(prompt_mask.all()) else prompt_mask
+        response, mask = generate(policy, prompt_ids, task.horizon, task.eos_token, generator,
+                                  attention_mask=padded, **self.sampling)
+        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response,
+                            response_mask=mask, rewards=torch.zeros_like(mask), prompt_index=index,
+                            rewards_observed=False, prefix_offset=getattr(task, "prefix_offset", 0))
+
+    @torch.no_grad()
+    def evaluate(self, policy: TokenPolicy, prefix_ids: Tensor | None = None) -> dict[str, float]:
+        from .rollout import token_logprobs
+
+        if prefix_ids is not None:
+            raise NotImplementedError("SampledEvaluator scores unconditioned policies only")
+        batch = self.sample(policy)
+        mask = batch.response_mask
+        kl = ((token_logprobs(policy, batch) - token_logprobs(self.reference, batch)) * mask).sum(1)
+        scores = {"kl_ref": float(kl.mean())}
+        if getattr(self.task, "has_reward", False):
+            reward = self.task.sequence_rewards(batch.prompt_index, batch.response_ids, mask)
+            scores["true_reward"] = float(reward.mean())
+            scores["objective"] = scores["true_reward"] - self.beta * scores["kl_ref"]
+        return scores
+
+    def credit(self, batch, signals, advantages) -> dict:
+        return {}

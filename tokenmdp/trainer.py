@@ -29,7 +29,8 @@ from .config import Config, dump_config, load_config
 from .context import TrainContext
 from .env import TokenVectorEnv
 from .errors import ConfigError, PluginError, TokenMDPError
-from .evaluation import ExactEvaluator
+from .text import RewardError
+from .evaluation import ExactEvaluator, SampledEvaluator
 from .ops import check_finite
 from .plugins import Registry, plugin_manager
 from .policies import TokenPolicy, build_policy
@@ -118,6 +119,7 @@ class Trainer:
         self.env = make_vector_env(self.registry, config, config.train.batch_size,
                                    compute_rewards=self.composition.needs_env_reward)
         self.task = self.env.task
+        self._check_text_setup(config)
         self.run_dir = Path(config.run.dir)
         self.resume = resume
         simulate = config.train.simulate_world_size
@@ -129,6 +131,21 @@ class Trainer:
                 f"run.dir {str(self.run_dir)!r} already holds a run; use --resume {self.run_dir}, "
                 "--set run.overwrite=true, or another run.dir"
             )
+
+    def _check_text_setup(self, config: Config) -> None:
+        """Tasks without an exact solver (text) have no base distribution to fine-tune a
+        reference on, and only HF causal LMs handle their padded prompts."""
+        if getattr(self.task, "exact", True):
+            return
+        env_id = config.env["id"]
+        if config.policy.get("kind", "gru") != "hf":
+            raise ConfigError(f"env {env_id} needs policy.kind = \"hf\" (with policy.path = a model directory); "
+                              f"got policy.kind = {config.policy.get('kind', 'gru')!r}")
+        if config.reference.init != "init":
+            raise ConfigError(f"env {env_id} has no base distribution to fine-tune a reference on; set "
+                              "reference.init = \"init\" (the loaded model is the reference)")
+        if config.train.target_regret_frac is not None:
+            raise ConfigError(f"train.target_regret_frac needs an exact solver, which env {env_id} does not have")
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, overrides: list[str] = (), pm=None) -> "Trainer":
@@ -145,7 +162,11 @@ class Trainer:
         reference = build_policy(cfg.policy, self.task, seed=cfg.train.seed)
         self.sft_losses: list[float] = []
         ref_file = self.run_dir / "reference.pt"
-        if self.resume and ref_file.exists():
+        shared = getattr(reference, "has_adapter", False)
+        if shared and cfg.reference.init == "sft":
+            raise ConfigError("policy.lora trains an adapter on a fixed base, and the base is the reference; "
+                              "set reference.init = \"init\"")
+        if self.resume and ref_file.exists() and not shared:
             reference.load_state_dict(torch.load(ref_file, weights_only=True))
         elif cfg.reference.init == "sft":
             generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -155,12 +176,24 @@ class Trainer:
             self.sft_losses = supervised_finetune(reference, groups, ref_cfg.sft_epochs,
                                                   ref_cfg.sft_batch_size, ref_cfg.sft_lr, generator)
         distributed.broadcast_module(reference)  # every rank starts from rank 0's weights
-        self.policy = copy.deepcopy(reference)
-        self.reference = reference.requires_grad_(False).eval()
-        self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
+        view = reference.reference_view() if hasattr(reference, "reference_view") else None
+        if view is not None:  # LoRA: the reference is the policy with its adapter off (shared weights)
+            self.policy, self.reference = reference, view.eval()
+        else:  # full fine-tuning changes every weight: the reference is a frozen copy
+            self.policy = copy.deepcopy(reference)
+            self.reference = reference.requires_grad_(False).eval()
+        self.exact = getattr(self.task, "exact", True)
+        if self.exact:
+            self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
+        else:
+            t = cfg.train
+            self.evaluator = SampledEvaluator(self.task, self.reference, t.beta, t.eval_samples or t.batch_size,
+                                              seed=step_seed(t.seed, 0) ^ 0x5CA1AB1E, temperature=t.temperature,
+                                              top_k=t.top_k, top_p=t.top_p)
+        exact = self.evaluator if self.exact else None
         self.ctx = TrainContext(policy=self.policy, reference=self.reference, beta=cfg.train.beta,
-                                task=self.task, config=cfg, solution=self.evaluator.solution,
-                                evaluator=self.evaluator)
+                                task=self.task, config=cfg, solution=exact.solution if exact else None,
+                                evaluator=exact)
         for component in self.composition.components:
             self._guard(component, "setup", component.setup, self.ctx)
 
@@ -211,7 +244,7 @@ class Trainer:
             if main:
                 self._lifecycle("tokenmdp_on_train_start", run=run)
                 if start_step == 0:
-                    self._emit(run, 0, {"env_tokens": 0, **self.evaluator.evaluate(self.policy)})
+                    self._emit(run, 0, {"env_tokens": 0, **self._evaluate(0)})
                 self.recent_credit = _logged_values(self.run_dir / "metrics.jsonl", "credit_corr")[-10:]
         with deferred_interrupt() as interrupted:
             env_tokens = self._loop(run, start_step, env_tokens, interrupted)
@@ -229,13 +262,14 @@ class Trainer:
         target = cfg.train.target_regret_frac
         for step in range(start_step + 1, cfg.train.steps + 1):
             metrics = self.train_step(step)  # averaged over ranks
-            self.recent_credit = [*self.recent_credit, metrics["credit_corr"]][-10:]
+            if "credit_corr" in metrics:
+                self.recent_credit = [*self.recent_credit, metrics["credit_corr"]][-10:]
             env_tokens += metrics.pop("rollout/tokens")
             metrics["env_tokens"] = env_tokens
             with distributed.agreement(f"tokenmdp_on_step_end at step {step}"):
                 if main:  # the ranks hold the same weights: rank 0 evaluates and logs
                     if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                        metrics.update(self.evaluator.evaluate(self.policy))
+                        metrics.update(self._evaluate(step))
                     self._emit(run, step, metrics)
             reached = target is not None and metrics.get("regret_frac", float("inf")) <= target
             if target is not None:
@@ -253,6 +287,18 @@ class Trainer:
                     f"tokenmdp train --resume {self.run_dir}"
                 )
         return env_tokens
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """Score the policy; a sampled (text) evaluation is not repeated for the same step."""
+        cached = getattr(self, "_last_eval", None)
+        if not self.exact and cached is not None and cached[0] == step:
+            return dict(cached[1])
+        try:
+            scores = self.evaluator.evaluate(self.policy)
+        except RewardError as exc:
+            raise RewardError(f"{exc} (in the evaluation at step {step})") from exc
+        self._last_eval = (step, dict(scores))
+        return scores
 
     def train_step(self, step: int) -> dict[str, Any]:
         """collect -> estimate -> construct -> update, for one batch of responses."""
@@ -297,8 +343,12 @@ class Trainer:
             generator = torch.Generator().manual_seed(seed)
             if not batches:
                 self.ctx.generator = generator
-            batches.append(collect(self.policy, self.env, seed=seed, generator=generator,
-                                   temperature=cfg.train.temperature))
+            try:
+                batches.append(collect(self.policy, self.env, seed=seed, generator=generator,
+                                       temperature=cfg.train.temperature, top_k=cfg.train.top_k,
+                                       top_p=cfg.train.top_p))
+            except RewardError as exc:
+                raise RewardError(f"{exc} (while collecting step {step})") from exc
         try:
             return concat_batches(batches)
         except ValueError as exc:
@@ -357,8 +407,20 @@ class Trainer:
         self._lifecycle("tokenmdp_on_step_end", step=step, run=run, metrics={"step": step, **metrics})
 
     def _summary(self, env_tokens: int, wall_seconds: float) -> dict[str, Any]:
-        final = self.evaluator.evaluate(self.policy)
+        final = self._evaluate(self.stopped_at or self.config.train.steps)
         start = self.evaluator.start
+        if not self.exact:  # sampled scores; nothing knows the optimum
+            return {
+                **self.composition.describe(),
+                "env": self.config.env["id"],
+                "steps": self.config.train.steps,
+                "env_tokens": env_tokens,
+                "wall_seconds": wall_seconds,
+                "used_env_reward": self.composition.needs_env_reward,
+                "start": dict(start),
+                **final,
+                **{k: v for c in self.composition.components for k, v in c.report().items()},
+            }
         return {
             **self.composition.describe(),
             "env": self.config.env["id"],

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from tokenmdp import EnvSpec, hookimpl
 from tokenmdp.env import TokenMDPEnv, TokenTask, TokenVectorEnv
+from tokenmdp.text import TextTask
 
 
 class ToyTask(TokenTask):
@@ -137,6 +138,7 @@ TASKS = [PatternTask, SumModTask, SumThresholdTask, ForbiddenTask, BanditTask]
 
 @hookimpl
 def tokenmdp_envs():
+    # tokenmdp/Text-v0: prompts from a file, a real tokenizer, a module:function reward (docs/text.md)
     return [
         EnvSpec(
             name=task.name,
@@ -144,5 +146,5 @@ def tokenmdp_envs():
             vector_entry_point=TokenVectorEnv.factory(task),
             description=(task.__doc__ or "").strip().splitlines()[0],
         )
-        for task in TASKS
+        for task in [*TASKS, TextTask]
     ]

@@ -94,7 +94,10 @@ def concat_pairs(parts: list[PairBatch]) -> PairBatch:
 
 def sequence_rewards(task, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
     """``R(x, y) = sum_t r(s_t, y_t)`` over real tokens, from ``task.next_token_rewards``
-    (float64, so that ties are exact sums of the task's rewards)."""
+    (float64, so that ties are exact sums of the task's rewards). A task that pays on
+    whole responses (text) scores them itself (``task.sequence_rewards``)."""
+    if hasattr(task, "sequence_rewards"):
+        return task.sequence_rewards(prompt_index, response, mask)
     total = torch.zeros(response.shape[0], dtype=torch.float64)
     for t in range(response.shape[1]):
         live = mask[:, t] > 0
@@ -129,14 +132,17 @@ def sample_pairs(model, task, num_pairs: int, generator: torch.Generator, temper
             )
         n = max(64, int(1.5 * (num_pairs - kept)))
         index, context = sample_contexts(task, n, generator, tagged=False)
-        both, mask = generate(model, context.repeat(2, 1), task.horizon, task.eos_token, generator, temperature)
+        cmask = task.prompt_mask[index]  # text prompts are left-padded
+        padded = None if bool(cmask.all()) else cmask.repeat(2, 1)
+        both, mask = generate(model, context.repeat(2, 1), task.horizon, task.eos_token, generator, temperature,
+                              attention_mask=padded)
         reward = sequence_rewards(task, index.repeat(2), both, mask)
         first, second = reward[:n], reward[n:]
         decided = (first - second).abs() > TIE_TOLERANCE
         # keep only as many candidates as needed, so the counts are exact
         order = decided.long().cumsum(0)
         cut = n if int(order[-1]) <= num_pairs - kept else int((order == num_pairs - kept).nonzero()[0]) + 1
-        decided, index, context = decided[:cut], index[:cut], context[:cut]
+        decided, index, context, cmask = decided[:cut], index[:cut], context[:cut], cmask[:cut]
         y1, y2, m1, m2 = both[:cut], both[n : n + cut], mask[:cut], mask[n : n + cut]
         r1, r2 = first[:cut], second[:cut]
         candidates += cut
@@ -149,7 +155,7 @@ def sample_pairs(model, task, num_pairs: int, generator: torch.Generator, temper
             swap = (torch.rand(cut, generator=generator, dtype=torch.float64) >= p_first)[:, None]
         keep = decided
         parts.append(PairBatch(
-            prompt_ids=context[keep], prompt_mask=torch.ones_like(context[keep]), prompt_index=index[keep],
+            prompt_ids=context[keep], prompt_mask=cmask[keep], prompt_index=index[keep],
             chosen_ids=torch.where(swap, y2, y1)[keep], chosen_mask=torch.where(swap, m2, m1)[keep],
             rejected_ids=torch.where(swap, y1, y2)[keep], rejected_mask=torch.where(swap, m1, m2)[keep],
             chosen_env_reward=torch.where(swap[:, 0], r2, r1)[keep],

@@ -32,6 +32,8 @@ def _guide_ids(value, ctx) -> torch.Tensor:
     if value is None:
         return ctx.guide_ids
     if isinstance(value, str):
+        if hasattr(ctx.task, "encode_guide"):  # text env: its tokenizer, plus the guide separator
+            return ctx.task.encode_guide(value)
         tokenizer = getattr(ctx.task, "tokenizer", None)
         if tokenizer is None:
             raise ConfigError("[estimator] guide: text needs a text env with a tokenizer; give token ids instead")

@@ -3,6 +3,7 @@ sentencepiece trainer so tests never need a download."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 from pathlib import Path
@@ -18,46 +19,97 @@ from .base import TokenPolicy
 class HFCausalLMPolicy(TokenPolicy):
     """Wraps ``AutoModelForCausalLM``. Left padding is handled with explicit position ids;
     decoding reuses the KV cache. ``vocab_size`` may be smaller than the model's (the
-    extra ids are input-only specials such as a guide token)."""
+    extra ids are input-only specials such as a guide token, or a model's padded rows).
 
-    def __init__(self, model, vocab_size: int | None = None):
+    With ``lora`` (a dict of ``r``, ``alpha``, ``dropout``, ``target_modules``) the model
+    is wrapped by ``peft``: only the adapter trains, and :meth:`reference_view` is the
+    base model with the adapter switched off (no second copy of the weights)."""
+
+    #: ``forward(..., logits_to_keep=n)`` computes the output layer on the last n positions only.
+    supports_logits_to_keep = True
+
+    def __init__(self, model, vocab_size: int | None = None, lora: dict | None = None, source: str | None = None):
         super().__init__()
-        self.model = model
-        self.vocab_size = vocab_size or model.config.vocab_size
+        self.source = source
+        if self.vocab_size_of(model) is None:
+            raise TokenMDPError(f"model {source or type(model).__name__} has no vocab_size in its config")
+        model_vocab = self.vocab_size_of(model)
+        self.vocab_size = vocab_size or model_vocab
+        if self.vocab_size > model_vocab:
+            raise TokenMDPError(
+                f"the env's vocabulary has {self.vocab_size} tokens but the model"
+                f"{' at ' + repr(source) if source else ''} has vocab_size {model_vocab}: the tokenizer and "
+                "the model do not match (use the tokenizer the model was trained with)"
+            )
         # transformers >= 5 renamed ``past_key_values`` to ``cache``; accept both.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        if self.vocab_size > model.config.vocab_size:
-            raise TokenMDPError(
-                f"action vocabulary {self.vocab_size} exceeds the model's vocab_size {model.config.vocab_size}"
-            )
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            model = _add_lora(model, self.lora)
+        self.model = model
+
+    @staticmethod
+    def vocab_size_of(model) -> int | None:
+        config = model.config
+        return getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.lora is not None
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run the base model: the LoRA adapter off (and dropout off) inside the block."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def reference_view(self) -> "TokenPolicy | None":
+        """A frozen reference that shares this policy's weights, or None when the trainer
+        must make a frozen copy (full fine-tuning changes every weight)."""
+        return AdapterDisabledReference(self) if self.has_adapter else None
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], vocab_size: int | None = None, seed: int = 0):
+    def from_config(cls, config: dict[str, Any], vocab_size: int | None = None, seed: int = 0,
+                    lora: dict | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = dict(config)
         model_type = config.pop("model_type", "gpt2")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
-        return cls(model, vocab_size)
+        return cls(model, vocab_size, lora=lora)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, vocab_size: int | None = None):
+    def from_pretrained(cls, path: str | Path, vocab_size: int | None = None, lora: dict | None = None):
         from transformers import AutoModelForCausalLM
 
         if not Path(path).is_dir():
             raise TokenMDPError(f"policy.path: model directory {str(path)!r} does not exist")
-        return cls(AutoModelForCausalLM.from_pretrained(path), vocab_size)
+        if not (Path(path) / "config.json").is_file():
+            raise TokenMDPError(f"policy.path: {str(path)!r} holds no model (no config.json); save one with "
+                                "save_pretrained, or run `tokenmdp models fetch-gemma DIR`")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except Exception as exc:
+            raise TokenMDPError(f"policy.path: could not load a causal LM from {str(path)!r}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        return cls(model, vocab_size, lora=lora, source=str(path))
 
     @staticmethod
     def _positions(mask: Tensor) -> Tensor:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=self._positions(attention_mask), use_cache=False)
+                         position_ids=self._positions(attention_mask), use_cache=False,
+                         logits_to_keep=logits_to_keep)
         return out.logits[..., : self.vocab_size]
 
     def start(self, input_ids, attention_mask=None):
@@ -82,6 +134,61 @@ class HFCausalLMPolicy(TokenPolicy):
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
                          use_cache=True, **{self._cache_arg: past})
         return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), mask, pos)
+
+
+class AdapterDisabledReference(TokenPolicy):
+    """The reference of a LoRA policy: the same module with its adapter switched off.
+
+    It holds the policy outside ``nn.Module`` registration, so it has no parameters and
+    no state of its own (``requires_grad_``/``eval`` on it never touch the policy)."""
+
+    supports_logits_to_keep = True
+
+    def __init__(self, policy: HFCausalLMPolicy):
+        super().__init__()
+        self.vocab_size = policy.vocab_size
+        self._policy = [policy]  # a list: not a registered submodule
+
+    @property
+    def policy(self) -> HFCausalLMPolicy:
+        return self._policy[0]
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
+        with self.policy.adapter_disabled():
+            return self.policy(input_ids, attention_mask, logits_to_keep=logits_to_keep)
+
+    def start(self, input_ids, attention_mask=None):
+        with self.policy.adapter_disabled():
+            return self.policy.start(input_ids, attention_mask)
+
+    def reindex_state(self, state, index):
+        return self.policy.reindex_state(state, index)
+
+    def advance(self, state, tokens):
+        with self.policy.adapter_disabled():
+            return self.policy.advance(state, tokens)
+
+
+def _add_lora(model, lora: dict):
+    try:
+        import peft
+    except ImportError:
+        raise TokenMDPError('policy.lora needs peft: pip install "torch==2.13.0" -e ".[lora]"') from None
+    lora = dict(lora)
+    valid = {"r", "alpha", "dropout", "target_modules"}
+    unknown = sorted(set(lora) - valid)
+    if unknown:
+        raise TokenMDPError(f"policy.lora: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    r = lora.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise TokenMDPError(f"policy.lora.r must be a positive integer (got {r!r})")
+    config = peft.LoraConfig(r=r, lora_alpha=lora.get("alpha", 2 * r), lora_dropout=lora.get("dropout", 0.0),
+                             target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GPT-2's Conv1D "fan_in_fan_out" notice
+        return peft.get_peft_model(model, config)
 
 
 def train_sentencepiece(lines: Iterable[str], vocab_size: int, model_type: str = "bpe"):

@@ -1,0 +1,130 @@
+"""``tokenmdp explain``: heat maps of each estimator's token credit beside the true A*."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tokenmdp import cli
+from tokenmdp.explain import TRUE_ROW, explain, load_run
+from tokenmdp.plots import png_data_uri
+from tokenmdp.solver import solve
+from tokenmdp.trainer import Trainer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: This run has no guide-tagged reference and no critic: the oracle target and exact values.
+ROWS = ["Inverse-Q* token (oracle)", "Inverse-Q* return (oracle)", "GAE lambda=0.95 (exact V^pi)", "DPO implicit",
+        "RLOO", "GRPO", TRUE_ROW]
+#: A delayed reward and an EOS token, so responses have padding after EOS.
+DELAYED = ["env.id=tokenmdp/SumThreshold-v0", "env.eos_token=0"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tokenmdp.config import load_config
+    from conftest import TINY
+
+    path = tmp_path_factory.mktemp("explain") / "run"
+    Trainer(load_config(None, [*TINY, *DELAYED, f"run.dir={path}"])).train()
+    return path
+
+
+@pytest.fixture(scope="module")
+def explained(run_dir, tmp_path_factory):
+    return explain(run_dir, samples=3, seed=1, out=tmp_path_factory.mktemp("explain_out"))
+
+
+def test_writes_one_png_per_response_and_a_self_contained_html(explained):
+    assert len(explained.images) == 3 and len(explained.shown) == 3
+    page = explained.html.read_text()
+    for image in explained.images:
+        data = image.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        assert png_data_uri(image) in page  # inlined, so the page needs no other file
+    assert "<img" in page and "src='data:image/png;base64," in page
+    for label in ROWS:
+        assert label in page
+
+
+def test_every_estimator_row_is_present_with_a_correlation(explained):
+    assert explained.labels == ROWS
+    assert not explained.skipped
+    assert set(explained.correlations) == set(ROWS)
+    assert explained.correlations[TRUE_ROW] == pytest.approx(1.0)
+    assert "exact pi*" in explained.notes["Inverse-Q* token (oracle)"]
+
+
+def test_true_row_is_the_solvers_a_star_on_the_sampled_tokens(run_dir, explained):
+    config, _, task, _, reference, _ = load_run(run_dir)
+    solution = solve(task, reference, config.train.beta)
+    b = explained.batch
+    assert torch.equal(explained.credit[TRUE_ROW], solution.token_advantages(b.prompt_index, b.response_ids,
+                                                                             b.response_mask))
+    # with the oracle target, Inverse-Q*'s token credit is A* itself (METHOD.md section 3)
+    assert torch.allclose(explained.credit["Inverse-Q* token (oracle)"], explained.credit[TRUE_ROW], atol=1e-5)
+
+
+def test_padding_is_zero_and_never_drawn(explained):
+    b = explained.batch
+    padding = b.response_mask == 0
+    assert padding.any(), "the fixture should produce EOS-terminated responses"
+    for label in ROWS:
+        assert (explained.credit[label][padding] == 0).all(), label
+    # uniform credit: one number per response on every real token
+    for label in ("RLOO", "GRPO"):
+        for row in range(b.size):
+            real = explained.credit[label][row][b.response_mask[row] > 0]
+            assert torch.allclose(real, real[0].expand_as(real))
+    # each response's HTML table has one column per real token
+    tables = explained.html.read_text().split("<h2>Response ")[1:]
+    for table, row in zip(tables, explained.shown):
+        assert len(re.findall(r"<th>t=\d+", table)) == int(b.response_mask[row].sum())
+
+
+def test_groups_share_a_prompt(explained):
+    groups = explained.batch.prompt_index.view(len(explained.shown), -1)
+    assert (groups == groups[:, :1]).all()
+
+
+def test_cli_prints_the_correlations(run_dir, tmp_path, capsys):
+    assert cli.main(["explain", str(run_dir), "--samples", "1", "--seed", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "corr with A*" in out
+    for label in ROWS:
+        assert re.search(rf"^{re.escape(label)}\s+-?\d\.\d{{3}}", out, flags=re.M), label
+    assert (tmp_path / "response_0.png").is_file() and (tmp_path / "index.html").is_file()
+
+
+def test_a_ppo_run_is_explained_with_its_own_critic(tiny_config, tmp_path):
+    config = tiny_config("algorithm.name=ppo", *DELAYED, "train.steps=2", run_dir=tmp_path / "ppo")
+    Trainer(config).train()
+    result = explain(tmp_path / "ppo", samples=1, out=tmp_path / "out")
+    assert "GAE lambda=0.95 (critic)" in result.labels
+    assert "the run's trained critic" in result.notes["GAE lambda=0.95 (critic)"]
+
+
+def test_bad_run_dirs_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["explain", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a run directory" in err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.toml").write_text('[env]\nid = "tokenmdp/Pattern-v0"\n')
+    assert cli.main(["explain", str(unfinished)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint" in err
+
+
+def test_exact_policy_values_give_the_objective_at_the_root(run_dir):
+    """The stand-in critic V^pi (KL coefficient beta) must agree with the exact evaluator's J."""
+    from tokenmdp.explain import exact_policy_values
+    from tokenmdp.solver import tree_logprobs
+
+    config, _, task, policy, reference, _ = load_run(run_dir)
+    solution = solve(task, reference, config.train.beta)
+    logp = tree_logprobs(policy, task)
+    v = exact_policy_values(solution, logp, config.train.beta)
+    j = float((solution.prompt_probs * v[0][:, 0]).sum())
+    assert j == pytest.approx(solution.evaluate(logp)["objective"], abs=1e-9)

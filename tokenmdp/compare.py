@@ -1,0 +1,431 @@
+"""``tokenmdp compare``: recipes x environments x seeds, each cell an ordinary training run,
+summarised against the exact optimum in a results folder (docs/compare.md).
+
+A grid file::
+
+    [compare]
+    recipes = ["inverse-q", "ppo", "dpo"]   # [recipes.<label>] tables, or registered recipe names
+    envs = ["Pattern", "SumThreshold"]      # env names or ids (`tokenmdp envs`)
+    seeds = [0, 1, 2]
+    out = "runs/compare"
+    set = ["train.steps=100"]               # run-config overrides for every cell
+
+    [recipes.ppo]
+    config = "ppo.toml"                     # a run config, relative to the grid file
+    set = ["updater.lr=1e-3"]               # overrides for this recipe only, after the shared ones
+
+Cell (recipe, env, seed) trains in ``<out>/cells/<recipe>__<Env>__seed<k>/``. Its
+``summary.json`` marks it finished, so a rerun skips it: the grid resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from tqdm.auto import tqdm
+
+from .composition import compose
+from .config import SECTIONS, Config, load_config, merge, parse_override, read_toml
+from .errors import ConfigError
+from .options import build, to_dict
+from .plugins import Registry, plugin_manager
+from .policies import build_policy
+from .sft import make_sft_data
+from .solver import solve, tree_logprobs
+from .trainer import Trainer, TrainingInterrupted, latest_checkpoint, make_vector_env
+
+#: The issue asks for a spread across seeds; fewer than 3 cannot show one honestly.
+MIN_SEEDS = 3
+#: "Tokens to 90% of the achievable improvement": first evaluation with closure >= this.
+TARGET_CLOSURE = 0.9
+#: The beta sweep that traces the exact reward-KL frontier (1/128 .. 128, 4 points per octave).
+FRONTIER_BETAS = tuple(2.0 ** (k / 4) for k in range(-28, 29))
+#: Allowed slack in ``E[R] - b KL <= J*_b``: both sides are exact float64 sums.
+FRONTIER_TOLERANCE = 1e-6
+#: (key, header) of the columns that show median [min, max] across seeds, in table order.
+COLUMNS = [
+    ("true_reward", "true_reward"), ("kl_ref", "kl_ref"), ("regret", "regret"),
+    ("kl_to_optimal", "kl_to_optimal"), ("credit_corr", "credit_corr"), ("ceiling", "ceiling"),
+    ("data_tokens", "data tokens"), ("tokens_to_90", "tokens to 90% (RL)"),
+    ("tokens_to_90_with_data", "tokens to 90% (+ data)"), ("wall_seconds", "wall s"),
+]
+PLOTS = {"regret_vs_tokens.png": "Regret against environment tokens",
+         "reward_kl_frontier.png": "Reward-KL frontier"}
+
+
+def _strings(instance, attribute, value):
+    if not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{attribute.name} must be a list of non-empty strings (got {list(value)!r})")
+
+
+def _names(instance, attribute, value):
+    _strings(instance, attribute, value)
+    if not value or len(set(value)) != len(value):
+        raise ValueError(f"{attribute.name} must list at least one name, each once (got {list(value)!r})")
+    bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v.split("/")[-1])]
+    if bad:
+        raise ValueError(f"{attribute.name}: {bad[0]!r} cannot name a folder (letters, digits, _ . - only)")
+
+
+def _seeds(instance, attribute, value):
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value) or len(set(value)) != len(value):
+        raise ValueError(f"seeds must be distinct integers >= 0 (got {list(value)!r})")
+    if len(value) < MIN_SEEDS:
+        raise ValueError(f"seeds must list at least {MIN_SEEDS} seeds for a min-max spread (got {list(value)!r})")
+
+
+@attrs.frozen
+class CompareOptions:
+    """The ``[compare]`` table."""
+
+    recipes: tuple[str, ...] = attrs.field(default=(), validator=_names)
+    envs: tuple[str, ...] = attrs.field(default=(), validator=_names)
+    seeds: tuple[int, ...] = attrs.field(default=(0, 1, 2), validator=_seeds)
+    out: str = "runs/compare"
+    set: tuple[str, ...] = attrs.field(default=(), validator=_strings)
+
+
+@attrs.frozen
+class RecipeEntry:
+    """A ``[recipes.<label>]`` table: a run config (relative to the grid file) and overrides."""
+
+    config: str | None = None
+    set: tuple[str, ...] = attrs.field(default=(), validator=_strings)
+
+
+@attrs.frozen
+class Grid:
+    options: CompareOptions
+    recipes: dict[str, RecipeEntry]
+    #: Where ``[recipes.*] config`` paths are read from: the grid file's folder.
+    base_dir: Path
+    #: ``--set`` overrides of run-config sections (``train.steps=...``), applied last.
+    cell_overrides: tuple[str, ...] = ()
+
+    @property
+    def out(self) -> Path:
+        return Path(self.options.out)
+
+
+@attrs.frozen
+class Cell:
+    recipe: str  # the grid's label
+    env: str  # env id
+    seed: int
+    config: Config
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.run.dir)
+
+    @property
+    def finished(self) -> bool:
+        return (self.dir / "summary.json").is_file()
+
+
+def load_grid(path: str | Path, overrides: list[str] = (), out: str | None = None) -> Grid:
+    """Read a grid file. ``--set compare.*``/``recipes.*`` edit the grid; any run-config
+    section (``train.steps=...``) goes to every cell, after the grid's own overrides."""
+    path = Path(path)
+    data = read_toml(path, "compare config")
+    cell_overrides = []
+    for text in overrides:
+        key_path, value = parse_override(text)
+        if key_path[0] in SECTIONS:
+            cell_overrides.append(text)
+        else:
+            merge(data, key_path, value)
+    unknown = sorted(set(data) - {"compare", "recipes"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid sections: compare, recipes "
+                          f"(run-config overrides go in compare.set)")
+    if out is not None:
+        data.setdefault("compare", {})["out"] = out
+    options = build(CompareOptions, data.get("compare"), "[compare]")
+    tables = data.get("recipes", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError("[recipes] must hold one table per recipe, e.g. [recipes.ppo]")
+    extra = sorted(set(tables) - set(options.recipes))
+    if extra:
+        raise ConfigError(f"[recipes.{extra[0]}] is not in [compare] recipes = {list(options.recipes)}")
+    # A label without a table is a registered recipe name with the default run config.
+    entries = {label: build(RecipeEntry, tables[label], f"[recipes.{label}]") if label in tables
+               else RecipeEntry(set=(f"algorithm.name={label}",)) for label in options.recipes}
+    return Grid(options, entries, path.parent, tuple(cell_overrides))
+
+
+def plan_cells(grid: Grid, registry: Registry) -> list[Cell]:
+    """Every cell's run config, all checked (names, options, compositions) before any runs."""
+    env_ids = [registry.env(name).id for name in grid.options.envs]  # an unknown name lists the ids
+    cells = []
+    for label, entry in grid.recipes.items():
+        config_path = grid.base_dir / entry.config if entry.config else None
+        for env_id in env_ids:
+            for seed in grid.options.seeds:
+                run_dir = grid.out / "cells" / f"{label}__{short_env(env_id)}__seed{seed}"
+                try:
+                    config = load_config(config_path, [
+                        *grid.options.set, *entry.set, *grid.cell_overrides, f"env.id={env_id}",
+                        f"train.seed={seed}", f"run.dir={run_dir}", "train.progress=false", "run.overwrite=true"])
+                except ConfigError as exc:
+                    raise ConfigError(f"[recipes.{label}]: {exc}") from None
+                if config.algorithm.name is None:
+                    raise ConfigError(f"[recipes.{label}]: the run config must name a recipe (algorithm.name), "
+                                      "whose supervision the table reports")
+                compose(registry, config)  # an unknown recipe lists the registered ones
+                cells.append(Cell(label, env_id, seed, config))
+    for cell in cells:
+        recorded = _recorded_config(cell)
+        if cell.finished and recorded != cell.config:
+            raise ConfigError(
+                f"cell {cell.dir} finished with another config (differs in: {_differences(recorded, cell.config)}); "
+                f"use another --out, or delete that folder to rerun it")
+    return cells
+
+
+def short_env(env_id: str) -> str:
+    """``tokenmdp/Pattern-v0`` -> ``Pattern``: folder names and table cells."""
+    return env_id.split("/")[-1].removesuffix("-v0")
+
+
+def _recorded_config(cell: Cell) -> Config | None:
+    path = cell.dir / "config.toml"
+    return load_config(path) if path.is_file() else None
+
+
+def _differences(a: Config | None, b: Config) -> str:
+    if a is None:
+        return "config.toml is missing"
+    a, b = to_dict(a), to_dict(b)
+    return ", ".join(s for s in SECTIONS if a.get(s) != b.get(s)) or "?"
+
+
+def run_cell(cell: Cell, pm) -> None:
+    """Train one cell; one interrupted after a checkpoint continues from it, anything else
+    unfinished starts from scratch (``run.overwrite = true``)."""
+    resume = latest_checkpoint(cell.dir) is not None and _recorded_config(cell) == cell.config
+    (cell.dir / "compare.json").unlink(missing_ok=True)  # cached numbers of an older run of this cell
+    try:
+        Trainer(cell.config, pm=pm, resume=resume).train()
+    except TrainingInterrupted:
+        raise TrainingInterrupted(f"interrupted in cell {cell.dir.name}; rerun the same `tokenmdp compare` "
+                                  "command to resume the grid (finished cells are kept)") from None
+
+
+def run_grid(grid: Grid, pm=None, progress: bool = True) -> tuple[str, Path]:
+    """Run every unfinished cell, then (re)write the results folder; returns the Markdown
+    results table and the path of index.html."""
+    pm = pm if pm is not None else plugin_manager()
+    registry = Registry(pm)
+    registry.register_envs()
+    cells = plan_cells(grid, registry)
+    todo = [c for c in cells if not c.finished]
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="compare", unit="cell",
+              disable=not progress) as bar:
+        for cell in todo:
+            bar.set_postfix_str(cell.dir.name)
+            run_cell(cell, pm)
+            bar.update()
+    records = [cell_record(cell, registry) for cell in cells]
+    return write_results(grid, records)
+
+
+# --- one cell's numbers ---------------------------------------------------------------
+
+def exact_frontier(task, reference, betas=FRONTIER_BETAS) -> list[dict[str, float]]:
+    """For each beta: J*_beta and the exact E[R] and KL(pi*_beta || pi_ref) of pi*_beta."""
+    ref_logp = tree_logprobs(reference, task)
+    out = []
+    for beta in betas:
+        solution = solve(task, reference, beta, ref_logp=ref_logp)
+        scores = solution.evaluate(solution.opt_logp)
+        out.append({"beta": beta, "j_star": solution.j_star, "true_reward": scores["true_reward"],
+                    "kl_ref": scores["kl_ref"]})
+    return out
+
+
+def frontier_excess(points: list[tuple[float, float]], frontier: list[dict[str, float]]) -> float:
+    """``max over points and beta of E[R] - beta KL - J*_beta``: <= 0 for every policy, because
+    ``J*_beta`` is the best ``E[R] - beta KL`` of all. So > 0 means a point above the frontier."""
+    return max(r - f["beta"] * kl - f["j_star"] for kl, r in points for f in frontier)
+
+
+def tagged_sft_tokens(task, config: Config) -> int:
+    """Real tokens of the guide-tagged SFT data in the cell's reference: the same draw as
+    ``Trainer.build_models`` (same generator seed), recounted."""
+    ref = config.reference
+    if ref.init != "sft" or ref.tagged_samples == 0:
+        return 0
+    generator = torch.Generator().manual_seed(config.train.seed)
+    groups = make_sft_data(task, ref.sft_samples, ref.tagged_samples, ref.tilt_beta or config.train.beta, generator)
+    return int(groups[-1][2].sum())
+
+
+def _cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
+    """The exact frontier of the cell's own reference and its tagged SFT tokens (cached)."""
+    path = cell.dir / "compare.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = cell.config
+    task = make_vector_env(registry, config, 1, compute_rewards=True).task
+    reference = build_policy(config.policy, task, seed=config.train.seed)
+    reference.load_state_dict(torch.load(cell.dir / "reference.pt", weights_only=True))
+    betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
+    extras = {"frontier": exact_frontier(task, reference.eval(), betas),
+              "tagged_sft_tokens": tagged_sft_tokens(task, config)}
+    tmp = path.with_name(path.name + ".tmp")  # a cache that is whole or absent
+    tmp.write_text(json.dumps(extras))
+    tmp.replace(path)
+    return extras
+
+
+def first_reaching(rows: list[dict], target: float = TARGET_CLOSURE) -> dict | None:
+    """The first evaluation row with ``closure >= target`` (90% of ``J* - J(pi_ref)``), or None."""
+    return next((row for row in rows if row["closure"] >= target), None)
+
+
+def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
+    """Everything the tables and plots need from one finished cell."""
+    summary = json.loads((cell.dir / "summary.json").read_text())
+    lines = (cell.dir / "metrics.jsonl").read_text().splitlines()
+    rows = [row for row in map(json.loads, filter(None, lines)) if "closure" in row]
+    extras = _cell_extras(cell, registry)
+    points = [(row["kl_ref"], row["true_reward"]) for row in rows]
+    hit = first_reaching(rows)
+    never = float("inf")
+    supervision = registry.recipe(cell.config.algorithm.name).supervision
+    # The guide-tagged SFT data is the teacher of a recipe that uses neither reward nor pairs;
+    # reward and pair recipes may start from the same reference but never read the guide.
+    tagged = extras["tagged_sft_tokens"] if supervision == "none" else 0
+    return {
+        "recipe": cell.recipe, "env": cell.env, "seed": cell.seed, "supervision": supervision,
+        **{key: summary.get(key) for key, _ in COLUMNS if key in summary},
+        "tokens_to_90": hit["env_tokens"] if hit else never,
+        # Supervision data is paid for in tokens too: the guide-tagged SFT data, and DPO's
+        # preference pairs (both responses) sampled up to that step.
+        "tokens_to_90_with_data": hit["env_tokens"] + tagged + hit.get("dpo/pair_tokens", 0) if hit else never,
+        "data_tokens": tagged + rows[-1].get("dpo/pair_tokens", 0),
+        "frontier_excess": frontier_excess(points + [(summary["kl_ref"], summary["true_reward"])], extras["frontier"]),
+        "eval_rows": rows,
+        "frontier": extras["frontier"],
+    }
+
+
+# --- the results folder -----------------------------------------------------------------
+
+def _spread(values: list) -> tuple[float | None, float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def _fmt(value: float | None, key: str) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "never"
+    if "tokens" in key:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if key == "wall_seconds" else f"{value:.3f}"
+
+
+def summarise(records: list[dict]) -> list[dict[str, Any]]:
+    """One row per recipe x env (grid order): median, min and max across seeds per column."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["recipe"], record["env"]), []).append(record)
+    rows = []
+    for (recipe, env), cell_records in groups.items():
+        row = {"recipe": recipe, "env": env, "supervision": cell_records[0]["supervision"],
+               "seeds": len(cell_records)}
+        for key, _ in [*COLUMNS, ("frontier_excess", "")]:
+            row[key] = _spread([r.get(key) for r in cell_records])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    from .cli import _table
+
+    header = ["recipe", "env", "supervision", *(title for _, title in COLUMNS)]
+    body = [[r["recipe"], short_env(r["env"]), r["supervision"],
+             *(_cell_text(r[key], key) for key, _ in COLUMNS)] for r in rows]
+    return _table(body, header)
+
+
+def _cell_text(spread: tuple, key: str) -> str:
+    median, low, high = spread
+    if median is None:
+        return "-"
+    return f"{_fmt(median, key)} [{_fmt(low, key)}, {_fmt(high, key)}]"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = [key for key, _ in COLUMNS] + ["frontier_excess"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["recipe", "env", "supervision", "seeds",
+                         *(f"{k}_{s}" for k in keys for s in ("median", "min", "max"))])
+        for r in rows:
+            writer.writerow([r["recipe"], r["env"], r["supervision"], r["seeds"],
+                             *("" if v is None else v for k in keys for v in r[k])])
+
+
+def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
+    from . import plots
+
+    out = grid.out
+    rows = summarise(records)
+    table = markdown_table(rows)
+    envs = list(dict.fromkeys(r["env"] for r in records))
+    recipes = list(dict.fromkeys(r["recipe"] for r in records))
+
+    def per_seed(x: str, y: str) -> dict:
+        """``[env][recipe]`` -> one (x, y) series per seed, over the cell's evaluations."""
+        return {e: {rc: [([row[x] for row in r["eval_rows"]], [row[y] for row in r["eval_rows"]])
+                         for r in records if (r["env"], r["recipe"]) == (e, rc)] for rc in recipes} for e in envs}
+
+    curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
+    frontiers = {}
+    for e in envs:  # one curve per distinct reference model (cells that share one, draw it once)
+        unique = {tuple((f["kl_ref"], f["true_reward"]) for f in r["frontier"]) for r in records if r["env"] == e}
+        frontiers[e] = [tuple(map(list, zip(*curve))) for curve in sorted(unique)]
+    plots.regret_vs_tokens(curves, out / "regret_vs_tokens.png")
+    plots.reward_kl_frontier(points, frontiers, out / "reward_kl_frontier.png")
+    when = time.strftime("%Y-%m-%d %H:%M")
+    grid_line = (f"{len(recipes)} recipes x {len(envs)} envs x {len(grid.options.seeds)} seeds "
+                 f"({', '.join(map(str, grid.options.seeds))}); median [min, max] across seeds; written {when}")
+    (out / "results.md").write_text(f"# tokenmdp compare\n\n{grid_line}\n\n{table}\n")
+    write_csv(rows, out / "results.csv")
+    index = out / "index.html"
+    index.write_text(_html_page(grid_line, rows, out))
+    return table, index
+
+
+def _html_page(grid_line: str, rows: list[dict], out: Path) -> str:
+    from .plots import png_data_uri
+
+    header = ["recipe", "env", "supervision", *(title for _, title in COLUMNS)]
+    cells = [[r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[k], k) for k, _ in COLUMNS)]
+             for r in rows]
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in cells) + "</table>"
+    figures = "".join(f'<h2>{html.escape(title)}</h2><img alt="{name}" src="{png_data_uri(out / name)}">'
+                      for name, title in PLOTS.items())
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenmdp compare</title>"
+            f"<style>{style}</style></head><body><h1>tokenmdp compare</h1><p>{html.escape(grid_line)}. "
+            "Every score is exact (the soft-Bellman solver over the whole prefix tree). "
+            "Columns: docs/compare.md. Data: results.csv; runs: cells/.</p>"
+            f"{table}{figures}</body></html>\n")

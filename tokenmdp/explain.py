@@ -1,0 +1,362 @@
+"""``tokenmdp explain RUN_DIR``: token heat maps of credit assignment against the true A*.
+
+For a finished (or checkpointed) toy run it samples responses from the trained policy,
+scores every token with several advantage estimators, built from the installed plugin
+components through the registry (not re-implemented here), and sets each beside the
+exact ``A*(s_t, a_t)`` of the solver under the run's own reference:
+
+    Inverse-Q* token    beta * log(pi_hat*/pi_ref)(a_t|s_t)        (log-ratio, form=token)
+    Inverse-Q* return   sum_{k>=t} of the above                    (log-ratio, form=return)
+    GAE                 ppo-rewards + gae, with the run's critic, or exact V^pi if it has none
+    DPO implicit        beta * log(pi_theta/pi_ref)(a_t|s_t)       (preference-pairs + implicit-reward)
+    RLOO, GRPO          one number per response, on every token   (rloo/grpo + sequence-credit)
+
+Every advantage is shown unwhitened, so its numbers are in reward units (whitening is an
+affine map over the batch and leaves the correlation with A* unchanged). RLOO and GRPO
+need groups, so each shown response is the first of ``group_size`` responses to the
+same prompt; the correlations are over every token of every sampled response.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+
+import attrs
+import torch
+from torch import Tensor
+
+from .composition import compose
+from .config import load_config
+from .context import TrainContext
+from .errors import ConfigError, TokenMDPError
+from .ops import masked_correlation
+from .plugins import Registry, plugin_manager
+from .policies import build_policy
+from .rollout import RolloutBatch, generate, token_logprobs
+from .solver import DTYPE, Solution, solve, tree_logprobs
+from .trainer import latest_checkpoint, load_policy, make_vector_env
+
+TRUE_ROW = "true A*"
+
+
+@attrs.define
+class Explanation:
+    """What ``explain`` computed and wrote."""
+
+    labels: list[str]              # one per estimator, then TRUE_ROW
+    notes: dict[str, str]          # label -> how it was computed
+    credit: dict[str, Tensor]      # label -> [B, T] per-token credit (0 on padding)
+    correlations: dict[str, float]  # label -> Pearson correlation with A* over all real tokens
+    batch: RolloutBatch
+    shown: list[int]               # batch rows drawn as heat maps
+    skipped: dict[str, str]        # estimator -> why it could not be built for this run
+    images: list[Path]
+    html: Path
+    header: str
+
+
+def load_run(run_dir: str | Path):
+    """(config, registry, task, policy, reference, checkpoint path) of a run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"explain: {str(run_dir)!r} is not a run directory (no config.toml)")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None or not (run_dir / "reference.pt").is_file():
+        raise ConfigError(f"explain: {str(run_dir)!r} has no checkpoint and reference.pt (an unfinished run); "
+                          "explain reads the policy of the last checkpoint")
+    config = load_config(run_dir / "config.toml")
+    registry = Registry(plugin_manager())
+    registry.register_envs()
+    task = make_vector_env(registry, config, 1, compute_rewards=True).task
+    if not getattr(task, "exact", True):  # text envs: no prefix tree, so no A* to compare with
+        raise ConfigError(f"explain: env {config.env['id']} has no exact solver; explain needs a toy env")
+    reference = build_policy(config.policy, task, seed=config.train.seed)
+    reference.load_state_dict(torch.load(run_dir / "reference.pt", weights_only=True))
+    policy = load_policy(run_dir, task).requires_grad_(False).eval()
+    return config, registry, task, policy, reference.requires_grad_(False).eval(), checkpoint
+
+
+def exact_policy_values(solution: Solution, policy_logp: list[Tensor], kl_coef: float) -> list[Tensor]:
+    """``V^pi(s)`` of the KL-penalised reward ``R - kl_coef * log(pi/pi_ref)`` on every state:
+    the value a perfect PPO critic of ``pi`` would learn (stands in when the run has none)."""
+    task = solution.task
+    n, vocab = task.prompts.shape[0], task.vocab_size
+    v: list[Tensor] = [None] * task.horizon
+    for t in range(task.horizon - 1, -1, -1):
+        logp = policy_logp[t]
+        q = solution.rewards[t] - kl_coef * (logp - solution.ref_logp[t])
+        if t + 1 < task.horizon:
+            q = q + (~task.ending_actions(t)) * v[t + 1].view(n, vocab**t, vocab)
+        p = logp.exp()
+        v[t] = torch.where(p > 0, p * q, 0).sum(-1)  # 0 * (-inf) = 0 for never-taken tokens
+    return v
+
+
+def values_at_states(v: list[Tensor], task, batch: RolloutBatch) -> Tensor:
+    """``[B, T]``: ``v[t]`` at the sampled states ``s_t`` (0 on padding)."""
+    b, length = batch.response_ids.shape
+    out = torch.zeros(b, length, dtype=DTYPE)
+    index = torch.zeros(b, dtype=torch.long)
+    for t in range(min(length, task.horizon)):
+        real = batch.response_mask[:, t] > 0
+        out[:, t] = torch.where(real, v[t][batch.prompt_index, index], 0)
+        index = index * task.vocab_size + torch.where(real, batch.response_ids[:, t], 0)
+    return out
+
+
+def sample(policy, reference, env, prompt_index: Tensor, seed: int) -> tuple[RolloutBatch, torch.Generator]:
+    """Responses of ``policy`` to the given prompts, rewarded by the env and scored by both models."""
+    generator = torch.Generator().manual_seed(seed)
+    obs, info = env.reset(seed=seed, options={"prompt_index": prompt_index})
+    response, mask = generate(policy, obs["prompt"], env.task.horizon, env.task.eos_token, generator)
+    rewards = torch.zeros_like(mask)
+    for t in range(response.shape[1]):
+        if bool(env.done.all()):
+            break
+        _, rewards[:, t], _, _, _ = env.step(response[:, t])
+    batch = RolloutBatch(prompt_ids=obs["prompt"], prompt_mask=torch.ones_like(obs["prompt"]),
+                         response_ids=response, response_mask=mask, rewards=rewards * mask,
+                         prompt_index=info["prompt_index"])
+    with torch.no_grad():
+        batch.logprobs = token_logprobs(policy, batch)
+        batch.ref_logprobs = token_logprobs(reference, batch)
+    return batch, generator
+
+
+def _like_run(run, registry, kind: str, name: str, **overrides):
+    """Component ``name`` with the run's options if the run used it, else the defaults."""
+    used = getattr(run, kind)
+    cls = registry.component(kind, name)
+    options = used.options if used.name == name else cls.Options()
+    return cls(attrs.evolve(options, **overrides))
+
+
+def estimator_rows(run, registry, config, ctx, batch, checkpoint):
+    """``[(name, rows)]``: ``rows()`` yields ``(label, note, credit)``; one that cannot be
+    built for this run raises a TokenMDPError, which the caller records as skipped."""
+    mask = batch.response_mask
+
+    def credit_of(estimator, advantage, values=None):
+        signals = dict(estimator.estimate(batch, ctx))
+        if values is not None:
+            signals["values"] = values
+        return advantage.construct(batch, signals, ctx)["advantages"] * mask
+
+    def inverse_q():
+        # The run's own target if it trained with one; else the guide, but only if the reference
+        # learned what the guide means (guide-tagged SFT data); else the solver's pi* (oracle).
+        overrides = {"full_vocab": False}
+        if run.estimator.name != "conditional-optimal":
+            overrides["source"] = "guide" if config.reference.tagged_samples > 0 else "oracle"
+        est = _like_run(run, registry, "estimator", "conditional-optimal", **overrides)
+        source = est.options.source
+        target = {"guide": f"the guide-conditioned {est.options.phi}", "oracle": "the solver's exact pi*",
+                  "teacher": f"the teacher {est.options.teacher}"}[source]
+        est.setup(ctx)
+        signals = dict(est.estimate(batch, ctx))
+        for form in ("token", "return"):
+            adv = _like_run(run, registry, "advantage", "log-ratio", form=form, whiten=False)
+            formula = "beta*log(pi_hat/pi_ref)" + (" summed over k >= t" if form == "return" else "")
+            yield (f"Inverse-Q* {form} ({source})", f"log-ratio form={form}: {formula}; pi_hat = {target}",
+                   adv.construct(batch, signals, ctx)["advantages"] * mask)
+
+    def gae():
+        est = _like_run(run, registry, "estimator", "ppo-rewards")
+        adv = _like_run(run, registry, "advantage", "gae", whiten=False)
+        est.setup(ctx)
+        if run.estimator.name == "ppo-rewards":  # the critic this run trained
+            est.load_state_dict(torch.load(checkpoint, weights_only=False)["components"].get("estimator", {}))
+            values, short, where = None, "critic", "values: the run's trained critic"
+        else:  # no critic was trained: the exact V^pi a perfect critic would learn (a best case)
+            v = exact_policy_values(ctx.solution, tree_logprobs(ctx.policy, ctx.task), est.kl_controller.value)
+            values = values_at_states(v, ctx.task, batch).float()
+            short, where = "exact V^pi", "values: exact V^pi of the KL-penalised reward (this run has no critic)"
+        yield (f"GAE lambda={adv.options.lam:g} ({short})", f"ppo-rewards + gae, unwhitened; {where}",
+               credit_of(est, adv, values))
+
+    def dpo():
+        # Its pairs are not used here: one pair, the fewest its set-up accepts for one step.
+        est = _like_run(run, registry, "estimator", "preference-pairs", pairs="sampled", path=None,
+                        num_pairs=1, epochs=1, online=False, rounds=None)
+        adv = _like_run(run, registry, "advantage", "implicit-reward")
+        est.setup(ctx)
+        yield ("DPO implicit", "preference-pairs + implicit-reward: beta*log(pi_theta/pi_ref) of this run's policy",
+               credit_of(est, adv))
+
+    def group(name, title):
+        def rows():
+            est = _like_run(run, registry, "estimator", name)
+            adv = _like_run(run, registry, "advantage", "sequence-credit", whiten=False)
+            est.setup(ctx)
+            yield title, f"{name} + sequence-credit: the response's group-relative credit on each token", \
+                credit_of(est, adv)
+        return rows
+
+    return [("inverse-q", inverse_q), ("gae", gae), ("dpo", dpo),
+            ("rloo", group("rloo", "RLOO")), ("grpo", group("grpo", "GRPO"))]
+
+
+def explain(run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Path | None = None,
+            group_size: int = 8) -> Explanation:
+    """Sample ``samples`` responses (each with ``group_size - 1`` more to the same prompt),
+    compute every estimator's credit and the true A*, write PNGs and an HTML page."""
+    if samples < 1 or group_size < 2:
+        raise ConfigError(f"explain: --samples must be >= 1 and --group-size >= 2 (got {samples}, {group_size})")
+    run_dir = Path(run_dir)
+    config, registry, task, policy, reference, checkpoint = load_run(run_dir)
+    run = compose(registry, config)
+    solution = solve(task, reference, config.train.beta)
+    n_prompts = task.prompts.shape[0]
+    prompt_index = (torch.arange(samples) % n_prompts).repeat_interleave(group_size)
+    env = make_vector_env(registry, config, len(prompt_index), compute_rewards=True)
+    batch, generator = sample(policy, reference, env, prompt_index, seed)
+    # explain is one step of each estimator: train.steps = 1 keeps step-budgeted set-ups tiny
+    one_step = attrs.evolve(config, train=attrs.evolve(config.train, steps=1))
+    ctx = TrainContext(policy=policy, reference=reference, beta=config.train.beta, task=task, config=one_step,
+                       step=1, generator=generator, solution=solution)
+
+    labels, notes, credit, skipped = [], {}, {}, {}
+    for name, rows in estimator_rows(run, registry, config, ctx, batch, checkpoint):
+        try:
+            with torch.no_grad():
+                computed = list(rows())
+            for label, note, values in computed:
+                labels.append(label)
+                notes[label], credit[label] = note, values.detach().double()
+        except TokenMDPError as exc:  # e.g. a run-specific option this estimator cannot honour
+            skipped[name] = str(exc)
+    true = solution.token_advantages(batch.prompt_index, batch.response_ids, batch.response_mask)
+    labels.append(TRUE_ROW)
+    notes[TRUE_ROW] = f"Q*(s_t,a_t) - V*(s_t) from the exact solver, under this run's reference, beta={config.train.beta:g}"
+    credit[TRUE_ROW] = true
+    correlations = {label: masked_correlation(credit[label], true, batch.response_mask) for label in labels}
+
+    out = Path(out) if out is not None else run_dir / "explain"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("response_*.png"):  # an earlier explain with more samples
+        old.unlink()
+    shown = list(range(0, len(prompt_index), group_size))
+    images = []
+    for k, row in enumerate(shown):
+        path = out / f"response_{k}.png"
+        path.write_bytes(heat_map_png(labels, credit, batch, row, task))
+        images.append(path)
+    step = int(checkpoint.stem.split("_")[-1])
+    finished = "finished" if (run_dir / "summary.json").is_file() else "NOT finished"
+    header = (f"{run_dir}: {config.env['id']} (vocab {task.vocab_size}, horizon {task.horizon}), "
+              f"{run.estimator.name} + {run.advantage.name} + {run.updater.name}, checkpoint step {step} ({finished}), "
+              f"beta={config.train.beta:g}; {len(prompt_index)} responses ({samples} shown, groups of "
+              f"{group_size}), {batch.num_tokens} tokens, seed {seed}")
+    page = out / "index.html"
+    page.write_text(render_html(header, labels, notes, credit, correlations, skipped, batch, shown, task, images))
+    return Explanation(labels, notes, credit, correlations, batch, shown, skipped, images, page, header)
+
+
+# --- rendering --------------------------------------------------------------------------
+
+CMAP = "PiYG"  # diverging: pink < 0 < green; white at 0
+
+
+def token_label(task, token: int) -> str:
+    tokenizer = getattr(task, "tokenizer", None)
+    text = tokenizer.decode([token]) if tokenizer is not None else str(token)
+    return f"{text} (eos)" if token == task.eos_token else text
+
+
+def _row_scaled(values: Tensor) -> Tensor:
+    """Each row divided by its own max |value|: the estimators' scales differ (a sum, a
+    z-score, a log-ratio), and the picture is about *where* the credit goes."""
+    scale = values.abs().amax(-1, keepdim=True)
+    return torch.where(scale > 0, values / scale.clamp(min=1e-12), 0)
+
+
+def _matrix(labels, credit, batch, row) -> tuple[Tensor, int]:
+    length = int(batch.response_mask[row].sum())  # real tokens only: padding is not drawn
+    return torch.stack([credit[label][row, :length] for label in labels]), length
+
+
+def heat_map_png(labels, credit, batch, row: int, task) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values, length = _matrix(labels, credit, batch, row)
+    fig = Figure(figsize=(3.2 + 1.0 * length, 0.9 + 0.42 * len(labels)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    scaled = _row_scaled(values)
+    image = ax.imshow(scaled.numpy(), cmap=CMAP, vmin=-1, vmax=1, aspect="auto")
+    for i in range(values.shape[0]):
+        for t in range(length):
+            ink = "white" if abs(float(scaled[i, t])) > 0.6 else "black"
+            ax.text(t, i, f"{float(values[i, t]):+.2f}", ha="center", va="center", fontsize=8, color=ink)
+    ax.axhline(len(labels) - 1.5, color="black", linewidth=1.5)  # the true A* row below the line
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    tokens = batch.response_ids[row, :length].tolist()
+    ax.set_xticks(range(length), [f"t={t}\n{token_label(task, a)}" for t, a in enumerate(tokens)], fontsize=8)
+    prompt = batch.prompt_ids[row].tolist()
+    reward = float(batch.sequence_rewards[row])
+    ax.set_title(f"prompt {prompt} (#{int(batch.prompt_index[row])}), response {tokens}, R = {reward:g}", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="credit / row's max |credit|")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _cell_colour(x: float) -> str:
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    return to_hex(colormaps[CMAP]((x + 1) / 2))
+
+
+def render_html(header, labels, notes, credit, correlations, skipped, batch, shown, task, images) -> str:
+    from .plots import png_data_uri
+
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmdp explain</title><style>"
+        "body{font-family:sans-serif;max-width:72em;margin:1em auto}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:center;font-size:90%}"
+        "th.l,td.l{text-align:left}tr.true td{border-top:2px solid #000}</style></head><body>",
+        f"<h1>Token credit against the true A*</h1><p>{e(header)}</p>",
+        "<h2>Correlation with A* over all sampled tokens</h2><table><tr><th class=l>estimator</th>"
+        "<th>corr(credit, A*)</th><th class=l>how it is computed</th></tr>",
+    ]
+    for label in labels:
+        parts.append(f"<tr><td class=l>{e(label)}</td><td>{correlations[label]:.3f}</td>"
+                     f"<td class=l>{e(notes[label])}</td></tr>")
+    parts.append("</table>")
+    for name, why in skipped.items():
+        parts.append(f"<p>skipped {e(name)}: {e(why)}</p>")
+    parts.append("<p>Colours: each row scaled to its own max |credit| (pink &lt; 0 &lt; green); "
+                 "the numbers are the credit itself. Padding after EOS is not shown.</p>")
+    for k, (row, image) in enumerate(zip(shown, images)):
+        values, length = _matrix(labels, credit, batch, row)
+        scaled = _row_scaled(values)
+        tokens = batch.response_ids[row, :length].tolist()
+        parts.append(f"<h2>Response {k}: prompt {e(str(batch.prompt_ids[row].tolist()))}, "
+                     f"R = {float(batch.sequence_rewards[row]):g}</h2><table><tr><th class=l>token</th>")
+        parts += [f"<th>t={t}<br>{e(token_label(task, a))}</th>" for t, a in enumerate(tokens)]
+        parts.append("</tr>")
+        for i, label in enumerate(labels):
+            cls = " class=true" if label == TRUE_ROW else ""
+            cells = "".join(f"<td style='background:{_cell_colour(float(scaled[i, t]))};"
+                            f"color:{'#fff' if abs(float(scaled[i, t])) > 0.6 else '#000'}'>{float(values[i, t]):+.3f}</td>"
+                            for t in range(length))
+            parts.append(f"<tr{cls}><td class=l>{e(label)}</td>{cells}</tr>")
+        parts.append(f"</table><img alt='{e(image.name)}' src='{png_data_uri(image)}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def correlation_table(explanation: Explanation) -> str:
+    """Plain-text table of the correlations, for the command line."""
+    width = max(len(label) for label in explanation.labels)
+    lines = [f"{'estimator'.ljust(width)}  corr with A*  how"]
+    for label in explanation.labels:
+        lines.append(f"{label.ljust(width)}  {explanation.correlations[label]:>12.3f}  {explanation.notes[label]}")
+    lines += [f"skipped {name}: {why}" for name, why in explanation.skipped.items()]
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Matplotlib figures for `tokenmdp compare` (and any other report): plain data in, PNG out.
+
+Every function takes numbers, not runs, so it can be reused and tested without training.
+The Agg backend is forced: these run in terminals, CI and worker processes with no display.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from statistics import median
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+#: One series per seed: (x values, y values), the same length.
+Series = tuple[Sequence[float], Sequence[float]]
+
+#: Regret is plotted on a log axis; an exact optimum's 0 (or -1e-17) is drawn at this floor.
+REGRET_FLOOR = 1e-6
+
+
+def png_data_uri(path: str | Path) -> str:
+    """A ``data:image/png;base64,...`` URI, so an HTML page carries its images inside it."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _panels(count: int):
+    fig, axes = plt.subplots(1, count, figsize=(5.2 * count, 4.2), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def regret_vs_tokens(curves: Mapping[str, Mapping[str, list[Series]]], path: str | Path) -> Path:
+    """``curves[env][recipe]`` = one (env_tokens, regret) series per seed. One panel per env,
+    one line per recipe (the median over seeds) with a band from the seeds' min to max."""
+    fig, axes = _panels(len(curves))
+    for ax, (env, by_recipe) in zip(axes, curves.items()):
+        low, high = float("inf"), 0.0
+        for recipe, seeds in by_recipe.items():
+            # Seeds share the evaluation steps; one that stopped early is cut to the shortest.
+            length = min(len(x) for x, _ in seeds)
+            xs = [median(x[i] for x, _ in seeds) for i in range(length)]
+            ys = [[max(y[i], REGRET_FLOOR) for _, y in seeds] for i in range(length)]
+            (line,) = ax.plot(xs, [median(y) for y in ys], label=recipe)
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+            low = min(low, *(min(y) for y in ys))
+            high = max(high, *(max(y) for y in ys))
+        if high > 10 * low:  # regret often spans orders of magnitude between pi_ref and pi*
+            ax.set_yscale("log")
+        ax.set(title=env, xlabel="environment tokens (RL rollouts)", ylabel="regret  J* - J(pi)")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def reward_kl_frontier(points: Mapping[str, Mapping[str, list[Series]]],
+                       frontiers: Mapping[str, list[Series]], path: str | Path) -> Path:
+    """``points[env][recipe]`` = one (kl_ref, true_reward) trajectory per seed, the last point
+    being the final policy; ``frontiers[env]`` = the exact (KL(pi*_b || pi_ref), E_pi*_b[R])
+    curves over a sweep of b, one per reference model. As in the DPO paper's sentiment plot."""
+    fig, axes = _panels(len(points))
+    for ax, (env, by_recipe) in zip(axes, points.items()):
+        widest = 0.0
+        for recipe, seeds in by_recipe.items():
+            color = None
+            for k, (kl, reward) in enumerate(seeds):
+                (line,) = ax.plot(kl, reward, color=color, alpha=0.35, linewidth=0.8)
+                color = line.get_color()
+                ax.scatter(kl[-1:], reward[-1:], color=color, s=28, zorder=3, label=recipe if k == 0 else None)
+                widest = max(widest, *kl)
+        # The exact curve reaches huge KL at small b; show it just past the trained policies.
+        limit = 1.5 * widest if widest > 0 else None
+        for k, (kl, reward) in enumerate(frontiers.get(env, [])):
+            keep = [i for i, v in enumerate(kl) if limit is None or v <= limit]
+            ax.plot([kl[i] for i in keep], [reward[i] for i in keep], color="black", linewidth=1.0,
+                    linestyle="--", alpha=0.6, label="exact frontier (solver)" if k == 0 else None)
+        ax.set(title=env, xlabel="KL(pi || pi_ref)", ylabel="E_pi[R]  (true_reward)")
+        ax.legend(fontsize=8)
+    return _save(fig, path)

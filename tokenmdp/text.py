@@ -1,0 +1,347 @@
+"""The token MDP on real text: prompts from a file, a real tokenizer, a Python reward.
+
+``tokenmdp/Text-v0`` (registered by the ``toy-envs`` plugin next to the toy tasks) is a
+:class:`TextTask` behind the same :class:`~tokenmdp.env.TokenMDPEnv` /
+:class:`~tokenmdp.env.TokenVectorEnv` as the toy tasks. Differences from a toy task:
+
+* the vocabulary is the tokenizer's; there are no extra input-only ids (no guide token:
+  guides are text, tokenized by :meth:`TextTask.encode_guide`);
+* prompts have different lengths. The prompt table is ``[num_prompts, width]`` with a 0/1
+  ``prompt_mask``; with a BOS token the layout is ``[BOS, pad..., prompt]`` (BOS pinned to
+  column 0, left padding after it), so a conditioning prefix goes *after* the BOS
+  (``prefix_offset = 1``): ``[BOS, guide, pad..., prompt, response]``;
+* the reward is a Python callable ``f(prompt_text, completion_text) -> float`` named by
+  ``module:function``, called once per finished response (on the action that ends it);
+  ``reward`` unset makes the task reward-free (Inverse-Q* needs none);
+* there is no base distribution and no exact solver (``exact = False``): the trainer
+  scores text runs by sampling (:class:`tokenmdp.evaluation.SampledEvaluator`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .env import TokenTask
+from .errors import ConfigError, TokenMDPError
+
+
+class RewardError(TokenMDPError):
+    """The reward callable raised or returned something that is not a finite number."""
+
+
+# --- tokenizers -------------------------------------------------------------------------
+
+class TextTokenizer:
+    """One small interface over a Hugging Face tokenizer or a sentencepiece model.
+
+    ``encode`` never adds special tokens; :class:`TextTask` adds BOS itself."""
+
+    def __init__(self, source: str, vocab_size: int, encode: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str], bos: int | None, eos: int | None, pad: int | None,
+                 adds_bos: bool):
+        self.source = source
+        self.vocab_size = vocab_size
+        self._encode, self._decode = encode, decode
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos, eos, pad
+        #: Whether the tokenizer itself would put BOS in front of a text (Gemma, sentencepiece).
+        self.adds_bos = adds_bos
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self._decode(ids)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def _sentencepiece_tokenizer(path: Path) -> TextTokenizer:
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(f"env.tokenizer: {str(path)!r} is not a sentencepiece model: {exc}") from None
+    return sentencepiece_adapter(sp, str(path))
+
+
+def sentencepiece_adapter(sp, source: str = "sentencepiece") -> TextTokenizer:
+    """Wrap a ``SentencePieceProcessor`` (e.g. from ``train_sentencepiece``)."""
+    special = {i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0}
+    return TextTokenizer(
+        source, sp.get_piece_size(), encode=lambda text: sp.encode(text),
+        decode=lambda ids: sp.decode([i for i in ids if i not in special]),
+        bos=sp.bos_id() if sp.bos_id() >= 0 else None, eos=sp.eos_id() if sp.eos_id() >= 0 else None,
+        pad=sp.pad_id() if sp.pad_id() >= 0 else None, adds_bos=sp.bos_id() >= 0,
+    )
+
+
+def _hf_tokenizer(path: Path) -> TextTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise ConfigError(f"env.tokenizer: could not load a Hugging Face tokenizer from {str(path)!r}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    adds_bos = tok.bos_token_id is not None and bool(probe) and probe[0] == tok.bos_token_id
+    return TextTokenizer(
+        str(path), len(tok), encode=lambda text: tok.encode(text, add_special_tokens=False),
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id, adds_bos=adds_bos,
+    )
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """A sentencepiece ``.model`` file, or a directory a Hugging Face tokenizer loads from."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ConfigError("env.tokenizer is required: a Hugging Face tokenizer directory or a sentencepiece .model file")
+    p = Path(path)
+    if p.is_file():
+        return _sentencepiece_tokenizer(p)
+    if p.is_dir():
+        return _hf_tokenizer(p)
+    raise ConfigError(f"env.tokenizer: {str(path)!r} does not exist (expected a Hugging Face tokenizer "
+                      "directory or a sentencepiece .model file)")
+
+
+# --- prompts ----------------------------------------------------------------------------
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a ``.jsonl`` file (each line a JSON string or an object with a
+    ``"prompt"`` string) or from a text file (one prompt per line; a literal ``\\n`` in a
+    line is a newline). Blank lines are skipped. Any malformed line is a ``ConfigError``
+    that quotes the file and the line number, so nothing is ever trained on bad data."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ConfigError("env.prompts is required: a .jsonl or text file of prompts")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"env.prompts: file {str(path)!r} not found")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"env.prompts: file {str(path)!r} is not UTF-8 text: {exc}") from None
+    jsonl = p.suffix.lower() in (".jsonl", ".json")
+    prompts = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"env.prompts: file {str(path)!r} line {lineno}"
+        if jsonl:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if isinstance(row, dict):
+                if "prompt" not in row:
+                    raise ConfigError(f"{where}: the object has no \"prompt\" key (keys: {', '.join(map(str, row))})")
+                row = row["prompt"]
+            if not isinstance(row, str):
+                raise ConfigError(f"{where}: a prompt must be a string or {{\"prompt\": string}} "
+                                  f"(got {type(row).__name__})")
+            text = row
+        else:
+            if "\x00" in line:
+                raise ConfigError(f"{where}: holds a NUL character (binary data?)")
+            text = line.replace("\\n", "\n")
+        if not text.strip():
+            raise ConfigError(f"{where}: the prompt is empty")
+        prompts.append(text)
+    if not prompts:
+        raise ConfigError(f"env.prompts: file {str(path)!r} holds no prompts")
+    return prompts
+
+
+# --- rewards ----------------------------------------------------------------------------
+
+def resolve_callable(spec: str, what: str = "env.reward") -> Callable:
+    """``module:function`` (dots allowed after the colon) -> the callable."""
+    if not isinstance(spec, str) or not re.fullmatch(r"[\w.]+:[\w.]+", spec):
+        raise ConfigError(f"{what} must be 'module:function' (got {spec!r})")
+    module_name, attr = spec.split(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{what} {spec!r}: cannot import module {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{what} {spec!r} is not callable")
+    return obj
+
+
+POSITIVE_WORDS = frozenset("""
+good great happy glad joy joyful love lovely loved kind kindly helpful helpfully nice wonderful
+beautiful excellent amazing awesome fantastic best better thank thanks grateful gratitude calm
+peaceful warm warmly friendly friend friends gentle bright fun enjoy enjoyed enjoying delight
+delightful pleasant hope hopeful smile smiles smiling laugh laughter cheerful positive care caring
+support supportive welcome fine perfect brilliant success successful win proud safe sweet fresh
+comfortable relaxing relaxed lucky gift free easy favorite favourite wow beloved sunny generous
+""".split())
+
+NEGATIVE_WORDS = frozenset("""
+bad sad angry hate hated terrible awful horrible worst worse poor pain painful hurt cry crying
+fear afraid scared sick ill tired boring bored lonely alone ugly stupid dumb annoying annoyed
+upset unhappy miserable wrong fail failed failure problem problems difficult hard cold dark
+dead death die died kill killed war fight fighting loss lost broken mess nasty rude cruel
+disappointed disappointing worried worry anxious stress stressed tragic disaster never hopeless
+""".split())
+
+_WORD = re.compile(r"[a-z']+")
+
+
+def lexicon_score(prompt: str, completion: str) -> float:
+    """Rule-based sentiment of a completion: positive-lexicon words minus negative-lexicon
+    words (lower-cased whole words; the prompt is ignored). A reward callable, and the
+    evaluation score of ``bench/gemma_guide.py``."""
+    words = _WORD.findall(completion.lower())
+    return float(sum(w in POSITIVE_WORDS for w in words) - sum(w in NEGATIVE_WORDS for w in words))
+
+
+# --- the task ---------------------------------------------------------------------------
+
+class TextTask(TokenTask):
+    """Prompts from a file, a real tokenizer, and an optional ``module:function`` reward."""
+
+    name = "Text"
+    #: No exact solver: the prefix tree of a real vocabulary is far too large.
+    exact = False
+    #: The observation carries ``prompt_mask`` (prompts have different lengths).
+    padded_prompts = True
+
+    def __init__(self, prompts: str | None = None, tokenizer: str | None = None, reward: str | None = None,
+                 horizon: int = 32, seed: int = 0, max_prompt_tokens: int = 256, add_bos: bool | None = None,
+                 stop_at_eos: bool = True, guide_separator: str = "\n"):
+        tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
+        eos = tok.eos_token_id if stop_at_eos else None
+        if eos is not None and not 0 <= eos < tok.vocab_size:
+            eos = None
+        super().__init__(tok.vocab_size, horizon, seed, eos)
+        self.tokenizer = tok
+        self.input_vocab_size = tok.vocab_size
+        self.guide_token = None
+        self.add_bos = tok.adds_bos if add_bos is None else bool(add_bos)
+        if self.add_bos and tok.bos_token_id is None:
+            raise ConfigError(f"env.add_bos = true, but tokenizer {tok.source!r} has no BOS token")
+        self.bos_token = tok.bos_token_id if self.add_bos else None
+        self.pad_token = tok.pad_token_id if tok.pad_token_id is not None and tok.pad_token_id < tok.vocab_size else 0
+        self.guide_separator = guide_separator
+        self.prefix_offset = 1 if self.add_bos else 0
+        self.prompts_path = str(prompts)
+        self.texts = read_prompts(prompts) if not isinstance(prompts, list) else list(prompts)
+        rows = []
+        for lineno, text in enumerate(self.texts, 1):
+            ids = tok.encode(text)
+            if not ids:
+                raise ConfigError(f"env.prompts: prompt {lineno} ({text[:40]!r}) has no tokens")
+            if len(ids) > max_prompt_tokens:
+                raise ConfigError(f"env.prompts: prompt {lineno} ({text[:40]!r}...) has {len(ids)} tokens, "
+                                  f"more than env.max_prompt_tokens = {max_prompt_tokens}")
+            rows.append(ids)
+        width = max(map(len, rows)) + self.prefix_offset
+        self._prompts = torch.full((len(rows), width), self.pad_token, dtype=torch.long)
+        self._prompt_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            self._prompts[i, width - len(ids):] = torch.tensor(ids)
+            self._prompt_mask[i, width - len(ids):] = 1
+        if self.add_bos:
+            self._prompts[:, 0] = self.bos_token
+            self._prompt_mask[:, 0] = 1
+        self.reward_name = reward
+        self.reward_fn = resolve_callable(reward) if reward is not None else None
+
+    # --- problem definition ----------------------------------------------------------
+    @property
+    def prompts(self) -> Tensor:
+        return self._prompts
+
+    @property
+    def prompt_mask(self) -> Tensor:
+        return self._prompt_mask
+
+    @property
+    def has_reward(self) -> bool:
+        return self.reward_fn is not None
+
+    def base_logits(self, prompt_index, prefix):
+        raise TokenMDPError("tokenmdp/Text-v0 has no base distribution; the loaded model is the reference "
+                            "(reference.init = \"init\")")
+
+    def next_token_rewards(self, prompt_index, prefix):
+        raise TokenMDPError("tokenmdp/Text-v0 pays its reward on the finished response; it has no per-token "
+                            "reward table (and no exact solver)")
+
+    def encode_guide(self, text: str) -> Tensor:
+        """Guide text -> the ids placed after BOS, in front of the prompt (scoring only)."""
+        ids = self.tokenizer.encode(text + self.guide_separator)
+        if not ids:
+            raise ConfigError(f"guide {text!r} has no tokens")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def prompt_text(self, index: int) -> str:
+        return self.texts[index]
+
+    def completion_text(self, response) -> str:
+        ids = [int(i) for i in response]
+        if self.eos_token is not None and self.eos_token in ids:
+            ids = ids[: ids.index(self.eos_token)]
+        return self.tokenizer.decode(ids)
+
+    def score(self, prompt_index: int, response) -> float:
+        """The reward of one finished response (one call of the reward callable)."""
+        if self.reward_fn is None:
+            raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
+        prompt, completion = self.prompt_text(int(prompt_index)), self.completion_text(response)
+        self.reward_calls += 1
+        try:
+            value = self.reward_fn(prompt, completion)
+            value = float(value)
+        except Exception as exc:
+            raise RewardError(f"reward {self.reward_name!r} raised on prompt {int(prompt_index)} "
+                              f"(completion {completion[:60]!r}): {type(exc).__name__}: {exc}") from exc
+        if not math.isfinite(value):
+            raise RewardError(f"reward {self.reward_name!r} returned {value} on prompt {int(prompt_index)}; "
+                              "rewards must be finite numbers")
+        return value
+
+    def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:
+        """The reward is paid on the action that ends the response (EOS, or the last allowed token)."""
+        rewards = torch.zeros(actions.shape[0])
+        if self.reward_fn is None:
+            return rewards
+        t = prefix.shape[1]
+        ends = torch.full_like(actions, t + 1 >= self.horizon, dtype=torch.bool)
+        if self.eos_token is not None:
+            ends |= actions == self.eos_token
+        for row in ends.nonzero().flatten().tolist():
+            rewards[row] = self.score(prompt_index[row], [*prefix[row].tolist(), int(actions[row])])
+        return rewards
+
+    def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+        """``[N]`` float64 rewards of whole responses (0-padded, with their 0/1 mask)."""
+        out = torch.zeros(response.shape[0], dtype=torch.float64)
+        for i in range(response.shape[0]):
+            length = int(mask[i].sum())
+            out[i] = self.score(prompt_index[i], response[i, :length].tolist())
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "prompts": self.prompts_path, "num_prompts": len(self.texts),
+                "tokenizer": self.tokenizer.source, "vocab_size": self.vocab_size, "horizon": self.horizon,
+                "eos_token": self.eos_token, "reward": self.reward_name}
