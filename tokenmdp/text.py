@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .datafiles import json_line, numbered_lines
 from .env import TokenTask
 from .errors import ConfigError, TokenMDPError
 
@@ -128,24 +128,11 @@ def read_prompts(path: str | Path) -> list[str]:
     that quotes the file and the line number, so nothing is ever trained on bad data."""
     if not isinstance(path, (str, Path)) or not str(path):
         raise ConfigError("env.prompts is required: a .jsonl or text file of prompts")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"env.prompts: file {str(path)!r} not found")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"env.prompts: file {str(path)!r} is not UTF-8 text: {exc}") from None
-    jsonl = p.suffix.lower() in (".jsonl", ".json")
+    jsonl = Path(path).suffix.lower() in (".jsonl", ".json")
     prompts = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"env.prompts: file {str(path)!r} line {lineno}"
+    for where, line in numbered_lines(path, "env.prompts: file"):
         if jsonl:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            row = json_line(line, where)
             if isinstance(row, dict):
                 if "prompt" not in row:
                     raise ConfigError(f"{where}: the object has no \"prompt\" key (keys: {', '.join(map(str, row))})")

@@ -7,7 +7,6 @@ left-padded with a 0/1 mask (toy prompts all have one length, so their mask is a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from tokenmdp.datafiles import json_line, numbered_lines
 from tokenmdp.errors import ConfigError
 from tokenmdp.rollout import RolloutBatch, generate
 from tokenmdp.sft import sample_contexts
@@ -174,22 +174,9 @@ def load_pair_file(path: str | Path, task, limit: int | None = None) -> PairBatc
     """Read ``{"prompt": ..., "chosen": ..., "rejected": ...}`` lines (token ids, or text
     when the task has a tokenizer). Blank lines are skipped; any bad line is a
     ``ConfigError`` naming the file and line number. ``limit`` keeps the first pairs."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"[estimator] pairs file {str(path)!r} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"[estimator] pairs file {str(path)!r} is not UTF-8 text: {exc}") from None
     prompts, chosen, rejected = [], [], []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"[estimator] pairs file {str(path)!r} line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for where, line in numbered_lines(path, "[estimator] pairs file"):
+        row = json_line(line, where)
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: expected a JSON object with keys {', '.join(KEYS)}")
         missing = [k for k in KEYS if k not in row]
