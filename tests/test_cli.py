@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,18 @@ def test_outside_plugin_is_usable_from_the_command_line(capsys, tmp_path):
                            "--set", "algorithm.advantage=signed-return")
     assert code == 0 and "signed-return" in out
     assert json.loads((tmp_path / "run/summary.json").read_text())["advantage"] == "signed-return"
+
+
+RUN_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")
+                     if not p.name.startswith("compare"))  # compare*.toml are grids (tests/test_compare.py)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_composes(path):
+    from tokenmdp.composition import compose
+    from tokenmdp.config import load_config
+    from tokenmdp.plugins import Registry, plugin_manager
+
+    config = load_config(path)
+    composition = compose(Registry(plugin_manager()), config)
+    assert {c.kind for c in composition.components} == {"estimator", "advantage", "updater"}

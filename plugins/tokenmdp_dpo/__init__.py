@@ -46,7 +46,7 @@ from tokenmdp import Recipe, hookimpl
 
 from .components import DPOUpdater, ImplicitReward, PairBatch, PreferencePairs
 from .losses import dpo_loss, sequence_logratio
-from .pairs import load_pair_file, sample_pairs, sequence_rewards
+from tokenmdp.preferences import load_pair_file, sample_pairs, sequence_rewards
 from .tdpo import TDPOUpdater, sequence_kl, tdpo_loss
 
 __all__ = [

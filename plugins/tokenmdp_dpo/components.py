@@ -13,7 +13,7 @@ from tokenmdp.options import non_negative, one_of, positive, positive_int
 from tokenmdp.updaters import GradientUpdater
 
 from .losses import LOSSES, dpo_loss, sequence_logratio
-from .pairs import PairBatch, load_pair_file, sample_pairs
+from tokenmdp.preferences import PairBatch, load_pair_file, sample_pairs
 
 #: Pairs drawn when ``num_pairs`` is unset and ``pairs = "sampled"``.
 DEFAULT_NUM_PAIRS = 2048

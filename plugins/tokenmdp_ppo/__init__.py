@@ -5,7 +5,8 @@ METHOD.md section 4, read top to bottom:
     beta            KL controller: "fixed", or "adaptive" (Ziegler et al.):
                     beta <- beta * (1 + clip((KL - target)/target, -0.2, 0.2) * n_steps/horizon)
     r_t             R_t - beta * (log pi_old - log pi_ref)(a_t|s_t)             estimator
-                    (R_t = the env reward on that token: terminal or dense)
+                    (R_t = the env reward on that token: terminal or dense; or, with
+                    reward = "learned", a reward model's r_phi(x, y) on the last token)
     V(s_t)          a critic: a separate network ("separate") or a head on the
                     policy's trunk ("head"); V after the last real token is 0    estimator
     delta_t         r_t + gamma * V(s_{t+1}) - V(s_t)
@@ -36,8 +37,11 @@ from tokenmdp.errors import ConfigError
 from tokenmdp.ops import masked_mean, masked_sum, masked_whiten
 from tokenmdp.options import non_negative, one_of, positive, positive_int, probability
 from tokenmdp.policies import GRUPolicy, build_policy
+from tokenmdp.preferences import load_pair_file, sample_pairs
 from tokenmdp.rollout import response_logits
 from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
+
+from .reward_model import terminal_rewards, train_reward_model
 
 
 # --- the KL controller ------------------------------------------------------------------
@@ -136,6 +140,19 @@ class PPORewards(TrajectoryEstimator):
         target: float = attrs.field(default=6.0, validator=positive)
         horizon: float = attrs.field(default=10000.0, validator=positive)
         critic: str = attrs.field(default="separate", validator=one_of("separate", "head"))
+        #: R_t: "env" (the environment's reward, as an oracle reward model) or "learned" (a
+        #: Bradley-Terry reward model fitted on preference pairs before RL; reward_model.py).
+        reward: str = attrs.field(default="env", validator=one_of("env", "learned"))
+        #: reward="learned": pairs sampled from pi_ref and labelled by the task's reward, or a
+        #: JSONL file of {prompt, chosen, rejected} (then reward_pairs is the number read).
+        reward_pairs: int = attrs.field(default=4000, validator=positive_int)
+        reward_pairs_file: str | None = None
+        #: Labels of sampled pairs: "bradley-terry" (y_1 preferred with probability
+        #: sigmoid(R_1 - R_2), so r_phi learns R's scale) or "hard" (the higher R always wins:
+        #: the ranking is right, but the fitted scale grows without bound and PPO over-optimises).
+        reward_labels: str = attrs.field(default="bradley-terry", validator=one_of("bradley-terry", "hard"))
+        reward_epochs: int = attrs.field(default=3, validator=positive_int)
+        reward_lr: float = attrs.field(default=3e-3, validator=positive)
         #: critic="separate": hidden size of the value network; unset = the policy's.
         critic_hidden: int | None = attrs.field(default=None)
 
@@ -144,8 +161,18 @@ class PPORewards(TrajectoryEstimator):
             if value is not None:
                 positive_int(self, attribute, value)
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.reward_model = None
+        if self.options.reward == "learned":  # the env's reward is never read in training
+            self.requires = frozenset()
+        elif self.options.reward_pairs_file is not None:
+            raise ConfigError("[estimator] (ppo-rewards): reward_pairs_file is read only with reward = \"learned\"")
+
     def setup(self, ctx):
         o = self.options
+        if o.reward == "learned":
+            self._fit_reward_model(ctx)
         init = ctx.beta if o.init_kl_coef is None else o.init_kl_coef
         self.kl_controller = KLController(init, o.kl_controller == "adaptive", o.target, o.horizon)
         if o.critic == "head":
@@ -154,12 +181,29 @@ class PPORewards(TrajectoryEstimator):
             self.critic = ValueNetwork(ctx.config.policy, ctx.task, ctx.config.train.seed, o.critic_hidden)
         ctx.extras["critic"] = self.critic
 
+    def _fit_reward_model(self, ctx):
+        o, seed = self.options, ctx.config.train.seed
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + 0x4E3D)  # apart from every step's seed
+        if o.reward_pairs_file is not None:
+            pairs = load_pair_file(o.reward_pairs_file, ctx.task, o.reward_pairs)
+        else:
+            label_beta = 1.0 if o.reward_labels == "bradley-terry" else None
+            pairs, _ = sample_pairs(ctx.reference, ctx.task, o.reward_pairs, generator, label_beta=label_beta)
+        self.reward_model = ValueNetwork(ctx.config.policy, ctx.task, seed + 2)
+        self.reward_report = train_reward_model(self.reward_model, pairs, o.reward_epochs, o.reward_lr,
+                                                batch_size=64, generator=generator)
+        self.reward_report["reward_model/pairs"] = pairs.size
+
+    def report(self):
+        return dict(self.reward_report) if self.reward_model is not None else {}
+
     @torch.no_grad()
     def estimate(self, batch, ctx):
         mask = batch.response_mask
         kl = (batch.logprobs - batch.ref_logprobs) * mask  # k1, per token
         beta = self.kl_controller.value
-        token_rewards = (batch.rewards - beta * kl) * mask
+        rewards = batch.rewards if self.reward_model is None else terminal_rewards(self.reward_model, batch)
+        token_rewards = (rewards - beta * kl) * mask
         values = self.critic(ctx.policy, batch)
         ctx.extras["kl_coef"] = beta  # the coefficient this rollout was rewarded with
         # mean sequence KL over the responses (over every rank's, in a data-parallel run)
@@ -169,12 +213,17 @@ class PPORewards(TrajectoryEstimator):
         return {"token_rewards": token_rewards, "values": values}
 
     def state_dict(self):
-        return {"kl_controller": self.kl_controller.state_dict(), "critic": self.critic.state_dict()}
+        state = {"kl_controller": self.kl_controller.state_dict(), "critic": self.critic.state_dict()}
+        if self.reward_model is not None:
+            state["reward_model"] = self.reward_model.state_dict()
+        return state
 
     def load_state_dict(self, state):
         if state:
             self.kl_controller.load_state_dict(state["kl_controller"])
             self.critic.load_state_dict(state["critic"])
+            if self.reward_model is not None:
+                self.reward_model.load_state_dict(state["reward_model"])
 
 
 # --- advantage: generalised advantage estimation ----------------------------------------------
@@ -340,4 +389,8 @@ def tokenmdp_algorithms():
         Recipe(name="ppo", estimator=PPORewards.name, advantage=GAE.name, updater=PPO.name,
                description="PPO: KL-penalised token rewards, a learned critic, GAE, clipped surrogate and value loss",
                supervision="reward"),
+        Recipe(name="ppo-rm", estimator=PPORewards.name, advantage=GAE.name, updater=PPO.name,
+               options={"estimator": {"reward": "learned"}},
+               description="PPO on a reward model fitted to preference pairs (RLHF); the env reward is never read",
+               supervision="pairs"),
     ]

@@ -1,5 +1,8 @@
 """Preference pairs: a batched record, sampling + oracle labelling, and a checked JSONL loader.
 
+Shared by the plugins that learn from pairs: DPO's ``preference-pairs`` estimator and
+PPO's learned reward model (``[estimator] reward = "learned"``).
+
 A pair is ``(x, y_w, y_l)``: a prompt, the chosen (preferred) response and the rejected
 one. Pairs are stored batched, responses right-padded with a 0/1 mask, prompts
 left-padded with a 0/1 mask (toy prompts all have one length, so their mask is all 1).
@@ -14,10 +17,10 @@ import attrs
 import torch
 from torch import Tensor
 
-from tokenmdp.datafiles import json_line, numbered_lines
-from tokenmdp.errors import ConfigError
-from tokenmdp.rollout import RolloutBatch, generate
-from tokenmdp.sft import sample_contexts
+from .datafiles import json_line, numbered_lines
+from .errors import ConfigError
+from .rollout import RolloutBatch, generate
+from .sft import sample_contexts
 
 #: Two responses whose summed rewards differ by less than this are a tie (and dropped).
 TIE_TOLERANCE = 1e-6
