@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from tokenmdp.config import load_config
 from tokenmdp.trainer import Trainer
@@ -29,3 +33,21 @@ def spread(values: list[float | None], fmt: str = "{:.3f}") -> str:
     if not values:
         return "-"
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
+def threshold_parser(doc: str, parts: list[str]) -> argparse.ArgumentParser:
+    """The options every threshold bench shares: --seeds, --part (one of ``parts`` or all),
+    --envs (unset: each part's own) and --threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--part", choices=[*parts, "all"], default="all")
+    parser.add_argument("--envs", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def start(args: argparse.Namespace) -> float:
+    """Pin torch's thread count, print it with the seeds, and return the start time."""
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}, seeds: {args.seeds}")
+    return time.perf_counter()

@@ -13,11 +13,9 @@ Prints, over seeds, median [min, max] of:
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-from _common import TOKENS_PER_STEP, run, spread
+from _common import TOKENS_PER_STEP, run, spread, start, threshold_parser
 
 RL_BUDGET = 1_000_000
 RL_TARGET = 0.10
@@ -56,16 +54,10 @@ def dpo_part(envs, seeds) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--part", choices=["rl", "dpo", "all"], default="all")
+    parser = threshold_parser(__doc__, ["rl", "dpo"])
     parser.add_argument("--recipes", nargs="+", default=["ppo", "rloo", "grpo"])
-    parser.add_argument("--envs", nargs="+", default=None)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}, seeds: {args.seeds}")
-    started = time.perf_counter()
+    started = start(args)
     if args.part in ("rl", "all"):
         rl_part(args.recipes, args.envs or ["Pattern", "SumMod"], args.seeds)
     if args.part in ("dpo", "all"):

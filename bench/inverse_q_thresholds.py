@@ -12,11 +12,9 @@ Prints, over seeds, median [min, max] of:
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-from _common import TOKENS_PER_STEP, run, spread
+from _common import TOKENS_PER_STEP, run, spread, start, threshold_parser
 
 BUDGETS = {"inverse-q-distill": 600_000, "inverse-q": 1_500_000}
 #: clipped-pg's default lr (3e-3) is fast on Pattern but too noisy on SumMod's delayed
@@ -52,15 +50,8 @@ def guide_part(seeds, envs) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--part", choices=["oracle", "guide", "all"], default="all")
-    parser.add_argument("--envs", nargs="+", default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}, seeds: {args.seeds}")
-    started = time.perf_counter()
+    args = threshold_parser(__doc__, ["oracle", "guide"]).parse_args()
+    started = start(args)
     if args.part in ("oracle", "all"):
         oracle_part(args.seeds, args.envs or ["Pattern", "SumMod"])
     if args.part in ("guide", "all"):

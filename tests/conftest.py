@@ -28,3 +28,18 @@ def tiny_config(tmp_path):
         return load_config(None, [*TINY, f"run.dir={run_dir or tmp_path / 'run'}", *overrides])
 
     return make
+
+
+def train_until_interrupted(trainer, at_step: int) -> None:
+    """Run ``trainer`` until step ``at_step`` raises KeyboardInterrupt (the steps before it,
+    and their checkpoints, are done), as a crash or Ctrl-C mid-run would."""
+    original = trainer.train_step
+
+    def crash(step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return original(step)
+
+    trainer.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()

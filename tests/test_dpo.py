@@ -19,7 +19,7 @@ from tokenmdp.trainer import Trainer
 from tokenmdp_dpo import dpo_loss, sequence_kl, sequence_logratio, sequence_rewards, tdpo_loss
 from tokenmdp_dpo.components import score_pairs
 
-from conftest import TINY
+from conftest import TINY, train_until_interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_FILE = ROOT / "tests" / "fixtures" / "prefs_pattern_v4h3.jsonl"
@@ -325,16 +325,8 @@ def test_online_dpo_resume_reproduces_an_uninterrupted_run(tmp_path):
     common = [*SMALL, "train.steps=6", "estimator.num_pairs=300", "estimator.rounds=3"]
     Trainer(dpo_config(tmp_path, *common, name="full", recipe="dpo-online")).train()
     trainer = Trainer(dpo_config(tmp_path, *common, "run.checkpoint_every=3", name="part", recipe="dpo-online"))
-    original = trainer.train_step
-
-    def crash_at_4(step):  # round 2 is steps 3-4: the checkpoint after step 3 must carry its pairs
-        if step == 4:
-            raise KeyboardInterrupt
-        return original(step)
-
-    trainer.train_step = crash_at_4
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    # round 2 is steps 3-4: the checkpoint after step 3 must carry its pairs
+    train_until_interrupted(trainer, at_step=4)
     Trainer.from_run_dir(tmp_path / "part").train()
     full = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
     part = (tmp_path / "part/metrics.jsonl").read_text().splitlines()

@@ -18,7 +18,7 @@ from tokenmdp.ops import suffix_sums
 from tokenmdp.trainer import Trainer
 from tokenmdp_ppo import GAE, KLController, PPORewards, gae
 
-from conftest import TINY
+from conftest import TINY, train_until_interrupted
 
 
 def ppo_config(tmp_path, *overrides, name="run"):
@@ -167,20 +167,6 @@ def test_token_rewards_use_the_controllers_beta(tmp_path):
     assert signals["values"].shape == batch.response_ids.shape
 
 
-def _train_until_interrupted(config, at_step):
-    trainer = Trainer(config)
-    original = trainer.train_step
-
-    def crash(step):
-        if step == at_step:
-            raise KeyboardInterrupt
-        return original(step)
-
-    trainer.train_step = crash
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-
-
 def test_kl_coef_critic_and_optimiser_survive_a_checkpoint(tmp_path):
     adaptive = ["estimator.kl_controller=adaptive", "estimator.target=0.001", "estimator.horizon=50",
                 "train.steps=5", "run.checkpoint_every=2"]
@@ -188,7 +174,7 @@ def test_kl_coef_critic_and_optimiser_survive_a_checkpoint(tmp_path):
     full.train()
     beta = full.composition.estimator.kl_controller.value
     assert beta > 1.0  # step 1 has KL 0 (beta down), later KLs are far above a tiny target (beta up)
-    _train_until_interrupted(ppo_config(tmp_path, *adaptive, name="cut"), at_step=3)
+    train_until_interrupted(Trainer(ppo_config(tmp_path, *adaptive, name="cut")), at_step=3)
     saved = torch.load(tmp_path / "cut/checkpoints/step_00000002.pt", weights_only=False)["components"]
     assert saved["estimator"]["kl_controller"]["value"] not in (1.0, pytest.approx(beta))  # moved, not final
     assert saved["estimator"]["critic"]  # the critic's parameters ...
@@ -359,8 +345,16 @@ def test_ppo_on_a_learned_reward_model_never_reads_the_env_reward(tmp_path, monk
     # agreement with them stays well below 1; chance is 1/2
     assert summary["reward_model/heldout_accuracy"] > 0.65
     assert summary["regret_frac"] < 0.4, summary  # RLHF on a learned reward closes most of the gap
-    state = estimator.state_dict()
-    assert "reward_model" in state
+    # a checkpoint restores the fitted model: it is never fitted again
+    restored = PPORewards(estimator.options)
+    restored.setup(trainer.ctx)
+    restored.load_state_dict(estimator.state_dict())
+    monkeypatch.setattr(restored, "_fit_reward_model", lambda ctx: pytest.fail("refitted after a restore"))
+    batch = trainer._collect(1)
+    batch.logprobs = batch.ref_logprobs = torch.zeros_like(batch.response_mask)
+    torch.testing.assert_close(restored.estimate(batch, trainer.ctx)["token_rewards"],
+                               original(batch, trainer.ctx)["token_rewards"])
+    assert restored.report() == estimator.report()
 
 
 def test_reward_pairs_file_needs_a_learned_reward(tmp_path):

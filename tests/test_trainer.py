@@ -12,7 +12,7 @@ from tokenmdp import NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
 from tokenmdp.plugins import plugin_manager
 from tokenmdp.trainer import Trainer
 
-from conftest import TINY
+from conftest import TINY, train_until_interrupted
 
 
 def read_metrics(run_dir):
@@ -53,18 +53,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path):
     full = tiny_config("train.steps=6", run_dir=tmp_path / "full")
     Trainer(full).train()
     part = tiny_config("train.steps=6", "run.checkpoint_every=3", run_dir=tmp_path / "part")
-    trainer = Trainer(part)
-    # interrupt after step 3 by making step 4 fail
-    original = trainer.train_step
-
-    def crash_at_4(step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return original(step)
-
-    trainer.train_step = crash_at_4
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    train_until_interrupted(Trainer(part), at_step=4)  # interrupted after step 3's checkpoint
     Trainer.from_run_dir(tmp_path / "part").train()
     assert (tmp_path / "part/metrics.jsonl").read_text() == (tmp_path / "full/metrics.jsonl").read_text()
     a = torch.load(sorted((tmp_path / "full/checkpoints").glob("*.pt"))[-1], weights_only=False)["policy"]

@@ -38,10 +38,10 @@ from .config import SECTIONS, Config, load_config, merge, parse_override, read_t
 from .errors import ConfigError
 from .options import build, to_dict
 from .plugins import Registry, plugin_manager
-from .policies import build_policy
 from .sft import make_sft_data
 from .solver import solve, tree_logprobs
-from .trainer import Trainer, TrainingInterrupted, latest_checkpoint, make_vector_env
+from .trainer import (Trainer, TrainingInterrupted, _atomic_write_text, latest_checkpoint, load_reference,
+                      make_vector_env)
 
 #: The issue asks for a spread across seeds; fewer than 3 cannot show one honestly.
 MIN_SEEDS = 3
@@ -277,14 +277,11 @@ def _cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
         return json.loads(path.read_text())
     config = cell.config
     task = make_vector_env(registry, config, 1, compute_rewards=True).task
-    reference = build_policy(config.policy, task, seed=config.train.seed)
-    reference.load_state_dict(torch.load(cell.dir / "reference.pt", weights_only=True))
+    reference = load_reference(cell.dir, config, task)
     betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
-    extras = {"frontier": exact_frontier(task, reference.eval(), betas),
+    extras = {"frontier": exact_frontier(task, reference, betas),
               "tagged_sft_tokens": tagged_sft_tokens(task, config)}
-    tmp = path.with_name(path.name + ".tmp")  # a cache that is whole or absent
-    tmp.write_text(json.dumps(extras))
-    tmp.replace(path)
+    _atomic_write_text(path, json.dumps(extras))  # a cache that is whole or absent
     return extras
 
 

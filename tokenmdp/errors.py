@@ -19,3 +19,7 @@ class CompositionError(TokenMDPError):
 
 class NonFiniteError(TokenMDPError):
     """A loss, advantage or signal became NaN or infinite; the run is stopped."""
+
+
+class RewardError(TokenMDPError):
+    """A reward callable (text envs) raised or returned something that is not a finite number."""

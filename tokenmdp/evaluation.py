@@ -88,12 +88,11 @@ class SampledEvaluator:
         generator = torch.Generator().manual_seed(self.seed)
         index = torch.multinomial(task.prompt_probs, self.num_samples, replacement=True, generator=generator)
         prompt_ids, prompt_mask = task.prompts[index], task.prompt_mask[index]
-        padded = None if bool(prompt_mask.all()) else prompt_mask
         response, mask = generate(policy, prompt_ids, task.horizon, task.eos_token, generator,
-                                  attention_mask=padded, **self.sampling)
+                                  attention_mask=prompt_mask, **self.sampling)
         return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response,
                             response_mask=mask, rewards=torch.zeros_like(mask), prompt_index=index,
-                            rewards_observed=False, prefix_offset=getattr(task, "prefix_offset", 0))
+                            rewards_observed=False, prefix_offset=task.prefix_offset)
 
     @torch.no_grad()
     def evaluate(self, policy: TokenPolicy, prefix_ids: Tensor | None = None) -> dict[str, float]:

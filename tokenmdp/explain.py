@@ -33,10 +33,9 @@ from .context import TrainContext
 from .errors import ConfigError, TokenMDPError
 from .ops import masked_correlation
 from .plugins import Registry, plugin_manager
-from .policies import build_policy
-from .rollout import RolloutBatch, generate, token_logprobs
-from .solver import DTYPE, Solution, solve, tree_logprobs
-from .trainer import latest_checkpoint, load_policy, make_vector_env
+from .rollout import RolloutBatch, collect, token_logprobs
+from .solver import Solution, solve, tree_logprobs
+from .trainer import latest_checkpoint, load_policy, load_reference, make_vector_env
 
 TRUE_ROW = "true A*"
 
@@ -70,12 +69,10 @@ def load_run(run_dir: str | Path):
     registry = Registry(plugin_manager())
     registry.register_envs()
     task = make_vector_env(registry, config, 1, compute_rewards=True).task
-    if not getattr(task, "exact", True):  # text envs: no prefix tree, so no A* to compare with
+    if not task.exact:  # text envs: no prefix tree, so no A* to compare with
         raise ConfigError(f"explain: env {config.env['id']} has no exact solver; explain needs a toy env")
-    reference = build_policy(config.policy, task, seed=config.train.seed)
-    reference.load_state_dict(torch.load(run_dir / "reference.pt", weights_only=True))
     policy = load_policy(run_dir, task).requires_grad_(False).eval()
-    return config, registry, task, policy, reference.requires_grad_(False).eval(), checkpoint
+    return config, registry, task, policy, load_reference(run_dir, config, task), checkpoint
 
 
 def exact_policy_values(solution: Solution, policy_logp: list[Tensor], kl_coef: float) -> list[Tensor]:
@@ -94,31 +91,10 @@ def exact_policy_values(solution: Solution, policy_logp: list[Tensor], kl_coef: 
     return v
 
 
-def values_at_states(v: list[Tensor], task, batch: RolloutBatch) -> Tensor:
-    """``[B, T]``: ``v[t]`` at the sampled states ``s_t`` (0 on padding)."""
-    b, length = batch.response_ids.shape
-    out = torch.zeros(b, length, dtype=DTYPE)
-    index = torch.zeros(b, dtype=torch.long)
-    for t in range(min(length, task.horizon)):
-        real = batch.response_mask[:, t] > 0
-        out[:, t] = torch.where(real, v[t][batch.prompt_index, index], 0)
-        index = index * task.vocab_size + torch.where(real, batch.response_ids[:, t], 0)
-    return out
-
-
 def sample(policy, reference, env, prompt_index: Tensor, seed: int) -> tuple[RolloutBatch, torch.Generator]:
     """Responses of ``policy`` to the given prompts, rewarded by the env and scored by both models."""
     generator = torch.Generator().manual_seed(seed)
-    obs, info = env.reset(seed=seed, options={"prompt_index": prompt_index})
-    response, mask = generate(policy, obs["prompt"], env.task.horizon, env.task.eos_token, generator)
-    rewards = torch.zeros_like(mask)
-    for t in range(response.shape[1]):
-        if bool(env.done.all()):
-            break
-        _, rewards[:, t], _, _, _ = env.step(response[:, t])
-    batch = RolloutBatch(prompt_ids=obs["prompt"], prompt_mask=torch.ones_like(obs["prompt"]),
-                         response_ids=response, response_mask=mask, rewards=rewards * mask,
-                         prompt_index=info["prompt_index"])
+    batch = collect(policy, env, seed=seed, generator=generator, prompt_index=prompt_index)
     with torch.no_grad():
         batch.logprobs = token_logprobs(policy, batch)
         batch.ref_logprobs = token_logprobs(reference, batch)
@@ -171,7 +147,8 @@ def estimator_rows(run, registry, config, ctx, batch, checkpoint):
             values, short, where = None, "critic", "values: the run's trained critic"
         else:  # no critic was trained: the exact V^pi a perfect critic would learn (a best case)
             v = exact_policy_values(ctx.solution, tree_logprobs(ctx.policy, ctx.task), est.kl_controller.value)
-            values = values_at_states(v, ctx.task, batch).float()
+            values = ctx.solution.along_responses(v.__getitem__, batch.prompt_index, batch.response_ids,
+                                                  batch.response_mask, per_action=False).float()
             short, where = "exact V^pi", "values: exact V^pi of the KL-penalised reward (this run has no critic)"
         yield (f"GAE lambda={adv.options.lam:g} ({short})", f"ppo-rewards + gae, unwhitened; {where}",
                credit_of(est, adv, values))

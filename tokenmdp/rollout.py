@@ -118,15 +118,15 @@ def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: 
 
 @torch.no_grad()
 def collect(policy: TokenPolicy, env: TokenVectorEnv, seed: int, generator: torch.Generator,
-            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> RolloutBatch:
+            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+            prompt_index: Tensor | None = None) -> RolloutBatch:
     """One response per env: sample with the policy, then step the env with those tokens
-    (which yields rewards, unless the env is reward-free)."""
-    obs, info = env.reset(seed=seed)
-    prompt_mask = obs.get("prompt_mask")
-    prompt_mask = torch.ones_like(obs["prompt"]) if prompt_mask is None else prompt_mask.long()
-    padded = None if bool(prompt_mask.all()) else prompt_mask
+    (which yields rewards, unless the env is reward-free). ``prompt_index`` fixes the
+    prompts (else the env draws them)."""
+    obs, info = env.reset(seed=seed, options=None if prompt_index is None else {"prompt_index": prompt_index})
+    prompt_mask = obs["prompt_mask"].long() if "prompt_mask" in obs else torch.ones_like(obs["prompt"])
     response, mask = generate(policy, obs["prompt"], env.task.horizon, env.task.eos_token, generator, temperature,
-                              attention_mask=padded, top_k=top_k, top_p=top_p)
+                              attention_mask=prompt_mask, top_k=top_k, top_p=top_p)
     rewards = torch.zeros_like(mask)
     for t in range(response.shape[1]):
         if bool(env.done.all()):
@@ -140,7 +140,7 @@ def collect(policy: TokenPolicy, env: TokenVectorEnv, seed: int, generator: torc
         rewards=rewards * mask,
         prompt_index=info["prompt_index"],
         rewards_observed=env.compute_rewards,
-        prefix_offset=getattr(env.task, "prefix_offset", 0),
+        prefix_offset=env.task.prefix_offset,
     )
 
 
@@ -154,7 +154,7 @@ def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor 
     ids, mask = batch.prompt_ids, batch.prompt_mask
     if prefix_ids is not None:
         prefix = prefix_ids.view(1, -1).expand(ids.shape[0], -1) if prefix_ids.dim() == 1 else prefix_ids
-        k = getattr(batch, "prefix_offset", 0)
+        k = batch.prefix_offset
         ids = torch.cat([ids[:, :k], prefix, ids[:, k:]], dim=1)
         mask = torch.cat([mask[:, :k], torch.ones_like(prefix), mask[:, k:]], dim=1)
     full_ids = torch.cat([ids, batch.response_ids], dim=1)

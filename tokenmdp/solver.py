@@ -102,6 +102,13 @@ class Solution:
 
     def token_advantages(self, prompt_index: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:
         """True ``A*(s_t, a_t)`` on every response token, ``[B, T]`` (0 on padding)."""
+        return self.along_responses(self.advantages, prompt_index, response_ids, response_mask)
+
+    def along_responses(self, table, prompt_index: Tensor, response_ids: Tensor, response_mask: Tensor,
+                        per_action: bool = True) -> Tensor:
+        """``[B, T]``: ``table(t)`` (a depth-``t`` tensor ``[P, V**t, V]``, or ``[P, V**t]``
+        with ``per_action=False``) read at each response token's state ``s_t`` (and token
+        ``a_t``); 0 on padding."""
         b, length = response_ids.shape
         out = torch.zeros(b, length, dtype=DTYPE)
         index = torch.zeros(b, dtype=torch.long)
@@ -109,7 +116,9 @@ class Solution:
         for t in range(min(length, self.task.horizon)):
             real = response_mask[:, t] > 0
             a = torch.where(real, response_ids[:, t], 0)
-            out[:, t] = torch.where(real, self.advantages(t)[prompt_index, index, a], 0)
+            at_state = table(t)[prompt_index, index]
+            value = at_state.gather(1, a[:, None]).squeeze(1) if per_action else at_state
+            out[:, t] = torch.where(real, value, 0)
             index = index * vocab + a
         return out
 

@@ -30,11 +30,7 @@ from torch import Tensor
 
 from .datafiles import json_line, numbered_lines
 from .env import TokenTask
-from .errors import ConfigError, TokenMDPError
-
-
-class RewardError(TokenMDPError):
-    """The reward callable raised or returned something that is not a finite number."""
+from .errors import ConfigError, RewardError, TokenMDPError
 
 
 # --- tokenizers -------------------------------------------------------------------------

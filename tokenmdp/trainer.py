@@ -28,8 +28,7 @@ from .composition import Composition, compose
 from .config import Config, dump_config, load_config
 from .context import TrainContext
 from .env import TokenVectorEnv
-from .errors import ConfigError, PluginError, TokenMDPError
-from .text import RewardError
+from .errors import ConfigError, PluginError, RewardError, TokenMDPError
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .ops import check_finite
 from .plugins import Registry, plugin_manager
@@ -135,7 +134,7 @@ class Trainer:
     def _check_text_setup(self, config: Config) -> None:
         """Tasks without an exact solver (text) have no base distribution to fine-tune a
         reference on, and only HF causal LMs handle their padded prompts."""
-        if getattr(self.task, "exact", True):
+        if self.task.exact:
             return
         env_id = config.env["id"]
         if config.policy.get("kind", "gru") != "hf":
@@ -162,7 +161,8 @@ class Trainer:
         reference = build_policy(cfg.policy, self.task, seed=cfg.train.seed)
         self.sft_losses: list[float] = []
         ref_file = self.run_dir / "reference.pt"
-        shared = getattr(reference, "has_adapter", False)
+        view = reference.reference_view()  # shares the weights (LoRA), or None
+        shared = view is not None
         if shared and cfg.reference.init == "sft":
             raise ConfigError("policy.lora trains an adapter on a fixed base, and the base is the reference; "
                               "set reference.init = \"init\"")
@@ -176,13 +176,13 @@ class Trainer:
             self.sft_losses = supervised_finetune(reference, groups, ref_cfg.sft_epochs,
                                                   ref_cfg.sft_batch_size, ref_cfg.sft_lr, generator)
         distributed.broadcast_module(reference)  # every rank starts from rank 0's weights
-        view = reference.reference_view() if hasattr(reference, "reference_view") else None
-        if view is not None:  # LoRA: the reference is the policy with its adapter off (shared weights)
+        if shared:  # LoRA: the reference is the policy with its adapter off (shared weights)
             self.policy, self.reference = reference, view.eval()
         else:  # full fine-tuning changes every weight: the reference is a frozen copy
             self.policy = copy.deepcopy(reference)
             self.reference = reference.requires_grad_(False).eval()
-        self.exact = getattr(self.task, "exact", True)
+        self.exact = self.task.exact
+        self._last_eval: tuple[int, dict[str, float]] | None = None
         if self.exact:
             self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
         else:
@@ -289,9 +289,10 @@ class Trainer:
         return env_tokens
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        """Score the policy; a sampled (text) evaluation is not repeated for the same step."""
-        cached = getattr(self, "_last_eval", None)
-        if not self.exact and cached is not None and cached[0] == step:
+        """Score the policy, once per step: the summary reuses the last step's scores (the
+        policy has not changed since), which saves a full exact or sampled evaluation."""
+        cached = self._last_eval
+        if cached is not None and cached[0] == step:
             return dict(cached[1])
         try:
             scores = self.evaluator.evaluate(self.policy)
@@ -480,6 +481,13 @@ def load_policy(path: str | Path, task) -> TokenPolicy:
     from .policies.hf import HFCausalLMPolicy
 
     return HFCausalLMPolicy.from_pretrained(path, vocab_size=task.vocab_size)
+
+
+def load_reference(run_dir: str | Path, config: Config, task) -> TokenPolicy:
+    """The frozen reference model a run was trained and scored against (its reference.pt)."""
+    reference = build_policy(config.policy, task, seed=config.train.seed)
+    reference.load_state_dict(torch.load(Path(run_dir) / "reference.pt", weights_only=True))
+    return reference.requires_grad_(False).eval()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

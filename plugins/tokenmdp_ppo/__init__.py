@@ -163,7 +163,7 @@ class PPORewards(TrajectoryEstimator):
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.reward_model = None
+        self.reward_model, self.reward_report = None, None
         if self.options.reward == "learned":  # the env's reward is never read in training
             self.requires = frozenset()
         elif self.options.reward_pairs_file is not None:
@@ -171,8 +171,8 @@ class PPORewards(TrajectoryEstimator):
 
     def setup(self, ctx):
         o = self.options
-        if o.reward == "learned":
-            self._fit_reward_model(ctx)
+        if o.reward == "learned":  # fitted at the first step, unless a checkpoint restores it
+            self.reward_model = ValueNetwork(ctx.config.policy, ctx.task, ctx.config.train.seed + 2)
         init = ctx.beta if o.init_kl_coef is None else o.init_kl_coef
         self.kl_controller = KLController(init, o.kl_controller == "adaptive", o.target, o.horizon)
         if o.critic == "head":
@@ -181,6 +181,7 @@ class PPORewards(TrajectoryEstimator):
             self.critic = ValueNetwork(ctx.config.policy, ctx.task, ctx.config.train.seed, o.critic_hidden)
         ctx.extras["critic"] = self.critic
 
+    @torch.enable_grad()
     def _fit_reward_model(self, ctx):
         o, seed = self.options, ctx.config.train.seed
         generator = torch.Generator().manual_seed(seed * 1_000_003 + 0x4E3D)  # apart from every step's seed
@@ -189,19 +190,20 @@ class PPORewards(TrajectoryEstimator):
         else:
             label_beta = 1.0 if o.reward_labels == "bradley-terry" else None
             pairs, _ = sample_pairs(ctx.reference, ctx.task, o.reward_pairs, generator, label_beta=label_beta)
-        self.reward_model = ValueNetwork(ctx.config.policy, ctx.task, seed + 2)
         self.reward_report = train_reward_model(self.reward_model, pairs, o.reward_epochs, o.reward_lr,
                                                 batch_size=64, generator=generator)
         self.reward_report["reward_model/pairs"] = pairs.size
 
     def report(self):
-        return dict(self.reward_report) if self.reward_model is not None else {}
+        return dict(self.reward_report or {})
 
     @torch.no_grad()
     def estimate(self, batch, ctx):
         mask = batch.response_mask
         kl = (batch.logprobs - batch.ref_logprobs) * mask  # k1, per token
         beta = self.kl_controller.value
+        if self.reward_model is not None and self.reward_report is None:
+            self._fit_reward_model(ctx)
         rewards = batch.rewards if self.reward_model is None else terminal_rewards(self.reward_model, batch)
         token_rewards = (rewards - beta * kl) * mask
         values = self.critic(ctx.policy, batch)
@@ -216,14 +218,16 @@ class PPORewards(TrajectoryEstimator):
         state = {"kl_controller": self.kl_controller.state_dict(), "critic": self.critic.state_dict()}
         if self.reward_model is not None:
             state["reward_model"] = self.reward_model.state_dict()
+            state["reward_report"] = self.reward_report
         return state
 
     def load_state_dict(self, state):
         if state:
             self.kl_controller.load_state_dict(state["kl_controller"])
             self.critic.load_state_dict(state["critic"])
-            if self.reward_model is not None:
+            if self.reward_model is not None:  # a fitted model is never fitted again
                 self.reward_model.load_state_dict(state["reward_model"])
+                self.reward_report = state["reward_report"]
 
 
 # --- advantage: generalised advantage estimation ----------------------------------------------

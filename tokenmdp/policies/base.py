@@ -19,6 +19,11 @@ from ..errors import TokenMDPError
 class TokenPolicy(nn.Module):
     vocab_size: int
 
+    def reference_view(self) -> "TokenPolicy | None":
+        """A frozen reference that shares this policy's weights (a LoRA policy: itself with
+        the adapter off), or None: the trainer then freezes a copy of the initial policy."""
+        return None
+
     def start(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """Logits for the first response token and a decoding state."""
         if attention_mask is None:

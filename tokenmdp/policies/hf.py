@@ -69,8 +69,6 @@ class HFCausalLMPolicy(TokenPolicy):
             self.model.train(was_training)
 
     def reference_view(self) -> "TokenPolicy | None":
-        """A frozen reference that shares this policy's weights, or None when the trainer
-        must make a frozen copy (full fine-tuning changes every weight)."""
         return AdapterDisabledReference(self) if self.has_adapter else None
 
     @classmethod
