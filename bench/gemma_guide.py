@@ -12,7 +12,9 @@ lexicon the method never sees (docs/results_gemma.md).
    (unguided), the reference with the guide (the target pi_hat*), and the trained policy
    (unguided). Print the lexicon score (positive minus negative words,
    ``tokenmdp.text.lexicon_score``) of each, and ``kl_ref``: the sampled estimate of
-   the sequence-level KL(pi || pi_ref) on the trained policy's completions.
+   the sequence-level KL(pi || pi_ref) on each row's own completions, and likewise the
+   KL to the method's target pi_hat* (the reference with the guide in front), which the
+   training should shrink.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def score_model(model, reference, task, samples: int, seed: int, prefix=None):
+def score_model(model, reference, task, samples: int, seed: int, prefix=None, guide_prefix=None):
     from tokenmdp.rollout import RolloutBatch, generate, token_logprobs
 
     n = len(task.texts) * samples
@@ -48,9 +50,13 @@ def score_model(model, reference, task, samples: int, seed: int, prefix=None):
     with torch.no_grad():  # KL of the sampling model vs the unguided reference, on these completions
         own = token_logprobs(model, batch, prefix_ids=prefix)
         kl = ((own - token_logprobs(reference, batch)) * rmask).sum(1)
+        # KL(. || pi_hat*): pi_hat* is the reference with the guide in front, the method's target
+        kl_target = ((own - token_logprobs(reference, batch, prefix_ids=guide_prefix)) * rmask).sum(1)
     texts = [task.completion_text(r[: int(m.sum())]) for r, m in zip(response, rmask)]
     return {"score": float(scores.mean()), "score_se": float(scores.std() / len(scores) ** 0.5),
-            "kl_ref": float(kl.mean()), "kl_ref_se": float(kl.std() / len(kl) ** 0.5), "texts": texts,
+            "kl_ref": float(kl.mean()), "kl_ref_se": float(kl.std() / len(kl) ** 0.5),
+            "kl_target": float(kl_target.mean()), "kl_target_se": float(kl_target.std() / len(kl) ** 0.5),
+            "texts": texts,
             "n": n}
 
 
@@ -91,15 +97,16 @@ def main() -> int:
                              ("reference + guide (the target)", trainer.reference, prefix),
                              ("trained policy (unguided, after)", trainer.policy, None)]:
         t = time.perf_counter()
-        rows[name] = score_model(model, trainer.reference, task, args.samples, args.seed, pre)
+        rows[name] = score_model(model, trainer.reference, task, args.samples, args.seed, pre, prefix)
         print(f"  scored {name} in {time.perf_counter() - t:.0f}s", flush=True)
     total = time.perf_counter() - started
     print(f"\nheld-out: {len(task.texts)} prompts x {args.samples} completions, horizon {task.horizon}, "
           f"seed {args.seed}; total {total:.0f}s")
-    print("| model | lexicon score (mean +- s.e.) | kl_ref (nats, +- s.e.) |")
-    print("|---|---|---|")
+    print("| model | lexicon score (mean +- s.e.) | kl_ref (nats, +- s.e.) | KL to pi_hat* (nats, +- s.e.) |")
+    print("|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['score']:.3f} +- {r['score_se']:.3f} | {r['kl_ref']:.3f} +- {r['kl_ref_se']:.3f} |")
+        print(f"| {name} | {r['score']:.3f} +- {r['score_se']:.3f} | {r['kl_ref']:.3f} +- {r['kl_ref_se']:.3f} "
+              f"| {r['kl_target']:.3f} +- {r['kl_target_se']:.3f} |")
     for name, r in rows.items():
         print(f"\n{name}: first completions")
         for i in range(0, min(len(r["texts"]), 4 * args.samples), args.samples):

@@ -194,6 +194,18 @@ def test_good_pair_file_loads_and_trains(tmp_path):
     assert summary["used_env_reward"] is False and math.isfinite(summary["regret_frac"])
 
 
+def test_pair_file_responses_of_different_lengths_share_one_width(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": [0], "chosen": [3, 1, 3], "rejected": [2]}\n'
+                    '{"prompt": [1], "chosen": [3], "rejected": [0, 3]}\n')
+    trainer = built(dpo_config(tmp_path, "estimator.pairs=file", f"estimator.path={path}", "train.steps=2"))
+    pairs = trainer.composition.estimator.pairs
+    assert pairs.chosen_ids.shape == pairs.rejected_ids.shape == (2, 3)
+    assert rows(pairs) == [((4, 0), (3, 1, 3), (2,)), ((4, 1), (3,), (0, 3))]
+    scores = score_pairs(trainer.ctx, pairs)  # both sides in one forward pass
+    assert scores.chosen.shape == scores.rejected.shape == (2,)
+
+
 # --- sampled pairs ----------------------------------------------------------------------
 
 def test_sampled_pairs_drop_ties_and_prefer_the_higher_reward(tmp_path):

@@ -207,6 +207,37 @@ def test_lora_reference_is_exactly_the_base_model(model_dir):
     assert torch.equal(logits, base(ids)[:, -1])
 
 
+def test_lora_run_resumes_to_the_uninterrupted_run(tmp_path, spm_path, prompt_file, model_dir):
+    from conftest import train_until_interrupted
+
+    def config(name, *extra):
+        return load_config(None, ["env.id=tokenmdp/Text-v0", f"env.prompts={prompt_file}", f"env.tokenizer={spm_path}",
+                                  "env.horizon=4", "policy.kind=hf", f"policy.path={model_dir}",
+                                  "policy.lora={r = 4, alpha = 8}", "reference.init=init",
+                                  "algorithm.name=inverse-q-distill", 'estimator.guide="answer kindly"',
+                                  "updater.lr=1e-2", "train.steps=4", "train.batch_size=4", "train.eval_every=2",
+                                  "train.eval_samples=4", "train.progress=false", f"run.dir={tmp_path / name}", *extra])
+
+    full = Trainer(config("full"))
+    full.train()
+    part = Trainer(config("part", "run.checkpoint_every=1"))
+    train_until_interrupted(part, at_step=3)
+    resumed = Trainer.from_run_dir(tmp_path / "part")
+    resumed.train()
+    lines = {name: (tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("full", "part")}
+    assert len(lines["full"]) == 5 and lines["part"] == lines["full"]
+    assert json.loads(lines["full"][-1])["kl_ref"] > 0  # the adapter moved the policy
+    adapter = {n: p for n, p in resumed.policy.named_parameters() if "lora" in n}
+    assert adapter and all(torch.equal(p, dict(full.policy.named_parameters())[n]) for n, p in adapter.items())
+    assert list(resumed.reference.parameters()) == []  # still the base with the adapter off, not a copy
+    # a checkpoint keeps the adapter only: the base is reloaded from policy.path
+    saved = torch.load(sorted((tmp_path / "part" / "checkpoints").glob("*.pt"))[-1], weights_only=False)["policy"]
+    assert set(saved) == {"adapter"} and set(saved["adapter"]) == set(adapter)
+    other = build_policy({"kind": "hf", "path": str(model_dir), "lora": {"r": 2}}, resumed.task, seed=0)
+    with pytest.raises(TokenMDPError, match="LoRA adapter does not fit this policy"):
+        other.load_checkpoint_state(saved)
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -267,6 +298,42 @@ def test_text_env_config_errors(tmp_path, spm_path, prompt_file, model_dir):
                                          "train.steps=1", "train.batch_size=2", "train.progress=false"]))
     with pytest.raises(TokenMDPError, match="has no guide token; give the guide as text"):
         trainer.train()
+
+
+def test_dpo_pair_file_with_text_prompts_lays_them_out_like_the_env_and_trains(tmp_path, spm_path, prompt_file,
+                                                                              model_dir):
+    from tokenmdp.preferences import load_pair_file
+
+    task = text_task(spm_path, prompt_file, horizon=10)
+    lines = [{"prompt": "the cat", "chosen": "sat on the mat", "rejected": "ran"},
+             {"prompt": "a kind", "chosen": "answer helps", "rejected": "dog"},
+             {"prompt": "kind words", "chosen": task.tokenizer.encode("cost nothing"), "rejected": "cat"}]  # not an env prompt
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) * 8)
+    pairs = load_pair_file(path, task)
+    assert pairs.size == 24 and pairs.prompt_index[:3].tolist() == [0, 2, -1]
+    assert task.add_bos and (pairs.prompt_ids[:, 0] == task.bos_token).all()  # [BOS, pad..., prompt], as the env
+    for row, text in enumerate(["the cat", "a kind", "kind words"]):
+        real = pairs.prompt_ids[row][pairs.prompt_mask[row] > 0].tolist()
+        assert real == [task.bos_token, *task.tokenizer.encode(text)]
+    # the env's own layout of the same prompt gives the same log-probs (padding is invisible)
+    policy = build_policy({"kind": "hf", "path": str(model_dir)}, task, seed=0).eval()
+    own = RolloutBatch(prompt_ids=task.prompts[:1], prompt_mask=task.prompt_mask[:1],
+                       response_ids=pairs.chosen_ids[:1], response_mask=pairs.chosen_mask[:1],
+                       rewards=torch.zeros(1, pairs.chosen_ids.shape[1]), prompt_index=torch.tensor([0]))
+    from_file = pairs.select(torch.tensor([0])).responses()
+    with torch.no_grad():
+        assert torch.allclose(token_logprobs(policy, own), token_logprobs(policy, from_file)[:1], atol=1e-5)
+
+    config = load_config(None, ["env.id=tokenmdp/Text-v0", f"env.prompts={prompt_file}", f"env.tokenizer={spm_path}",
+                                "env.horizon=10", "policy.kind=hf", f"policy.path={model_dir}", "reference.init=init",
+                                "algorithm.name=dpo", "estimator.pairs=file", f"estimator.path={path}",
+                                "updater.lr=3e-3", "updater.minibatch_size=8", "train.steps=6", "train.batch_size=4",
+                                "train.eval_samples=4", "train.progress=false", f"run.dir={tmp_path / 'run'}"])
+    summary = Trainer(config).train()
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["used_env_reward"] is False
+    assert metrics[1]["losses/dpo"] > metrics[-1]["losses/dpo"] and metrics[-1]["dpo/accuracy"] == 1.0
 
 
 def test_fetch_gemma_without_the_extra_is_a_clear_error(tmp_path, capsys, monkeypatch):

@@ -30,6 +30,8 @@ def test_run_directory_contents(tiny_config, tmp_path):
     for key in ["true_reward", "kl_ref", "regret", "kl_to_optimal", "env_tokens"]:
         assert key in rows[0] and key in rows[-1]
     assert "credit_corr" in rows[1]
+    # the trainer's sampled KL: 0 before the first update (the policy is the reference), then not
+    assert abs(rows[1]["objective/kl"]) < 1e-6 and all(abs(r["objective/kl"]) > 1e-4 for r in rows[2:])
     assert rows[-1]["env_tokens"] == 4 * 16 * 3
     # regret and kl_to_optimal are one quantity: J* - J = beta * KL(pi || pi*)
     assert rows[-1]["regret"] == pytest.approx(rows[-1]["kl_to_optimal"], rel=1e-9, abs=1e-12)

@@ -198,9 +198,10 @@ def load_pair_file(path: str | Path, task, limit: int | None = None) -> PairBatc
         raise ConfigError(f"[estimator] pairs file {str(path)!r} holds no pairs")
     if limit is not None and len(prompts) < limit:
         raise ConfigError(f"[estimator] num_pairs = {limit}, but pairs file {str(path)!r} holds only {len(prompts)}")
-    prompt_ids, prompt_mask = _pad([p for p, _ in prompts], left=True)
-    chosen_ids, chosen_mask = _pad(chosen)
-    rejected_ids, rejected_mask = _pad(rejected)
+    rows = [p for p, _ in prompts]
+    prompt_ids, prompt_mask = task.lay_out_prompts(rows) if task.padded_prompts else _pad(rows, left=True)
+    ids, mask = _pad(chosen + rejected)  # one width for both sides: they are scored as one batch
+    (chosen_ids, rejected_ids), (chosen_mask, rejected_mask) = ids.split(len(chosen)), mask.split(len(chosen))
     return PairBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                      prompt_index=torch.tensor([i for _, i in prompts]),
                      chosen_ids=chosen_ids, chosen_mask=chosen_mask,
@@ -238,6 +239,14 @@ def _response(value: Any, task, where: str, key: str) -> list[int]:
 def _prompt(value: Any, task, where: str) -> tuple[list[int], int]:
     """Prompt ids and their row in ``task.prompts`` (with or without the leading BOS id)."""
     ids = _ids(value, task, where, "prompt")
+    if task.padded_prompts:  # text: any prompt (tokens without BOS), not only the env's own
+        if not ids:
+            raise ConfigError(f"{where}: 'prompt' is empty")
+        bad = [i for i in ids if not 0 <= i < task.input_vocab_size]
+        if bad:
+            raise ConfigError(f"{where}: 'prompt' token id {bad[0]} is out of range; "
+                              f"prompt tokens are 0..{task.input_vocab_size - 1}")
+        return ids, task.prompt_row(ids)
     try:
         table = task.prompts
     except (AttributeError, NotImplementedError):

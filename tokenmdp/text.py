@@ -237,17 +237,31 @@ class TextTask(TokenTask):
                 raise ConfigError(f"env.prompts: prompt {lineno} ({text[:40]!r}...) has {len(ids)} tokens, "
                                   f"more than env.max_prompt_tokens = {max_prompt_tokens}")
             rows.append(ids)
-        width = max(map(len, rows)) + self.prefix_offset
-        self._prompts = torch.full((len(rows), width), self.pad_token, dtype=torch.long)
-        self._prompt_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, ids in enumerate(rows):
-            self._prompts[i, width - len(ids):] = torch.tensor(ids)
-            self._prompt_mask[i, width - len(ids):] = 1
-        if self.add_bos:
-            self._prompts[:, 0] = self.bos_token
-            self._prompt_mask[:, 0] = 1
+        self._prompts, self._prompt_mask = self.lay_out_prompts(rows)
         self.reward_name = reward
         self.reward_fn = resolve_callable(reward) if reward is not None else None
+
+    def lay_out_prompts(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Token-id prompts as the env lays them out: ``[BOS, pad..., prompt]`` (no BOS
+        without ``add_bos``), with a 0/1 mask. The BOS stays first so that a guide can be
+        inserted after it (``prefix_offset``)."""
+        width = max(map(len, rows)) + self.prefix_offset
+        ids = torch.full((len(rows), width), self.pad_token, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        if self.add_bos:
+            ids[:, 0], mask[:, 0] = self.bos_token, 1
+        return ids, mask
+
+    def prompt_row(self, ids: list[int]) -> int:
+        """Row of ``prompts`` whose tokens (BOS excluded) are ``ids``; -1 for any other prompt."""
+        for i in range(len(self.texts)):
+            real = self._prompts[i, self.prefix_offset:][self._prompt_mask[i, self.prefix_offset:] > 0]
+            if real.tolist() == ids:
+                return i
+        return -1
 
     # --- problem definition ----------------------------------------------------------
     @property

@@ -326,6 +326,8 @@ class Trainer:
             check_finite(dict(self.policy.named_parameters()), f"the policy after updater {updater.name!r}", step)
         metrics: dict[str, Any] = {"rollout/tokens": batch.num_tokens}
         metrics["rollout/response_length"] = batch.num_tokens / batch.size
+        # k1 estimate of KL(pi_old || pi_ref) on this batch, before the update (every recipe)
+        metrics["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * batch.response_mask).sum(1).mean())
         if batch.rewards_observed:
             metrics["rollout/reward_mean"] = float(batch.sequence_rewards.mean())
         metrics.update(credit)
@@ -371,7 +373,7 @@ class Trainer:
                     state = torch.load(latest, weights_only=False)
                     _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
             state = distributed.broadcast_object(state)
-            self.policy.load_state_dict(state["policy"])
+            self.policy.load_checkpoint_state(state["policy"])
             for component in self.composition.components:
                 component.load_state_dict(state["components"].get(component.kind, {}))
             return state["step"], state["env_tokens"]
@@ -396,7 +398,7 @@ class Trainer:
                 state = {
                     "step": step,
                     "env_tokens": env_tokens,
-                    "policy": self.policy.state_dict(),
+                    "policy": self.policy.checkpoint_state(),
                     "components": {c.kind: c.state_dict() for c in self.composition.components},
                 }
                 _atomic_save(state, path)
@@ -476,7 +478,7 @@ def load_policy(path: str | Path, task) -> TokenPolicy:
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
-        policy.load_state_dict(torch.load(checkpoint, weights_only=False)["policy"])
+        policy.load_checkpoint_state(torch.load(checkpoint, weights_only=False)["policy"])
         return policy
     from .policies.hf import HFCausalLMPolicy
 

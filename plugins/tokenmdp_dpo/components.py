@@ -257,7 +257,5 @@ class DPOUpdater(GradientUpdater):
         metrics = {key: total / pairs.size for key, total in sums.items()}
         if pairs.chosen_env_reward is not None:
             metrics["dpo/env_reward_gap"] = float((pairs.chosen_env_reward - pairs.rejected_env_reward).mean())
-        mask = batch.response_mask
-        metrics["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean())
         metrics["policy/grad_norm"] = sum(norms) / len(norms)
         return {**metrics, **pairs.info, **self.end_rollout()}

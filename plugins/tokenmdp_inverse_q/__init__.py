@@ -191,7 +191,6 @@ class ClippedPG(GradientUpdater):
             stats["policy/clipfrac"] += masked_mean(((ratio - 1).abs() > opts.clip).float(), m).item()
             stats["policy/approxkl"] += masked_mean(0.5 * log_ratio.detach() ** 2, m).item()
         stats = {k: v / n for k, v in stats.items()}
-        stats["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean())
         stats["policy/entropy"] = float(masked_mean(entropy_of(logits.detach()), m))
         return {**stats, **self.end_rollout()}
 
@@ -218,12 +217,10 @@ class ReverseKL(GradientUpdater):
             kl = (logp.exp() * (logp - target[rows])).sum(-1)
             loss = masked_mean(kl, m)
             grad_norm = self.apply_gradients(loss, ctx)
-        mask = batch.response_mask
         return {
             "losses/reverse_kl": loss.item(),
             "policy/grad_norm": grad_norm,
             "policy/entropy": float(masked_mean(entropy_of(logits.detach()), m)),
-            "objective/kl": float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean()),
             **self.end_rollout(),
         }
 

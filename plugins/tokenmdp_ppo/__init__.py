@@ -367,7 +367,6 @@ class PPO(GradientUpdater):
             stats["losses/value"] += v_loss.item()
         stats = {k: v / max(updates, 1) for k, v in stats.items()}
         stats["policy/updates"] = updates
-        stats["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean())
         stats["objective/kl_coef"] = float(ctx.extras.get("kl_coef", ctx.beta))
         return {**stats, **self.end_rollout()}
 

@@ -65,12 +65,10 @@ class PolicyGradient(GradientUpdater):
             logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
             loss = -(advantages["advantages"][rows].detach() * logp * mb.response_mask).sum() / mb.size
             grad_norm = self.apply_gradients(loss, ctx)
-        mask = batch.response_mask
         return {
             "losses/policy": loss.item(),
             "policy/entropy": float(masked_mean(entropy_of(logits.detach()), mb.response_mask)),
             "policy/grad_norm": grad_norm,
-            "objective/kl": float(((batch.logprobs - batch.ref_logprobs) * mask).sum(1).mean()),
             **self.end_rollout(),
         }
 

@@ -24,6 +24,15 @@ class TokenPolicy(nn.Module):
         the adapter off), or None: the trainer then freezes a copy of the initial policy."""
         return None
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint must keep to restore this policy: every weight by default.
+        A policy that rebuilds its frozen part from elsewhere (a LoRA base from its model
+        folder) keeps only what trains."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+
     def start(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Any]:
         """Logits for the first response token and a decoding state."""
         if attention_mask is None:
