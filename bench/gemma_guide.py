@@ -2,7 +2,7 @@
 lexicon the method never sees (docs/results_gemma.md).
 
     pip install "torch==2.13.0" -e ".[gemma,lora]"
-    OMP_NUM_THREADS=2 python bench/gemma_guide.py [--set train.steps=4 ...]
+    OMP_NUM_THREADS=2 python bench/gemma_guide.py [--samples 10] [--set train.steps=64 ...]
 
 1. ``tokenmdp models fetch-gemma models/gemma-3-270m`` if that folder is missing.
 2. Train with ``configs/gemma_guide_positive.toml`` (reward-free: the guide is the only
@@ -64,7 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "gemma_guide_positive.toml"))
     parser.add_argument("--heldout", default=str(ROOT / "data" / "gemma_prompts_heldout.txt"))
-    parser.add_argument("--samples", type=int, default=2, help="completions per held-out prompt (default 2)")
+    parser.add_argument("--samples", type=int, default=10, help="completions per held-out prompt (default 10)")
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed of the held-out evaluation")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--json", help="also write the figures to this file")
