@@ -311,6 +311,12 @@ def test_dpo_pair_file_with_text_prompts_lays_them_out_like_the_env_and_trains(t
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines) * 8)
     pairs = load_pair_file(path, task)
+    for prompt, message in [([9999], "line 2: 'prompt' token id 9999 is out of range; prompt tokens are 0..59"),
+                            ("", "line 2: 'prompt' is an empty prompt")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[0], "prompt": prompt}) + "\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_pair_file(bad, task)
     assert pairs.size == 24 and pairs.prompt_index[:3].tolist() == [0, 2, -1]
     assert task.add_bos and (pairs.prompt_ids[:, 0] == task.bos_token).all()  # [BOS, pad..., prompt], as the env
     for row, text in enumerate(["the cat", "a kind", "kind words"]):

@@ -220,14 +220,18 @@ def _ids(value: Any, task, where: str, key: str) -> list[int]:
     return value
 
 
-def _response(value: Any, task, where: str, key: str) -> list[int]:
-    ids = _ids(value, task, where, key)
+def _in_range(ids: list[int], size: int, where: str, key: str, what: str) -> list[int]:
+    """``ids``, if not empty and all in ``0..size-1``; else a ConfigError naming the line and key."""
     if not ids:
-        raise ConfigError(f"{where}: {key!r} is an empty response")
-    bad = [i for i in ids if not 0 <= i < task.vocab_size]
+        raise ConfigError(f"{where}: {key!r} is an empty {what}")
+    bad = [i for i in ids if not 0 <= i < size]
     if bad:
-        raise ConfigError(f"{where}: {key!r} token id {bad[0]} is out of range; "
-                          f"response tokens are 0..{task.vocab_size - 1}")
+        raise ConfigError(f"{where}: {key!r} token id {bad[0]} is out of range; {what} tokens are 0..{size - 1}")
+    return ids
+
+
+def _response(value: Any, task, where: str, key: str) -> list[int]:
+    ids = _in_range(_ids(value, task, where, key), task.vocab_size, where, key, "response")
     if len(ids) > task.horizon:
         raise ConfigError(f"{where}: {key!r} has {len(ids)} tokens, more than env.horizon = {task.horizon}")
     eos = task.eos_token
@@ -240,13 +244,7 @@ def _prompt(value: Any, task, where: str) -> tuple[list[int], int]:
     """Prompt ids and their row in ``task.prompts`` (with or without the leading BOS id)."""
     ids = _ids(value, task, where, "prompt")
     if task.padded_prompts:  # text: any prompt (tokens without BOS), not only the env's own
-        if not ids:
-            raise ConfigError(f"{where}: 'prompt' is empty")
-        bad = [i for i in ids if not 0 <= i < task.input_vocab_size]
-        if bad:
-            raise ConfigError(f"{where}: 'prompt' token id {bad[0]} is out of range; "
-                              f"prompt tokens are 0..{task.input_vocab_size - 1}")
-        return ids, task.prompt_row(ids)
+        return _in_range(ids, task.input_vocab_size, where, "prompt", "prompt"), task.prompt_row(ids)
     try:
         table = task.prompts
     except (AttributeError, NotImplementedError):
