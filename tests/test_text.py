@@ -230,6 +230,11 @@ def test_lora_run_resumes_to_the_uninterrupted_run(tmp_path, spm_path, prompt_fi
     adapter = {n: p for n, p in resumed.policy.named_parameters() if "lora" in n}
     assert adapter and all(torch.equal(p, dict(full.policy.named_parameters())[n]) for n, p in adapter.items())
     assert list(resumed.reference.parameters()) == []  # still the base with the adapter off, not a copy
+    from tokenmdp.trainer import load_policy, load_reference
+
+    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_reference(tmp_path / "part", resumed.config, resumed.task)(ids), resumed.reference(ids))
+    assert torch.equal(load_policy(tmp_path / "part", resumed.task).eval()(ids), resumed.policy.eval()(ids))
     # a checkpoint keeps the adapter only: the base is reloaded from policy.path
     saved = torch.load(sorted((tmp_path / "part" / "checkpoints").glob("*.pt"))[-1], weights_only=False)["policy"]
     assert set(saved) == {"adapter"} and set(saved["adapter"]) == set(adapter)

@@ -488,6 +488,9 @@ def load_policy(path: str | Path, task) -> TokenPolicy:
 def load_reference(run_dir: str | Path, config: Config, task) -> TokenPolicy:
     """The frozen reference model a run was trained and scored against (its reference.pt)."""
     reference = build_policy(config.policy, task, seed=config.train.seed)
+    view = reference.reference_view()
+    if view is not None:  # LoRA: the base with its adapter off (reference.pt holds no weights)
+        return view.eval()
     reference.load_state_dict(torch.load(Path(run_dir) / "reference.pt", weights_only=True))
     return reference.requires_grad_(False).eval()
 
