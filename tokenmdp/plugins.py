@@ -96,6 +96,9 @@ class Registry:
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
+        # module -> distribution of each installed entry point, read once (reading entry
+        # points scans every installed distribution)
+        self._dists = {ep.value.split(":")[0]: ep.dist for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
         self.components: dict[str, dict[str, Entry]] = {}
         for kind, (hook_name, base) in _COMPONENT_HOOKS.items():
             self.components[kind] = self._collect(hook_name, lambda obj, plugin, b=base: _check_component(obj, b, plugin))
@@ -117,7 +120,7 @@ class Registry:
                         f"duplicate name {name!r} from {hook_name}: provided by plugin "
                         f"{found[name].plugin!r} and by plugin {impl.plugin_name!r}"
                     )
-                found[name] = Entry(name, obj, impl.plugin_name, _source_of(impl.plugin))
+                found[name] = Entry(name, obj, impl.plugin_name, _source_of(impl.plugin, self._dists))
         return found
 
     def component(self, kind: str, name: str) -> type[Component]:
@@ -162,12 +165,11 @@ class Registry:
         return out
 
 
-def _source_of(plugin: Any) -> str:
+def _source_of(plugin: Any, dists: dict[str, Any]) -> str:
+    """Where a plugin comes from: its distribution and version (if installed by an entry
+    point) and its file."""
     module = inspect.getmodule(plugin) if not inspect.ismodule(plugin) else plugin
-    dist = None
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if module is not None and ep.value.split(":")[0] == module.__name__:
-            dist = ep.dist
+    dist = dists.get(module.__name__) if module is not None else None
     where = getattr(module, "__file__", None) or "?"
     if dist is not None:
         return f"{dist.name} {dist.version} ({where})"
