@@ -73,7 +73,7 @@ class HFCausalLMPolicy(TokenPolicy):
 
     def checkpoint_state(self) -> dict[str, Any]:
         """With LoRA, the adapter only (the base is reloaded from ``policy.path``): a
-        Gemma-3 270M checkpoint is a few MB instead of 1.1 GB."""
+        Gemma-3 270M checkpoint with r = 16 is 46 MB (with the optimiser state), not 1.1 GB."""
         if not self.has_adapter:
             return self.state_dict()
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
