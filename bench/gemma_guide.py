@@ -51,7 +51,9 @@ def score_model(model, reference, task, samples: int, seed: int, prefix=None, gu
         own = token_logprobs(model, batch, prefix_ids=prefix)
         kl = ((own - token_logprobs(reference, batch)) * rmask).sum(1)
         # KL(. || pi_hat*): pi_hat* is the reference with the guide in front, the method's target
-        kl_target = ((own - token_logprobs(reference, batch, prefix_ids=guide_prefix)) * rmask).sum(1)
+        target = own if (model is reference and prefix is guide_prefix) else \
+            token_logprobs(reference, batch, prefix_ids=guide_prefix)
+        kl_target = ((own - target) * rmask).sum(1)
     texts = [task.completion_text(r[: int(m.sum())]) for r, m in zip(response, rmask)]
     return {"score": float(scores.mean()), "score_se": float(scores.std() / len(scores) ** 0.5),
             "kl_ref": float(kl.mean()), "kl_ref_se": float(kl.std() / len(kl) ** 0.5),

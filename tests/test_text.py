@@ -21,9 +21,12 @@ from tokenmdp.errors import ConfigError, TokenMDPError
 from tokenmdp.plugins import Registry, plugin_manager
 from tokenmdp.policies import build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
+from tokenmdp.preferences import load_pair_file
 from tokenmdp.rollout import RolloutBatch, filter_logits, generate, token_logprobs
 from tokenmdp.text import TextTask, lexicon_score, load_tokenizer, read_prompts, sentencepiece_adapter
-from tokenmdp.trainer import Trainer
+from tokenmdp.trainer import Trainer, load_policy, load_reference
+
+from conftest import train_until_interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -208,8 +211,6 @@ def test_lora_reference_is_exactly_the_base_model(model_dir):
 
 
 def test_lora_run_resumes_to_the_uninterrupted_run(tmp_path, spm_path, prompt_file, model_dir):
-    from conftest import train_until_interrupted
-
     def config(name, *extra):
         return load_config(None, ["env.id=tokenmdp/Text-v0", f"env.prompts={prompt_file}", f"env.tokenizer={spm_path}",
                                   "env.horizon=4", "policy.kind=hf", f"policy.path={model_dir}",
@@ -230,8 +231,6 @@ def test_lora_run_resumes_to_the_uninterrupted_run(tmp_path, spm_path, prompt_fi
     adapter = {n: p for n, p in resumed.policy.named_parameters() if "lora" in n}
     assert adapter and all(torch.equal(p, dict(full.policy.named_parameters())[n]) for n, p in adapter.items())
     assert list(resumed.reference.parameters()) == []  # still the base with the adapter off, not a copy
-    from tokenmdp.trainer import load_policy, load_reference
-
     ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
     assert torch.equal(load_reference(tmp_path / "part", resumed.config, resumed.task)(ids), resumed.reference(ids))
     assert torch.equal(load_policy(tmp_path / "part", resumed.task).eval()(ids), resumed.policy.eval()(ids))
@@ -307,8 +306,6 @@ def test_text_env_config_errors(tmp_path, spm_path, prompt_file, model_dir):
 
 def test_dpo_pair_file_with_text_prompts_lays_them_out_like_the_env_and_trains(tmp_path, spm_path, prompt_file,
                                                                               model_dir):
-    from tokenmdp.preferences import load_pair_file
-
     task = text_task(spm_path, prompt_file, horizon=10)
     lines = [{"prompt": "the cat", "chosen": "sat on the mat", "rejected": "ran"},
              {"prompt": "a kind", "chosen": "answer helps", "rejected": "dog"},

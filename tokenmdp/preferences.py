@@ -136,9 +136,8 @@ def sample_pairs(model, task, num_pairs: int, generator: torch.Generator, temper
         n = max(64, int(1.5 * (num_pairs - kept)))
         index, context = sample_contexts(task, n, generator, tagged=False)
         cmask = task.prompt_mask[index]  # text prompts are left-padded
-        padded = None if bool(cmask.all()) else cmask.repeat(2, 1)
         both, mask = generate(model, context.repeat(2, 1), task.horizon, task.eos_token, generator, temperature,
-                              attention_mask=padded)
+                              attention_mask=cmask.repeat(2, 1))
         reward = sequence_rewards(task, index.repeat(2), both, mask)
         first, second = reward[:n], reward[n:]
         decided = (first - second).abs() > TIE_TOLERANCE

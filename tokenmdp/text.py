@@ -238,6 +238,10 @@ class TextTask(TokenTask):
                                   f"more than env.max_prompt_tokens = {max_prompt_tokens}")
             rows.append(ids)
         self._prompts, self._prompt_mask = self.lay_out_prompts(rows)
+        #: prompt tokens (BOS excluded) -> first row with them, for pair files' prompts
+        self._row_of = {}
+        for i, ids in enumerate(rows):
+            self._row_of.setdefault(tuple(ids), i)
         self.reward_name = reward
         self.reward_fn = resolve_callable(reward) if reward is not None else None
 
@@ -257,11 +261,7 @@ class TextTask(TokenTask):
 
     def prompt_row(self, ids: list[int]) -> int:
         """Row of ``prompts`` whose tokens (BOS excluded) are ``ids``; -1 for any other prompt."""
-        for i in range(len(self.texts)):
-            real = self._prompts[i, self.prefix_offset:][self._prompt_mask[i, self.prefix_offset:] > 0]
-            if real.tolist() == ids:
-                return i
-        return -1
+        return self._row_of.get(tuple(ids), -1)
 
     # --- problem definition ----------------------------------------------------------
     @property

@@ -76,14 +76,13 @@ class HFCausalLMPolicy(TokenPolicy):
         Gemma-3 270M checkpoint with r = 16 is 46 MB (with the optimiser state), not 1.1 GB."""
         if not self.has_adapter:
             return self.state_dict()
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {"adapter": {k: v for k, v in self.state_dict().items() if k in trainable}}
+        return {"adapter": {name: p.detach() for name, p in self._adapter_parameters().items()}}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         if not self.has_adapter or "adapter" not in state:
             self.load_state_dict(state)  # full weights (a run without LoRA, or an older checkpoint)
             return
-        trainable = {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
+        trainable = {name: p.shape for name, p in self._adapter_parameters().items()}
         saved = {name: v.shape for name, v in state["adapter"].items()}
         if saved != trainable:
             wrong = sorted(set(saved) ^ set(trainable)) or [k for k in saved if saved[k] != trainable[k]]
@@ -91,6 +90,10 @@ class HFCausalLMPolicy(TokenPolicy):
                                 f"or model): {len(saved)} saved tensors, {len(trainable)} expected; first "
                                 f"mismatch {wrong[0]!r}")
         self.load_state_dict(state["adapter"], strict=False)
+
+    def _adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """With LoRA, the trainable parameters are exactly the adapter's."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], vocab_size: int | None = None, seed: int = 0,
