@@ -5,10 +5,11 @@ Prints, over seeds, median [min, max] of:
      starting gap J* - J(pi_ref), within a 1M-token budget, on the dense (Pattern) and the
      delayed-reward (SumMod) environments; and the regret_frac where each run stopped;
   2. DPO offline (configs/dpo.toml) and online (configs/dpo_online.toml) at the same
-     8k-pair budget: final regret_frac on Pattern and Forbidden.
+     8k-pair budget: final regret_frac and KL(pi || pi_ref) on Pattern and Forbidden.
+     --set applies overrides to both DPO configs (e.g. env.penalty=3, estimator.labels=...).
 
     .venv/bin/python bench/baseline_thresholds.py --seeds 0 1 2 --threads 1
-    .venv/bin/python bench/baseline_thresholds.py --part dpo --envs Forbidden
+    .venv/bin/python bench/baseline_thresholds.py --part dpo --envs Forbidden --set env.penalty=3
 """
 
 from __future__ import annotations
@@ -40,28 +41,33 @@ def rl_part(recipes, envs, seeds) -> None:
                   f"{spread(final)} | {spread(wall, '{:.0f}')} |", flush=True)
 
 
-def dpo_part(envs, seeds) -> None:
-    print("\n## DPO, 8k pairs, 3 epochs: final regret_frac (offline vs online)\n")
-    print("| env | offline | online | online better in |")
-    print("|---|---|---|---|")
+def dpo_part(envs, seeds, overrides: list[str]) -> None:
+    print(f"\n## DPO, 8k pairs, 3 epochs: final regret_frac and kl_ref (offline vs online){' with ' if overrides else ''}"
+          f"{' '.join(overrides)}\n")
+    print("| env | offline regret_frac | online regret_frac | online better in | offline kl_ref | online kl_ref |")
+    print("|---|---|---|---|---|---|")
     for env in envs:
-        results = {}
+        regret, kl_ref = {}, {}
         for name in ("dpo", "dpo_online"):
-            results[name] = [run(f"configs/{name}.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}"])[0]["regret_frac"]
-                             for seed in seeds]
-        wins = sum(on < off for on, off in zip(results["dpo_online"], results["dpo"]))
-        print(f"| {env} | {spread(results['dpo'])} | {spread(results['dpo_online'])} | {wins}/{len(seeds)} seeds |", flush=True)
+            finals = [run(f"configs/{name}.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}", *overrides])[2][-1]
+                      for seed in seeds]
+            regret[name], kl_ref[name] = [r["regret_frac"] for r in finals], [r["kl_ref"] for r in finals]
+        wins = sum(on < off for on, off in zip(regret["dpo_online"], regret["dpo"]))
+        print(f"| {env} | {spread(regret['dpo'])} | {spread(regret['dpo_online'])} | {wins}/{len(seeds)} seeds | "
+              f"{spread(kl_ref['dpo'])} | {spread(kl_ref['dpo_online'])} |", flush=True)
 
 
 def main() -> None:
     parser = threshold_parser(__doc__, ["rl", "dpo"])
     parser.add_argument("--recipes", nargs="+", default=["ppo", "rloo", "grpo"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="DPO part: an override for both configs (repeatable)")
     args = parser.parse_args()
     started = start(args)
     if args.part in ("rl", "all"):
         rl_part(args.recipes, args.envs or ["Pattern", "SumMod"], args.seeds)
     if args.part in ("dpo", "all"):
-        dpo_part(args.envs or ["Pattern", "Forbidden"], args.seeds)
+        dpo_part(args.envs or ["Pattern", "Forbidden"], args.seeds, args.overrides)
     print(f"\nwall time: {time.perf_counter() - started:.0f}s")
 
 
