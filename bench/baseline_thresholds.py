@@ -42,8 +42,8 @@ def rl_part(recipes, envs, seeds) -> None:
 
 
 def dpo_part(envs, seeds, overrides: list[str]) -> None:
-    print(f"\n## DPO, 8k pairs, 3 epochs: final regret_frac and kl_ref (offline vs online){' with ' if overrides else ''}"
-          f"{' '.join(overrides)}\n")
+    with_overrides = f" with {' '.join(overrides)}" if overrides else ""
+    print(f"\n## DPO, 8k pairs, 3 epochs: final regret_frac and kl_ref (offline vs online){with_overrides}\n")
     print("| env | offline regret_frac | online regret_frac | online better in | offline kl_ref | online kl_ref |")
     print("|---|---|---|---|---|---|")
     for env in envs:
