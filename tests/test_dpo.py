@@ -13,7 +13,8 @@ import torch
 
 import tokenmdp
 from tokenmdp.config import load_config
-from tokenmdp.env import TokenMDPEnv
+from tokenmdp.env import TokenMDPEnv, TokenTask
+from tokenmdp.preferences import load_pair_file
 from tokenmdp.rollout import token_logprobs
 from tokenmdp.trainer import Trainer
 from tokenmdp_dpo import dpo_loss, sequence_kl, sequence_logratio, sequence_rewards, tdpo_loss
@@ -161,6 +162,19 @@ def test_malformed_pair_file_is_a_config_error_naming_the_line(tmp_path, case):
         trainer.train()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # raised in setup, before any step
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_pair_file_prompts_of_a_task_without_a_prompt_table_are_checked_like_any_prompt(tmp_path):
+    task = TokenTask(vocab_size=4, horizon=3)  # no prompt table: any prompt of input ids 0..5
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": [4, 2], "chosen": [3, 1], "rejected": [0]}\n')
+    pairs = load_pair_file(path, task)
+    assert pairs.prompt_ids.tolist() == [[4, 2]] and pairs.prompt_index.tolist() == [-1]
+    for prompt, message in [("[6]", "'prompt' token id 6 is out of range; prompt tokens are 0..5"),
+                            ("[]", "'prompt' is an empty prompt")]:
+        path.write_text(f'{{"prompt": {prompt}, "chosen": [3, 1], "rejected": [0]}}\n')
+        with pytest.raises(tokenmdp.ConfigError, match=rf"line 1: {re.escape(message)}"):
+            load_pair_file(path, task)
 
 
 def test_pair_file_set_up_errors(tmp_path):

@@ -248,10 +248,8 @@ def _prompt(value: Any, task, where: str) -> tuple[list[int], int]:
         table = task.prompts
     except (AttributeError, NotImplementedError):
         table = None
-    if table is None:  # a task without a prompt table (text): any tokenized prompt
-        if not ids:
-            raise ConfigError(f"{where}: 'prompt' is empty")
-        return ids, -1
+    if table is None:  # a task without a prompt table: any prompt its policies can embed
+        return _in_range(ids, task.input_vocab_size, where, "prompt", "prompt"), -1
     bos = getattr(task, "bos_token", None)
     for candidate in (ids, [bos, *ids]):
         if len(candidate) == table.shape[1]:
