@@ -241,7 +241,7 @@ def test_outside_torchrun_nothing_is_distributed(tiny_config, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.init() is None
     assert (distributed.world_size(), distributed.rank(), distributed.active()) == (1, 0, False)
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     with distributed.global_batch():
         assert not distributed.reducing()
         assert distributed.all_sum(x)[0] is x

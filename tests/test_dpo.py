@@ -121,9 +121,10 @@ def test_tdpo_loss_matches_the_formula_and_stops_the_chosen_kl_gradient():
 
 def test_scoring_a_pair_batch_matches_scoring_each_side(tmp_path):
     trainer = built(dpo_config(tmp_path, "estimator.num_pairs=64"))
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in trainer.policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
     pairs = trainer.composition.estimator.pairs.select(torch.arange(9))
     scores = score_pairs(trainer.ctx, pairs)
     responses = pairs.responses()

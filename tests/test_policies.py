@@ -28,7 +28,7 @@ def test_incremental_decoding_matches_full_forward(kind):
     task = PatternTask(vocab_size=5, horizon=4)
     spec = {"kind": kind} if kind != "hf" else {"kind": "hf", "config": {"n_layer": 1, "n_head": 2, "n_embd": 16}}
     policy = build_policy(spec, task, seed=0).eval()
-    ids = torch.randint(0, task.vocab_size, (3, 6))
+    ids = torch.randint(0, task.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = task.bos_token
     full = policy(ids)
     logits, state = policy.start(ids[:, :2])

@@ -116,10 +116,15 @@ def test_whitened_advantages_have_mean_0_std_1_over_real_tokens(seed, batch, len
     out = construct(rewards, values, mask, lam=lam, whiten=True)
     raw = construct(rewards, values, mask, lam=lam, whiten=False)
     real = out["advantages"][mask.bool()].double()
-    if raw["advantages"][mask.bool()].std(unbiased=False) < 1e-3:
+    raw_real = raw["advantages"][mask.bool()].double()
+    if raw_real.std(unbiased=False) < 1e-3:
         return  # constant advantages: nothing to whiten
-    assert abs(float(real.mean())) < 1e-5
-    assert float(real.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
+    # Whitening statistics are float64, so the float32 outputs carry only their own final
+    # rounding (about 6e-8 * |value|, |value| <= sqrt(42) here): 1e-6 has a 2x margin.
+    assert abs(float(real.mean())) < 1e-6
+    # rsqrt(var + eps), eps = 1e-8: the std is sqrt(var / (var + eps)), just below 1.
+    var = float(raw_real.var(unbiased=False))
+    assert float(real.std(unbiased=False)) == pytest.approx(math.sqrt(var / (var + 1e-8)), abs=1e-6)
     assert bool((out["advantages"][mask == 0] == 0).all())
     assert torch.equal(out["returns"], raw["returns"])  # returns are never whitened
 

@@ -43,15 +43,28 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count.clamp(min=1)
 
 
+def _statistics_dtype(x: Tensor) -> torch.dtype:
+    """float64 for batch statistics, except where the device has none (MPS: float32)."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Mean 0, std 1 over real tokens only; padding stays 0."""
-    x = _zero_padding(x, mask)
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    """Mean 0, std ``sqrt(var / (var + eps))`` (1 unless the spread is tiny) over real
+    tokens only; padding stays 0; the result has ``x``'s dtype.
+
+    The mean, the variance and the centring are computed in float64: in float32, the
+    rounding error of the mean (about 6e-8 * |mean|) is divided by the std, so a batch with
+    a small spread around a large mean would come out with a mean far from 0 (1e-5 for a
+    spread of 1e-3 around 1). In float64 the only error left is the final rounding of each
+    whitened value to ``x``'s dtype."""
+    wide = _zero_padding(x, mask).to(_statistics_dtype(x))
+    wide_mask = mask.to(wide.dtype)
+    mean = masked_mean(wide, wide_mask)
+    var = masked_mean((wide - mean) ** 2, wide_mask)
+    out = (wide - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return (out * wide_mask).to(x.dtype)
 
 
 def suffix_sums(x: Tensor, mask: Tensor) -> Tensor:
