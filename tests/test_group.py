@@ -27,7 +27,7 @@ def fake_batch(rewards, prompt_index, lengths, kl=None, horizon=4):
     ref = logprobs - (kl / torch.tensor(lengths))[:, None] * mask
     ref = ref + 9.0 * (1 - mask)  # garbage on padding (real batches have 0 there)
     return types.SimpleNamespace(rewards=env, response_mask=mask, logprobs=logprobs * mask, ref_logprobs=ref,
-                                 prompt_index=torch.tensor(prompt_index),
+                                 prompt_index=torch.tensor(prompt_index), groups=torch.tensor(prompt_index),
                                  sequence_rewards=(env * mask).sum(1))
 
 

@@ -37,6 +37,11 @@ class Component:
         self.requires = frozenset(type(self).requires)
         self.provides = frozenset(type(self).provides)
 
+    def check(self, config, task) -> None:
+        """Called at start-up, before any model is built or any file is written: raise a
+        ``ConfigError`` naming the key for a run this component cannot train (its options
+        against ``config``, the resolved run config, and ``task``, the env's task)."""
+
     def setup(self, ctx) -> None:
         """Called once before training (create optimisers, move buffers)."""
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import attrs
 import tomli_w
 
+from .devices import PRECISIONS, check_device_spec
 from .errors import ConfigError
 from .options import build, non_negative, non_negative_int, one_of, positive, positive_int, to_dict
 
@@ -76,7 +77,22 @@ class ReferenceConfig:
 class TrainConfig:
     steps: int = attrs.field(default=100, validator=positive_int)
     seed: int = attrs.field(default=0, validator=_seed)
+    #: Responses per step (per rank under torchrun).
     batch_size: int = attrs.field(default=64, validator=positive_int)
+    #: G: each step draws ``batch_size / G`` prompts (distinct when the task has enough)
+    #: and samples G responses to each; RLOO/GRPO groups are then exactly those G. 1 = each
+    #: response gets its own random prompt (groups are whatever the batch happens to hold).
+    samples_per_prompt: int = attrs.field(default=1, validator=positive_int)
+    #: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N" or "mps": where
+    #: the policy, reference, rollouts, signals and optimiser state live (docs/text.md).
+    device: str = attrs.field(default="auto", validator=check_device_spec)
+    #: "fp32", or "bf16": HF model forwards under bf16 autocast, float32 master weights,
+    #: log-softmax, losses, advantages and KL in float32.
+    precision: str = attrs.field(default="fp32", validator=one_of(*PRECISIONS))
+    #: Set every dropout probability of the policy to 0 for RL (as TRL). false keeps the
+    #: policy's dropout in the updater's training forward only; sampling, log-probs, every
+    #: estimator and every evaluation always run without dropout.
+    disable_dropout: bool = attrs.field(default=True, validator=_boolean)
     beta: float = attrs.field(default=1.0, validator=positive)
     temperature: float = attrs.field(default=1.0, validator=positive)
     #: Sample only among the k most likely tokens (unset = all). Sampling only: the stored
@@ -95,6 +111,11 @@ class TrainConfig:
     #: ``batch_size`` sub-batches that ranks 0..N-1 of an N-process run would sample (same
     #: per-rank seeds), to compare against a real distributed run (docs/distributed.md).
     simulate_world_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
+
+    def __attrs_post_init__(self):
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt = {self.samples_per_prompt} must divide batch_size = "
+                             f"{self.batch_size} (each step draws batch_size / samples_per_prompt prompts)")
 
 
 @attrs.frozen

@@ -27,6 +27,18 @@ class TrainContext:
     evaluator: Any = None
     #: Free slot for components that share state within a run.
     extras: dict = attrs.field(factory=dict)
+    #: Where the policy, reference and every batch tensor live (``train.device``).
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    #: Autocast dtype of HF model forwards (``train.precision``); None = float32.
+    autocast_dtype: torch.dtype | None = None
+
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Prepare a network a component builds for itself (a critic, a reward model, a
+        teacher) like the policy: on ``device``, its HF forwards in the run's precision, and
+        its dropout off (it scores, so it must be deterministic). Returns ``module``."""
+        from .devices import place
+
+        return place(module, self.device, self.autocast_dtype, no_dropout=True)
 
     @property
     def guide_ids(self) -> Tensor:

@@ -66,6 +66,8 @@ class TokenTask:
         self.input_vocab_size = vocab_size + 2
         self.rng = torch.Generator().manual_seed(seed)
         self.reward_calls = 0  # lets tests prove a reward-free method never looked
+        #: What a sampled evaluation scores: this task (a text task may hold out prompts).
+        self.eval_task = self
 
     # --- problem definition (override) --------------------------------------------
     @property
@@ -300,6 +302,10 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         self.done[rows] = False
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Options: ``prompt_index`` (fix the prompts), ``reset_mask`` (reset only these
+        rows) and ``samples_per_prompt = G``: every row is reset and the ``num_envs / G``
+        drawn prompts are each given to G consecutive rows; ``info["group_index"]`` then
+        numbers the draws (rows with one value answer one draw of a prompt)."""
         super().reset(seed=seed)
         if seed is not None:
             self._torch_rng.manual_seed(seed)
@@ -307,17 +313,51 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
             self._torch_rng.manual_seed(int(self.np_random.integers(2**62)))
         self._seeded = True
         options = options or {}
+        group_size = options.get("samples_per_prompt", 1)
+        if group_size != 1:
+            return self._reset_groups(group_size, options)
         rows = options.get("reset_mask")
         rows = torch.ones(self.num_envs, dtype=torch.bool) if rows is None else torch.as_tensor(rows, dtype=torch.bool)
-        given = options.get("prompt_index")
+        given = self._given_prompts(options)
         if given is not None:
-            given = torch.as_tensor(given, dtype=torch.long)
-            if given.min() < 0 or given.max() >= self.task.prompts.shape[0]:
-                raise TokenMDPError(f"options.prompt_index must be in [0, {self.task.prompts.shape[0]})")
             given = given[rows] if given.numel() == self.num_envs else given
         self._reset_rows(rows, given)
         self._pending_reset[rows] = False
         return self._obs(), {"prompt_index": self.prompt_index.clone()}
+
+    def _reset_groups(self, group_size: int, options: dict):
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
+                or self.num_envs % group_size:
+            raise TokenMDPError(f"options.samples_per_prompt must be a positive integer that divides num_envs = "
+                                f"{self.num_envs} (got {group_size!r})")
+        if options.get("reset_mask") is not None:
+            raise TokenMDPError("options.samples_per_prompt resets every row; it takes no reset_mask")
+        groups = self.num_envs // group_size
+        index = self._given_prompts(options)  # the caller's prompts, one per row, grouped in order
+        if index is None:
+            probs = self.task.prompt_probs
+            # Distinct prompts within a step whenever the task has enough of them (as TRL's
+            # sampler), so no two groups answer the same prompt.
+            distinct = int((probs > 0).sum()) >= groups
+            drawn = torch.multinomial(probs, groups, replacement=not distinct, generator=self._torch_rng)
+            index = drawn.repeat_interleave(group_size)
+        elif index.numel() != self.num_envs:
+            raise TokenMDPError(f"options.prompt_index with samples_per_prompt needs one prompt per row "
+                                f"({self.num_envs}; got {index.numel()})")
+        self._reset_rows(torch.ones(self.num_envs, dtype=torch.bool), index)
+        self._pending_reset[:] = False
+        info = {"prompt_index": self.prompt_index.clone(),
+                "group_index": torch.arange(groups).repeat_interleave(group_size)}
+        return self._obs(), info
+
+    def _given_prompts(self, options: dict) -> Tensor | None:
+        given = options.get("prompt_index")
+        if given is None:
+            return None
+        given = torch.as_tensor(given, dtype=torch.long)
+        if given.min() < 0 or given.max() >= self.task.prompts.shape[0]:
+            raise TokenMDPError(f"options.prompt_index must be in [0, {self.task.prompts.shape[0]})")
+        return given
 
     def step(self, actions):
         given = actions

@@ -7,6 +7,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from .devices import module_device
 from .ops import masked_correlation
 from .policies.base import TokenPolicy
 from .rollout import RolloutBatch
@@ -38,10 +39,11 @@ class ExactEvaluator:
         sampled tokens (``token_rewards`` when the estimator provides them, else the
         advantages); ``credit_corr_advantages`` always uses the advantages."""
         true = self.solution.token_advantages(batch.prompt_index, batch.response_ids, batch.response_mask)
+        mask = batch.response_mask.cpu()
         credit = signals.get("token_rewards", advantages["advantages"])
         return {
-            "credit_corr": masked_correlation(credit.detach(), true, batch.response_mask),
-            "credit_corr_advantages": masked_correlation(advantages["advantages"].detach(), true, batch.response_mask),
+            "credit_corr": masked_correlation(credit.detach().cpu(), true, mask),
+            "credit_corr_advantages": masked_correlation(advantages["advantages"].detach().cpu(), true, mask),
         }
 
 
@@ -82,17 +84,21 @@ class SampledEvaluator:
 
     @torch.no_grad()
     def sample(self, policy: TokenPolicy) -> RolloutBatch:
-        from .rollout import generate
+        from .rollout import generate, sampling_generator
 
         task = self.task
         generator = torch.Generator().manual_seed(self.seed)
         index = torch.multinomial(task.prompt_probs, self.num_samples, replacement=True, generator=generator)
         prompt_ids, prompt_mask = task.prompts[index], task.prompt_mask[index]
+        device = module_device(policy)
+        if device.type != "cpu":  # the same stream for every policy scored on this device
+            generator = sampling_generator(self.seed, device)
         response, mask = generate(policy, prompt_ids, task.horizon, task.eos_token, generator,
                                   attention_mask=prompt_mask, **self.sampling)
-        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response,
-                            response_mask=mask, rewards=torch.zeros_like(mask), prompt_index=index,
-                            rewards_observed=False, prefix_offset=task.prefix_offset)
+        batch = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response,
+                             response_mask=mask, rewards=torch.zeros_like(mask), prompt_index=index,
+                             rewards_observed=False, prefix_offset=task.prefix_offset)
+        return batch.to(device)
 
     @torch.no_grad()
     def evaluate(self, policy: TokenPolicy, prefix_ids: Tensor | None = None) -> dict[str, float]:

@@ -13,8 +13,10 @@ exact ``A*(s_t, a_t)`` of the solver under the run's own reference:
 
 Every advantage is shown unwhitened, so its numbers are in reward units (whitening is an
 affine map over the batch and leaves the correlation with A* unchanged). RLOO and GRPO
-need groups, so each shown response is the first of ``group_size`` responses to the
-same prompt; the correlations are over every token of every sampled response.
+need groups, so each shown response is the first of a group of ``group_size`` responses
+to one prompt, sampled as ``train.samples_per_prompt`` samples them (two groups never
+merge, even when they share a prompt); the correlations are over every token of every
+sampled response.
 """
 
 from __future__ import annotations
@@ -91,10 +93,13 @@ def exact_policy_values(solution: Solution, policy_logp: list[Tensor], kl_coef: 
     return v
 
 
-def sample(policy, reference, env, prompt_index: Tensor, seed: int) -> tuple[RolloutBatch, torch.Generator]:
-    """Responses of ``policy`` to the given prompts, rewarded by the env and scored by both models."""
+def sample(policy, reference, env, prompt_index: Tensor, seed: int,
+           group_size: int = 1) -> tuple[RolloutBatch, torch.Generator]:
+    """Responses of ``policy`` to the given prompts, rewarded by the env and scored by both
+    models; each ``group_size`` consecutive rows are one group (as ``train.samples_per_prompt``)."""
     generator = torch.Generator().manual_seed(seed)
-    batch = collect(policy, env, seed=seed, generator=generator, prompt_index=prompt_index)
+    batch = collect(policy, env, seed=seed, generator=generator, prompt_index=prompt_index,
+                    samples_per_prompt=group_size)
     with torch.no_grad():
         batch.logprobs = token_logprobs(policy, batch)
         batch.ref_logprobs = token_logprobs(reference, batch)
@@ -188,7 +193,7 @@ def explain(run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Pat
     n_prompts = task.prompts.shape[0]
     prompt_index = (torch.arange(samples) % n_prompts).repeat_interleave(group_size)
     env = make_vector_env(registry, config, len(prompt_index), compute_rewards=True)
-    batch, generator = sample(policy, reference, env, prompt_index, seed)
+    batch, generator = sample(policy, reference, env, prompt_index, seed, group_size)
     # explain is one step of each estimator: train.steps = 1 keeps step-budgeted set-ups tiny
     one_step = attrs.evolve(config, train=attrs.evolve(config.train, steps=1))
     ctx = TrainContext(policy=policy, reference=reference, beta=config.train.beta, task=task, config=one_step,

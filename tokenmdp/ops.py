@@ -20,14 +20,21 @@ from . import distributed
 from .errors import NonFiniteError
 
 
-def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
     """``x`` with padded positions set to 0, so that garbage there (even NaN/inf, or values
     whose square overflows) cannot leak into results through ``0 * garbage``."""
     return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is in a half type (bf16/fp16 logits of an autocast forward),
+    else unchanged: losses, log-softmax and KL never run in half precision, and a float64
+    model stays float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def masked_sum(x: Tensor, mask: Tensor) -> Tensor:
-    total = (_zero_padding(x, mask) * mask).sum()
+    total = (zero_padding(x, mask) * mask).sum()
     return distributed.all_sum(total)[0] if distributed.reducing() else total
 
 
@@ -35,9 +42,9 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean over real tokens; with ``dim`` (e.g. 0: a per-position mean over the batch),
     only along that dimension. A slice with no real token gives 0."""
     if dim is None:
-        total, count = (_zero_padding(x, mask) * mask).sum(), mask.sum()
+        total, count = (zero_padding(x, mask) * mask).sum(), mask.sum()
     else:
-        total, count = (_zero_padding(x, mask) * mask).sum(dim), mask.sum(dim)
+        total, count = (zero_padding(x, mask) * mask).sum(dim), mask.sum(dim)
     if distributed.reducing():
         total, count = distributed.all_sum(total, count)
     return total / count.clamp(min=1)
@@ -57,7 +64,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     a small spread around a large mean would come out with a mean far from 0 (1e-5 for a
     spread of 1e-3 around 1). In float64 the only error left is the final rounding of each
     whitened value to ``x``'s dtype."""
-    wide = _zero_padding(x, mask).to(_statistics_dtype(x))
+    wide = zero_padding(x, mask).to(_statistics_dtype(x))
     wide_mask = mask.to(wide.dtype)
     mean = masked_mean(wide, wide_mask)
     var = masked_mean((wide - mean) ** 2, wide_mask)
@@ -69,7 +76,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
 def suffix_sums(x: Tensor, mask: Tensor) -> Tensor:
     """``out[:, t] = sum_{k >= t} x[:, k]`` over real tokens (reward-to-go, gamma = 1)."""
-    x = _zero_padding(x, mask) * mask
+    x = zero_padding(x, mask) * mask
     return (x.flip(1).cumsum(1).flip(1)) * mask
 
 

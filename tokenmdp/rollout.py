@@ -6,7 +6,9 @@ import attrs
 import torch
 from torch import Tensor
 
+from .devices import module_device
 from .env import TokenVectorEnv
+from .ops import at_least_float32
 from .policies.base import TokenPolicy
 
 
@@ -28,6 +30,9 @@ class RolloutBatch:
     #: Leading columns of ``prompt_ids`` kept in front of a conditioning prefix: 1 for text
     #: prompts laid out ``[BOS, pad..., prompt]`` (the guide goes after BOS), else 0.
     prefix_offset: int = 0
+    #: ``[batch]``: rows with one value are the responses to one draw of a prompt
+    #: (``train.samples_per_prompt > 1``); None: the batch was not sampled in groups.
+    group_index: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -41,13 +46,30 @@ class RolloutBatch:
     def sequence_rewards(self) -> Tensor:
         return (self.rewards * self.response_mask).sum(1)
 
+    @property
+    def groups(self) -> Tensor:
+        """``[batch]`` group of each response, for group baselines (RLOO, GRPO): its draw
+        of a prompt when sampled in groups, else its prompt (every response to a prompt)."""
+        return self.group_index if self.group_index is not None else self.prompt_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.response_ids.device
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in attrs.fields(type(self))
+                if isinstance(getattr(self, f.name), Tensor)}
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The batch with every tensor on ``device`` (itself when they already are)."""
+        device, tensors = torch.device(device), self._tensors()
+        if all(t.device == device for t in tensors.values()):
+            return self
+        return attrs.evolve(self, **{name: t.to(device) for name, t in tensors.items()})
+
     def select(self, index: Tensor) -> "RolloutBatch":
         """Rows ``index`` of every tensor (for minibatches)."""
-        return attrs.evolve(
-            self,
-            **{f.name: getattr(self, f.name)[index] for f in attrs.fields(type(self))
-               if isinstance(getattr(self, f.name), Tensor)},
-        )
+        return attrs.evolve(self, **{name: t[index] for name, t in self._tensors().items()})
 
 
 def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
@@ -63,6 +85,10 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
             if len(shapes) > 1:
                 raise ValueError(f"cannot concatenate batches: {f.name} shapes differ past dim 0: {sorted(shapes)}")
             tensors[f.name] = torch.cat(values)
+    groups = [b.group_index for b in batches]
+    if all(g is not None for g in groups):  # each sub-batch's groups stay its own
+        offsets = torch.tensor([0, *[int(g.max()) + 1 for g in groups[:-1]]]).cumsum(0).tolist()
+        tensors["group_index"] = torch.cat([g + k for g, k in zip(groups, offsets)])
     observed = {b.rewards_observed for b in batches}
     return attrs.evolve(batches[0], **tensors, rewards_observed=all(observed))
 
@@ -86,6 +112,20 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
     return logits
 
 
+def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with ``seed`` on ``device``, where sampling draws its tokens."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row. A generator on another device than ``probs`` (a CPU generator for
+    a GPU policy) draws on its own device, so every caller's seeded stream works anywhere."""
+    if generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+    return drawn.squeeze(1).to(probs.device)
+
+
 @torch.no_grad()
 def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: int | None,
              generator: torch.Generator, temperature: float = 1.0, attention_mask: Tensor | None = None,
@@ -97,14 +137,17 @@ def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: 
     sampling distribution only (:func:`filter_logits`)."""
     was_training = policy.training
     policy.eval()
+    device = module_device(policy)
+    context_ids = context_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     b = context_ids.shape[0]
-    response = torch.zeros(b, horizon, dtype=torch.long)
-    mask = torch.zeros(b, horizon)
-    active = torch.ones(b, dtype=torch.bool)
+    response = torch.zeros(b, horizon, dtype=torch.long, device=device)
+    mask = torch.zeros(b, horizon, device=device)
+    active = torch.ones(b, dtype=torch.bool, device=device)
     logits, state = policy.start(context_ids, attention_mask)
     for t in range(horizon):
         probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-        actions = torch.where(active, torch.multinomial(probs, 1, generator=generator).squeeze(1), 0)
+        actions = torch.where(active, _draw(probs, generator), 0)
         response[:, t] = actions
         mask[:, t] = active.float()
         if eos_token is not None:
@@ -119,28 +162,38 @@ def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: 
 @torch.no_grad()
 def collect(policy: TokenPolicy, env: TokenVectorEnv, seed: int, generator: torch.Generator,
             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-            prompt_index: Tensor | None = None) -> RolloutBatch:
+            prompt_index: Tensor | None = None, samples_per_prompt: int = 1) -> RolloutBatch:
     """One response per env: sample with the policy, then step the env with those tokens
     (which yields rewards, unless the env is reward-free). ``prompt_index`` fixes the
-    prompts (else the env draws them)."""
-    obs, info = env.reset(seed=seed, options=None if prompt_index is None else {"prompt_index": prompt_index})
+    prompts (else the env draws them). With ``samples_per_prompt = G`` the env draws
+    ``num_envs / G`` prompts and each is answered G times, by consecutive rows, numbered
+    in ``group_index`` (given prompts are grouped G rows at a time, in order).
+
+    The env and the task live on the CPU; the batch is returned on the policy's device."""
+    options = {} if prompt_index is None else {"prompt_index": prompt_index}
+    if samples_per_prompt != 1:
+        options["samples_per_prompt"] = samples_per_prompt
+    obs, info = env.reset(seed=seed, options=options or None)
     prompt_mask = obs["prompt_mask"].long() if "prompt_mask" in obs else torch.ones_like(obs["prompt"])
     response, mask = generate(policy, obs["prompt"], env.task.horizon, env.task.eos_token, generator, temperature,
                               attention_mask=prompt_mask, top_k=top_k, top_p=top_p)
-    rewards = torch.zeros_like(mask)
-    for t in range(response.shape[1]):
+    actions = response.cpu()
+    rewards = torch.zeros(actions.shape)
+    for t in range(actions.shape[1]):
         if bool(env.done.all()):
             break
-        _, rewards[:, t], _, _, _ = env.step(response[:, t])
+        _, rewards[:, t], _, _, _ = env.step(actions[:, t])
+    device = response.device
     return RolloutBatch(
-        prompt_ids=obs["prompt"],
-        prompt_mask=prompt_mask,
+        prompt_ids=obs["prompt"].to(device),
+        prompt_mask=prompt_mask.to(device),
         response_ids=response,
         response_mask=mask,
-        rewards=rewards * mask,
-        prompt_index=info["prompt_index"],
+        rewards=rewards.to(device) * mask,
+        prompt_index=info["prompt_index"].to(device),
         rewards_observed=env.compute_rewards,
         prefix_offset=env.task.prefix_offset,
+        group_index=info["group_index"].to(device) if "group_index" in info else None,
     )
 
 
@@ -153,6 +206,7 @@ def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor 
     compute the output layer on the response positions only."""
     ids, mask = batch.prompt_ids, batch.prompt_mask
     if prefix_ids is not None:
+        prefix_ids = prefix_ids.to(ids.device)
         prefix = prefix_ids.view(1, -1).expand(ids.shape[0], -1) if prefix_ids.dim() == 1 else prefix_ids
         k = batch.prefix_offset
         ids = torch.cat([ids[:, :k], prefix, ids[:, k:]], dim=1)
@@ -170,7 +224,7 @@ def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor 
 def token_logprobs(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None,
                    return_logits: bool = False):
     """Log-prob of each taken response token under ``model`` (0 on padding)."""
-    logits = response_logits(model, batch, prefix_ids).float()
+    logits = at_least_float32(response_logits(model, batch, prefix_ids))
     logp = torch.log_softmax(logits, dim=-1)
     taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
     return (taken, logits) if return_logits else taken

@@ -13,6 +13,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from .devices import module_device
 from .env import TokenTask
 from .policies.base import ExactPolicy, TokenPolicy
 
@@ -36,20 +37,28 @@ def prefix_index(prefix: Tensor, vocab_size: int) -> Tensor:
 
 @torch.no_grad()
 def tree_logprobs(policy: TokenPolicy, task: TokenTask, prefix_ids: Tensor | None = None) -> list[Tensor]:
-    """Log-probs of ``policy`` at every state of the tree, one decoding step per state."""
+    """Log-probs of ``policy`` at every state of the tree, one decoding step per state.
+
+    The policy runs on its own device; the log-probs come back to the CPU in float64."""
     prompts = task.prompts
     if prefix_ids is not None:
-        prompts = torch.cat([prefix_ids.expand(prompts.shape[0], -1), prompts], dim=1)
+        prompts = torch.cat([prefix_ids.cpu().expand(prompts.shape[0], -1), prompts], dim=1)
     n_prompts, vocab = prompts.shape[0], task.vocab_size
+    device = module_device(policy)
+    cpu = torch.device("cpu")
+
+    def log_softmax(logits):
+        return torch.log_softmax(logits.to(device=cpu, dtype=DTYPE), -1)
+
     was_training = policy.training
     policy.eval()
-    logits, state = policy.start(prompts)
-    out = [torch.log_softmax(logits.to(DTYPE), -1).view(n_prompts, 1, vocab)]
+    logits, state = policy.start(prompts.to(device))
+    out = [log_softmax(logits).view(n_prompts, 1, vocab)]
     for t in range(1, task.horizon):
         rows = n_prompts * vocab ** (t - 1)
-        state = policy.reindex_state(state, torch.arange(rows).repeat_interleave(vocab))
-        logits, state = policy.advance(state, torch.arange(vocab).repeat(rows))
-        out.append(torch.log_softmax(logits.to(DTYPE), -1).view(n_prompts, vocab**t, vocab))
+        state = policy.reindex_state(state, torch.arange(rows, device=device).repeat_interleave(vocab))
+        logits, state = policy.advance(state, torch.arange(vocab, device=device).repeat(rows))
+        out.append(log_softmax(logits).view(n_prompts, vocab**t, vocab))
     policy.train(was_training)
     return out
 
@@ -108,7 +117,8 @@ class Solution:
                         per_action: bool = True) -> Tensor:
         """``[B, T]``: ``table(t)`` (a depth-``t`` tensor ``[P, V**t, V]``, or ``[P, V**t]``
         with ``per_action=False``) read at each response token's state ``s_t`` (and token
-        ``a_t``); 0 on padding."""
+        ``a_t``); 0 on padding. Computed on the CPU, where the solution lives."""
+        prompt_index, response_ids, response_mask = prompt_index.cpu(), response_ids.cpu(), response_mask.cpu()
         b, length = response_ids.shape
         out = torch.zeros(b, length, dtype=DTYPE)
         index = torch.zeros(b, dtype=torch.long)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import re
@@ -117,16 +118,17 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
 
 # --- prompts ----------------------------------------------------------------------------
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, key: str = "env.prompts") -> list[str]:
     """Prompts from a ``.jsonl`` file (each line a JSON string or an object with a
     ``"prompt"`` string) or from a text file (one prompt per line; a literal ``\\n`` in a
     line is a newline). Blank lines are skipped. Any malformed line is a ``ConfigError``
-    that quotes the file and the line number, so nothing is ever trained on bad data."""
+    that quotes ``key``, the file and the line number, so nothing is ever trained (or
+    scored) on bad data."""
     if not isinstance(path, (str, Path)) or not str(path):
-        raise ConfigError("env.prompts is required: a .jsonl or text file of prompts")
+        raise ConfigError(f"{key} is required: a .jsonl or text file of prompts")
     jsonl = Path(path).suffix.lower() in (".jsonl", ".json")
     prompts = []
-    for where, line in numbered_lines(path, "env.prompts: file"):
+    for where, line in numbered_lines(path, f"{key}: file"):
         if jsonl:
             row = json_line(line, where)
             if isinstance(row, dict):
@@ -145,7 +147,7 @@ def read_prompts(path: str | Path) -> list[str]:
             raise ConfigError(f"{where}: the prompt is empty")
         prompts.append(text)
     if not prompts:
-        raise ConfigError(f"env.prompts: file {str(path)!r} holds no prompts")
+        raise ConfigError(f"{key}: file {str(path)!r} holds no prompts")
     return prompts
 
 
@@ -210,7 +212,7 @@ class TextTask(TokenTask):
 
     def __init__(self, prompts: str | None = None, tokenizer: str | None = None, reward: str | None = None,
                  horizon: int = 32, seed: int = 0, max_prompt_tokens: int = 256, add_bos: bool | None = None,
-                 stop_at_eos: bool = True, guide_separator: str = "\n"):
+                 stop_at_eos: bool = True, guide_separator: str = "\n", eval_prompts: str | list | None = None):
         tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
         eos = tok.eos_token_id if stop_at_eos else None
         if eos is not None and not 0 <= eos < tok.vocab_size:
@@ -226,24 +228,36 @@ class TextTask(TokenTask):
         self.pad_token = tok.pad_token_id if tok.pad_token_id is not None and tok.pad_token_id < tok.vocab_size else 0
         self.guide_separator = guide_separator
         self.prefix_offset = 1 if self.add_bos else 0
+        self.max_prompt_tokens = max_prompt_tokens
+        self.reward_name = reward
+        self.reward_fn = resolve_callable(reward) if reward is not None else None
+        self._set_prompts(prompts, "env.prompts")
+        #: The task the sampled evaluator scores: the same task on ``eval_prompts`` (held
+        #: out), or this task itself (its training prompts) when they are unset.
+        self.eval_task = self
+        if eval_prompts is not None:
+            self.eval_task = copy.copy(self)
+            self.eval_task._set_prompts(eval_prompts, "env.eval_prompts")
+            self.eval_task.eval_task = self.eval_task
+
+    def _set_prompts(self, prompts: str | list, key: str) -> None:
+        """Read (``key`` names them in errors), tokenize and lay out the prompt table."""
         self.prompts_path = str(prompts)
-        self.texts = read_prompts(prompts) if not isinstance(prompts, list) else list(prompts)
+        self.texts = read_prompts(prompts, key) if not isinstance(prompts, list) else list(prompts)
         rows = []
         for lineno, text in enumerate(self.texts, 1):
-            ids = tok.encode(text)
+            ids = self.tokenizer.encode(text)
             if not ids:
-                raise ConfigError(f"env.prompts: prompt {lineno} ({text[:40]!r}) has no tokens")
-            if len(ids) > max_prompt_tokens:
-                raise ConfigError(f"env.prompts: prompt {lineno} ({text[:40]!r}...) has {len(ids)} tokens, "
-                                  f"more than env.max_prompt_tokens = {max_prompt_tokens}")
+                raise ConfigError(f"{key}: prompt {lineno} ({text[:40]!r}) has no tokens")
+            if len(ids) > self.max_prompt_tokens:
+                raise ConfigError(f"{key}: prompt {lineno} ({text[:40]!r}...) has {len(ids)} tokens, "
+                                  f"more than env.max_prompt_tokens = {self.max_prompt_tokens}")
             rows.append(ids)
         self._prompts, self._prompt_mask = self.lay_out_prompts(rows)
         #: prompt tokens (BOS excluded) -> first row with them, for pair files' prompts
         self._row_of = {}
         for i, ids in enumerate(rows):
             self._row_of.setdefault(tuple(ids), i)
-        self.reward_name = reward
-        self.reward_fn = resolve_callable(reward) if reward is not None else None
 
     def lay_out_prompts(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Token-id prompts as the env lays them out: ``[BOS, pad..., prompt]`` (no BOS
@@ -340,5 +354,6 @@ class TextTask(TokenTask):
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "prompts": self.prompts_path, "num_prompts": len(self.texts),
+                "eval_prompts": self.eval_task.prompts_path if self.eval_task is not self else None,
                 "tokenizer": self.tokenizer.source, "vocab_size": self.vocab_size, "horizon": self.horizon,
                 "eos_token": self.eos_token, "reward": self.reward_name}

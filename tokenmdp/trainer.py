@@ -27,13 +27,14 @@ from . import distributed
 from .composition import Composition, compose
 from .config import Config, dump_config, load_config
 from .context import TrainContext
+from .devices import PRECISIONS, place, resolve_device
 from .env import TokenVectorEnv
 from .errors import ConfigError, PluginError, RewardError, TokenMDPError
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .ops import check_finite
 from .plugins import Registry, plugin_manager
 from .policies import TokenPolicy, build_policy
-from .rollout import collect, concat_batches, token_logprobs
+from .rollout import collect, concat_batches, sampling_generator, token_logprobs
 from .sft import make_sft_data, supervised_finetune
 
 CHECKPOINT_DIR = "checkpoints"
@@ -119,6 +120,14 @@ class Trainer:
                                    compute_rewards=self.composition.needs_env_reward)
         self.task = self.env.task
         self._check_text_setup(config)
+        self.device = resolve_device(config.train.device)
+        self.autocast_dtype = PRECISIONS[config.train.precision]
+        kind = config.policy.get("kind", "gru")
+        if self.autocast_dtype is not None and kind != "hf":
+            raise ConfigError(f"train.precision = {config.train.precision!r} applies to HF models (policy.kind = "
+                              f"\"hf\"); policy.kind = {kind!r} trains in \"fp32\"")
+        for component in self.composition.components:
+            component.check(config, self.task)
         self.run_dir = Path(config.run.dir)
         self.resume = resume
         simulate = config.train.simulate_world_size
@@ -167,7 +176,7 @@ class Trainer:
             raise ConfigError("policy.lora trains an adapter on a fixed base, and the base is the reference; "
                               "set reference.init = \"init\"")
         if self.resume and ref_file.exists() and not shared:
-            reference.load_state_dict(torch.load(ref_file, weights_only=True))
+            reference.load_state_dict(torch.load(ref_file, weights_only=True, map_location="cpu"))
         elif cfg.reference.init == "sft":
             generator = torch.Generator().manual_seed(cfg.train.seed)
             ref_cfg = cfg.reference
@@ -180,20 +189,24 @@ class Trainer:
             self.policy, self.reference = reference, view.eval()
         else:  # full fine-tuning changes every weight: the reference is a frozen copy
             self.policy = copy.deepcopy(reference)
-            self.reference = reference.requires_grad_(False).eval()
+            self.reference = place(reference.requires_grad_(False).eval(), self.device, self.autocast_dtype,
+                                   no_dropout=False)
+        # The policy is in eval mode (no dropout) everywhere but the updater's forward;
+        # train.disable_dropout (default) turns its dropout off there too.
+        place(self.policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
         self.exact = self.task.exact
         self._last_eval: tuple[int, dict[str, float]] | None = None
         if self.exact:
             self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
         else:
             t = cfg.train
-            self.evaluator = SampledEvaluator(self.task, self.reference, t.beta, t.eval_samples or t.batch_size,
-                                              seed=step_seed(t.seed, 0) ^ 0x5CA1AB1E, temperature=t.temperature,
-                                              top_k=t.top_k, top_p=t.top_p)
+            self.evaluator = SampledEvaluator(self.task.eval_task, self.reference, t.beta,
+                                              t.eval_samples or t.batch_size, seed=step_seed(t.seed, 0) ^ 0x5CA1AB1E,
+                                              temperature=t.temperature, top_k=t.top_k, top_p=t.top_p)
         exact = self.evaluator if self.exact else None
         self.ctx = TrainContext(policy=self.policy, reference=self.reference, beta=cfg.train.beta,
                                 task=self.task, config=cfg, solution=exact.solution if exact else None,
-                                evaluator=exact)
+                                evaluator=exact, device=self.device, autocast_dtype=self.autocast_dtype)
         for component in self.composition.components:
             self._guard(component, "setup", component.setup, self.ctx)
 
@@ -320,7 +333,7 @@ class Trainer:
             check_finite(advantages, f"advantage {constructor.name!r}", step)
             credit = self.evaluator.credit(batch, signals, advantages)
         with distributed.agreement(f"updater {updater.name!r} at step {step}"), \
-                distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"):
+                distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"), self._training_mode():
             update_metrics = dict(self._guard(updater, "update", updater.update, batch, signals, advantages, ctx))
             check_finite(update_metrics, f"updater {updater.name!r}", step)
             check_finite(dict(self.policy.named_parameters()), f"the policy after updater {updater.name!r}", step)
@@ -334,6 +347,16 @@ class Trainer:
         metrics.update(update_metrics)
         return distributed.reduce_metrics(metrics)
 
+    @contextlib.contextmanager
+    def _training_mode(self):
+        """The policy in train mode for the updater's forward (dropout only where
+        ``train.disable_dropout = false``), and back in eval mode for everything else."""
+        self.policy.train()
+        try:
+            yield
+        finally:
+            self.policy.eval()
+
     def _collect(self, step: int):
         """This rank's batch, sampled with its own seed; with ``train.simulate_world_size = N``
         the concatenation of the N sub-batches ranks 0..N-1 would sample. ``ctx.generator``
@@ -344,12 +367,15 @@ class Trainer:
         for r in ranks:
             seed = step_seed(cfg.train.seed, step, r)
             generator = torch.Generator().manual_seed(seed)
+            # On the CPU one generator samples and then shuffles; a GPU policy samples with
+            # its own generator (same seed) and ctx.generator stays on the CPU.
+            sampling = generator if self.device.type == "cpu" else sampling_generator(seed, self.device)
             if not batches:
                 self.ctx.generator = generator
             try:
-                batches.append(collect(self.policy, self.env, seed=seed, generator=generator,
+                batches.append(collect(self.policy, self.env, seed=seed, generator=sampling,
                                        temperature=cfg.train.temperature, top_k=cfg.train.top_k,
-                                       top_p=cfg.train.top_p))
+                                       top_p=cfg.train.top_p, samples_per_prompt=cfg.train.samples_per_prompt))
             except RewardError as exc:
                 raise RewardError(f"{exc} (while collecting step {step})") from exc
         try:
@@ -370,7 +396,7 @@ class Trainer:
                     latest = latest_checkpoint(self.run_dir)
                     if latest is None:
                         raise ConfigError(f"--resume {str(self.run_dir)!r}: no checkpoint to resume from")
-                    state = torch.load(latest, weights_only=False)
+                    state = torch.load(latest, weights_only=False, map_location="cpu")
                     _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
             state = distributed.broadcast_object(state)
             self.policy.load_checkpoint_state(state["policy"])
@@ -420,6 +446,9 @@ class Trainer:
                 "env_tokens": env_tokens,
                 "wall_seconds": wall_seconds,
                 "used_env_reward": self.composition.needs_env_reward,
+                "eval_on": (f"held-out prompts: env.eval_prompts = {self.task.eval_task.prompts_path}"
+                            if self.task.eval_task is not self.task else
+                            "the training prompts (env.eval_prompts unset)"),
                 "start": dict(start),
                 **final,
                 **{k: v for c in self.composition.components for k, v in c.report().items()},
@@ -478,7 +507,7 @@ def load_policy(path: str | Path, task) -> TokenPolicy:
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
-        policy.load_checkpoint_state(torch.load(checkpoint, weights_only=False)["policy"])
+        policy.load_checkpoint_state(torch.load(checkpoint, weights_only=False, map_location="cpu")["policy"])
         return policy
     from .policies.hf import HFCausalLMPolicy
 
@@ -491,7 +520,7 @@ def load_reference(run_dir: str | Path, config: Config, task) -> TokenPolicy:
     view = reference.reference_view()
     if view is not None:  # LoRA: the base with its adapter off (reference.pt holds no weights)
         return view.eval()
-    reference.load_state_dict(torch.load(Path(run_dir) / "reference.pt", weights_only=True))
+    reference.load_state_dict(torch.load(Path(run_dir) / "reference.pt", weights_only=True, map_location="cpu"))
     return reference.requires_grad_(False).eval()
 
 

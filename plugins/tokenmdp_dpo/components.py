@@ -10,7 +10,7 @@ from torch import Tensor
 from tokenmdp import AdvantageConstructor, TrajectoryEstimator
 from tokenmdp.errors import ConfigError
 from tokenmdp.options import non_negative, one_of, positive, positive_int
-from tokenmdp.updaters import GradientUpdater
+from tokenmdp.updaters import GradientUpdater, MicroBatch
 
 from .losses import LOSSES, dpo_loss, sequence_logratio
 from tokenmdp.preferences import PairBatch, load_pair_file, sample_pairs
@@ -191,6 +191,9 @@ class PairOptions:
     max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)
     #: Decay the learning rate linearly to 0 over ``train.steps``.
     anneal_lr: bool = False
+    #: Pairs per forward/backward inside a minibatch; their gradients are accumulated into
+    #: one step on the whole minibatch (same loss, less memory). Unset = the whole minibatch.
+    micro_batch_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
 
 
 @attrs.frozen
@@ -206,7 +209,7 @@ class PairScores:
 
 def score_pairs(ctx, pairs: PairBatch) -> PairScores:
     """One forward pass of the policy (and one of the reference) over both responses."""
-    responses = pairs.responses()
+    responses = pairs.responses().to(ctx.device)
     logp, logits = ctx.token_logprobs(ctx.policy, responses, return_logits=True)
     with torch.no_grad():
         ref_logp, ref_logits = ctx.token_logprobs(ctx.reference, responses, return_logits=True)
@@ -244,16 +247,33 @@ class DPOUpdater(GradientUpdater):
         """Per-pair loss and per-pair metrics; subclasses (TDPO) change only this."""
         return dpo_loss(scores.chosen, scores.rejected, beta, self.options.loss), pair_metrics(scores, beta)
 
+    def check(self, config, task):
+        micro, size = self.options.micro_batch_size, self.options.minibatch_size
+        if micro is not None and micro > size:
+            raise ConfigError(f"updater.micro_batch_size = {micro} is larger than a minibatch of updater "
+                              f"{self.name!r} (updater.minibatch_size = {size} pairs); choose 1..{size}, or unset it")
+
     def update(self, batch, signals, advantages, ctx):
         pairs: PairBatch = signals["preference_pairs"]
         beta = self.options.beta or ctx.beta
+
+        def share(micro):
+            losses, stats = self.pair_loss(score_pairs(ctx, micro.batch), beta)
+            # per-pair sums (for the step's means below); the loss is the minibatch's mean
+            sums = {key: value.sum() for key, value in {"losses/dpo": losses.detach(), **stats}.items()}
+            return micro.row_mean(losses), sums
+
+        def slices(rows):
+            for part in rows.split(self.options.micro_batch_size or len(rows)):
+                yield share(MicroBatch(pairs.select(part), part, None, len(rows)))
+
         sums: dict[str, float] = {}
         norms = []
         for rows in torch.arange(pairs.size).split(self.options.minibatch_size):
-            losses, stats = self.pair_loss(score_pairs(ctx, pairs.select(rows)), beta)
-            norms.append(self.apply_gradients(losses.mean(), ctx))
-            for key, value in {"losses/dpo": losses.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value.sum())
+            norm, totals = self.accumulate(slices(rows), ctx)
+            norms.append(norm)
+            for key, value in totals.items():
+                sums[key] = sums.get(key, 0.0) + value
         metrics = {key: total / pairs.size for key, total in sums.items()}
         if pairs.chosen_env_reward is not None:
             metrics["dpo/env_reward_gap"] = float((pairs.chosen_env_reward - pairs.rejected_env_reward).mean())

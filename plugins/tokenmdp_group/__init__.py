@@ -1,9 +1,12 @@
 """RLOO and GRPO: group-relative sequence advantages over k samples per prompt.
 
-A *group* is the responses of one batch that share a prompt (``batch.prompt_index``). The
-vector env draws prompts at random, so a batch of 64 on a 4-prompt task holds about 16
-responses per prompt. Each response's sequence reward is the env reward minus the k1
-estimate of its sequence KL to the reference:
+A *group* is the responses to one draw of a prompt (``batch.groups``). With
+``train.samples_per_prompt = G`` each step draws ``batch_size / G`` prompts and samples G
+responses to each, so every group holds exactly G (as TRL's ``num_generations``). With
+G = 1 (the default) the env draws a prompt for every response and a group is every
+response that happens to share a prompt: a batch of 64 on a 4-prompt toy task holds about
+16 per prompt. Each response's sequence reward is the env reward minus the k1 estimate of
+its sequence KL to the reference:
 
     r_i  = sum_t R_t - kl_coef * sum_t (log pi_old - log pi_ref)(a_t|s_t)   (kl_coef = train.beta)
     RLOO   A_i = r_i - mean_{j != i} r_j                 (Ahmadian et al. 2024)
@@ -15,9 +18,10 @@ it as ``token_rewards``, and advantage ``sequence-credit`` passes it on as ``adv
 The recipes update with ``clipped-pg`` (tokenmdp_inverse_q) with ``kl_coef = 0``, since the
 KL penalty is already inside r_i.
 
-Groups only hold what the batch happens to hold: on a task with many prompts and a small
-batch most groups have one member and learn nothing, and in a data-parallel run each rank
-groups its own rows.
+With G = 1 on a task with many prompts most groups would have one member and learn
+nothing, so such a run (more prompts than half the batch) fails at start-up and asks for
+``train.samples_per_prompt``. In a data-parallel run each rank samples and groups its own
+rows: a group never spans ranks.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, hookimpl
+from tokenmdp import AdvantageConstructor, ConfigError, Recipe, TrajectoryEstimator, hookimpl
 from tokenmdp.ops import masked_whiten
 from tokenmdp.options import non_negative, positive
 
@@ -41,12 +45,21 @@ class GroupRelative(TrajectoryEstimator):
         #: Weight of the sequence KL in r_i; unset = ``train.beta``.
         kl_coef: float | None = attrs.field(default=None, validator=non_negative)
 
+    def check(self, config, task):
+        prompts, size = int(task.prompts.shape[0]), config.train.batch_size
+        if config.train.samples_per_prompt == 1 and prompts > size / 2:
+            raise ConfigError(
+                f"estimator {self.name!r} compares the responses to one prompt, but with "
+                f"train.samples_per_prompt = 1 a batch of {size} over {prompts} prompts is mostly groups of one "
+                "(no gradient); set train.samples_per_prompt = G (e.g. 8): each step then samples G responses "
+                "to each of batch_size / G prompts")
+
     @torch.no_grad()
     def estimate(self, batch, ctx):
         mask = batch.response_mask
         kl_coef = ctx.beta if self.options.kl_coef is None else self.options.kl_coef
         r = batch.sequence_rewards - kl_coef * ((batch.logprobs - batch.ref_logprobs) * mask).sum(1)
-        group = torch.unique(batch.prompt_index, return_inverse=True)[1]
+        group = torch.unique(batch.groups, return_inverse=True)[1]
         size = torch.bincount(group).to(r.dtype)
         total = torch.zeros_like(size).index_add_(0, group, r)
         return {"token_rewards": self.group_advantage(r, group, size, total)[:, None] * mask}

@@ -21,7 +21,7 @@ import torch
 
 from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, hookimpl
 from tokenmdp.errors import ConfigError
-from tokenmdp.ops import masked_mean, masked_whiten, suffix_sums
+from tokenmdp.ops import at_least_float32, masked_whiten, suffix_sums
 from tokenmdp.options import non_negative, one_of, positive, positive_int
 from tokenmdp.rollout import response_logits
 from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
@@ -101,7 +101,7 @@ class ConditionalOptimal(TrajectoryEstimator):
         else:
             phi = ctx.reference if self.options.phi == "reference" else ctx.policy
             logits = response_logits(phi, batch, prefix_ids=self.prefix)  # one forward pass
-        logp = torch.log_softmax(logits.float(), -1)
+        logp = torch.log_softmax(at_least_float32(logits), -1)
         taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
         out = {"target_logprobs": taken}
         if self.options.full_vocab:
@@ -169,30 +169,39 @@ class ClippedPG(GradientUpdater):
         if opts.kl_estimator == "k1" and kl_coef:
             k1 = (batch.logprobs - batch.ref_logprobs) * mask
             adv = adv - kl_coef * (suffix_sums(k1, mask) if opts.kl_returns else k1)
-        stats = {"losses/policy": 0.0, "losses/kl": 0.0, "policy/clipfrac": 0.0, "policy/approxkl": 0.0}
-        n = 0
-        for rows in self.minibatches(batch, ctx):
-            mb, mb_adv, m = batch.select(rows), adv[rows], mask[rows]
+        def share(micro):
+            mb, m = micro.batch, micro.batch.response_mask
+            mb_adv = adv[micro.rows]
             logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
             log_ratio = (logp - mb.logprobs) * m
             ratio = log_ratio.exp()
             surrogate = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - opts.clip, 1 + opts.clip))
-            loss = masked_mean(surrogate, m)
+            policy_loss = micro.token_mean(surrogate, m)
             ref_minus = (mb.ref_logprobs - logp) * m
-            k3 = masked_mean(ref_minus.exp() - 1 - ref_minus, m)
+            k3 = micro.token_mean(ref_minus.exp() - 1 - ref_minus, m)
+            loss = policy_loss
             if opts.kl_estimator == "k3" and kl_coef:
                 loss = loss + kl_coef * k3
             if opts.entropy_coef:
-                loss = loss - opts.entropy_coef * masked_mean(entropy_of(logits), m)
-            self.apply_gradients(loss, ctx)
+                loss = loss - opts.entropy_coef * micro.token_mean(entropy_of(logits), m)
+            return loss, {
+                "losses/policy": policy_loss.item(),
+                "losses/kl": k3.item(),
+                "policy/clipfrac": micro.token_mean(((ratio - 1).abs() > opts.clip).float(), m).item(),
+                "policy/approxkl": micro.token_mean(0.5 * log_ratio.detach() ** 2, m).item(),
+                "policy/entropy": micro.token_mean(entropy_of(logits.detach()), m).item(),
+            }
+
+        keys = ("losses/policy", "losses/kl", "policy/clipfrac", "policy/approxkl")
+        sums, n = dict.fromkeys(keys, 0.0), 0
+        for rows in self.minibatches(batch, ctx):
+            _, stats = self.accumulate(map(share, self.micro_batches(batch, rows)), ctx)
             n += 1
-            stats["losses/policy"] += masked_mean(surrogate, m).item()
-            stats["losses/kl"] += k3.item()
-            stats["policy/clipfrac"] += masked_mean(((ratio - 1).abs() > opts.clip).float(), m).item()
-            stats["policy/approxkl"] += masked_mean(0.5 * log_ratio.detach() ** 2, m).item()
-        stats = {k: v / n for k, v in stats.items()}
-        stats["policy/entropy"] = float(masked_mean(entropy_of(logits.detach()), m))
-        return {**stats, **self.end_rollout()}
+            for key in keys:
+                sums[key] += stats[key]
+        # minibatch means; the entropy is the last minibatch's
+        return {**{k: v / n for k, v in sums.items()}, "policy/entropy": stats["policy/entropy"],
+                **self.end_rollout()}
 
 
 class ReverseKL(GradientUpdater):
@@ -210,19 +219,20 @@ class ReverseKL(GradientUpdater):
 
     def update(self, batch, signals, advantages, ctx):
         target = signals["target_logits"].detach()
-        for rows in self.minibatches(batch, ctx):
-            mb, m = batch.select(rows), batch.response_mask[rows]
+
+        def share(micro):
+            mb, m = micro.batch, micro.batch.response_mask
             _, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
             logp = torch.log_softmax(logits, -1)
-            kl = (logp.exp() * (logp - target[rows])).sum(-1)
-            loss = masked_mean(kl, m)
-            grad_norm = self.apply_gradients(loss, ctx)
-        return {
-            "losses/reverse_kl": loss.item(),
-            "policy/grad_norm": grad_norm,
-            "policy/entropy": float(masked_mean(entropy_of(logits.detach()), m)),
-            **self.end_rollout(),
-        }
+            kl = (logp.exp() * (logp - target[micro.rows])).sum(-1)
+            loss = micro.token_mean(kl, m)
+            return loss, {"losses/reverse_kl": loss.item(),
+                          "policy/entropy": micro.token_mean(entropy_of(logits.detach()), m).item()}
+
+        for rows in self.minibatches(batch, ctx):
+            grad_norm, stats = self.accumulate(map(share, self.micro_batches(batch, rows)), ctx)
+        return {"losses/reverse_kl": stats["losses/reverse_kl"], "policy/grad_norm": grad_norm,
+                "policy/entropy": stats["policy/entropy"], **self.end_rollout()}
 
 
 @hookimpl

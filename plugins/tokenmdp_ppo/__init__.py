@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, distributed, hookimpl
 from tokenmdp.errors import ConfigError
-from tokenmdp.ops import masked_mean, masked_sum, masked_whiten
+from tokenmdp.ops import at_least_float32, masked_mean, masked_sum, masked_whiten
 from tokenmdp.options import non_negative, one_of, positive, positive_int, probability
 from tokenmdp.policies import GRUPolicy, build_policy
 from tokenmdp.preferences import load_pair_file, sample_pairs
@@ -93,14 +93,11 @@ class ValueNetwork(nn.Module):
 
     def forward(self, policy, batch) -> Tensor:
         if self.lm is not None:
-            return response_logits(self._hf_values, batch)[..., 0].float() * batch.response_mask
-        return response_logits(self.net, batch)[..., 0].float() * batch.response_mask
+            return at_least_float32(response_logits(self._hf_values, batch)[..., 0]) * batch.response_mask
+        return at_least_float32(response_logits(self.net, batch)[..., 0]) * batch.response_mask
 
     def _hf_values(self, ids, mask=None):
-        mask = torch.ones_like(ids) if mask is None else mask
-        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=self.lm._positions(mask),
-                            use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        return self.head(out.hidden_states[-1])
+        return self.head(self.lm.hidden_states(ids, mask).to(self.head.weight.dtype))
 
 
 class ValueHead(nn.Module):
@@ -117,9 +114,9 @@ class ValueHead(nn.Module):
 
     def forward(self, policy, batch) -> Tensor:
         def trunk_values(ids, mask=None):
-            return self.head(policy.rnn(policy.embed(ids))[0])
+            return self.head(policy.hidden_states(ids, mask))
 
-        return response_logits(trunk_values, batch)[..., 0].float() * batch.response_mask
+        return at_least_float32(response_logits(trunk_values, batch)[..., 0]) * batch.response_mask
 
 
 # --- estimator: KL-penalised token rewards and values ------------------------------------
@@ -303,47 +300,30 @@ class PPO(GradientUpdater):
         if self.critic is None:
             raise ConfigError("updater 'ppo' trains the critic that the estimator shares as ctx.extras['critic'] "
                               "(e.g. estimator 'ppo-rewards'); this estimator shares none")
-        o = self.options
-        self.trained = [*ctx.policy.parameters(), *self.critic.parameters()]
-        self.optimizer = torch.optim.Adam([{"params": list(ctx.policy.parameters())},
-                                           {"params": list(self.critic.parameters()), "lr": o.vf_lr or o.lr}],
-                                          lr=o.lr)
-        total = ctx.config.train.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, (lambda i: max(0.0, 1 - i / total)) if o.anneal_lr else (lambda i: 1.0))
+        super().setup(ctx)
 
-    def apply_gradients(self, loss, ctx):
-        """Backward, average over ranks (data-parallel runs only), clip the policy's and the
-        critic's gradients together, step."""
-        self.optimizer.zero_grad()
-        loss.backward()
-        distributed.average_gradients(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.trained, self.options.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        return float(norm)
+    def parameter_groups(self, ctx):
+        """The policy and the critic (at ``vf_lr``), clipped together."""
+        return [*super().parameter_groups(ctx),
+                {"params": list(self.critic.parameters()), "lr": self.options.vf_lr or self.options.lr}]
 
     def update(self, batch, signals, advantages, ctx):
-        o, mask = self.options, batch.response_mask
+        o = self.options
         adv = advantages["advantages"].detach()  # computed once per rollout
         returns = advantages["returns"].detach()
         old_values = signals["values"].detach()
-        keys = ("policy/approxkl", "policy/clipfrac", "val/vpred", "val/error", "val/clipfrac",
-                "objective/entropy", "losses/policy", "losses/value")
-        stats, updates = dict.fromkeys(keys, 0.0), 0
-        for rows in self.minibatches(batch, ctx):
-            mb, m = batch.select(rows), mask[rows]
+
+        def share(micro):
+            mb, m, rows = micro.batch, micro.batch.response_mask, micro.rows
             mb_adv, mb_returns, mb_old_v = adv[rows], returns[rows], old_values[rows]
             # policy: clipped surrogate on the probability ratio pi / pi_old
             logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
             log_ratio = (logp - mb.logprobs) * m
             ratio = log_ratio.exp()
-            approx_kl = masked_mean((ratio - 1) - log_ratio, m).detach()  # k3 estimate of KL(pi_old || pi)
-            # one decision for every rank (their KLs differ), or the ranks' steps fall out of step
-            if o.target_kl is not None and distributed.all_mean(float(approx_kl)) > o.target_kl:
-                break
+            approx_kl = micro.token_mean((ratio - 1) - log_ratio, m).detach()  # k3 estimate of KL(pi_old || pi)
             pg_loss1 = -mb_adv * ratio
             pg_loss2 = -mb_adv * ratio.clamp(1 - o.clip, 1 + o.clip)
-            pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), m)
+            pg_loss = micro.token_mean(torch.max(pg_loss1, pg_loss2), m)
             # value: squared error to the GAE returns, with the new value clipped around the old
             v = self.critic(ctx.policy, mb)
             v_loss1 = (v - mb_returns) ** 2
@@ -351,20 +331,35 @@ class PPO(GradientUpdater):
                 v_loss2 = v_loss1
             else:
                 v_loss2 = (mb_old_v + (v - mb_old_v).clamp(-o.vf_clip, o.vf_clip) - mb_returns) ** 2
-            v_loss = 0.5 * masked_mean(torch.max(v_loss1, v_loss2), m)
-            entropy = masked_mean(entropy_of(logits), m)
+            v_loss = 0.5 * micro.token_mean(torch.max(v_loss1, v_loss2), m)
+            entropy = micro.token_mean(entropy_of(logits), m)
             loss = pg_loss - o.entropy_coef * entropy + o.vf_coef * v_loss
-            self.apply_gradients(loss, ctx)
+            return loss, {
+                "policy/approxkl": approx_kl.item(),
+                "policy/clipfrac": micro.token_mean(((ratio - 1).abs() > o.clip).float(), m).item(),
+                "val/vpred": micro.token_mean(v.detach(), m).item(),
+                "val/error": micro.token_mean(v_loss1.detach(), m).item(),
+                "val/clipfrac": micro.token_mean((v_loss2 > v_loss1).float(), m).item(),
+                "objective/entropy": entropy.item(),
+                "losses/policy": pg_loss.item(),
+                "losses/value": v_loss.item(),
+            }
 
+        def too_far(metrics):
+            # one decision for every rank (their KLs differ), or the ranks' steps fall out of step
+            return o.target_kl is not None and distributed.all_mean(metrics["policy/approxkl"]) > o.target_kl
+
+        keys = ("policy/approxkl", "policy/clipfrac", "val/vpred", "val/error", "val/clipfrac",
+                "objective/entropy", "losses/policy", "losses/value")
+        stats, updates = dict.fromkeys(keys, 0.0), 0
+        for rows in self.minibatches(batch, ctx):
+            # the early stop reads the whole minibatch's approximate KL before its step
+            norm, shares = self.accumulate(map(share, self.micro_batches(batch, rows)), ctx, skip=too_far)
+            if norm is None:
+                break
             updates += 1
-            stats["policy/approxkl"] += approx_kl.item()
-            stats["policy/clipfrac"] += masked_mean(((ratio - 1).abs() > o.clip).float(), m).item()
-            stats["val/vpred"] += masked_mean(v.detach(), m).item()
-            stats["val/error"] += masked_mean(v_loss1.detach(), m).item()
-            stats["val/clipfrac"] += masked_mean((v_loss2 > v_loss1).float(), m).item()
-            stats["objective/entropy"] += entropy.item()
-            stats["losses/policy"] += pg_loss.item()
-            stats["losses/value"] += v_loss.item()
+            for key in keys:
+                stats[key] += shares[key]
         stats = {k: v / max(updates, 1) for k, v in stats.items()}
         stats["policy/updates"] = updates
         stats["objective/kl_coef"] = float(ctx.extras.get("kl_coef", ctx.beta))

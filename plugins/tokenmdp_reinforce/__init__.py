@@ -60,17 +60,18 @@ class PolicyGradient(GradientUpdater):
         lr: float = attrs.field(default=1e-2, validator=positive)
 
     def update(self, batch, signals, advantages, ctx):
-        for rows in self.minibatches(batch, ctx):
-            mb = batch.select(rows)
+        adv = advantages["advantages"].detach()
+
+        def share(micro):
+            mb = micro.batch
             logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
-            loss = -(advantages["advantages"][rows].detach() * logp * mb.response_mask).sum() / mb.size
-            grad_norm = self.apply_gradients(loss, ctx)
-        return {
-            "losses/policy": loss.item(),
-            "policy/entropy": float(masked_mean(entropy_of(logits.detach()), mb.response_mask)),
-            "policy/grad_norm": grad_norm,
-            **self.end_rollout(),
-        }
+            loss = -micro.row_mean(adv[micro.rows] * logp * mb.response_mask)
+            return loss, {"losses/policy": loss.item(),
+                          "policy/entropy": micro.token_mean(entropy_of(logits.detach()), mb.response_mask)}
+
+        for rows in self.minibatches(batch, ctx):
+            grad_norm, stats = self.accumulate(map(share, self.micro_batches(batch, rows)), ctx)
+        return {**stats, "policy/grad_norm": grad_norm, **self.end_rollout()}
 
 
 @hookimpl

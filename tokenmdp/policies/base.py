@@ -13,11 +13,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import devices
 from ..errors import TokenMDPError
 
 
 class TokenPolicy(nn.Module):
     vocab_size: int
+    #: Autocast dtype of this policy's forwards (``train.precision = "bf16"``: bfloat16);
+    #: None = float32. Policies that support it (HF causal LMs) run under :meth:`autocast`.
+    autocast_dtype: torch.dtype | None = None
+    #: Whether :attr:`autocast_dtype` applies to this kind of policy.
+    supports_autocast = False
+
+    def autocast(self):
+        """The autocast context of this policy's forwards (nothing in float32)."""
+        return devices.autocast(self.autocast_dtype, devices.module_device(self))
 
     def reference_view(self) -> "TokenPolicy | None":
         """A frozen reference that shares this policy's weights (a LoRA policy: itself with
@@ -76,6 +86,7 @@ class ExactPolicy(TokenPolicy):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         require_unpadded(attention_mask, type(self).__name__)
+        device, input_ids = input_ids.device, input_ids.cpu()  # the task's tables live on the CPU
         prompts = self.task.prompts
         p = prompts.shape[1]
         start = int((input_ids[0] == self.task.bos_token).nonzero()[0])
@@ -89,7 +100,7 @@ class ExactPolicy(TokenPolicy):
         for pos in range(start + p - 1, length):
             prefix = input_ids[:, start + p : pos + 1]
             logits[:, pos] = self.next_logits(prompt_index, prefix)
-        return logits
+        return logits.to(device)
 
 
 class TaskBasePolicy(ExactPolicy):

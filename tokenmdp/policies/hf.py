@@ -27,6 +27,7 @@ class HFCausalLMPolicy(TokenPolicy):
 
     #: ``forward(..., logits_to_keep=n)`` computes the output layer on the last n positions only.
     supports_logits_to_keep = True
+    supports_autocast = True
 
     def __init__(self, model, vocab_size: int | None = None, lora: dict | None = None, source: str | None = None):
         super().__init__()
@@ -129,16 +130,30 @@ class HFCausalLMPolicy(TokenPolicy):
     def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=self._positions(attention_mask), use_cache=False,
-                         logits_to_keep=logits_to_keep)
+        with self.autocast():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=self._positions(attention_mask), use_cache=False,
+                             logits_to_keep=logits_to_keep)
         return out.logits[..., : self.vocab_size]
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        """``[B, L, width]``: the last layer's hidden state at every position (a critic's
+        input); the output layer is skipped."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with self.autocast():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=self._positions(attention_mask), use_cache=False,
+                             output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
 
     def start(self, input_ids, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = self._positions(attention_mask)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+        with self.autocast():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True)
         return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), attention_mask, positions[:, -1])
 
     def _cache_of(self, out):
@@ -153,8 +168,9 @@ class HFCausalLMPolicy(TokenPolicy):
         past, mask, last_pos = state
         mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)
         pos = last_pos + 1
-        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
-                         use_cache=True, **{self._cache_arg: past})
+        with self.autocast():
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
+                             use_cache=True, **{self._cache_arg: past})
         return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), mask, pos)
 
 

@@ -21,9 +21,12 @@ class GRUPolicy(TokenPolicy):
         self.head = nn.Linear(hidden, vocab_size)
 
     def forward(self, input_ids, attention_mask=None):
+        return self.head(self.hidden_states(input_ids, attention_mask))
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        """``[B, L, hidden]``: the GRU's output at every position (what the head reads)."""
         require_unpadded(attention_mask, "GRUPolicy")
-        out, _ = self.rnn(self.embed(input_ids))
-        return self.head(out)
+        return self.rnn(self.embed(input_ids))[0]
 
     def start(self, input_ids, attention_mask=None):
         require_unpadded(attention_mask, "GRUPolicy")
@@ -54,7 +57,8 @@ class MLPPolicy(TokenPolicy):
 
     def forward(self, input_ids, attention_mask=None):
         require_unpadded(attention_mask, "MLPPolicy")
-        empty = torch.full((input_ids.shape[0], self.window - 1), self.slots - 1, dtype=input_ids.dtype)
+        empty = torch.full((input_ids.shape[0], self.window - 1), self.slots - 1, dtype=input_ids.dtype,
+                           device=input_ids.device)
         slots = torch.cat([empty, input_ids], dim=1).unfold(1, self.window, 1)  # [B, L, window]
         one_hot = nn.functional.one_hot(slots, self.slots).float().flatten(2)
         return self.net(one_hot)
@@ -76,7 +80,7 @@ class TabularPolicy(TokenPolicy):
 
     def forward(self, input_ids, attention_mask=None):
         require_unpadded(attention_mask, "TabularPolicy")
-        h = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        h = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         rows = []
         for i in range(input_ids.shape[1]):
             h = (h * self._MULT + input_ids[:, i] + 1) % self._MOD
@@ -102,8 +106,8 @@ class TransformerPolicy(TokenPolicy):
         length = input_ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"TransformerPolicy: sequence of {length} tokens exceeds policy.max_len={self.max_len}")
-        x = self.embed(input_ids) + self.pos(torch.arange(length))
-        causal = nn.Transformer.generate_square_subsequent_mask(length)
+        x = self.embed(input_ids) + self.pos(torch.arange(length, device=input_ids.device))
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=input_ids.device)
         return self.head(self.norm(self.blocks(x, mask=causal, is_causal=True)))
 
 
