@@ -128,3 +128,14 @@ def test_exact_policy_values_give_the_objective_at_the_root(run_dir):
     v = exact_policy_values(solution, logp, config.train.beta)
     j = float((solution.prompt_probs * v[0][:, 0]).sum())
     assert j == pytest.approx(solution.evaluate(logp)["objective"], abs=1e-9)
+
+
+def test_groups_are_sampled_as_train_samples_per_prompt_samples_them(run_dir, tmp_path):
+    """Six groups of two over the run's four prompts: two prompts are drawn twice, yet every
+    group stays its own (grouping by prompt would merge them into groups of four)."""
+    shown = explain(run_dir, samples=6, group_size=2, seed=0, out=tmp_path)
+    batch = shown.batch
+    assert batch.group_index.tolist() == [g for g in range(6) for _ in range(2)]
+    assert (batch.prompt_index[::2] % 4).tolist() == [0, 1, 2, 3, 0, 1]
+    rloo = shown.credit["RLOO"][:, 0]  # the sequence credit, on every token of a response
+    assert torch.allclose(rloo.view(6, 2).sum(1), torch.zeros(6, dtype=rloo.dtype), atol=1e-5)  # r1-r2 + r2-r1

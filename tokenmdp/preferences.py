@@ -138,6 +138,7 @@ def sample_pairs(model, task, num_pairs: int, generator: torch.Generator, temper
         cmask = task.prompt_mask[index]  # text prompts are left-padded
         both, mask = generate(model, context.repeat(2, 1), task.horizon, task.eos_token, generator, temperature,
                               attention_mask=cmask.repeat(2, 1))
+        both, mask = both.cpu(), mask.cpu()  # pairs live on the CPU, with the task; scoring moves them
         reward = sequence_rewards(task, index.repeat(2), both, mask)
         first, second = reward[:n], reward[n:]
         decided = (first - second).abs() > TIE_TOLERANCE

@@ -75,7 +75,7 @@ class ConditionalOptimal(TrajectoryEstimator):
         elif self.options.source == "teacher":
             from tokenmdp.trainer import load_policy
 
-            self.target_model = load_policy(self.options.teacher, ctx.task).requires_grad_(False).eval()
+            self.target_model = ctx.place(load_policy(self.options.teacher, ctx.task).requires_grad_(False).eval())
         else:
             self.target_model = None
             self.prefix = _guide_ids(self.options.guide, ctx)

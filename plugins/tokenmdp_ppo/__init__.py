@@ -169,13 +169,14 @@ class PPORewards(TrajectoryEstimator):
     def setup(self, ctx):
         o = self.options
         if o.reward == "learned":  # fitted at the first step, unless a checkpoint restores it
-            self.reward_model = ValueNetwork(ctx.config.policy, ctx.task, ctx.config.train.seed + 2)
+            self.reward_model = ctx.place(ValueNetwork(ctx.config.policy, ctx.task, ctx.config.train.seed + 2))
         init = ctx.beta if o.init_kl_coef is None else o.init_kl_coef
         self.kl_controller = KLController(init, o.kl_controller == "adaptive", o.target, o.horizon)
         if o.critic == "head":
             self.critic = ValueHead(ctx.policy)
         else:
             self.critic = ValueNetwork(ctx.config.policy, ctx.task, ctx.config.train.seed, o.critic_hidden)
+        self.critic = ctx.place(self.critic)  # on the run's device; it scores, so no dropout
         ctx.extras["critic"] = self.critic
 
     @torch.enable_grad()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokenmdp.devices import module_device
 from tokenmdp.preferences import PairBatch
 from tokenmdp.rollout import RolloutBatch
 
@@ -47,7 +48,7 @@ def terminal_rewards(model, batch: RolloutBatch) -> Tensor:
 
 def pair_margins(model, pairs: PairBatch) -> Tensor:
     """``r_phi(x, y_w) - r_phi(x, y_l)`` for every pair (one forward pass over all 2N responses)."""
-    scores = sequence_scores(model, pairs.responses())
+    scores = sequence_scores(model, pairs.responses().to(module_device(model)))
     return scores[: pairs.size] - scores[pairs.size:]
 
 

@@ -1,0 +1,115 @@
+"""GPU check of the real-LM side: train ``grpo`` and ``inverse-q-distill`` on CUDA in bf16,
+on the tiny GPT-2 of bench/real_lm.py (and on Gemma-3 270M with LoRA r = 16 when
+``models/gemma-3-270m`` exists), assert the dropout-free-scoring invariants, print tokens/s.
+
+    python bench/gpu_check.py                          # CUDA, bf16
+    python bench/gpu_check.py --device cpu --steps 2   # a dry run of the same script on the CPU
+
+Invariants, at ``updater.lr = 1e-12``, one epoch of one minibatch (the policy cannot move):
+``policy/clipfrac`` is 0 and ``policy/approxkl`` below 1e-9 at every step (clipped-pg), and
+the final sampled ``kl_ref`` is within 1e-6 of 0 (both recipes). Then a run at the recipe's
+learning rate gives the throughput: sampled response tokens per second of training wall
+time. The exit status is 0 only if every invariant held on the requested device; without
+CUDA it says so and exits 2: nothing is claimed without a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from real_lm import build, text_overrides  # noqa: E402
+
+from tokenmdp.config import load_config  # noqa: E402
+from tokenmdp.trainer import Trainer  # noqa: E402
+
+RECIPES = {
+    "grpo": ["algorithm.name=grpo"],
+    "inverse-q-distill": ["algorithm.name=inverse-q-distill", 'estimator.guide="kaka kalo kami"'],
+}
+
+
+def shapes(model: str, files: dict, gemma_dir: Path) -> tuple[dict, list[str]]:
+    """Files and the step shape of each model: the tiny GPT-2 at 4 prompts x 8 responses of
+    32 tokens, Gemma-3 270M (LoRA r = 16) at 1 prompt x 8 responses of 16 tokens."""
+    if model == "tiny":
+        return files, ["train.batch_size=32", "train.samples_per_prompt=8", "train.eval_samples=32"]
+    gemma = {"model": gemma_dir, "prompts": files["prompts"]}
+    return gemma, ["train.batch_size=8", "train.samples_per_prompt=8", "train.eval_samples=8", "env.horizon=16",
+                   "policy.lora={r = 16, alpha = 32}"]
+
+
+def train(files: dict, run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
+    config = load_config(None, [*text_overrides(files, run_dir), *overrides])
+    summary = Trainer(config).train()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def check(model: str, recipe: str, files: dict, gemma_dir: Path, common: list[str], steps: int,
+          tmp: Path) -> tuple[bool, str]:
+    run_files, shape = shapes(model, files, gemma_dir)
+    frozen = ["updater.lr=1e-12", "updater.epochs=1", "updater.minibatches=1", "train.steps=2"]
+    summary, rows = train(run_files, tmp / f"{model}-{recipe}-frozen", [*RECIPES[recipe], *shape, *common, *frozen])
+    failures = []
+    for row in rows[1:]:
+        if "policy/clipfrac" in row and row["policy/clipfrac"] != 0.0:
+            failures.append(f"step {row['step']} policy/clipfrac {row['policy/clipfrac']}")
+        if "policy/approxkl" in row and not row["policy/approxkl"] < 1e-9:
+            failures.append(f"step {row['step']} policy/approxkl {row['policy/approxkl']:.3g}")
+    if not abs(summary["kl_ref"]) < 1e-6:
+        failures.append(f"final kl_ref {summary['kl_ref']:.3g}")
+    started = time.perf_counter()
+    summary, _ = train(run_files, tmp / f"{model}-{recipe}", [*RECIPES[recipe], *shape, *common,
+                                                              f"train.steps={steps}", f"train.eval_every={steps}"])
+    wall = time.perf_counter() - started
+    line = (f"| {model} | {recipe} | {'ok' if not failures else 'FAILED: ' + '; '.join(failures)} | "
+            f"{summary['env_tokens']:,} | {wall:.1f} | {summary['env_tokens'] / wall:,.0f} |")
+    return not failures, line
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--steps", type=int, default=8, help="steps of the throughput run")
+    parser.add_argument("--models", nargs="+", default=["tiny", "gemma"], choices=["tiny", "gemma"])
+    parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"no CUDA device on this machine (torch {torch.__version__}): nothing verified; run this where "
+              "there is one, or with --device cpu for a dry run of the script")
+        return 2
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"device {args.device} ({name}), precision {args.precision}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU thread(s)")
+    common = [f"train.device={args.device}", f"train.precision={args.precision}"]
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = build(tmp / "tiny")
+        print("| model | recipe | invariants at lr 1e-12 | response tokens | run wall s (2 evaluations included) | tokens/s |")
+        print("|---|---|---|---|---|---|")
+        for model in args.models:
+            if model == "gemma" and not (args.gemma_dir / "config.json").is_file():
+                print(f"| gemma | - | skipped: no model in {args.gemma_dir} (tokenmdp models fetch-gemma) | | | |")
+                continue
+            for recipe in RECIPES:
+                passed, line = check(model, recipe, files, args.gemma_dir, common, args.steps, tmp)
+                ok &= passed
+                print(line, flush=True)
+    print("all invariants held" if ok else "SOME INVARIANTS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
