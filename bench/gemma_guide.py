@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def score_model(model, reference, task, samples: int, seed: int, prefix=None, guide_prefix=None):
-    from tokenmdp.rollout import RolloutBatch, generate, token_logprobs
+    from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
+    from tokenmdp.train.rollout import generate
 
     n = len(task.texts) * samples
     index = torch.arange(len(task.texts)).repeat_interleave(samples)
@@ -73,9 +74,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from tokenmdp.config import load_config
-    from tokenmdp.models import fetch_gemma
+    from tokenmdp.text.gemma import fetch_gemma
     from tokenmdp.text import TextTask
-    from tokenmdp.trainer import Trainer
+    from tokenmdp.train.trainer import Trainer
 
     config = load_config(args.config, args.set)
     model_dir = Path(config.policy["path"])

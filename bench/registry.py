@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tokenmdp.plugins import Registry, plugin_manager
+from tokenmdp.plugin.registry import Registry, plugin_manager
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 
 from tokenmdp.policies import GRUPolicy  # noqa: E402
-from tokenmdp.solver import solve, tree_logprobs  # noqa: E402
+from tokenmdp.mdp.solver import solve, tree_logprobs  # noqa: E402
 from tokenmdp_envs import PatternTask  # noqa: E402
 
 

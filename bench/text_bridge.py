@@ -37,9 +37,9 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     args = parser.parse_args()
 
-    from tokenmdp.bridge import build_bridge
+    from tokenmdp.text.bridge import build_bridge
     from tokenmdp.config import load_config
-    from tokenmdp.trainer import Trainer
+    from tokenmdp.train.trainer import Trainer
 
     scale = (dict(num_untagged=1000, num_tagged=1000, epochs=3, batch_size=64, n_layer=1, n_embd=48, lr=2e-2)
              if args.small else dict(num_untagged=4000, num_tagged=4000, epochs=4, batch_size=64, n_layer=2,

@@ -29,7 +29,7 @@ PROMPTS = ["My weekend was", "The new cafe on our street is", "Today at work I",
 
 
 def tiny_setup(tmp: Path):
-    from tokenmdp.bridge import tiny_gpt2_config, tokenizer_lines
+    from tokenmdp.text.bridge import tiny_gpt2_config, tokenizer_lines
     from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
     from tokenmdp.text import TextTask, sentencepiece_adapter
 
@@ -50,7 +50,8 @@ def gemma_setup(path: Path):
 
 
 def measure(task, policy, batch: int, new_tokens: int) -> tuple[float, float]:
-    from tokenmdp.rollout import RolloutBatch, generate, token_logprobs
+    from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
+    from tokenmdp.train.rollout import generate
 
     index = torch.arange(batch) % len(task.texts)
     ids, mask = task.prompts[index], task.prompt_mask[index]

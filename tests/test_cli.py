@@ -105,9 +105,9 @@ RUN_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_composes(path):
-    from tokenmdp.composition import compose
+    from tokenmdp.plugin.composition import compose
     from tokenmdp.config import load_config
-    from tokenmdp.plugins import Registry, plugin_manager
+    from tokenmdp.plugin.registry import Registry, plugin_manager
 
     config = load_config(path)
     composition = compose(Registry(plugin_manager()), config)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tokenmdp import ConfigError, TokenMDPError, cli, compare
-from tokenmdp.plots import png_data_uri
-from tokenmdp.trainer import Trainer
+from tokenmdp.reports.plots import png_data_uri
+from tokenmdp.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_guide_tokens_count_its_tagged_sft_data(finished):
 
 
 def _records(grid):
-    from tokenmdp.plugins import Registry, plugin_manager
+    from tokenmdp.plugin.registry import Registry, plugin_manager
 
     registry = Registry(plugin_manager())
     registry.register_envs()
@@ -218,7 +218,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 def test_shipped_grids_plan_and_share_one_reference(name, cells, tmp_path):
     """Every cell of the shipped grids is a valid run; all recipes of one (env, seed) start
     from the same reference (METHOD.md section 5), so their regrets share one scale."""
-    from tokenmdp.plugins import Registry, plugin_manager
+    from tokenmdp.plugin.registry import Registry, plugin_manager
 
     registry = Registry(plugin_manager())
     registry.register_envs()

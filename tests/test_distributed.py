@@ -22,7 +22,7 @@ import torch
 import tokenmdp
 from tokenmdp import distributed
 from tokenmdp.config import load_config
-from tokenmdp.trainer import Trainer, step_seed
+from tokenmdp.train.trainer import Trainer, step_seed
 
 from conftest import TINY
 
@@ -44,8 +44,8 @@ TWO_RANKS_SCRIPT = textwrap.dedent('''
     from tokenmdp import distributed
     from tokenmdp.cli import main
     from tokenmdp.config import load_config
-    from tokenmdp.plugins import plugin_manager
-    from tokenmdp.trainer import Trainer
+    from tokenmdp.plugin.registry import plugin_manager
+    from tokenmdp.train.trainer import Trainer
     from tokenmdp_reinforce import PolicyGradient
 
     rank = int(os.environ["RANK"])

@@ -98,7 +98,7 @@ SHORT_RUN = [
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     from tokenmdp.config import load_config
-    from tokenmdp.trainer import Trainer
+    from tokenmdp.train.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("docs_run") / "run"
     config = load_config(ROOT / "configs" / "demo.toml", [*SHORT_RUN, f"run.dir={run_dir}"])

@@ -13,10 +13,10 @@ import torch
 
 import tokenmdp
 from tokenmdp.config import load_config
-from tokenmdp.env import TokenMDPEnv, TokenTask
-from tokenmdp.preferences import load_pair_file
-from tokenmdp.rollout import token_logprobs
-from tokenmdp.trainer import Trainer
+from tokenmdp.mdp.env import TokenMDPEnv, TokenTask
+from tokenmdp.train.preferences import load_pair_file
+from tokenmdp.plugin.batch import token_logprobs
+from tokenmdp.train.trainer import Trainer
 from tokenmdp_dpo import dpo_loss, sequence_kl, sequence_logratio, sequence_rewards, tdpo_loss
 from tokenmdp_dpo.components import score_pairs
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmdp import TokenMDPError
-from tokenmdp.env import InvalidActionError, TokenMDPEnv, TokenVectorEnv
-from tokenmdp.plugins import Registry, plugin_manager
+from tokenmdp.mdp.env import InvalidActionError, TokenMDPEnv, TokenVectorEnv
+from tokenmdp.plugin.registry import Registry, plugin_manager
 
 ENV_IDS = ["tokenmdp/Pattern-v0", "tokenmdp/SumMod-v0", "tokenmdp/Forbidden-v0", "tokenmdp/Bandit-v0"]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tokenmdp import cli
-from tokenmdp.explain import TRUE_ROW, explain, load_run
-from tokenmdp.plots import png_data_uri
-from tokenmdp.solver import solve
-from tokenmdp.trainer import Trainer
+from tokenmdp.reports.explain import TRUE_ROW, explain, load_run
+from tokenmdp.reports.plots import png_data_uri
+from tokenmdp.mdp.solver import solve
+from tokenmdp.train.trainer import Trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: This run has no guide-tagged reference and no critic: the oracle target and exact values.
@@ -119,8 +119,8 @@ def test_bad_run_dirs_are_one_line_errors(tmp_path, capsys):
 
 def test_exact_policy_values_give_the_objective_at_the_root(run_dir):
     """The stand-in critic V^pi (KL coefficient beta) must agree with the exact evaluator's J."""
-    from tokenmdp.explain import exact_policy_values
-    from tokenmdp.solver import tree_logprobs
+    from tokenmdp.reports.explain import exact_policy_values
+    from tokenmdp.mdp.solver import tree_logprobs
 
     config, _, task, policy, reference, _ = load_run(run_dir)
     solution = solve(task, reference, config.train.beta)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmdp.config import load_config
-from tokenmdp.trainer import Trainer
+from tokenmdp.train.trainer import Trainer
 from tokenmdp_group import GRPO, RLOO, SequenceCredit
 
 from conftest import TINY

@@ -6,11 +6,12 @@ import torch
 import tokenmdp
 from tokenmdp import CompositionError
 from tokenmdp.config import load_config
-from tokenmdp.env import TokenTask
+from tokenmdp.mdp.env import TokenTask
 from tokenmdp.policies import GRUPolicy
-from tokenmdp.rollout import collect, token_logprobs
-from tokenmdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
-from tokenmdp.trainer import Trainer
+from tokenmdp.plugin.batch import token_logprobs
+from tokenmdp.train.rollout import collect
+from tokenmdp.mdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
+from tokenmdp.train.trainer import Trainer
 from tokenmdp_envs import PatternTask
 
 from conftest import TINY
@@ -134,7 +135,7 @@ def test_teacher_source_scores_under_a_trained_run(tmp_path):
     Trainer(load_config(None, [*TINY, f"run.dir={teacher_dir}"])).train()
     trainer = Trainer(iq_config(tmp_path, "estimator.source=teacher", f"estimator.teacher={teacher_dir}"))
     batch, signals, _ = first_batch(trainer)
-    teacher = tokenmdp.trainer.load_policy(teacher_dir, trainer.task)
+    teacher = tokenmdp.load_policy(teacher_dir, trainer.task)
     assert torch.allclose(signals["target_logprobs"], token_logprobs(teacher, batch), atol=1e-6)
     with pytest.raises(tokenmdp.ConfigError, match="source='teacher' needs teacher"):
         Trainer(iq_config(tmp_path, "estimator.source=teacher", name="x"))

@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tokenmdp import NonFiniteError
-from tokenmdp.ops import check_finite, masked_correlation, masked_mean, masked_sum, masked_whiten, suffix_sums
+from tokenmdp.plugin.ops import check_finite, masked_correlation, masked_mean, masked_sum, masked_whiten, suffix_sums
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

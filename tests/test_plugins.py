@@ -9,9 +9,9 @@ import pytest
 
 import tokenmdp
 from tokenmdp import AdvantageConstructor, CompositionError, PluginError, hookimpl
-from tokenmdp.composition import compose
+from tokenmdp.plugin.composition import compose
 from tokenmdp.config import load_config
-from tokenmdp.plugins import Registry, plugin_manager
+from tokenmdp.plugin.registry import Registry, plugin_manager
 
 
 def registry(*extra):

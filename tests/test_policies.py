@@ -7,8 +7,8 @@ import torch
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policies import TOY_POLICIES, TaskBasePolicy, build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
-from tokenmdp.rollout import RolloutBatch, token_logprobs
-from tokenmdp.sft import make_sft_data, supervised_finetune
+from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
+from tokenmdp.train.sft import make_sft_data, supervised_finetune
 from tokenmdp_envs import PatternTask, SumModTask
 
 CORPUS = [
@@ -89,7 +89,7 @@ def test_sft_learns_the_base_distribution_and_the_guide_tag():
     policy = build_policy({"kind": "gru", "hidden": 32}, task, seed=0)
     losses = supervised_finetune(policy, groups, epochs=6, batch_size=128, lr=1e-2, generator=gen)
     assert losses[-1] < losses[0]
-    from tokenmdp.solver import solve, tree_logprobs
+    from tokenmdp.mdp.solver import solve, tree_logprobs
 
     base = solve(task, TaskBasePolicy(task), beta=0.5)
     untagged = base.evaluate(tree_logprobs(policy, task))

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenmdp
+import tokenmdp.train.rollout
 from tokenmdp import CompositionError, ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.ops import suffix_sums
-from tokenmdp.trainer import Trainer
+from tokenmdp.plugin.ops import suffix_sums
+from tokenmdp.train.trainer import Trainer
 from tokenmdp_ppo import GAE, KLController, PPORewards, gae
 
 from conftest import TINY, train_until_interrupted
@@ -160,9 +161,9 @@ def test_token_rewards_use_the_controllers_beta(tmp_path):
     trainer.build_models()
     estimator = trainer.composition.estimator
     gen = torch.Generator().manual_seed(0)
-    batch = tokenmdp.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
-    batch.logprobs = tokenmdp.rollout.token_logprobs(trainer.policy, batch).detach() + 0.1 * batch.response_mask
-    batch.ref_logprobs = tokenmdp.rollout.token_logprobs(trainer.reference, batch).detach()
+    batch = tokenmdp.train.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
+    batch.logprobs = tokenmdp.train.rollout.token_logprobs(trainer.policy, batch).detach() + 0.1 * batch.response_mask
+    batch.ref_logprobs = tokenmdp.train.rollout.token_logprobs(trainer.reference, batch).detach()
     signals = estimator.estimate(batch, trainer.ctx)
     kl = (batch.logprobs - batch.ref_logprobs) * batch.response_mask
     assert torch.allclose(signals["token_rewards"], batch.rewards - 0.25 * kl)
@@ -215,7 +216,7 @@ def test_value_head_shares_the_gru_trunk(tmp_path):
     head = trainer.ctx.extras["critic"]
     assert set(head.state_dict()) == {"head.weight", "head.bias"}  # the trunk is the policy's
     gen = torch.Generator().manual_seed(0)
-    batch = tokenmdp.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
+    batch = tokenmdp.train.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
     head(trainer.policy, batch).sum().backward()
     assert trainer.policy.rnn.weight_hh_l0.grad.abs().sum() > 0  # value loss reaches the trunk
     trainer.policy.zero_grad()
@@ -309,7 +310,7 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
     """A Bradley-Terry fit on oracle-labelled pairs from pi_ref orders unseen pairs as the
     task's reward does, far above chance."""
     from tokenmdp.policies import TaskBasePolicy
-    from tokenmdp.preferences import sample_pairs
+    from tokenmdp.train.preferences import sample_pairs
     from tokenmdp_ppo import ValueNetwork
     from tokenmdp_ppo.reward_model import pair_margins, train_reward_model
 

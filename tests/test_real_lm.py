@@ -13,10 +13,10 @@ import torch
 from tokenmdp import ConfigError, devices
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.env import TokenVectorEnv
+from tokenmdp.mdp.env import TokenVectorEnv
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
-from tokenmdp.rollout import RolloutBatch, concat_batches
-from tokenmdp.trainer import Trainer
+from tokenmdp.plugin.batch import RolloutBatch, concat_batches
+from tokenmdp.train.trainer import Trainer
 from tokenmdp_envs import PatternTask
 
 from conftest import TINY
@@ -262,7 +262,7 @@ def test_bf16_autocasts_hf_forwards_and_keeps_fp32_weights(text_files, tmp_path)
     assert trainer.policy(ids).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
     batch = trainer._collect(1)
-    from tokenmdp.rollout import token_logprobs
+    from tokenmdp.plugin.batch import token_logprobs
     assert token_logprobs(trainer.policy, batch).dtype == torch.float32  # log-softmax in fp32
 
 
@@ -349,7 +349,7 @@ def test_micro_batches_on_an_hf_model(text_files, tmp_path):
 
 def test_an_updater_that_steps_itself_refuses_micro_batches(tiny_config):
     import tokenmdp
-    from tokenmdp.plugins import plugin_manager
+    from tokenmdp.plugin.registry import plugin_manager
     from tokenmdp_reinforce import PolicyGradient
 
     class OwnStep(PolicyGradient):

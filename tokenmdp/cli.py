@@ -14,12 +14,7 @@ import sys
 import time
 
 from .errors import TokenMDPError
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+from .reports.tables import markdown as _table
 
 
 def results_table(summary: dict) -> str:
@@ -39,7 +34,7 @@ def results_table(summary: dict) -> str:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .trainer import Trainer
+    from .train.trainer import Trainer
 
     if args.resume:
         trainer = Trainer.from_run_dir(args.resume, args.set)
@@ -58,10 +53,10 @@ def cmd_train(args) -> int:
 
 def cmd_solve(args) -> int:
     from .config import load_config
-    from .plugins import Registry, plugin_manager
+    from .plugin.registry import Registry, plugin_manager
     from .policies import TaskBasePolicy
-    from .solver import solve
-    from .trainer import make_vector_env
+    from .mdp.solver import solve
+    from .train.trainer import make_vector_env
 
     config = load_config(args.config, args.set)
     registry = Registry(plugin_manager())
@@ -82,7 +77,7 @@ def cmd_solve(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from .plugins import Registry, blocked_plugin_names, plugin_manager
+    from .plugin.registry import Registry, blocked_plugin_names, plugin_manager
 
     registry = Registry(plugin_manager())
     print(_table([list(r) for r in registry.rows()], ["kind", "name", "plugin", "source"]))
@@ -93,7 +88,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_envs(args) -> int:
-    from .plugins import Registry, plugin_manager
+    from .plugin.registry import Registry, plugin_manager
 
     registry = Registry(plugin_manager())
     rows = [[e.obj.id, e.plugin, e.obj.description] for e in registry.envs.values()]
@@ -102,7 +97,7 @@ def cmd_envs(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import load_grid, run_grid
+    from .reports.compare import load_grid, run_grid
 
     table, index = run_grid(load_grid(args.config, args.set, out=args.out))
     print(table)
@@ -111,7 +106,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .explain import correlation_table, explain
+    from .reports.explain import correlation_table, explain
 
     result = explain(args.run_dir, samples=args.samples, seed=args.seed, out=args.out, group_size=args.group_size)
     print(result.header)
@@ -122,7 +117,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_models_fetch_gemma(args) -> int:
-    from .models import fetch_gemma
+    from .text.gemma import fetch_gemma
 
     fetch_gemma(args.dir, overwrite=args.overwrite)
     return 0
@@ -175,7 +170,7 @@ def _rank() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .trainer import TrainingInterrupted
+    from .train.trainer import TrainingInterrupted
 
     me = "tokenmdp" if _rank() == 0 else f"tokenmdp[rank {_rank()}]"
     try:

@@ -15,7 +15,7 @@ import tomli_w
 
 from .devices import PRECISIONS, check_device_spec
 from .errors import ConfigError
-from .options import build, non_negative, non_negative_int, one_of, positive, positive_int, to_dict
+from .options import build, non_negative, non_negative_int, one_of, optional, positive, positive_int, to_dict
 
 
 def _optional_str(instance, attribute, value):
@@ -37,11 +37,6 @@ def _seed(instance, attribute, value):
     non_negative_int(instance, attribute, value)
     if value >= 2**63:
         raise ValueError(f"{attribute.name} must be below 2**63 (got {value!r})")
-
-
-def _optional_positive_int(instance, attribute, value):
-    if value is not None:
-        positive_int(instance, attribute, value)
 
 
 def _optional_unit_interval(instance, attribute, value):
@@ -97,12 +92,12 @@ class TrainConfig:
     temperature: float = attrs.field(default=1.0, validator=positive)
     #: Sample only among the k most likely tokens (unset = all). Sampling only: the stored
     #: ``logprobs`` are the policy's own (temperature 1, unfiltered); docs/text.md.
-    top_k: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    top_k: int | None = attrs.field(default=None, validator=optional(positive_int))
     #: Nucleus sampling: the smallest set of tokens whose probability reaches top_p (unset = all).
     top_p: float | None = attrs.field(default=None, validator=_optional_unit_interval)
     #: Text envs (no exact solver): responses sampled, on fixed prompts and seed, to
     #: estimate ``true_reward`` and ``kl_ref`` at each evaluation; unset = ``batch_size``.
-    eval_samples: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    eval_samples: int | None = attrs.field(default=None, validator=optional(positive_int))
     eval_every: int = attrs.field(default=10, validator=positive_int)
     #: Stop at the first evaluation whose ``regret_frac`` is at or below this (toy envs).
     target_regret_frac: float | None = attrs.field(default=None, validator=non_negative)
@@ -110,7 +105,7 @@ class TrainConfig:
     #: Testing/debugging only: one process collects, per step, the concatenation of the
     #: ``batch_size`` sub-batches that ranks 0..N-1 of an N-process run would sample (same
     #: per-rank seeds), to compare against a real distributed run (docs/distributed.md).
-    simulate_world_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    simulate_world_size: int | None = attrs.field(default=None, validator=optional(positive_int))
 
     def __attrs_post_init__(self):
         if self.batch_size % self.samples_per_prompt:

@@ -41,7 +41,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import Tensor
 
 from . import errors
-from .errors import ConfigError, TokenMDPError
+from .errors import ConfigError, RankFailure, TokenMDPError
 
 #: What torchrun sets for every worker.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -325,10 +325,6 @@ def synchronised_optimizer_steps(who: str) -> Iterator[None]:
 
 
 # --- agreeing on failures and metrics ---------------------------------------------------------
-
-class RankFailure(TokenMDPError):
-    """Another rank failed; this one stops at the same point."""
-
 
 def _error_class(name: str) -> type[TokenMDPError]:
     cls = getattr(errors, name, None)

@@ -23,3 +23,20 @@ class NonFiniteError(TokenMDPError):
 
 class RewardError(TokenMDPError):
     """A reward callable (text envs) raised or returned something that is not a finite number."""
+
+
+class InvalidActionError(TokenMDPError, ValueError):
+    """An action outside ``Discrete(vocab_size)``."""
+
+
+class CheckpointError(TokenMDPError):
+    """A checkpoint or run file could not be written (disk full, no permission, ...); the
+    file it would have replaced is unchanged."""
+
+
+class TrainingInterrupted(TokenMDPError):
+    """SIGINT arrived; the step in flight was finished and checkpointed."""
+
+
+class RankFailure(TokenMDPError):
+    """Another rank of a distributed run failed; this one stops at the same point."""

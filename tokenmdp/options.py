@@ -94,3 +94,13 @@ def one_of(*choices):
 def probability(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{attribute.name} must be in [0, 1] (got {value!r})")
+
+
+def optional(validator):
+    """``validator`` for a value that may also be unset (None)."""
+
+    def check(instance, attribute, value):
+        if value is not None:
+            validator(instance, attribute, value)
+
+    return check

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenmdp import EnvSpec, hookimpl
-from tokenmdp.env import TokenMDPEnv, TokenTask, TokenVectorEnv
-from tokenmdp.text import TextTask
+from tokenmdp import EnvSpec, hookimpl, TextTask, TokenMDPEnv, TokenTask, TokenVectorEnv
 
 
 class ToyTask(TokenTask):

@@ -42,11 +42,10 @@ estimator fails at start-up.
 
 from __future__ import annotations
 
-from tokenmdp import Recipe, hookimpl
+from tokenmdp import hookimpl, load_pair_file, Recipe, sample_pairs, sequence_rewards
 
 from .components import DPOUpdater, ImplicitReward, PairBatch, PreferencePairs
 from .losses import dpo_loss, sequence_logratio
-from tokenmdp.preferences import load_pair_file, sample_pairs, sequence_rewards
 from .tdpo import TDPOUpdater, sequence_kl, tdpo_loss
 
 __all__ = [

@@ -7,21 +7,15 @@ import attrs
 import torch
 from torch import Tensor
 
-from tokenmdp import AdvantageConstructor, TrajectoryEstimator
-from tokenmdp.errors import ConfigError
-from tokenmdp.options import non_negative, one_of, positive, positive_int
-from tokenmdp.updaters import GradientUpdater, MicroBatch
+from tokenmdp import (
+    AdvantageConstructor, ConfigError, GradientUpdater, load_pair_file, MicroBatch, non_negative, one_of,
+    OptimizerOptions, optional, PairBatch, positive, positive_int, sample_pairs, TrajectoryEstimator,
+)
 
 from .losses import LOSSES, dpo_loss, sequence_logratio
-from tokenmdp.preferences import PairBatch, load_pair_file, sample_pairs
 
 #: Pairs drawn when ``num_pairs`` is unset and ``pairs = "sampled"``.
 DEFAULT_NUM_PAIRS = 2048
-
-
-def _optional_positive_int(instance, attribute, value):
-    if value is not None:
-        positive_int(instance, attribute, value)
 
 
 def pair_seed(seed: int) -> int:
@@ -60,11 +54,11 @@ class PreferencePairs(TrajectoryEstimator):
         #: pairs="file": JSONL of {"prompt", "chosen", "rejected"} (token ids, or text with a tokenizer).
         path: str | None = None
         #: Labelled pairs in total (sampled: default 2048; file: unset = every line, else the first N).
-        num_pairs: int | None = attrs.field(default=None, validator=_optional_positive_int)
+        num_pairs: int | None = attrs.field(default=None, validator=optional(positive_int))
         #: Re-sample the pairs from the current policy every round instead of once from pi_ref.
         online: bool = False
         #: online: rounds the pair budget is spread over; unset = one per trainer step.
-        rounds: int | None = attrs.field(default=None, validator=_optional_positive_int)
+        rounds: int | None = attrs.field(default=None, validator=optional(positive_int))
         #: Passes over each pair (offline: over the whole set; online: over each round's pairs).
         epochs: int = attrs.field(default=3, validator=positive_int)
         #: pairs="sampled": "hard": the higher reward is chosen; "bradley-terry": y_1 is chosen
@@ -179,21 +173,15 @@ class ImplicitReward(AdvantageConstructor):
 
 
 @attrs.frozen
-class PairOptions:
+class PairOptions(OptimizerOptions):
     """Options shared by the pair updaters (``dpo``, ``tdpo``)."""
 
     #: The loss's beta; unset = ``train.beta``.
     beta: float | None = attrs.field(default=None, validator=positive)
-    lr: float = attrs.field(default=1e-3, validator=positive)
     #: Pairs per gradient step (the step's pairs are split into minibatches in order).
     minibatch_size: int = attrs.field(default=64, validator=positive_int)
-    #: Clip the global gradient norm to this value (0 = no clipping).
-    max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)
     #: Decay the learning rate linearly to 0 over ``train.steps``.
     anneal_lr: bool = False
-    #: Pairs per forward/backward inside a minibatch; their gradients are accumulated into
-    #: one step on the whole minibatch (same loss, less memory). Unset = the whole minibatch.
-    micro_batch_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
 
 
 @attrs.frozen

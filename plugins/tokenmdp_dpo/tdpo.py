@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from tokenmdp.options import one_of, positive
+from tokenmdp import one_of, positive
 
 from .components import DPOUpdater, PairOptions, PairScores, pair_metrics
 

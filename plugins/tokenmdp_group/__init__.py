@@ -29,9 +29,10 @@ from __future__ import annotations
 import attrs
 import torch
 
-from tokenmdp import AdvantageConstructor, ConfigError, Recipe, TrajectoryEstimator, hookimpl
-from tokenmdp.ops import masked_whiten
-from tokenmdp.options import non_negative, positive
+from tokenmdp import (
+    AdvantageConstructor, ConfigError, hookimpl, masked_whiten, non_negative, positive, Recipe,
+    TrajectoryEstimator,
+)
 
 
 class GroupRelative(TrajectoryEstimator):

@@ -19,12 +19,11 @@ from __future__ import annotations
 import attrs
 import torch
 
-from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, hookimpl
-from tokenmdp.errors import ConfigError
-from tokenmdp.ops import at_least_float32, masked_whiten, suffix_sums
-from tokenmdp.options import non_negative, one_of, positive, positive_int
-from tokenmdp.rollout import response_logits
-from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
+from tokenmdp import (
+    AdvantageConstructor, at_least_float32, ConfigError, entropy_of, GradientOptions, GradientUpdater,
+    hookimpl, load_policy, masked_whiten, non_negative, one_of, positive, positive_int, Recipe,
+    response_logits, suffix_sums, TrajectoryEstimator,
+)
 
 
 def _guide_ids(value, ctx) -> torch.Tensor:
@@ -73,8 +72,6 @@ class ConditionalOptimal(TrajectoryEstimator):
                 raise ConfigError("[estimator] source='oracle' needs a toy env with an exact solution")
             self.target_model = ctx.solution.policy()
         elif self.options.source == "teacher":
-            from tokenmdp.trainer import load_policy
-
             self.target_model = ctx.place(load_policy(self.options.teacher, ctx.task).requires_grad_(False).eval())
         else:
             self.target_model = None

@@ -32,14 +32,12 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, distributed, hookimpl
-from tokenmdp.errors import ConfigError
-from tokenmdp.ops import at_least_float32, masked_mean, masked_sum, masked_whiten
-from tokenmdp.options import non_negative, one_of, positive, positive_int, probability
-from tokenmdp.policies import GRUPolicy, build_policy
-from tokenmdp.preferences import load_pair_file, sample_pairs
-from tokenmdp.rollout import response_logits
-from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
+from tokenmdp import (
+    AdvantageConstructor, at_least_float32, build_policy, ConfigError, distributed, entropy_of,
+    GradientOptions, GradientUpdater, GRUPolicy, hookimpl, load_pair_file, masked_mean, masked_sum,
+    masked_whiten, non_negative, one_of, optional, positive, positive_int, probability, Recipe,
+    response_logits, sample_pairs, TrajectoryEstimator,
+)
 
 from .reward_model import terminal_rewards, train_reward_model
 
@@ -151,12 +149,7 @@ class PPORewards(TrajectoryEstimator):
         reward_epochs: int = attrs.field(default=3, validator=positive_int)
         reward_lr: float = attrs.field(default=3e-3, validator=positive)
         #: critic="separate": hidden size of the value network; unset = the policy's.
-        critic_hidden: int | None = attrs.field(default=None)
-
-        @critic_hidden.validator
-        def _hidden(self, attribute, value):
-            if value is not None:
-                positive_int(self, attribute, value)
+        critic_hidden: int | None = attrs.field(default=None, validator=optional(positive_int))
 
     def __init__(self, options=None):
         super().__init__(options)

@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenmdp.devices import module_device
-from tokenmdp.preferences import PairBatch
-from tokenmdp.rollout import RolloutBatch
+from tokenmdp import module_device, PairBatch, RolloutBatch
 
 
 def sequence_scores(model, batch: RolloutBatch) -> Tensor:

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import attrs
-from tokenmdp import AdvantageConstructor, Recipe, TrajectoryEstimator, hookimpl
-from tokenmdp.ops import masked_mean, masked_whiten, suffix_sums
-from tokenmdp.options import one_of, positive
-from tokenmdp.updaters import GradientOptions, GradientUpdater, entropy_of
+from tokenmdp import (
+    AdvantageConstructor, entropy_of, GradientOptions, GradientUpdater, hookimpl, masked_mean, masked_whiten,
+    one_of, positive, Recipe, suffix_sums, TrajectoryEstimator,
+)
 
 
 class KLPenalisedReward(TrajectoryEstimator):

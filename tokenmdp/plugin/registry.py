@@ -25,7 +25,7 @@ from .components import (
     Recipe,
     TrajectoryEstimator,
 )
-from .errors import PluginError
+from ..errors import PluginError
 
 PROJECT = "tokenmdp"
 ENTRY_POINT_GROUP = "tokenmdp"

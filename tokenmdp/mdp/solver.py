@@ -13,9 +13,9 @@ import attrs
 import torch
 from torch import Tensor
 
-from .devices import module_device
+from ..devices import module_device
 from .env import TokenTask
-from .policies.base import ExactPolicy, TokenPolicy
+from ..policies.base import ExactPolicy, TokenPolicy
 
 DTYPE = torch.float64
 

@@ -7,11 +7,11 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .devices import module_device
-from .ops import masked_correlation
-from .policies.base import TokenPolicy
-from .rollout import RolloutBatch
-from .solver import Solution, solve, tree_logprobs
+from ..devices import module_device
+from ..plugin.ops import masked_correlation
+from ..policies.base import TokenPolicy
+from ..plugin.batch import RolloutBatch
+from ..mdp.solver import Solution, solve, tree_logprobs
 
 
 class ExactEvaluator:
@@ -102,7 +102,7 @@ class SampledEvaluator:
 
     @torch.no_grad()
     def evaluate(self, policy: TokenPolicy, prefix_ids: Tensor | None = None) -> dict[str, float]:
-        from .rollout import token_logprobs
+        from ..plugin.batch import token_logprobs
 
         if prefix_ids is not None:
             raise NotImplementedError("SampledEvaluator scores unconditioned policies only")

@@ -17,9 +17,10 @@ import attrs
 import torch
 from torch import Tensor
 
-from .datafiles import json_line, numbered_lines
-from .errors import ConfigError
-from .rollout import RolloutBatch, generate
+from ..datafiles import json_line, numbered_lines
+from ..errors import ConfigError
+from ..plugin.batch import RolloutBatch
+from .rollout import generate
 from .sft import sample_contexts
 
 #: Two responses whose summed rewards differ by less than this are a tie (and dropped).

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .text import NEGATIVE_WORDS, POSITIVE_WORDS, TextTask, lexicon_score, sentencepiece_adapter
+from . import NEGATIVE_WORDS, POSITIVE_WORDS, TextTask, lexicon_score, sentencepiece_adapter
 
 GUIDE = "answer kindly"
 TOPICS = ["cat", "dog", "park", "sea", "garden", "city", "rain", "morning", "river", "school", "train", "forest"]
@@ -121,7 +121,7 @@ def build_bridge(out_dir: str | Path, num_untagged: int = 3000, num_tagged: int 
                  epochs: int = 3, vocab_size: int = 128, batch_size: int = 64, n_layer: int = 2, n_embd: int = 64, lr: float = 3e-3,
                  seed: int = 0, log=lambda *a: None) -> dict:
     """Tokenizer + pretrained tiny GPT-2 + prompt files in ``out_dir``; returns their paths."""
-    from .policies.hf import HFCausalLMPolicy, train_sentencepiece
+    from ..policies.hf import HFCausalLMPolicy, train_sentencepiece
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

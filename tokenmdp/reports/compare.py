@@ -33,14 +33,15 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from .composition import compose
-from .config import SECTIONS, Config, load_config, merge, parse_override, read_toml
-from .errors import ConfigError
-from .options import build, to_dict
-from .plugins import Registry, plugin_manager
-from .sft import make_sft_data
-from .solver import solve, tree_logprobs
-from .trainer import (Trainer, TrainingInterrupted, _atomic_write_text, latest_checkpoint, load_reference,
+from ..plugin.composition import compose
+from ..config import SECTIONS, Config, load_config, merge, parse_override, read_toml
+from ..errors import ConfigError
+from .tables import markdown
+from ..options import build, to_dict
+from ..plugin.registry import Registry, plugin_manager
+from ..train.sft import make_sft_data
+from ..mdp.solver import solve, tree_logprobs
+from ..train.trainer import (Trainer, TrainingInterrupted, _atomic_write_text, latest_checkpoint, load_reference,
                       make_vector_env)
 
 #: The issue asks for a spread across seeds; fewer than 3 cannot show one honestly.
@@ -352,12 +353,10 @@ def summarise(records: list[dict]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    from .cli import _table
-
     header = ["recipe", "env", "supervision", *(title for _, title in COLUMNS)]
     body = [[r["recipe"], short_env(r["env"]), r["supervision"],
              *(_cell_text(r[key], key) for key, _ in COLUMNS)] for r in rows]
-    return _table(body, header)
+    return markdown(body, header)
 
 
 def _cell_text(spread: tuple, key: str) -> str:

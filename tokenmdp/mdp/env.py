@@ -22,11 +22,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from torch import Tensor
 
-from .errors import TokenMDPError
-
-
-class InvalidActionError(TokenMDPError, ValueError):
-    """An action outside ``Discrete(vocab_size)``."""
+from ..errors import InvalidActionError, TokenMDPError
 
 
 class TokenTask:

@@ -20,33 +20,35 @@ import attrs
 import torch
 from torch import Tensor
 
-from . import distributed
+from .. import distributed
 from .components import PolicyUpdater
-from .errors import ConfigError
+from ..errors import ConfigError
 from .ops import zero_padding
-from .options import non_negative, positive, positive_int
-from .rollout import RolloutBatch
-
-
-def _optional_positive_int(instance, attribute, value):
-    if value is not None:
-        positive_int(instance, attribute, value)
+from ..options import non_negative, optional, positive, positive_int
+from .batch import RolloutBatch
 
 
 @attrs.frozen
-class GradientOptions:
+class OptimizerOptions:
+    """Options of every gradient updater: Adam, clipping, the LR schedule, micro-batches."""
+
     lr: float = attrs.field(default=1e-3, validator=positive)
     #: Clip the global gradient norm to this value (0 = no clipping).
     max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)
     #: Decay the learning rate linearly to 0 over ``train.steps``.
     anneal_lr: bool = True
-    #: Passes over each rollout, and minibatches per pass.
+    #: Rows (pairs, for the pair updaters) per forward/backward inside a minibatch; the
+    #: slices' gradients are accumulated into one optimizer step on the whole minibatch
+    #: (same loss, less memory). Unset = the whole minibatch at once.
+    micro_batch_size: int | None = attrs.field(default=None, validator=optional(positive_int))
+
+
+@attrs.frozen
+class GradientOptions(OptimizerOptions):
+    """:class:`OptimizerOptions`, plus passes over each rollout and minibatches per pass."""
+
     epochs: int = attrs.field(default=1, validator=positive_int)
     minibatches: int = attrs.field(default=1, validator=positive_int)
-    #: Rows per forward/backward inside a minibatch; the slices' gradients are accumulated
-    #: into one optimizer step on the whole minibatch (same loss, less memory). Unset = the
-    #: whole minibatch at once.
-    micro_batch_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
 
 
 @attrs.frozen

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .policies.base import TaskBasePolicy, TokenPolicy
+from ..policies.base import TaskBasePolicy, TokenPolicy
 from .rollout import generate
-from .solver import solve
+from ..mdp.solver import solve
 
 
 def sample_contexts(task, n: int, generator: torch.Generator, tagged: bool) -> tuple[Tensor, Tensor]:

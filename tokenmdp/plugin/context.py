@@ -8,8 +8,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from .rollout import RolloutBatch, token_logprobs
-from .policies.base import TokenPolicy
+from .batch import RolloutBatch, token_logprobs
+from ..policies.base import TokenPolicy
 
 
 @attrs.define
@@ -36,7 +36,7 @@ class TrainContext:
         """Prepare a network a component builds for itself (a critic, a reward model, a
         teacher) like the policy: on ``device``, its HF forwards in the run's precision, and
         its dropout off (it scores, so it must be deterministic). Returns ``module``."""
-        from .devices import place
+        from ..devices import place
 
         return place(module, self.device, self.autocast_dtype, no_dropout=True)
 
@@ -45,7 +45,7 @@ class TrainContext:
         """The default conditioning prefix ``c``: the task's guide token (text tasks have
         none: their guides are text, given as ``[estimator] guide = "..."``)."""
         if getattr(self.task, "guide_token", None) is None:
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"env {getattr(self.task, 'name', 'task')!r} has no guide token; give the guide as "
                               "text, e.g. [estimator] guide = \"Answer kindly and helpfully.\"")

@@ -23,30 +23,22 @@ import gymnasium
 import torch
 from gymnasium.vector import AutoresetMode
 
-from . import distributed
-from .composition import Composition, compose
-from .config import Config, dump_config, load_config
-from .context import TrainContext
-from .devices import PRECISIONS, place, resolve_device
-from .env import TokenVectorEnv
-from .errors import ConfigError, PluginError, RewardError, TokenMDPError
+from .. import distributed
+from ..plugin.composition import Composition, compose
+from ..config import Config, dump_config, load_config
+from ..plugin.context import TrainContext
+from ..devices import PRECISIONS, place, resolve_device
+from ..mdp.env import TokenVectorEnv
+from ..errors import CheckpointError, ConfigError, PluginError, RewardError, TokenMDPError, TrainingInterrupted
 from .evaluation import ExactEvaluator, SampledEvaluator
-from .ops import check_finite
-from .plugins import Registry, plugin_manager
-from .policies import TokenPolicy, build_policy
-from .rollout import collect, concat_batches, sampling_generator, token_logprobs
+from ..plugin.ops import check_finite
+from ..plugin.registry import Registry, plugin_manager
+from ..policies import TokenPolicy, build_policy
+from ..plugin.batch import concat_batches, token_logprobs
+from .rollout import collect, sampling_generator
 from .sft import make_sft_data, supervised_finetune
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-class TrainingInterrupted(TokenMDPError):
-    """SIGINT arrived; the step in flight was finished and checkpointed."""
-
-
-class CheckpointError(TokenMDPError):
-    """A checkpoint or run file could not be written (disk full, no permission, ...); the
-    file it would have replaced is unchanged."""
 
 
 @contextlib.contextmanager
@@ -509,7 +501,7 @@ def load_policy(path: str | Path, task) -> TokenPolicy:
             raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
         policy.load_checkpoint_state(torch.load(checkpoint, weights_only=False, map_location="cpu")["policy"])
         return policy
-    from .policies.hf import HFCausalLMPolicy
+    from ..policies.hf import HFCausalLMPolicy
 
     return HFCausalLMPolicy.from_pretrained(path, vocab_size=task.vocab_size)
 

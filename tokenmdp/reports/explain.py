@@ -29,15 +29,16 @@ import attrs
 import torch
 from torch import Tensor
 
-from .composition import compose
-from .config import load_config
-from .context import TrainContext
-from .errors import ConfigError, TokenMDPError
-from .ops import masked_correlation
-from .plugins import Registry, plugin_manager
-from .rollout import RolloutBatch, collect, token_logprobs
-from .solver import Solution, solve, tree_logprobs
-from .trainer import latest_checkpoint, load_policy, load_reference, make_vector_env
+from ..plugin.composition import compose
+from ..config import load_config
+from ..plugin.context import TrainContext
+from ..errors import ConfigError, TokenMDPError
+from ..plugin.ops import masked_correlation
+from ..plugin.registry import Registry, plugin_manager
+from ..plugin.batch import RolloutBatch, token_logprobs
+from ..train.rollout import collect
+from ..mdp.solver import Solution, solve, tree_logprobs
+from ..train.trainer import latest_checkpoint, load_policy, load_reference, make_vector_env
 
 TRUE_ROW = "true A*"
 

@@ -1,0 +1,1 @@
+"""The token MDP: tasks and Gymnasium environments (``env``), the exact solver (``solver``)."""

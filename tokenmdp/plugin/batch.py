@@ -1,0 +1,125 @@
+"""The rollout record every component reads (``RolloutBatch``) and scoring a batch's
+response tokens under a model (``response_logits``, ``token_logprobs``)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import Tensor
+
+from ..policies.base import TokenPolicy
+from .ops import at_least_float32
+
+
+@attrs.define
+class RolloutBatch:
+    """One step's responses. Per-token tensors are ``[batch, response_len]``;
+    ``response_mask`` is 1 on real tokens (padding after EOS is 0)."""
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    rewards: Tensor
+    prompt_index: Tensor
+    logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    #: False when the env was run reward-free (no component required ``rewards``).
+    rewards_observed: bool = True
+    #: Leading columns of ``prompt_ids`` kept in front of a conditioning prefix: 1 for text
+    #: prompts laid out ``[BOS, pad..., prompt]`` (the guide goes after BOS), else 0.
+    prefix_offset: int = 0
+    #: ``[batch]``: rows with one value are the responses to one draw of a prompt
+    #: (``train.samples_per_prompt > 1``); None: the batch was not sampled in groups.
+    group_index: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    @property
+    def sequence_rewards(self) -> Tensor:
+        return (self.rewards * self.response_mask).sum(1)
+
+    @property
+    def groups(self) -> Tensor:
+        """``[batch]`` group of each response, for group baselines (RLOO, GRPO): its draw
+        of a prompt when sampled in groups, else its prompt (every response to a prompt)."""
+        return self.group_index if self.group_index is not None else self.prompt_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.response_ids.device
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in attrs.fields(type(self))
+                if isinstance(getattr(self, f.name), Tensor)}
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """The batch with every tensor on ``device`` (itself when they already are)."""
+        device, tensors = torch.device(device), self._tensors()
+        if all(t.device == device for t in tensors.values()):
+            return self
+        return attrs.evolve(self, **{name: t.to(device) for name, t in tensors.items()})
+
+    def select(self, index: Tensor) -> "RolloutBatch":
+        """Rows ``index`` of every tensor (for minibatches)."""
+        return attrs.evolve(self, **{name: t[index] for name, t in self._tensors().items()})
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """The rows of several batches, in order, as one batch (tensor shapes must agree past
+    the first dimension)."""
+    if len(batches) == 1:
+        return batches[0]
+    tensors = {}
+    for f in attrs.fields(RolloutBatch):
+        values = [getattr(b, f.name) for b in batches]
+        if isinstance(values[0], Tensor):
+            shapes = {tuple(v.shape[1:]) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot concatenate batches: {f.name} shapes differ past dim 0: {sorted(shapes)}")
+            tensors[f.name] = torch.cat(values)
+    groups = [b.group_index for b in batches]
+    if all(g is not None for g in groups):  # each sub-batch's groups stay its own
+        offsets = torch.tensor([0, *[int(g.max()) + 1 for g in groups[:-1]]]).cumsum(0).tolist()
+        tensors["group_index"] = torch.cat([g + k for g, k in zip(groups, offsets)])
+    observed = {b.rewards_observed for b in batches}
+    return attrs.evolve(batches[0], **tensors, rewards_observed=all(observed))
+
+
+def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None) -> Tensor:
+    """``[B, T, V]`` logits of each response token's distribution under ``model``,
+    optionally with a conditioning prefix in front of the prompt (one forward pass).
+
+    The prefix goes after the first ``batch.prefix_offset`` prompt columns (a pinned BOS
+    of text prompts), else in front of everything. Models that can (HF causal LMs)
+    compute the output layer on the response positions only."""
+    ids, mask = batch.prompt_ids, batch.prompt_mask
+    if prefix_ids is not None:
+        prefix_ids = prefix_ids.to(ids.device)
+        prefix = prefix_ids.view(1, -1).expand(ids.shape[0], -1) if prefix_ids.dim() == 1 else prefix_ids
+        k = batch.prefix_offset
+        ids = torch.cat([ids[:, :k], prefix, ids[:, k:]], dim=1)
+        mask = torch.cat([mask[:, :k], torch.ones_like(prefix), mask[:, k:]], dim=1)
+    full_ids = torch.cat([ids, batch.response_ids], dim=1)
+    full_mask = torch.cat([mask.to(batch.response_ids.dtype), torch.ones_like(batch.response_ids)], dim=1)
+    t = batch.response_ids.shape[1]
+    if getattr(model, "supports_logits_to_keep", False):
+        return model(full_ids, full_mask, logits_to_keep=t + 1)[:, :t]
+    logits = model(full_ids, full_mask)
+    start = ids.shape[1] - 1
+    return logits[:, start : start + t]
+
+
+def token_logprobs(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None,
+                   return_logits: bool = False):
+    """Log-prob of each taken response token under ``model`` (0 on padding)."""
+    logits = at_least_float32(response_logits(model, batch, prefix_ids))
+    logp = torch.log_softmax(logits, dim=-1)
+    taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+    return (taken, logits) if return_logits else taken

@@ -1,0 +1,1 @@
+"""Reports over runs: ``tokenmdp compare``, ``tokenmdp explain``, plots and tables."""

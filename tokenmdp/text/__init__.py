@@ -1,0 +1,25 @@
+"""The token MDP on real text (``tokenmdp/Text-v0``): tokenizers, prompt files, reward
+callables and :class:`TextTask`; the toy-to-text bridge and Gemma-3 270M from pip live in
+:mod:`tokenmdp.text.bridge` and :mod:`tokenmdp.text.gemma`."""
+
+from .task import (
+    NEGATIVE_WORDS,
+    POSITIVE_WORDS,
+    TextTask,
+    lexicon_score,
+    read_prompts,
+    resolve_callable,
+)
+from .tokenizers import TextTokenizer, load_tokenizer, sentencepiece_adapter
+
+__all__ = [
+    "NEGATIVE_WORDS",
+    "POSITIVE_WORDS",
+    "TextTask",
+    "TextTokenizer",
+    "lexicon_score",
+    "load_tokenizer",
+    "read_prompts",
+    "resolve_callable",
+    "sentencepiece_adapter",
+]

@@ -1,0 +1,116 @@
+"""Sampling responses: the sampling distribution, batched (KV-cached) generation, and one
+step's batch collected through the vector environment."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..devices import module_device
+from ..mdp.env import TokenVectorEnv
+from ..plugin.batch import RolloutBatch, concat_batches, response_logits, token_logprobs  # noqa: F401 (old home)
+from ..policies.base import TokenPolicy
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """The logits of the sampling distribution: divided by ``temperature``, then every token
+    outside the ``top_k`` most likely and outside the smallest set whose probability reaches
+    ``top_p`` (nucleus) set to -inf. The most likely token always stays."""
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
+        drop = before >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with ``seed`` on ``device``, where sampling draws its tokens."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One token per row. A generator on another device than ``probs`` (a CPU generator for
+    a GPU policy) draws on its own device, so every caller's seeded stream works anywhere."""
+    if generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+    return drawn.squeeze(1).to(probs.device)
+
+
+@torch.no_grad()
+def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: int | None,
+             generator: torch.Generator, temperature: float = 1.0, attention_mask: Tensor | None = None,
+             top_k: int | None = None, top_p: float | None = None) -> tuple[Tensor, Tensor]:
+    """Sample ``[B, horizon]`` responses (0-padded after EOS) and their 0/1 mask.
+
+    ``attention_mask`` marks real context tokens (left padding = 0); decoding is
+    incremental (KV-cached for HF models). ``temperature``/``top_k``/``top_p`` shape the
+    sampling distribution only (:func:`filter_logits`)."""
+    was_training = policy.training
+    policy.eval()
+    device = module_device(policy)
+    context_ids = context_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    b = context_ids.shape[0]
+    response = torch.zeros(b, horizon, dtype=torch.long, device=device)
+    mask = torch.zeros(b, horizon, device=device)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    logits, state = policy.start(context_ids, attention_mask)
+    for t in range(horizon):
+        probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+        actions = torch.where(active, _draw(probs, generator), 0)
+        response[:, t] = actions
+        mask[:, t] = active.float()
+        if eos_token is not None:
+            active = active & (actions != eos_token)
+        if t + 1 == horizon or not bool(active.any()):
+            break
+        logits, state = policy.advance(state, actions)
+    policy.train(was_training)
+    return response, mask
+
+
+@torch.no_grad()
+def collect(policy: TokenPolicy, env: TokenVectorEnv, seed: int, generator: torch.Generator,
+            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+            prompt_index: Tensor | None = None, samples_per_prompt: int = 1) -> RolloutBatch:
+    """One response per env: sample with the policy, then step the env with those tokens
+    (which yields rewards, unless the env is reward-free). ``prompt_index`` fixes the
+    prompts (else the env draws them). With ``samples_per_prompt = G`` the env draws
+    ``num_envs / G`` prompts and each is answered G times, by consecutive rows, numbered
+    in ``group_index`` (given prompts are grouped G rows at a time, in order).
+
+    The env and the task live on the CPU; the batch is returned on the policy's device."""
+    options = {} if prompt_index is None else {"prompt_index": prompt_index}
+    if samples_per_prompt != 1:
+        options["samples_per_prompt"] = samples_per_prompt
+    obs, info = env.reset(seed=seed, options=options or None)
+    prompt_mask = obs["prompt_mask"].long() if "prompt_mask" in obs else torch.ones_like(obs["prompt"])
+    response, mask = generate(policy, obs["prompt"], env.task.horizon, env.task.eos_token, generator, temperature,
+                              attention_mask=prompt_mask, top_k=top_k, top_p=top_p)
+    actions = response.cpu()
+    rewards = torch.zeros(actions.shape)
+    for t in range(actions.shape[1]):
+        if bool(env.done.all()):
+            break
+        _, rewards[:, t], _, _, _ = env.step(actions[:, t])
+    device = response.device
+    return RolloutBatch(
+        prompt_ids=obs["prompt"].to(device),
+        prompt_mask=prompt_mask.to(device),
+        response_ids=response,
+        response_mask=mask,
+        rewards=rewards.to(device) * mask,
+        prompt_index=info["prompt_index"].to(device),
+        rewards_observed=env.compute_rewards,
+        prefix_offset=env.task.prefix_offset,
+        group_index=info["group_index"].to(device) if "group_index" in info else None,
+    )
