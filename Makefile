@@ -20,7 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/tokenmdp compare configs/compare_demo.toml
 
+# The rules of the code first (seconds): ruff lint and format, the import contracts of
+# pyproject.toml (the core's layers; plugins and envs import only the tokenmdp namespace).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -30,15 +30,24 @@ def rl_part(recipes, envs, seeds) -> None:
         for env in envs:
             tokens, final, wall, reached = [], [], [], 0
             for seed in seeds:
-                summary, _, _ = run(f"configs/{recipe}.toml", [
-                    f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}",
-                    f"train.steps={RL_BUDGET // TOKENS_PER_STEP}", f"train.target_regret_frac={RL_TARGET}"])
+                summary, _, _ = run(
+                    f"configs/{recipe}.toml",
+                    [
+                        f"env.id=tokenmdp/{env}-v0",
+                        f"train.seed={seed}",
+                        f"train.steps={RL_BUDGET // TOKENS_PER_STEP}",
+                        f"train.target_regret_frac={RL_TARGET}",
+                    ],
+                )
                 reached += bool(summary["reached_target"])
                 tokens.append(summary["env_tokens"] if summary["reached_target"] else None)
                 final.append(summary["regret_frac"])
                 wall.append(summary["wall_seconds"])
-            print(f"| {recipe} | {env} | {reached}/{len(seeds)} | {spread(tokens, '{:,.0f}')} | "
-                  f"{spread(final)} | {spread(wall, '{:.0f}')} |", flush=True)
+            print(
+                f"| {recipe} | {env} | {reached}/{len(seeds)} | {spread(tokens, '{:,.0f}')} | "
+                f"{spread(final)} | {spread(wall, '{:.0f}')} |",
+                flush=True,
+            )
 
 
 def dpo_part(envs, seeds, overrides: list[str]) -> None:
@@ -49,19 +58,30 @@ def dpo_part(envs, seeds, overrides: list[str]) -> None:
     for env in envs:
         regret, kl_ref = {}, {}
         for name in ("dpo", "dpo_online"):
-            finals = [run(f"configs/{name}.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}", *overrides])[2][-1]
-                      for seed in seeds]
+            finals = [
+                run(f"configs/{name}.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}", *overrides])[2][-1]
+                for seed in seeds
+            ]
             regret[name], kl_ref[name] = [r["regret_frac"] for r in finals], [r["kl_ref"] for r in finals]
         wins = sum(on < off for on, off in zip(regret["dpo_online"], regret["dpo"]))
-        print(f"| {env} | {spread(regret['dpo'])} | {spread(regret['dpo_online'])} | {wins}/{len(seeds)} seeds | "
-              f"{spread(kl_ref['dpo'])} | {spread(kl_ref['dpo_online'])} |", flush=True)
+        print(
+            f"| {env} | {spread(regret['dpo'])} | {spread(regret['dpo_online'])} | {wins}/{len(seeds)} seeds | "
+            f"{spread(kl_ref['dpo'])} | {spread(kl_ref['dpo_online'])} |",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = threshold_parser(__doc__, ["rl", "dpo"])
     parser.add_argument("--recipes", nargs="+", default=["ppo", "rloo", "grpo"])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="DPO part: an override for both configs (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DPO part: an override for both configs (repeatable)",
+    )
     args = parser.parse_args()
     started = start(args)
     if args.part in ("rl", "all"):

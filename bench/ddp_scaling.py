@@ -44,13 +44,25 @@ def worker(args) -> None:
     from tokenmdp.config import load_config
     from tokenmdp.train.trainer import Trainer
 
-    config = load_config(None, [
-        "algorithm.name=reinforce", "env.id=tokenmdp/Pattern-v0", f"env.vocab_size={args.vocab}",
-        f"env.horizon={args.horizon}", "policy.kind=gru", f"policy.hidden={args.hidden}",
-        "reference.init=init", f"train.steps={args.steps}", f"train.batch_size={args.per_rank}",
-        f"train.eval_every={args.steps}", "train.progress=false", f"run.dir={args.run_dir}",
-        "run.overwrite=true", "advantage.whiten=true",
-    ])
+    config = load_config(
+        None,
+        [
+            "algorithm.name=reinforce",
+            "env.id=tokenmdp/Pattern-v0",
+            f"env.vocab_size={args.vocab}",
+            f"env.horizon={args.horizon}",
+            "policy.kind=gru",
+            f"policy.hidden={args.hidden}",
+            "reference.init=init",
+            f"train.steps={args.steps}",
+            f"train.batch_size={args.per_rank}",
+            f"train.eval_every={args.steps}",
+            "train.progress=false",
+            f"run.dir={args.run_dir}",
+            "run.overwrite=true",
+            "advantage.whiten=true",
+        ],
+    )
     trainer = Trainer(config)
     times: list[float] = []
     step_fn = trainer.train_step
@@ -69,9 +81,24 @@ def worker(args) -> None:
 
 def launch(nproc: int, per_rank: int, args, tmp: Path, label: str) -> dict:
     out = tmp / f"{label}.json"
-    cmd = [__file__, "--worker", "--per-rank", str(per_rank), "--out", str(out), "--run-dir", str(tmp / label),
-           "--vocab", str(args.vocab), "--horizon", str(args.horizon), "--hidden", str(args.hidden),
-           "--steps", str(args.steps)]
+    cmd = [
+        __file__,
+        "--worker",
+        "--per-rank",
+        str(per_rank),
+        "--out",
+        str(out),
+        "--run-dir",
+        str(tmp / label),
+        "--vocab",
+        str(args.vocab),
+        "--horizon",
+        str(args.horizon),
+        "--hidden",
+        str(args.hidden),
+        "--steps",
+        str(args.steps),
+    ]
     if nproc == 1:
         cmd = [sys.executable, *cmd]
     else:
@@ -81,7 +108,7 @@ def launch(nproc: int, per_rank: int, args, tmp: Path, label: str) -> dict:
     if done.returncode != 0:
         sys.exit(f"{label} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     result = json.loads(out.read_text())
-    steady = result["times"][args.warmup:]
+    steady = result["times"][args.warmup :]
     result["median"] = statistics.median(steady)
     result["spread"] = (min(steady), max(steady))
     return result
@@ -105,10 +132,14 @@ def main(argv=None) -> None:
 
     import torch
 
-    print(f"torch {torch.__version__} on {platform.machine()}, {os.cpu_count()} CPUs; "
-          f"torch.set_num_threads(1) and OMP_NUM_THREADS=1 in every process; backend gloo")
-    print(f"reinforce on Pattern vocab={args.vocab} horizon={args.horizon}, GRU hidden={args.hidden}, "
-          f"{args.steps} steps ({args.warmup} warm-up steps dropped, median of the rest)")
+    print(
+        f"torch {torch.__version__} on {platform.machine()}, {os.cpu_count()} CPUs; "
+        f"torch.set_num_threads(1) and OMP_NUM_THREADS=1 in every process; backend gloo"
+    )
+    print(
+        f"reinforce on Pattern vocab={args.vocab} horizon={args.horizon}, GRU hidden={args.hidden}, "
+        f"{args.steps} steps ({args.warmup} warm-up steps dropped, median of the rest)"
+    )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -125,8 +156,10 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|")
     for label, per_rank, total, r in rows:
         lo, hi = r["spread"]
-        print(f"| {label} | {per_rank} | {total} | {1e3 * r['median']:.1f} [{1e3 * lo:.1f}, {1e3 * hi:.1f}] "
-              f"| {total / r['median']:.0f} |")
+        print(
+            f"| {label} | {per_rank} | {total} | {1e3 * r['median']:.1f} [{1e3 * lo:.1f}, {1e3 * hi:.1f}] "
+            f"| {total / r['median']:.0f} |"
+        )
     print(f"\nweak-scaling efficiency   T1 / T2weak        = {one['median'] / weak['median']:.2f}")
     print(f"strong-scaling efficiency T1 / (2 * T2strong) = {one['median'] / (2 * strong['median']):.2f}")
 

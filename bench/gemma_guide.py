@@ -45,22 +45,36 @@ def score_model(model, reference, task, samples: int, seed: int, prefix=None, gu
     generator = torch.Generator().manual_seed(seed)
     response, rmask = generate(model, ids, task.horizon, task.eos_token, generator, attention_mask=mask)
     scores = task.sequence_rewards(index, response, rmask)
-    batch = RolloutBatch(prompt_ids=task.prompts[index], prompt_mask=task.prompt_mask[index], response_ids=response,
-                         response_mask=rmask, rewards=torch.zeros_like(rmask), prompt_index=index,
-                         prefix_offset=task.prefix_offset)
+    batch = RolloutBatch(
+        prompt_ids=task.prompts[index],
+        prompt_mask=task.prompt_mask[index],
+        response_ids=response,
+        response_mask=rmask,
+        rewards=torch.zeros_like(rmask),
+        prompt_index=index,
+        prefix_offset=task.prefix_offset,
+    )
     with torch.no_grad():  # KL of the sampling model vs the unguided reference, on these completions
         own = token_logprobs(model, batch, prefix_ids=prefix)
         kl = ((own - token_logprobs(reference, batch)) * rmask).sum(1)
         # KL(. || pi_hat*): pi_hat* is the reference with the guide in front, the method's target
-        target = own if (model is reference and prefix is guide_prefix) else \
-            token_logprobs(reference, batch, prefix_ids=guide_prefix)
+        target = (
+            own
+            if (model is reference and prefix is guide_prefix)
+            else token_logprobs(reference, batch, prefix_ids=guide_prefix)
+        )
         kl_target = ((own - target) * rmask).sum(1)
     texts = [task.completion_text(r[: int(m.sum())]) for r, m in zip(response, rmask)]
-    return {"score": float(scores.mean()), "score_se": float(scores.std() / len(scores) ** 0.5),
-            "kl_ref": float(kl.mean()), "kl_ref_se": float(kl.std() / len(kl) ** 0.5),
-            "kl_target": float(kl_target.mean()), "kl_target_se": float(kl_target.std() / len(kl) ** 0.5),
-            "texts": texts,
-            "n": n}
+    return {
+        "score": float(scores.mean()),
+        "score_se": float(scores.std() / len(scores) ** 0.5),
+        "kl_ref": float(kl.mean()),
+        "kl_ref_se": float(kl.std() / len(kl) ** 0.5),
+        "kl_target": float(kl_target.mean()),
+        "kl_target_se": float(kl_target.std() / len(kl) ** 0.5),
+        "texts": texts,
+        "n": n,
+    }
 
 
 def main() -> int:
@@ -74,8 +88,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from tokenmdp.config import load_config
-    from tokenmdp.text.gemma import fetch_gemma
     from tokenmdp.text import TextTask
+    from tokenmdp.text.gemma import fetch_gemma
     from tokenmdp.train.trainer import Trainer
 
     config = load_config(args.config, args.set)
@@ -86,37 +100,55 @@ def main() -> int:
     trainer = Trainer(config)
     summary = trainer.train()
     train_seconds = time.perf_counter() - started
-    print(f"trained: {summary['recipe']} ({summary['estimator']} + {summary['advantage']} + {summary['updater']}), "
-          f"{summary['steps']} steps, {summary['env_tokens']} env tokens, used_env_reward={summary['used_env_reward']}, "
-          f"{train_seconds:.0f}s; trainer's sampled kl_ref {summary['kl_ref']:.3f}", flush=True)
+    print(
+        f"trained: {summary['recipe']} ({summary['estimator']} + {summary['advantage']} + {summary['updater']}), "
+        f"{summary['steps']} steps, {summary['env_tokens']} env tokens, used_env_reward={summary['used_env_reward']}, "
+        f"{train_seconds:.0f}s; trainer's sampled kl_ref {summary['kl_ref']:.3f}",
+        flush=True,
+    )
 
     env = config.env
-    task = TextTask(prompts=args.heldout, tokenizer=env["tokenizer"], reward="tokenmdp.text:lexicon_score",
-                    horizon=env.get("horizon", 32))
+    task = TextTask(
+        prompts=args.heldout,
+        tokenizer=env["tokenizer"],
+        reward="tokenmdp.text:lexicon_score",
+        horizon=env.get("horizon", 32),
+    )
     guide = trainer.composition.components[0].options.guide
     prefix = task.encode_guide(guide)
     rows = {}
-    for name, model, pre in [("reference (unguided, before)", trainer.reference, None),
-                             ("reference + guide (the target)", trainer.reference, prefix),
-                             ("trained policy (unguided, after)", trainer.policy, None)]:
+    for name, model, pre in [
+        ("reference (unguided, before)", trainer.reference, None),
+        ("reference + guide (the target)", trainer.reference, prefix),
+        ("trained policy (unguided, after)", trainer.policy, None),
+    ]:
         t = time.perf_counter()
         rows[name] = score_model(model, trainer.reference, task, args.samples, args.seed, pre, prefix)
         print(f"  scored {name} in {time.perf_counter() - t:.0f}s", flush=True)
     total = time.perf_counter() - started
-    print(f"\nheld-out: {len(task.texts)} prompts x {args.samples} completions, horizon {task.horizon}, "
-          f"seed {args.seed}; total {total:.0f}s")
+    print(
+        f"\nheld-out: {len(task.texts)} prompts x {args.samples} completions, horizon {task.horizon}, "
+        f"seed {args.seed}; total {total:.0f}s"
+    )
     print("| model | lexicon score (mean +- s.e.) | kl_ref (nats, +- s.e.) | KL to pi_hat* (nats, +- s.e.) |")
     print("|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['score']:.3f} +- {r['score_se']:.3f} | {r['kl_ref']:.3f} +- {r['kl_ref_se']:.3f} "
-              f"| {r['kl_target']:.3f} +- {r['kl_target_se']:.3f} |")
+        print(
+            f"| {name} | {r['score']:.3f} +- {r['score_se']:.3f} | {r['kl_ref']:.3f} +- {r['kl_ref_se']:.3f} "
+            f"| {r['kl_target']:.3f} +- {r['kl_target_se']:.3f} |"
+        )
     for name, r in rows.items():
         print(f"\n{name}: first completions")
         for i in range(0, min(len(r["texts"]), 4 * args.samples), args.samples):
             print(f"  {task.texts[i // args.samples]!r} -> {r['texts'][i]!r}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows, "train_seconds": train_seconds,
-                                               "total_seconds": total}, indent=2, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {"summary": summary, "rows": rows, "train_seconds": train_seconds, "total_seconds": total},
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -44,8 +44,13 @@ def shapes(model: str, files: dict, gemma_dir: Path) -> tuple[dict, list[str]]:
     if model == "tiny":
         return files, ["train.batch_size=32", "train.samples_per_prompt=8", "train.eval_samples=32"]
     gemma = {"model": gemma_dir, "prompts": files["prompts"]}
-    return gemma, ["train.batch_size=8", "train.samples_per_prompt=8", "train.eval_samples=8", "env.horizon=16",
-                   "policy.lora={r = 16, alpha = 32}"]
+    return gemma, [
+        "train.batch_size=8",
+        "train.samples_per_prompt=8",
+        "train.eval_samples=8",
+        "env.horizon=16",
+        "policy.lora={r = 16, alpha = 32}",
+    ]
 
 
 def train(files: dict, run_dir: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
@@ -55,8 +60,9 @@ def train(files: dict, run_dir: Path, overrides: list[str]) -> tuple[dict, list[
     return summary, rows
 
 
-def check(model: str, recipe: str, files: dict, gemma_dir: Path, common: list[str], steps: int,
-          tmp: Path) -> tuple[bool, str]:
+def check(
+    model: str, recipe: str, files: dict, gemma_dir: Path, common: list[str], steps: int, tmp: Path
+) -> tuple[bool, str]:
     run_files, shape = shapes(model, files, gemma_dir)
     frozen = ["updater.lr=1e-12", "updater.epochs=1", "updater.minibatches=1", "train.steps=2"]
     summary, rows = train(run_files, tmp / f"{model}-{recipe}-frozen", [*RECIPES[recipe], *shape, *common, *frozen])
@@ -69,11 +75,16 @@ def check(model: str, recipe: str, files: dict, gemma_dir: Path, common: list[st
     if not abs(summary["kl_ref"]) < 1e-6:
         failures.append(f"final kl_ref {summary['kl_ref']:.3g}")
     started = time.perf_counter()
-    summary, _ = train(run_files, tmp / f"{model}-{recipe}", [*RECIPES[recipe], *shape, *common,
-                                                              f"train.steps={steps}", f"train.eval_every={steps}"])
+    summary, _ = train(
+        run_files,
+        tmp / f"{model}-{recipe}",
+        [*RECIPES[recipe], *shape, *common, f"train.steps={steps}", f"train.eval_every={steps}"],
+    )
     wall = time.perf_counter() - started
-    line = (f"| {model} | {recipe} | {'ok' if not failures else 'FAILED: ' + '; '.join(failures)} | "
-            f"{summary['env_tokens']:,} | {wall:.1f} | {summary['env_tokens'] / wall:,.0f} |")
+    line = (
+        f"| {model} | {recipe} | {'ok' if not failures else 'FAILED: ' + '; '.join(failures)} | "
+        f"{summary['env_tokens']:,} | {wall:.1f} | {summary['env_tokens'] / wall:,.0f} |"
+    )
     return not failures, line
 
 
@@ -86,18 +97,25 @@ def main() -> int:
     parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"no CUDA device on this machine (torch {torch.__version__}): nothing verified; run this where "
-              "there is one, or with --device cpu for a dry run of the script")
+        print(
+            f"no CUDA device on this machine (torch {torch.__version__}): nothing verified; run this where "
+            "there is one, or with --device cpu for a dry run of the script"
+        )
         return 2
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device {args.device} ({name}), precision {args.precision}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU thread(s)")
+    print(
+        f"device {args.device} ({name}), precision {args.precision}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU thread(s)"
+    )
     common = [f"train.device={args.device}", f"train.precision={args.precision}"]
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = build(tmp / "tiny")
-        print("| model | recipe | invariants at lr 1e-12 | response tokens | run wall s (2 evaluations included) | tokens/s |")
+        print(
+            "| model | recipe | invariants at lr 1e-12 | response tokens | run wall s (2 evaluations included) "
+            "| tokens/s |"
+        )
         print("|---|---|---|---|---|---|")
         for model in args.models:
             if model == "gemma" and not (args.gemma_dir / "config.json").is_file():

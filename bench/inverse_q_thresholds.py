@@ -30,9 +30,16 @@ def oracle_part(seeds, envs) -> None:
         for env in envs:
             tokens, reached = [], 0
             for seed in seeds:
-                s, _, _ = run("configs/inverse_q_oracle.toml", [
-                    f"algorithm.name={recipe}", f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}",
-                    f"train.steps={budget // TOKENS_PER_STEP}", *UPDATER[recipe]])
+                s, _, _ = run(
+                    "configs/inverse_q_oracle.toml",
+                    [
+                        f"algorithm.name={recipe}",
+                        f"env.id=tokenmdp/{env}-v0",
+                        f"train.seed={seed}",
+                        f"train.steps={budget // TOKENS_PER_STEP}",
+                        *UPDATER[recipe],
+                    ],
+                )
                 reached += bool(s["reached_target"])
                 tokens.append(s["env_tokens"] if s["reached_target"] else float("inf"))
             shown = spread([t for t in tokens if t != float("inf")], "{:,.0f}")
@@ -44,7 +51,10 @@ def guide_part(seeds, envs) -> None:
     print("| env | closure | ceiling | kl_ref | credit_corr |")
     print("|---|---|---|---|---|")
     for env in envs:
-        rows = [run("configs/inverse_q_guide.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}"])[0] for seed in seeds]
+        rows = [
+            run("configs/inverse_q_guide.toml", [f"env.id=tokenmdp/{env}-v0", f"train.seed={seed}"])[0]
+            for seed in seeds
+        ]
         cols = [spread([r[k] for r in rows]) for k in ("closure", "ceiling", "kl_ref", "credit_corr")]
         print(f"| {env} | " + " | ".join(cols) + " |", flush=True)
 

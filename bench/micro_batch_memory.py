@@ -42,9 +42,15 @@ def one_setting(root: Path, micro: int, device: str) -> dict:
     from tokenmdp.train.trainer import Trainer
 
     files = build(root / "setup", n_prompts=256, n_embd=256)
-    overrides = [*text_overrides(files, root / f"run{micro}", horizon=64), "algorithm.name=grpo",
-                 "train.batch_size=64", "train.samples_per_prompt=8", "updater.minibatches=1",
-                 "updater.epochs=1", f"train.device={device}"]
+    overrides = [
+        *text_overrides(files, root / f"run{micro}", horizon=64),
+        "algorithm.name=grpo",
+        "train.batch_size=64",
+        "train.samples_per_prompt=8",
+        "updater.minibatches=1",
+        "updater.epochs=1",
+        f"train.device={device}",
+    ]
     if micro:
         overrides.append(f"updater.micro_batch_size={micro}")
     trainer = Trainer(load_config(None, overrides))
@@ -91,15 +97,22 @@ def main() -> int:
         return 0
     import torch
 
-    print(f"device {args.device}, {os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())} thread(s); "
-          "grpo, 64 responses x 64 tokens in one minibatch, GPT-2 d=256")
+    print(
+        f"device {args.device}, {os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())} thread(s); "
+        "grpo, 64 responses x 64 tokens in one minibatch, GPT-2 d=256"
+    )
     print("| micro_batch_size | step memory (MB) | step seconds |")
     print("|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for micro in args.micro:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-            out = subprocess.run([sys.executable, __file__, "--one", str(micro), "--root", tmp, "--device",
-                                  args.device], capture_output=True, text=True, check=True, env=env)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(micro), "--root", tmp, "--device", args.device],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
+            )
             row = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {micro or 'unset (64)'} | {row['extra_mb']:.0f} | {row['seconds']:.2f} |", flush=True)
     return 0

@@ -9,8 +9,32 @@ import json
 import random
 from pathlib import Path
 
-SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "hi", "jo", "be", "vo", "wy",
-             "zu", "xe", "qa", "ce", "ni", "mo", "ra", "te"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "su",
+    "ta",
+    "ri",
+    "po",
+    "de",
+    "fa",
+    "gu",
+    "hi",
+    "jo",
+    "be",
+    "vo",
+    "wy",
+    "zu",
+    "xe",
+    "qa",
+    "ce",
+    "ni",
+    "mo",
+    "ra",
+    "te",
+]
 #: 508 words (with the 4 specials, a 512-token vocabulary); ids 4..67 are the target words.
 WORDS = ["".join(pair) for pair in itertools.product(SYLLABLES, repeat=2)][:508]
 TARGET = frozenset(WORDS[:64])
@@ -33,11 +57,20 @@ def build(root: Path, n_prompts: int = 4096, seed: int = 0, n_embd: int = 128) -
     vocab = {token: i for i, token in enumerate([*SPECIALS, *WORDS])}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tokenizer.save_pretrained(root / "model")
-    config = GPT2Config(n_layer=2, n_embd=n_embd, n_head=4, vocab_size=len(vocab), n_positions=128,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=4,
+        vocab_size=len(vocab),
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     GPT2LMHeadModel(config).save_pretrained(root / "model")
     rng = random.Random(seed)
     with open(root / "prompts.jsonl", "w") as fh:
@@ -48,7 +81,16 @@ def build(root: Path, n_prompts: int = 4096, seed: int = 0, n_embd: int = 128) -
 
 def text_overrides(files: dict[str, Path], run_dir: Path, horizon: int = 32) -> list[str]:
     """The ``--set`` overrides of a text run on this set-up (reward: :func:`target_fraction`)."""
-    return ["env.id=tokenmdp/Text-v0", f"env.prompts={files['prompts']}", f"env.tokenizer={files['model']}",
-            "env.reward=real_lm:target_fraction", f"env.horizon={horizon}", "env.stop_at_eos=false",
-            "policy.kind=hf", f"policy.path={files['model']}", "reference.init=init", "train.progress=false",
-            f"run.dir={run_dir}"]
+    return [
+        "env.id=tokenmdp/Text-v0",
+        f"env.prompts={files['prompts']}",
+        f"env.tokenizer={files['model']}",
+        "env.reward=real_lm:target_fraction",
+        f"env.horizon={horizon}",
+        "env.stop_at_eos=false",
+        "policy.kind=hf",
+        f"policy.path={files['model']}",
+        "reference.init=init",
+        "train.progress=false",
+        f"run.dir={run_dir}",
+    ]

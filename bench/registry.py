@@ -29,8 +29,10 @@ def main() -> None:
         started = time.perf_counter()
         Registry(pm)
         times.append(time.perf_counter() - started)
-    print(f"Registry build: median {statistics.median(times):.3f} s over {args.repeats} "
-          f"(min {min(times):.3f}, max {max(times):.3f}), 1 thread")
+    print(
+        f"Registry build: median {statistics.median(times):.3f} s over {args.repeats} "
+        f"(min {min(times):.3f}, max {max(times):.3f}), 1 thread"
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import argparse  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
-from tokenmdp.policies import GRUPolicy  # noqa: E402
 from tokenmdp.mdp.solver import solve, tree_logprobs  # noqa: E402
+from tokenmdp.policies import GRUPolicy  # noqa: E402
 from tokenmdp_envs import PatternTask  # noqa: E402
 
 
@@ -58,8 +58,7 @@ def main(argv=None) -> None:
 
     tree_s, tree_all, ref_logp = best_of(args.repeats, lambda: tree_logprobs(gru, task))
     assert sum(x.shape[0] * x.shape[1] for x in ref_logp) == states
-    backup_s, backup_all, solution = best_of(
-        args.repeats, lambda: solve(task, gru, beta=args.beta, ref_logp=ref_logp))
+    backup_s, backup_all, solution = best_of(args.repeats, lambda: solve(task, gru, beta=args.beta, ref_logp=ref_logp))
     total_s, total_all, _ = best_of(args.repeats, lambda: solve(task, gru, beta=args.beta))
 
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731

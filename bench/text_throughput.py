@@ -23,15 +23,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = ["My weekend was", "The new cafe on our street is", "Today at work I", "Our trip to the coast was",
-           "The weather this morning made me feel", "My neighbour's dog", "The concert last night was",
-           "When I think about Mondays, I"]
+PROMPTS = [
+    "My weekend was",
+    "The new cafe on our street is",
+    "Today at work I",
+    "Our trip to the coast was",
+    "The weather this morning made me feel",
+    "My neighbour's dog",
+    "The concert last night was",
+    "When I think about Mondays, I",
+]
 
 
 def tiny_setup(tmp: Path):
-    from tokenmdp.text.bridge import tiny_gpt2_config, tokenizer_lines
     from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
     from tokenmdp.text import TextTask, sentencepiece_adapter
+    from tokenmdp.text.bridge import tiny_gpt2_config, tokenizer_lines
 
     sp = train_sentencepiece(tokenizer_lines() + PROMPTS * 5, vocab_size=160)
     (tmp / "spm.model").write_bytes(sp.serialized_model_proto())
@@ -60,8 +67,15 @@ def measure(task, policy, batch: int, new_tokens: int) -> tuple[float, float]:
     t = time.perf_counter()
     response, rmask = generate(policy, ids, new_tokens, None, generator, attention_mask=mask)
     gen = rmask.sum().item() / (time.perf_counter() - t)
-    rb = RolloutBatch(prompt_ids=ids, prompt_mask=mask, response_ids=response, response_mask=rmask,
-                      rewards=torch.zeros_like(rmask), prompt_index=index, prefix_offset=task.prefix_offset)
+    rb = RolloutBatch(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        response_ids=response,
+        response_mask=rmask,
+        rewards=torch.zeros_like(rmask),
+        prompt_index=index,
+        prefix_offset=task.prefix_offset,
+    )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0)
     policy.train()

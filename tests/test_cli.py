@@ -5,12 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import TINY
 
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
 from tokenmdp.errors import ConfigError
-
-from conftest import TINY
 
 
 def run_cli(capsys, *argv):
@@ -43,7 +42,6 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, extra, message):
     code, out, err = run_cli(capsys, "train", *sets, "--set", f"run.dir={run_dir}", *extra)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("tokenmdp: error: ")
-    import re
 
     assert re.search(message, err), err
     assert not run_dir.exists()
@@ -93,20 +91,22 @@ def test_outside_plugin_is_usable_from_the_command_line(capsys, tmp_path):
     """The fixture package under tests/fixtures/outside_plugin is installed with only its
     entry point; `--set algorithm.advantage=<its name>` is all it takes to use it."""
     sets = [a for s in TINY for a in ("--set", s)]
-    code, out, _ = run_cli(capsys, "train", *sets, "--set", f"run.dir={tmp_path / 'run'}",
-                           "--set", "algorithm.advantage=signed-return")
+    code, out, _ = run_cli(
+        capsys, "train", *sets, "--set", f"run.dir={tmp_path / 'run'}", "--set", "algorithm.advantage=signed-return"
+    )
     assert code == 0 and "signed-return" in out
     assert json.loads((tmp_path / "run/summary.json").read_text())["advantage"] == "signed-return"
 
 
-RUN_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")
-                     if not p.name.startswith("compare"))  # compare*.toml are grids (tests/test_compare.py)
+RUN_CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml") if not p.name.startswith("compare")
+)  # compare*.toml are grids (tests/test_compare.py)
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_composes(path):
-    from tokenmdp.plugin.composition import compose
     from tokenmdp.config import load_config
+    from tokenmdp.plugin.composition import compose
     from tokenmdp.plugin.registry import Registry, plugin_manager
 
     config = load_config(path)

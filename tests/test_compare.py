@@ -16,21 +16,31 @@ from tokenmdp.train.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Every cell: a few steps of a tiny GRU on V=4, H=3 (about a second each).
-TINY = ["env.vocab_size=4", "env.horizon=3", "policy.kind=gru", "policy.hidden=16",
-        "reference.sft_samples=256", "reference.sft_epochs=2", "train.steps=4",
-        "train.batch_size=16", "train.eval_every=2"]
+TINY = [
+    "env.vocab_size=4",
+    "env.horizon=3",
+    "policy.kind=gru",
+    "policy.hidden=16",
+    "reference.sft_samples=256",
+    "reference.sft_epochs=2",
+    "train.steps=4",
+    "train.batch_size=16",
+    "train.eval_every=2",
+]
 
 
 def write_grid(path: Path, recipes: str, extra: str = "", seeds="[0, 1, 2]", shared=()) -> Path:
     settings = ", ".join(json.dumps(s) for s in [*TINY, *shared])
-    path.write_text(f"[compare]\nrecipes = {recipes}\nenvs = [\"Pattern\"]\nseeds = {seeds}\n"
-                    f"out = \"{path.parent / 'out'}\"\nset = [{settings}]\n{extra}")
+    path.write_text(
+        f'[compare]\nrecipes = {recipes}\nenvs = ["Pattern"]\nseeds = {seeds}\n'
+        f'out = "{path.parent / "out"}"\nset = [{settings}]\n{extra}'
+    )
     return path
 
 
 GUIDE = f"""
 [recipes.guide]
-config = "{ROOT / 'configs' / 'inverse_q_guide.toml'}"
+config = "{ROOT / "configs" / "inverse_q_guide.toml"}"
 set = ["reference.sft_samples=256", "reference.tagged_samples=128"]
 """
 
@@ -79,9 +89,20 @@ def test_tables_have_every_column_median_and_range(finished):
     _, out, _ = finished
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["recipe"], r["env"], r["supervision"], r["seeds"]) for r in rows] == [
-        ("reinforce", "tokenmdp/Pattern-v0", "reward", "3"), ("guide", "tokenmdp/Pattern-v0", "none", "3")]
-    for key in ["true_reward", "kl_ref", "regret", "kl_to_optimal", "credit_corr", "data_tokens", "tokens_to_90",
-                "tokens_to_90_with_data", "wall_seconds"]:
+        ("reinforce", "tokenmdp/Pattern-v0", "reward", "3"),
+        ("guide", "tokenmdp/Pattern-v0", "none", "3"),
+    ]
+    for key in [
+        "true_reward",
+        "kl_ref",
+        "regret",
+        "kl_to_optimal",
+        "credit_corr",
+        "data_tokens",
+        "tokens_to_90",
+        "tokens_to_90_with_data",
+        "wall_seconds",
+    ]:
         for r in rows:
             low, mid, high = (float(r[f"{key}_{s}"]) for s in ("min", "median", "max"))
             assert low <= mid <= high, (key, r)
@@ -180,8 +201,10 @@ def test_interrupted_grid_resumes_without_recomputing(tmp_path, counting):
     # seed 0 untouched; seed 1 continued from its checkpoint; seed 2 from scratch
     assert counting.trained == [("reinforce__Pattern__seed1", True), ("reinforce__Pattern__seed2", False)]
     assert done.stat().st_mtime_ns == first_mtime
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "out/cells/reinforce__Pattern__seed1/metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "out/cells/reinforce__Pattern__seed1/metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [0, 1, 2, 3, 4]
     assert (tmp_path / "out/index.html").is_file()
 
@@ -193,13 +216,16 @@ def test_finished_cell_with_another_config_is_refused(tmp_path, counting):
         compare.run_grid(compare.load_grid(grid, ["train.steps=6"]), progress=False)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (["compare.recipes=[\"reinforce\", \"nope\"]"], r"unknown recipe 'nope'; available: .*ppo"),
-    (["compare.envs=[\"Nowhere\"]"], r"unknown env 'Nowhere'; available: .*tokenmdp/Pattern-v0"),
-    (["compare.seeds=[0, 1]"], r"at least 3 seeds"),
-    (["compare.colour=1"], r"unknown option\(s\) colour; valid options: recipes, envs, seeds, out, set"),
-    (["train.stepz=3"], r"unknown option\(s\) stepz"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (['compare.recipes=["reinforce", "nope"]'], r"unknown recipe 'nope'; available: .*ppo"),
+        (['compare.envs=["Nowhere"]'], r"unknown env 'Nowhere'; available: .*tokenmdp/Pattern-v0"),
+        (["compare.seeds=[0, 1]"], r"at least 3 seeds"),
+        (["compare.colour=1"], r"unknown option\(s\) colour; valid options: recipes, envs, seeds, out, set"),
+        (["train.stepz=3"], r"unknown option\(s\) stepz"),
+    ],
+)
 def test_bad_grids_fail_before_training(tmp_path, counting, edit, message):
     grid = write_grid(tmp_path / "grid.toml", '["reinforce"]')
     with pytest.raises(TokenMDPError, match=message):

@@ -17,7 +17,7 @@ from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DRAWING_TEST = '''
+DRAWING_TEST = """
 import os
 
 from hypothesis import given, settings, strategies as st
@@ -27,22 +27,28 @@ from hypothesis import given, settings, strategies as st
 def test_draw(n):
     with open(os.environ["DRAWS_FILE"], "a") as fh:
         fh.write(f"{n}\\n")
-'''
+"""
 
 
 def _draws(tmp_path: Path, name: str, ci: bool) -> list[str]:
     """The examples one fresh pytest process draws, under tests/conftest.py's profiles."""
     folder = tmp_path / name
     folder.mkdir()
-    shutil.copy(ROOT / "tests" / "conftest.py", folder / "conftest.py")
+    for name in ("conftest.py", "helpers.py"):
+        shutil.copy(ROOT / "tests" / name, folder / name)
     out = folder / "draws.txt"
     (folder / "test_draw.py").write_text(DRAWING_TEST)  # the same source: derandomize hashes it
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env["DRAWS_FILE"] = str(out)
     if ci:
         env["CI"] = "true"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
-                          cwd=folder, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return out.read_text().splitlines()
 

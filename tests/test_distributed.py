@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 
 import tokenmdp
 from tokenmdp import distributed
 from tokenmdp.config import load_config
 from tokenmdp.train.trainer import Trainer, step_seed
-
-from conftest import TINY
 
 STEPS = 3
 DDP = [*TINY, f"train.steps={STEPS}", "train.eval_every=1", "advantage.whiten=true", "run.checkpoint_every=1"]
@@ -39,7 +38,7 @@ TWO_RANKS_SCRIPT = textwrap.dedent('''
     import torch.distributed as dist
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from conftest import TINY
+    from helpers import TINY
     from test_trainer import GuideOnly, _plugin
     from tokenmdp import distributed
     from tokenmdp.cli import main
@@ -125,8 +124,15 @@ def two_ranks(tmp_path_factory):
     ddp_dir, fail_dir = tmp / "ddp", tmp / "fail"
     script = tmp / "two_ranks.py"
     cli_args = [a for s in [*DDP, f"run.dir={ddp_dir}"] for a in ("--set", s)]
-    script.write_text(TWO_RANKS_SCRIPT.format(tests=str(Path(__file__).parent), cli_args=cli_args,
-                                              store=str(tmp / "store"), fail_dir=str(fail_dir), out=str(tmp)))
+    script.write_text(
+        TWO_RANKS_SCRIPT.format(
+            tests=str(Path(__file__).parent),
+            cli_args=cli_args,
+            store=str(tmp / "store"),
+            fail_dir=str(fail_dir),
+            out=str(tmp),
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENMDP_DIST_TIMEOUT": "120"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
@@ -208,7 +214,9 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_message(two_ranks):
     """NaN on rank 1 only: both ranks stop at step 2 with a NonFiniteError (rank 0's quotes
     rank 1's), and the last good checkpoint (step 1) is the newest on disk."""
     rank0, rank1 = (r["nan"]["error"] for r in two_ranks.results)
-    assert rank1[0] == "NonFiniteError" and "'nan-on-rank-1' produced a non-finite 'token_rewards' at step 2" in rank1[1]
+    assert (
+        rank1[0] == "NonFiniteError" and "'nan-on-rank-1' produced a non-finite 'token_rewards' at step 2" in rank1[1]
+    )
     assert rank0[0] == "NonFiniteError" and rank0[1].startswith("rank 1 (of 2) failed in estimator 'nan-on-rank-1'")
     assert rank1[1] in rank0[1]
     fail_dir = Path(f"{two_ranks.fail_dir}nan")
@@ -217,6 +225,7 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_message(two_ranks):
 
 
 # --- single-process pieces ---------------------------------------------------------------
+
 
 def test_rank_zero_keeps_the_single_process_seed():
     for seed, step in [(0, 1), (7, 123), (2**40, 5)]:
@@ -234,7 +243,7 @@ def test_simulated_batch_is_the_concatenation_of_the_rank_batches(tiny_config):
     assert both.size == 2 * one.size
     for name in ("prompt_ids", "response_ids", "response_mask", "rewards", "prompt_index"):
         assert torch.equal(getattr(both, name)[: one.size], getattr(one, name))  # rank 0's rows
-    assert not torch.equal(both.response_ids[one.size:], one.response_ids)  # rank 1 has its own seed
+    assert not torch.equal(both.response_ids[one.size :], one.response_ids)  # rank 1 has its own seed
 
 
 def test_outside_torchrun_nothing_is_distributed(tiny_config, monkeypatch):

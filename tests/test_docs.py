@@ -29,9 +29,7 @@ DOCS = ROOT / "docs"
 TESTS = ROOT / "tests"
 
 HOOKS = {
-    name: fn
-    for name, fn in vars(hookspecs).items()
-    if callable(fn) and getattr(fn, "tokenmdp_spec", None) is not None
+    name: fn for name, fn in vars(hookspecs).items() if callable(fn) and getattr(fn, "tokenmdp_spec", None) is not None
 }
 HOOK_NAMES = sorted(HOOKS)
 
@@ -65,7 +63,8 @@ def test_hook_is_documented(hook):
 
 def _test_files() -> list[Path]:
     files = [
-        p for p in TESTS.rglob("*.py")
+        p
+        for p in TESTS.rglob("*.py")
         if (p.name.startswith("test_") or p.name == "conftest.py")
         and p.name != Path(__file__).name
         and "fixtures" not in p.relative_to(TESTS).parts
@@ -128,6 +127,7 @@ def test_every_summary_key_is_documented(short_run):
 
 # --- the tutorial runs ------------------------------------------------------------------
 
+
 def test_first_advantage_tutorial_runs(tmp_path, monkeypatch):
     blocks = python_blocks((DOCS / "first_advantage.md").read_text())
     assert blocks, "docs/first_advantage.md has no ```python blocks"
@@ -141,9 +141,12 @@ def test_first_advantage_tutorial_runs(tmp_path, monkeypatch):
     exec(compile(code, str(DOCS / "first_advantage.md"), "exec"), module.__dict__)
 
     constructors = [
-        obj for obj in vars(module).values()
-        if isinstance(obj, type) and issubclass(obj, tokenmdp.AdvantageConstructor)
-        and obj is not tokenmdp.AdvantageConstructor and obj.__module__ == module.__name__
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, tokenmdp.AdvantageConstructor)
+        and obj is not tokenmdp.AdvantageConstructor
+        and obj.__module__ == module.__name__
     ]
     assert len(constructors) == 1, f"expected one tutorial advantage constructor, found {constructors}"
     name = constructors[0].name

@@ -10,25 +10,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, train_until_interrupted
 
 import tokenmdp
 from tokenmdp.config import load_config
 from tokenmdp.mdp.env import TokenMDPEnv, TokenTask
-from tokenmdp.train.preferences import load_pair_file
 from tokenmdp.plugin.batch import token_logprobs
+from tokenmdp.train.preferences import load_pair_file
 from tokenmdp.train.trainer import Trainer
 from tokenmdp_dpo import dpo_loss, sequence_kl, sequence_logratio, sequence_rewards, tdpo_loss
 from tokenmdp_dpo.components import score_pairs
-
-from conftest import TINY, train_until_interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_FILE = ROOT / "tests" / "fixtures" / "prefs_pattern_v4h3.jsonl"
 
 #: A small instance on which DPO trains in about a second (beta/lr as tuned for it).
-SMALL = ["env.vocab_size=4", "env.horizon=3", "policy.hidden=32", "reference.sft_samples=1024",
-         "train.steps=10", "train.batch_size=32", "train.eval_every=5", "estimator.num_pairs=1024",
-         "updater.beta=7", "updater.lr=3e-3"]
+SMALL = [
+    "env.vocab_size=4",
+    "env.horizon=3",
+    "policy.hidden=32",
+    "reference.sft_samples=1024",
+    "train.steps=10",
+    "train.batch_size=32",
+    "train.eval_every=5",
+    "estimator.num_pairs=1024",
+    "updater.beta=7",
+    "updater.lr=3e-3",
+]
 
 
 def dpo_config(tmp_path, *overrides, name="run", recipe="dpo"):
@@ -49,13 +57,22 @@ def at_step(trainer, step):
 
 def rows(pairs):
     """Each pair as a hashable (prompt, chosen, rejected) tuple."""
+
     def seq(ids, mask):
         return tuple(ids[: int(mask.sum())].tolist())
-    return [(tuple(pairs.prompt_ids[i].tolist()), seq(pairs.chosen_ids[i], pairs.chosen_mask[i]),
-             seq(pairs.rejected_ids[i], pairs.rejected_mask[i])) for i in range(pairs.size)]
+
+    return [
+        (
+            tuple(pairs.prompt_ids[i].tolist()),
+            seq(pairs.chosen_ids[i], pairs.chosen_mask[i]),
+            seq(pairs.rejected_ids[i], pairs.rejected_mask[i]),
+        )
+        for i in range(pairs.size)
+    ]
 
 
 # --- the losses against direct formulas ------------------------------------------------
+
 
 def random_pair_logits(n=5, t=4, v=6, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -102,19 +119,22 @@ def test_tdpo_loss_matches_the_formula_and_stops_the_chosen_kl_gradient():
     direct = ((p_ref * (p_ref.log() - p.log())).sum(-1) * mask).sum(1)
     assert torch.allclose(kl.detach(), direct, atol=1e-10) and (direct > 0).all()
     ratio = sequence_logratio(taken(logits, ids), taken(ref_logits, ids), mask)
-    w, l, kw, kl_ = ratio[:n], ratio[n:], kl[:n], kl[n:]
-    u = beta * (w - l)
-    one = tdpo_loss(w, l, kw, kl_, beta, "tdpo1")
+    w, lo, kw, kl_ = ratio[:n], ratio[n:], kl[:n], kl[n:]
+    u = beta * (w - lo)
+    one = tdpo_loss(w, lo, kw, kl_, beta, "tdpo1")
     assert torch.allclose(one, -torch.nn.functional.logsigmoid(u - beta * (kl_ - kw)), atol=1e-10)
-    two = tdpo_loss(w, l, kw, kl_, beta, "tdpo2", alpha)
+    two = tdpo_loss(w, lo, kw, kl_, beta, "tdpo2", alpha)
     assert torch.allclose(two, -torch.nn.functional.logsigmoid(u - alpha * beta * (kl_ - kw)), atol=1e-10)
     # equal KLs: TDPO1 is DPO
-    assert torch.allclose(tdpo_loss(w, l, kw, kw, beta, "tdpo1"), dpo_loss(w, l, beta), atol=1e-12)
+    assert torch.allclose(tdpo_loss(w, lo, kw, kw, beta, "tdpo1"), dpo_loss(w, lo, beta), atol=1e-12)
     # TDPO2 stops the gradient through the chosen KL; TDPO1 does not
     for variant, flows in (("tdpo2", False), ("tdpo1", True)):
         w_leaf, kw_leaf, kl_leaf = (x.detach().requires_grad_() for x in (w, kw, kl_))
-        grads = torch.autograd.grad(tdpo_loss(w_leaf, l.detach(), kw_leaf, kl_leaf, beta, variant, alpha).sum(),
-                                    [kw_leaf, kl_leaf], allow_unused=True)
+        grads = torch.autograd.grad(
+            tdpo_loss(w_leaf, lo.detach(), kw_leaf, kl_leaf, beta, variant, alpha).sum(),
+            [kw_leaf, kl_leaf],
+            allow_unused=True,
+        )
         assert grads[1].abs().min() > 0  # the rejected KL always gets a gradient
         assert (grads[0] is not None and grads[0].abs().min() > 0) == flows, variant
 
@@ -171,8 +191,10 @@ def test_pair_file_prompts_of_a_task_without_a_prompt_table_are_checked_like_any
     path.write_text('{"prompt": [4, 2], "chosen": [3, 1], "rejected": [0]}\n')
     pairs = load_pair_file(path, task)
     assert pairs.prompt_ids.tolist() == [[4, 2]] and pairs.prompt_index.tolist() == [-1]
-    for prompt, message in [("[6]", "'prompt' token id 6 is out of range; prompt tokens are 0..5"),
-                            ("[]", "'prompt' is an empty prompt")]:
+    for prompt, message in [
+        ("[6]", "'prompt' token id 6 is out of range; prompt tokens are 0..5"),
+        ("[]", "'prompt' is an empty prompt"),
+    ]:
         path.write_text(f'{{"prompt": {prompt}, "chosen": [3, 1], "rejected": [0]}}\n')
         with pytest.raises(tokenmdp.ConfigError, match=rf"line 1: {re.escape(message)}"):
             load_pair_file(path, task)
@@ -193,8 +215,14 @@ def test_pair_file_set_up_errors(tmp_path):
 
 
 def test_good_pair_file_loads_and_trains(tmp_path):
-    config = dpo_config(tmp_path, "estimator.pairs=file", f"estimator.path={GOOD_FILE}", "train.steps=6",
-                        "updater.lr=3e-3", "updater.minibatch_size=16")
+    config = dpo_config(
+        tmp_path,
+        "estimator.pairs=file",
+        f"estimator.path={GOOD_FILE}",
+        "train.steps=6",
+        "updater.lr=3e-3",
+        "updater.minibatch_size=16",
+    )
     trainer = Trainer(config)
     summary = trainer.train()
     pairs = trainer.composition.estimator.pairs
@@ -211,8 +239,9 @@ def test_good_pair_file_loads_and_trains(tmp_path):
 
 def test_pair_file_responses_of_different_lengths_share_one_width(tmp_path):
     path = tmp_path / "prefs.jsonl"
-    path.write_text('{"prompt": [0], "chosen": [3, 1, 3], "rejected": [2]}\n'
-                    '{"prompt": [1], "chosen": [3], "rejected": [0, 3]}\n')
+    path.write_text(
+        '{"prompt": [0], "chosen": [3, 1, 3], "rejected": [2]}\n{"prompt": [1], "chosen": [3], "rejected": [0, 3]}\n'
+    )
     trainer = built(dpo_config(tmp_path, "estimator.pairs=file", f"estimator.path={path}", "train.steps=2"))
     pairs = trainer.composition.estimator.pairs
     assert pairs.chosen_ids.shape == pairs.rejected_ids.shape == (2, 3)
@@ -222,6 +251,7 @@ def test_pair_file_responses_of_different_lengths_share_one_width(tmp_path):
 
 
 # --- sampled pairs ----------------------------------------------------------------------
+
 
 def test_sampled_pairs_drop_ties_and_prefer_the_higher_reward(tmp_path):
     trainer = built(dpo_config(tmp_path, "estimator.num_pairs=200"))
@@ -233,21 +263,25 @@ def test_sampled_pairs_drop_ties_and_prefer_the_higher_reward(tmp_path):
     # the labels agree with the rewards the single-episode env pays, step by step
     env = TokenMDPEnv(task)
     for i in range(30):
-        for ids, mask, label in ((pairs.chosen_ids, pairs.chosen_mask, pairs.chosen_env_reward),
-                                 (pairs.rejected_ids, pairs.rejected_mask, pairs.rejected_env_reward)):
+        for ids, mask, label in (
+            (pairs.chosen_ids, pairs.chosen_mask, pairs.chosen_env_reward),
+            (pairs.rejected_ids, pairs.rejected_mask, pairs.rejected_env_reward),
+        ):
             env.reset(options={"prompt_index": int(pairs.prompt_index[i])})
             total = sum(env.step(a)[1] for a in ids[i, : int(mask[i].sum())].tolist())
             assert total == pytest.approx(float(label[i]), abs=1e-6)
-    assert (sequence_rewards(task, pairs.prompt_index, pairs.chosen_ids, pairs.chosen_mask)
-            == pairs.chosen_env_reward).all()
+    assert (
+        sequence_rewards(task, pairs.prompt_index, pairs.chosen_ids, pairs.chosen_mask) == pairs.chosen_env_reward
+    ).all()
     # the offline set is fixed: seeded by train.seed, the same on every build
     again = built(dpo_config(tmp_path, "estimator.num_pairs=200", name="again")).composition.estimator.pairs
     assert rows(again) == rows(pairs)
 
 
 def test_bradley_terry_labels_sometimes_prefer_the_lower_reward(tmp_path):
-    pairs = built(dpo_config(tmp_path, "estimator.num_pairs=400", "estimator.labels=bradley-terry")
-                  ).composition.estimator.pairs
+    pairs = built(
+        dpo_config(tmp_path, "estimator.num_pairs=400", "estimator.labels=bradley-terry")
+    ).composition.estimator.pairs
     flipped = float((pairs.chosen_env_reward < pairs.rejected_env_reward).float().mean())
     gap = (pairs.chosen_env_reward - pairs.rejected_env_reward).abs()
     assert (gap > 0).all()  # still no ties
@@ -293,8 +327,9 @@ def test_online_pairs_are_resampled_each_round_from_the_current_policy(tmp_path)
 
 
 def test_online_rounds_keep_their_pairs_for_the_round(tmp_path):
-    trainer = built(dpo_config(tmp_path, "estimator.num_pairs=120", "estimator.rounds=2", "train.steps=4",
-                               recipe="dpo-online"))
+    trainer = built(
+        dpo_config(tmp_path, "estimator.num_pairs=120", "estimator.rounds=2", "train.steps=4", recipe="dpo-online")
+    )
     est = trainer.composition.estimator
     served = [est.step_pairs(at_step(trainer, k)) for k in range(1, 5)]
     round_one = set(rows(served[0])) | set(rows(served[1]))
@@ -314,11 +349,15 @@ def test_impossible_budgets_and_rounds_are_config_errors(tmp_path):
     with pytest.raises(tokenmdp.ConfigError, match="loss must be one of"):
         Trainer(dpo_config(tmp_path, "updater.loss=hinge"))
     with pytest.raises(tokenmdp.ConfigError, match="labels sampled pairs"):
-        Trainer(dpo_config(tmp_path, "estimator.pairs=file", f"estimator.path={GOOD_FILE}",
-                           "estimator.labels=bradley-terry"))
+        Trainer(
+            dpo_config(
+                tmp_path, "estimator.pairs=file", f"estimator.path={GOOD_FILE}", "estimator.labels=bradley-terry"
+            )
+        )
 
 
 # --- training -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("env", ["Pattern", "Forbidden"])
 def test_offline_dpo_beats_the_reference_on_a_small_instance(tmp_path, env):
@@ -337,8 +376,17 @@ def test_tdpo_and_online_dpo_train_and_every_metric_is_documented(tmp_path, reci
     assert summary["regret_frac"] < 0.9, summary
     lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     keys = set().union(*lines)
-    assert {"losses/dpo", "dpo/accuracy", "dpo/margin", "dpo/chosen_reward", "dpo/rejected_reward",
-            "dpo/pairs_seen", "dpo/pairs_labelled", "dpo/pair_tokens", "credit_corr"} <= keys
+    assert {
+        "losses/dpo",
+        "dpo/accuracy",
+        "dpo/margin",
+        "dpo/chosen_reward",
+        "dpo/rejected_reward",
+        "dpo/pairs_seen",
+        "dpo/pairs_labelled",
+        "dpo/pair_tokens",
+        "credit_corr",
+    } <= keys
     if recipe == "tdpo":
         assert {"tdpo/seq_kl_chosen", "tdpo/seq_kl_rejected"} <= keys
         assert lines[-1]["tdpo/seq_kl_chosen"] > 0

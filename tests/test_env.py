@@ -37,8 +37,14 @@ def np_obs(obs: dict) -> dict:
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
-@pytest.mark.parametrize("kwargs", [dict(vocab_size=3, horizon=2), dict(vocab_size=4, horizon=3, prompt_len=2),
-                                    dict(vocab_size=3, horizon=3, eos_token=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(vocab_size=3, horizon=2),
+        dict(vocab_size=4, horizon=3, prompt_len=2),
+        dict(vocab_size=3, horizon=3, eos_token=0),
+    ],
+)
 def test_check_env_passes(env_id, kwargs):
     check_env(make(env_id, **kwargs), skip_render_check=True)
 
@@ -77,7 +83,7 @@ def run_episode(env: TokenMDPEnv, actions_rng: np.random.Generator, prompt_index
         total += reward
         assert obs["length"] == len(response)
         assert list(obs["response"][: len(response)]) == response
-        assert (obs["response"][len(response):] == task.vocab_size).all()
+        assert (obs["response"][len(response) :] == task.vocab_size).all()
         is_eos = task.eos_token is not None and a == task.eos_token
         assert terminated == is_eos
         assert truncated == (not is_eos and len(response) == task.horizon)
@@ -361,8 +367,20 @@ def test_vector_env_same_seed_same_prompts():
 
 @pytest.mark.parametrize(
     "actions",
-    [[-1, 0, 0, 0], [0, 0, 0, 3], [0.5, 0, 0, 0], [2.5] * 4, [0, 1, 2], [[0, 1], [0, 1]], ["a"] * 4, "abcd", None,
-     np.array([0, 1, 2, 3]), torch.tensor([0, 1, 2, 5]), torch.zeros(4)],
+    [
+        [-1, 0, 0, 0],
+        [0, 0, 0, 3],
+        [0.5, 0, 0, 0],
+        [2.5] * 4,
+        [0, 1, 2],
+        [[0, 1], [0, 1]],
+        ["a"] * 4,
+        "abcd",
+        None,
+        np.array([0, 1, 2, 3]),
+        torch.tensor([0, 1, 2, 5]),
+        torch.zeros(4),
+    ],
 )
 def test_vector_env_invalid_actions(actions):
     vec = make_vec("tokenmdp/Pattern-v0", 4, vocab_size=3, horizon=2)
@@ -397,14 +415,23 @@ def test_vector_env_prompt_index_option_is_validated():
 )
 def test_random_action_sequences_never_crash(env_id, vocab_size, horizon, prompt_len, use_eos, data):
     eos = data.draw(st.integers(0, vocab_size - 1)) if use_eos else None
-    env = gymnasium.make(env_id, vocab_size=vocab_size, horizon=horizon, prompt_len=prompt_len, eos_token=eos,
-                         **task_kwargs(env_id, vocab_size))
+    env = gymnasium.make(
+        env_id,
+        vocab_size=vocab_size,
+        horizon=horizon,
+        prompt_len=prompt_len,
+        eos_token=eos,
+        **task_kwargs(env_id, vocab_size),
+    )
     space = env.observation_space
     obs, _ = env.reset(seed=data.draw(st.integers(0, 2**31 - 1)))
     assert space.contains(obs)
     done = False
-    actions = data.draw(st.lists(st.one_of(st.integers(-2, vocab_size + 1), st.sampled_from([0.5, "x", None])),
-                                 max_size=3 * horizon + 2))
+    actions = data.draw(
+        st.lists(
+            st.one_of(st.integers(-2, vocab_size + 1), st.sampled_from([0.5, "x", None])), max_size=3 * horizon + 2
+        )
+    )
     for a in actions:
         valid = isinstance(a, int) and 0 <= a < vocab_size
         try:
@@ -435,8 +462,15 @@ def test_random_action_sequences_never_crash(env_id, vocab_size, horizon, prompt
 )
 def test_vector_env_random_actions_stay_in_space(env_id, vocab_size, horizon, prompt_len, use_eos, data):
     eos = data.draw(st.integers(0, vocab_size - 1)) if use_eos else None
-    vec = make_vec(env_id, 3, vocab_size=vocab_size, horizon=horizon, prompt_len=prompt_len, eos_token=eos,
-                   **task_kwargs(env_id, vocab_size))
+    vec = make_vec(
+        env_id,
+        3,
+        vocab_size=vocab_size,
+        horizon=horizon,
+        prompt_len=prompt_len,
+        eos_token=eos,
+        **task_kwargs(env_id, vocab_size),
+    )
     obs, _ = vec.reset(seed=0)
     assert vec.observation_space.contains(np_obs(obs))
     steps = data.draw(st.lists(st.lists(st.integers(-1, vocab_size), min_size=3, max_size=3), max_size=3 * horizon))

@@ -8,23 +8,31 @@ import pytest
 import torch
 
 from tokenmdp import cli
+from tokenmdp.mdp.solver import solve
 from tokenmdp.reports.explain import TRUE_ROW, explain, load_run
 from tokenmdp.reports.plots import png_data_uri
-from tokenmdp.mdp.solver import solve
 from tokenmdp.train.trainer import Trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: This run has no guide-tagged reference and no critic: the oracle target and exact values.
-ROWS = ["Inverse-Q* token (oracle)", "Inverse-Q* return (oracle)", "GAE lambda=0.95 (exact V^pi)", "DPO implicit",
-        "RLOO", "GRPO", TRUE_ROW]
+ROWS = [
+    "Inverse-Q* token (oracle)",
+    "Inverse-Q* return (oracle)",
+    "GAE lambda=0.95 (exact V^pi)",
+    "DPO implicit",
+    "RLOO",
+    "GRPO",
+    TRUE_ROW,
+]
 #: A delayed reward and an EOS token, so responses have padding after EOS.
 DELAYED = ["env.id=tokenmdp/SumThreshold-v0", "env.eos_token=0"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    from helpers import TINY
+
     from tokenmdp.config import load_config
-    from conftest import TINY
 
     path = tmp_path_factory.mktemp("explain") / "run"
     Trainer(load_config(None, [*TINY, *DELAYED, f"run.dir={path}"])).train()
@@ -60,8 +68,9 @@ def test_true_row_is_the_solvers_a_star_on_the_sampled_tokens(run_dir, explained
     config, _, task, _, reference, _ = load_run(run_dir)
     solution = solve(task, reference, config.train.beta)
     b = explained.batch
-    assert torch.equal(explained.credit[TRUE_ROW], solution.token_advantages(b.prompt_index, b.response_ids,
-                                                                             b.response_mask))
+    assert torch.equal(
+        explained.credit[TRUE_ROW], solution.token_advantages(b.prompt_index, b.response_ids, b.response_mask)
+    )
     # with the oracle target, Inverse-Q*'s token credit is A* itself (METHOD.md section 3)
     assert torch.allclose(explained.credit["Inverse-Q* token (oracle)"], explained.credit[TRUE_ROW], atol=1e-5)
 
@@ -119,8 +128,8 @@ def test_bad_run_dirs_are_one_line_errors(tmp_path, capsys):
 
 def test_exact_policy_values_give_the_objective_at_the_root(run_dir):
     """The stand-in critic V^pi (KL coefficient beta) must agree with the exact evaluator's J."""
-    from tokenmdp.reports.explain import exact_policy_values
     from tokenmdp.mdp.solver import tree_logprobs
+    from tokenmdp.reports.explain import exact_policy_values
 
     config, _, task, policy, reference, _ = load_run(run_dir)
     solution = solve(task, reference, config.train.beta)

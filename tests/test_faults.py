@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -28,8 +29,6 @@ from tokenmdp.config import dump_config, load_config
 from tokenmdp.plugin.registry import plugin_manager
 from tokenmdp.train.trainer import CheckpointError, Trainer
 from tokenmdp_reinforce import PolicyGradient
-
-from conftest import TINY
 
 TESTS = Path(__file__).resolve().parent
 
@@ -60,7 +59,7 @@ KILLED_SCRIPT = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from conftest import TINY
+    from helpers import TINY
     from tokenmdp.config import load_config
     from tokenmdp.train.trainer import Trainer
 
@@ -117,6 +116,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, tiny
 
 # --- the disk fills up during a checkpoint write ---------------------------------------------
 
+
 def disk_full_on(step: int, monkeypatch):
     real_save = torch.save
 
@@ -132,16 +132,20 @@ def disk_full_on(step: int, monkeypatch):
 def test_a_full_disk_is_a_clear_error_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     disk_full_on(2, monkeypatch)
-    with pytest.raises(CheckpointError, match=r"could not write .*step_00000002\.pt: No space left on device "
-                                              r"\(errno 28\); nothing was written there"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"could not write .*step_00000002\.pt: No space left on device "
+        r"\(errno 28\); nothing was written there",
+    ):
         Trainer(load_config(None, [*TINY, "run.checkpoint_every=1", f"run.dir={run_dir}"])).train()
     assert checkpoints(run_dir) == ["step_00000001.pt"]
     load_step(run_dir, 1)
     assert not temp_files(run_dir)
 
     # the same through the command line: one line, exit status 2
-    sets = [a for s in [*TINY, "run.checkpoint_every=1", f"run.dir={run_dir}", "run.overwrite=true"]
-            for a in ("--set", s)]
+    sets = [
+        a for s in [*TINY, "run.checkpoint_every=1", f"run.dir={run_dir}", "run.overwrite=true"] for a in ("--set", s)
+    ]
     assert main(["train", *sets]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"tokenmdp: error: could not write {run_dir}")
@@ -161,6 +165,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_the_previous_checkpoint(tmp_pat
 
 
 # --- NaN never overwrites the last good checkpoint --------------------------------------------
+
 
 class NaNLoss(PolicyGradient):
     """From step 2 on, the advantages (and so the loss and the gradients) are NaN."""
@@ -186,14 +191,18 @@ class SilentNaN(PolicyGradient):
         return metrics
 
 
-@pytest.mark.parametrize("updater, message", [
-    (NaNLoss, r"updater 'nan-loss-test' produced a non-finite 'losses/policy' at step 2"),
-    (SilentNaN, r"the policy after updater 'silent-nan-test' produced a non-finite '[\w.]+' at step 2"),
-])
+@pytest.mark.parametrize(
+    "updater, message",
+    [
+        (NaNLoss, r"updater 'nan-loss-test' produced a non-finite 'losses/policy' at step 2"),
+        (SilentNaN, r"the policy after updater 'silent-nan-test' produced a non-finite '[\w.]+' at step 2"),
+    ],
+)
 def test_nan_in_the_update_never_reaches_a_checkpoint(tmp_path, updater, message):
     pm = plugin_manager(extra_plugins=[_module("nan_updater", tokenmdp_policy_updaters=lambda: [updater])])
-    config = load_config(None, [*TINY, f"algorithm.updater={updater.name}", "run.checkpoint_every=1",
-                                f"run.dir={tmp_path / 'run'}"])
+    config = load_config(
+        None, [*TINY, f"algorithm.updater={updater.name}", "run.checkpoint_every=1", f"run.dir={tmp_path / 'run'}"]
+    )
     with pytest.raises(NonFiniteError, match=message):
         Trainer(config, pm=pm).train()
     run_dir = tmp_path / "run"
@@ -203,6 +212,7 @@ def test_nan_in_the_update_never_reaches_a_checkpoint(tmp_path, updater, message
 
 
 # --- a lifecycle plugin that crashes -----------------------------------------------------------
+
 
 def _module(name: str, **hooks) -> types.ModuleType:
     mod = types.ModuleType(name)
@@ -228,8 +238,11 @@ def test_a_crashing_lifecycle_hook_is_reported_with_the_plugin_name(tmp_path):
     run_dir = tmp_path / "run"
     config = load_config(None, [*TINY, "run.checkpoint_every=1", f"run.dir={run_dir}"])
     flaky = _module("flaky_logger", tokenmdp_on_step_end=_step_end_crashes_at_2)
-    with pytest.raises(PluginError, match=r"plugin 'flaky_logger' raised in tokenmdp_on_step_end at step 2: "
-                                          r"RuntimeError: gremlin in the logger"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'flaky_logger' raised in tokenmdp_on_step_end at step 2: "
+        r"RuntimeError: gremlin in the logger",
+    ):
         Trainer(config, pm=plugin_manager(extra_plugins=[flaky])).train()
     # the run directory is consistent: every line parses, the checkpoints load, resume works
     steps = [row["step"] for row in read_rows(run_dir)]
@@ -241,8 +254,11 @@ def test_a_crashing_lifecycle_hook_is_reported_with_the_plugin_name(tmp_path):
 
     pm = plugin_manager()
     pm.register(TrainEndPlugin(), name="summary-mailer")
-    with pytest.raises(PluginError, match=r"plugin 'summary-mailer' raised in tokenmdp_on_train_end: "
-                                          r"KeyError: 'summary_field'"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'summary-mailer' raised in tokenmdp_on_train_end: "
+        r"KeyError: 'summary_field'",
+    ):
         Trainer(load_config(None, [*TINY, "train.steps=1", f"run.dir={tmp_path / 'end'}"]), pm=pm).train()
     assert json.loads((tmp_path / "end" / "summary.json").read_text())["steps"] == 1
 
@@ -260,14 +276,36 @@ def test_a_crash_in_train_start_names_the_plugin(tiny_config):
 
 #: Every key of the run config, with free [env]/[policy] keys and the reinforce options.
 KNOWN_KEYS = [
-    *(f"{section}.{field.name}" for section, cls in [
-        ("algorithm", tokenmdp.config.AlgorithmConfig), ("reference", tokenmdp.config.ReferenceConfig),
-        ("train", tokenmdp.config.TrainConfig), ("run", tokenmdp.config.RunConfig)]
-      for field in __import__("attrs").fields(cls)),
-    *(f"env.{k}" for k in ["id", "vocab_size", "horizon", "seed", "eos_token", "num_prompts", "prompt_len",
-                           "base_scale", "reward_scale", "modulus", "num_forbidden", "penalty"]),
+    *(
+        f"{section}.{field.name}"
+        for section, cls in [
+            ("algorithm", tokenmdp.config.AlgorithmConfig),
+            ("reference", tokenmdp.config.ReferenceConfig),
+            ("train", tokenmdp.config.TrainConfig),
+            ("run", tokenmdp.config.RunConfig),
+        ]
+        for field in __import__("attrs").fields(cls)
+    ),
+    *(
+        f"env.{k}"
+        for k in [
+            "id",
+            "vocab_size",
+            "horizon",
+            "seed",
+            "eos_token",
+            "num_prompts",
+            "prompt_len",
+            "base_scale",
+            "reward_scale",
+            "modulus",
+            "num_forbidden",
+            "penalty",
+        ]
+    ),
     *(f"policy.{k}" for k in ["kind", "hidden", "layers", "config", "path"]),
-    "advantage.baseline", "advantage.whiten",
+    "advantage.baseline",
+    "advantage.whiten",
     *(f"updater.{k}" for k in ["lr", "max_grad_norm", "anneal_lr", "epochs", "minibatches"]),
 ]
 #: Keys a Trainer builds something from at construction: small sizes only (a huge vocabulary
@@ -280,16 +318,41 @@ scalars = st.one_of(
     st.integers(min_value=-3, max_value=12),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
-    st.sampled_from(["tokenmdp/Pattern-v0", "tokenmdp/Bandit-v0", "reinforce", "inverse-q", "gru", "mlp",
-                     "sft", "init", "none", "position-mean", "", " ", "\x00"]),
+    st.sampled_from(
+        [
+            "tokenmdp/Pattern-v0",
+            "tokenmdp/Bandit-v0",
+            "reinforce",
+            "inverse-q",
+            "gru",
+            "mlp",
+            "sft",
+            "init",
+            "none",
+            "position-mean",
+            "",
+            " ",
+            "\x00",
+        ]
+    ),
 )
-hostile = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["a", "id", "n_layer", "hidden"]), inner, max_size=2),
-), max_leaves=5)
+hostile = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["a", "id", "n_layer", "hidden"]), inner, max_size=2),
+    ),
+    max_leaves=5,
+)
 #: Values a real config might hold, so that many examples get past validation.
-plausible = st.one_of(st.integers(min_value=1, max_value=8), st.floats(min_value=0.01, max_value=4.0),
-                      st.booleans(), st.sampled_from(["tokenmdp/SumMod-v0", "reinforce", "reward-to-go",
-                                                      "policy-gradient", "mlp", "tabular", "init", "none"]))
+plausible = st.one_of(
+    st.integers(min_value=1, max_value=8),
+    st.floats(min_value=0.01, max_value=4.0),
+    st.booleans(),
+    st.sampled_from(
+        ["tokenmdp/SumMod-v0", "reinforce", "reward-to-go", "policy-gradient", "mlp", "tabular", "init", "none"]
+    ),
+)
 values = st.one_of(plausible, hostile)
 
 
@@ -329,8 +392,13 @@ def overrides(draw, small_sizes=False):
     return out
 
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @FUZZ

@@ -5,14 +5,13 @@ import types
 
 import pytest
 import torch
+from helpers import TINY
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmdp.config import load_config
 from tokenmdp.train.trainer import Trainer
 from tokenmdp_group import GRPO, RLOO, SequenceCredit
-
-from conftest import TINY
 
 
 def fake_batch(rewards, prompt_index, lengths, kl=None, horizon=4):
@@ -26,9 +25,15 @@ def fake_batch(rewards, prompt_index, lengths, kl=None, horizon=4):
     logprobs = -torch.rand(b, horizon, generator=torch.Generator().manual_seed(0)) * mask
     ref = logprobs - (kl / torch.tensor(lengths))[:, None] * mask
     ref = ref + 9.0 * (1 - mask)  # garbage on padding (real batches have 0 there)
-    return types.SimpleNamespace(rewards=env, response_mask=mask, logprobs=logprobs * mask, ref_logprobs=ref,
-                                 prompt_index=torch.tensor(prompt_index), groups=torch.tensor(prompt_index),
-                                 sequence_rewards=(env * mask).sum(1))
+    return types.SimpleNamespace(
+        rewards=env,
+        response_mask=mask,
+        logprobs=logprobs * mask,
+        ref_logprobs=ref,
+        prompt_index=torch.tensor(prompt_index),
+        groups=torch.tensor(prompt_index),
+        sequence_rewards=(env * mask).sum(1),
+    )
 
 
 def advantages_of(cls, batch, beta=1.0, **options):
@@ -123,9 +128,19 @@ def test_recipe_composition(tmp_path, recipe):
 
 #: V=4, H=2, GRU 32, 64 responses x 30 steps, 2 epochs x 2 minibatches: a few seconds per run.
 #: Measured regret_frac at the end: 0.01-0.04 (Pattern), 0.02-0.05 (SumMod) for all three recipes.
-SMALL = ["env.vocab_size=4", "env.horizon=2", "policy.hidden=32", "reference.sft_samples=1024",
-         "reference.sft_epochs=4", "train.batch_size=64", "train.steps=30", "train.eval_every=1000",
-         "updater.epochs=2", "updater.minibatches=2", "updater.lr=1e-2"]
+SMALL = [
+    "env.vocab_size=4",
+    "env.horizon=2",
+    "policy.hidden=32",
+    "reference.sft_samples=1024",
+    "reference.sft_epochs=4",
+    "train.batch_size=64",
+    "train.steps=30",
+    "train.eval_every=1000",
+    "updater.epochs=2",
+    "updater.minibatches=2",
+    "updater.lr=1e-2",
+]
 
 
 @pytest.mark.parametrize("recipe", ["rloo", "grpo"])

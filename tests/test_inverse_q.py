@@ -2,19 +2,18 @@
 
 import pytest
 import torch
+from helpers import TINY
 
 import tokenmdp
 from tokenmdp import CompositionError
 from tokenmdp.config import load_config
 from tokenmdp.mdp.env import TokenTask
-from tokenmdp.policies import GRUPolicy
+from tokenmdp.mdp.solver import prefix_index, solve, tree_logprobs
 from tokenmdp.plugin.batch import token_logprobs
+from tokenmdp.policies import GRUPolicy
 from tokenmdp.train.rollout import collect
-from tokenmdp.mdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
 from tokenmdp.train.trainer import Trainer
 from tokenmdp_envs import PatternTask
-
-from conftest import TINY
 
 
 def iq_config(tmp_path, *overrides, name="run"):
@@ -35,8 +34,17 @@ def first_batch(trainer):
 
 @pytest.mark.parametrize("env", ["Pattern", "SumMod", "Forbidden"])
 def test_oracle_token_rewards_are_the_exact_advantages(tmp_path, env):
-    trainer = Trainer(iq_config(tmp_path, f"env.id=tokenmdp/{env}-v0", "env.vocab_size=6", "env.horizon=5",
-                                "estimator.source=oracle", "train.batch_size=64", "advantage.form=return"))
+    trainer = Trainer(
+        iq_config(
+            tmp_path,
+            f"env.id=tokenmdp/{env}-v0",
+            "env.vocab_size=6",
+            "env.horizon=5",
+            "estimator.source=oracle",
+            "train.batch_size=64",
+            "advantage.form=return",
+        )
+    )
     batch, signals, out = first_batch(trainer)
     true = trainer.evaluator.solution.token_advantages(batch.prompt_index, batch.response_ids, batch.response_mask)
     assert (out["token_rewards"].double() - true).abs().max() < 1e-5
@@ -91,8 +99,16 @@ def test_fixed_point_fact(tmp_path):
 @pytest.mark.parametrize("env", ["Pattern", "SumMod"])
 def test_oracle_training_converges(tmp_path, env, updater):
     steps = {"reverse-kl": 40, "clipped-pg": 120}[updater]
-    config = iq_config(tmp_path, f"env.id=tokenmdp/{env}-v0", "estimator.source=oracle", f"algorithm.updater={updater}",
-                       "policy.hidden=32", "train.batch_size=64", f"train.steps={steps}", "train.eval_every=1000")
+    config = iq_config(
+        tmp_path,
+        f"env.id=tokenmdp/{env}-v0",
+        "estimator.source=oracle",
+        f"algorithm.updater={updater}",
+        "policy.hidden=32",
+        "train.batch_size=64",
+        f"train.steps={steps}",
+        "train.eval_every=1000",
+    )
     summary = Trainer(config).train()
     assert summary["start"]["regret"] > 0.05
     assert summary["regret_frac"] < 0.05, summary
@@ -174,16 +190,27 @@ def test_clipped_pg_k3_and_metrics(tmp_path):
     summary = Trainer(iq_config(tmp_path, "updater.kl_estimator=k3", "updater.kl_coef=0.5")).train()
     import json
 
-    rows = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert {"policy/clipfrac", "policy/approxkl", "losses/kl", "losses/policy"} <= set(rows[1])
     assert rows[-1]["losses/kl"] > 0
     assert summary["updater"] == "clipped-pg"
 
 
-GUIDE_SMALL = ["algorithm.name=inverse-q-distill", "estimator.source=guide", "env.vocab_size=4", "env.horizon=4",
-               "reference.sft_samples=3000", "reference.tagged_samples=3000", "reference.sft_epochs=12",
-               "policy.hidden=48", "train.steps=30", "train.batch_size=64", "updater.epochs=4", "updater.minibatches=4",
-               "updater.lr=3e-3"]
+GUIDE_SMALL = [
+    "algorithm.name=inverse-q-distill",
+    "estimator.source=guide",
+    "env.vocab_size=4",
+    "env.horizon=4",
+    "reference.sft_samples=3000",
+    "reference.tagged_samples=3000",
+    "reference.sft_epochs=12",
+    "policy.hidden=48",
+    "train.steps=30",
+    "train.batch_size=64",
+    "updater.epochs=4",
+    "updater.minibatches=4",
+    "updater.lr=3e-3",
+]
 
 
 @pytest.mark.parametrize("env", ["Pattern", "Forbidden", "SumThreshold"])

@@ -143,7 +143,9 @@ def test_masked_whiten_all_padding_is_zero():
 def test_masked_whiten_passes_gradients_only_to_real_tokens(pad_value):
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
-    x = torch.where(mask.bool(), torch.randn(2, 4, dtype=torch.float64, generator=generator), pad_value).requires_grad_()
+    x = torch.where(
+        mask.bool(), torch.randn(2, 4, dtype=torch.float64, generator=generator), pad_value
+    ).requires_grad_()
     weights = torch.randn(2, 4, dtype=torch.float64, generator=generator)
     ((masked_whiten(x, mask) * weights).sum() + (suffix_sums(x, mask) * weights).sum()).backward()
     assert torch.isfinite(x.grad).all()
@@ -272,7 +274,11 @@ def test_check_finite_raises_naming_component_and_step(bad, wrap):
     [
         {},
         {"loss": 0.0, "kl": -3.5, "n": 4, "flag": True},
-        {"adv": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), "mask": torch.ones(3, 4, dtype=torch.long), "b": torch.tensor(True)},
+        {
+            "adv": torch.randn(3, 4, generator=torch.Generator().manual_seed(0)),
+            "mask": torch.ones(3, 4, dtype=torch.long),
+            "b": torch.tensor(True),
+        },
         {"big": 1e300, "tiny": -1e-300, "t": torch.tensor(3.4e38)},
         {"name": "not a number", "none": None, "list": [1, 2]},
         {"np": np.float32(2.0), "np64": np.float64(-1.0)},

@@ -4,13 +4,12 @@ import subprocess
 import sys
 import types
 
-import attrs
 import pytest
 
 import tokenmdp
 from tokenmdp import AdvantageConstructor, CompositionError, PluginError, hookimpl
-from tokenmdp.plugin.composition import compose
 from tokenmdp.config import load_config
+from tokenmdp.plugin.composition import compose
 from tokenmdp.plugin.registry import Registry, plugin_manager
 
 
@@ -88,14 +87,21 @@ def test_duplicate_component_name_names_both_plugins():
         def construct(self, batch, signals, ctx):
             return {"advantages": signals["token_rewards"]}
 
-    with pytest.raises(PluginError, match=r"duplicate name 'reward-to-go'.*'reinforce'.*'clash_plugin'|duplicate name 'reward-to-go'.*'clash_plugin'.*'reinforce'"):
+    with pytest.raises(
+        PluginError,
+        match=r"duplicate name 'reward-to-go'.*'reinforce'.*'clash_plugin'"
+        r"|duplicate name 'reward-to-go'.*'clash_plugin'.*'reinforce'",
+    ):
         registry(_plugin_with(Clash, "clash_plugin"))
 
 
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda c: setattr(c, "construct", lambda self, batch, ctx: None), r"parameters \(batch, ctx\); expected \(batch, signals, ctx\)"),
+        (
+            lambda c: setattr(c, "construct", lambda self, batch, ctx: None),
+            r"parameters \(batch, ctx\); expected \(batch, signals, ctx\)",
+        ),
         (lambda c: setattr(c, "Options", dict), "Options"),
         (lambda c: setattr(c, "requires", ["x"]), "requires"),
         (lambda c: setattr(c, "name", ""), "name"),
@@ -142,9 +148,17 @@ def test_recipe_options_and_overrides():
 
 
 def test_cli_plugins_lists_every_component_with_source():
-    out = subprocess.run([sys.executable, "-m", "tokenmdp", "plugins"], capture_output=True, text=True, check=True).stdout
-    for name in ["kl-penalised-reward", "reward-to-go", "policy-gradient", "reinforce", "signed-return",
-                 "tokenmdp/Pattern-v0"]:
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenmdp", "plugins"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in [
+        "kl-penalised-reward",
+        "reward-to-go",
+        "policy-gradient",
+        "reinforce",
+        "signed-return",
+        "tokenmdp/Pattern-v0",
+    ]:
         assert name in out
     assert "tokenmdp-outside-advantage 0.1.0" in out
 

@@ -5,22 +5,36 @@ import pytest
 import torch
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
 from tokenmdp.policies import TOY_POLICIES, TaskBasePolicy, build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
-from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
 from tokenmdp.train.sft import make_sft_data, supervised_finetune
 from tokenmdp_envs import PatternTask, SumModTask
 
 CORPUS = [
-    "the cat sat on the mat", "a kind answer helps", "answer kindly and helpfully",
-    "the dog ran in the park", "tokens are actions in the token mdp", "kind words cost nothing",
+    "the cat sat on the mat",
+    "a kind answer helps",
+    "answer kindly and helpfully",
+    "the dog ran in the park",
+    "tokens are actions in the token mdp",
+    "kind words cost nothing",
 ] * 20
 
 
 def tiny_gpt2(vocab):
     return HFCausalLMPolicy.from_config(
-        {"model_type": "gpt2", "vocab_size": vocab, "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
-         "bos_token_id": 1, "eos_token_id": 2}, seed=0)
+        {
+            "model_type": "gpt2",
+            "vocab_size": vocab,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "n_positions": 64,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        seed=0,
+    )
 
 
 @pytest.mark.parametrize("kind", [*TOY_POLICIES, "hf"])
@@ -54,13 +68,24 @@ def test_hf_left_padding_does_not_change_logprobs():
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    batch = RolloutBatch(prompt_ids=ids, prompt_mask=mask, response_ids=response,
-                         response_mask=torch.ones(2, 2), rewards=torch.zeros(2, 2), prompt_index=torch.zeros(2))
+    batch = RolloutBatch(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        response_ids=response,
+        response_mask=torch.ones(2, 2),
+        rewards=torch.zeros(2, 2),
+        prompt_index=torch.zeros(2),
+    )
     padded = token_logprobs(policy, batch)
     for i, p in enumerate(prompts):
-        alone = RolloutBatch(prompt_ids=torch.tensor([p]), prompt_mask=torch.ones(1, len(p)),
-                             response_ids=response[i : i + 1], response_mask=torch.ones(1, 2),
-                             rewards=torch.zeros(1, 2), prompt_index=torch.zeros(1))
+        alone = RolloutBatch(
+            prompt_ids=torch.tensor([p]),
+            prompt_mask=torch.ones(1, len(p)),
+            response_ids=response[i : i + 1],
+            response_mask=torch.ones(1, 2),
+            rewards=torch.zeros(1, 2),
+            prompt_index=torch.zeros(1),
+        )
         assert torch.allclose(token_logprobs(policy, alone)[0], padded[i], atol=1e-5)
     # guide-prefixed scoring equals a direct model(...) call on [guide + prompt + response]
     guide = torch.tensor(sp.encode("kind words"))

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from helpers import TINY, train_until_interrupted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,14 +20,13 @@ from tokenmdp.plugin.ops import suffix_sums
 from tokenmdp.train.trainer import Trainer
 from tokenmdp_ppo import GAE, KLController, PPORewards, gae
 
-from conftest import TINY, train_until_interrupted
-
 
 def ppo_config(tmp_path, *overrides, name="run"):
     return load_config(None, [*TINY, "algorithm.name=ppo", f"run.dir={tmp_path / name}", *overrides])
 
 
 # --- GAE ------------------------------------------------------------------------------------
+
 
 def gae_loop(rewards, values, mask, gamma, lam):
     """The textbook recursion, one response and one token at a time, in float64."""
@@ -82,9 +82,14 @@ def test_gae_last_real_token_bootstraps_from_zero():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), batch=st.integers(1, 6), length=st.integers(1, 7),
-       gamma=st.floats(0.5, 1.0), lam=st.floats(0.0, 1.0),
-       garbage=st.sampled_from([1e6, -3.0, float("nan"), float("inf"), -float("inf")]))
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 6),
+    length=st.integers(1, 7),
+    gamma=st.floats(0.5, 1.0),
+    lam=st.floats(0.0, 1.0),
+    garbage=st.sampled_from([1e6, -3.0, float("nan"), float("inf"), -float("inf")]),
+)
 def test_padding_garbage_never_changes_gae(seed, batch, length, gamma, lam, garbage):
     clean = random_rollout(seed, batch, length)
     dirty = random_rollout(seed, batch, length, garbage=garbage)
@@ -108,8 +113,7 @@ def test_gae_with_lambda_one_is_reward_to_go_minus_values(seed, batch, length):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), batch=st.integers(1, 6), length=st.integers(2, 7),
-       lam=st.floats(0.0, 1.0))
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 6), length=st.integers(2, 7), lam=st.floats(0.0, 1.0))
 def test_whitened_advantages_have_mean_0_std_1_over_real_tokens(seed, batch, length, lam):
     rewards, values, mask = random_rollout(seed, batch, length, garbage=1e3)
     mask[0, :2] = 1.0  # at least two real tokens
@@ -138,6 +142,7 @@ def test_gae_options_are_checked(tmp_path):
 
 
 # --- KL controller ---------------------------------------------------------------------------
+
 
 def test_adaptive_controller_moves_beta_towards_the_target():
     up = KLController(1.0, adaptive=True, target=0.5, horizon=100)
@@ -174,8 +179,13 @@ def test_token_rewards_use_the_controllers_beta(tmp_path):
 
 
 def test_kl_coef_critic_and_optimiser_survive_a_checkpoint(tmp_path):
-    adaptive = ["estimator.kl_controller=adaptive", "estimator.target=0.001", "estimator.horizon=50",
-                "train.steps=5", "run.checkpoint_every=2"]
+    adaptive = [
+        "estimator.kl_controller=adaptive",
+        "estimator.target=0.001",
+        "estimator.horizon=50",
+        "train.steps=5",
+        "run.checkpoint_every=2",
+    ]
     full = Trainer(ppo_config(tmp_path, *adaptive, name="full"))
     full.train()
     beta = full.composition.estimator.kl_controller.value
@@ -197,6 +207,7 @@ def test_kl_coef_critic_and_optimiser_survive_a_checkpoint(tmp_path):
 
 
 # --- the critic -----------------------------------------------------------------------------
+
 
 def test_separate_critic_is_trained_by_the_updater(tmp_path):
     trainer = Trainer(ppo_config(tmp_path, "estimator.critic_hidden=8", "train.steps=3"))
@@ -224,8 +235,9 @@ def test_value_head_shares_the_gru_trunk(tmp_path):
     summary = trainer.train()
     assert summary["updater"] == "ppo"
     with pytest.raises(ConfigError, match="critic='head' is available only for policy.kind='gru'"):
-        Trainer(ppo_config(tmp_path, "estimator.critic=head", "policy.kind=mlp", "policy.hidden=16",
-                           name="mlp")).train()
+        Trainer(
+            ppo_config(tmp_path, "estimator.critic=head", "policy.kind=mlp", "policy.hidden=16", name="mlp")
+        ).train()
 
 
 def test_updater_without_a_shared_critic_is_a_clear_error(tmp_path):
@@ -247,6 +259,7 @@ def test_updater_without_a_shared_critic_is_a_clear_error(tmp_path):
 
 # --- compositions, options and metrics -------------------------------------------------------
 
+
 def test_gae_without_values_fails_at_start_up_naming_values(tmp_path, capsys):
     with pytest.raises(CompositionError, match=r"advantage 'gae' requires signal\(s\) values, which no earlier"):
         Trainer(ppo_config(tmp_path, "algorithm.estimator=kl-penalised-reward"))
@@ -257,8 +270,19 @@ def test_gae_without_values_fails_at_start_up_naming_values(tmp_path, capsys):
     assert not (tmp_path / "cli").exists()
 
 
-PPO_METRICS = {"policy/approxkl", "policy/clipfrac", "val/vpred", "val/error", "val/clipfrac", "objective/kl",
-               "objective/kl_coef", "objective/entropy", "losses/policy", "losses/value", "charts/learning_rate"}
+PPO_METRICS = {
+    "policy/approxkl",
+    "policy/clipfrac",
+    "val/vpred",
+    "val/error",
+    "val/clipfrac",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/entropy",
+    "losses/policy",
+    "losses/value",
+    "charts/learning_rate",
+}
 
 
 def test_metrics_are_logged_and_documented(tmp_path):
@@ -291,9 +315,19 @@ def test_target_kl_stops_the_epochs_early(tmp_path, monkeypatch):
 
 #: V=4, H=2, GRU 32, 64 responses x 30 steps, 2 epochs x 2 minibatches: a few seconds per run.
 #: Measured regret_frac at the end: 0.01-0.04 (Pattern), 0.02-0.05 (SumMod) for all three recipes.
-SMALL = ["env.vocab_size=4", "env.horizon=2", "policy.hidden=32", "reference.sft_samples=1024",
-         "reference.sft_epochs=4", "train.batch_size=64", "train.steps=30", "train.eval_every=1000",
-         "updater.epochs=2", "updater.minibatches=2", "updater.lr=1e-2"]
+SMALL = [
+    "env.vocab_size=4",
+    "env.horizon=2",
+    "policy.hidden=32",
+    "reference.sft_samples=1024",
+    "reference.sft_epochs=4",
+    "train.batch_size=64",
+    "train.steps=30",
+    "train.eval_every=1000",
+    "updater.epochs=2",
+    "updater.minibatches=2",
+    "updater.lr=1e-2",
+]
 
 
 @pytest.mark.parametrize("env", ["Pattern", "SumMod"])
@@ -305,6 +339,7 @@ def test_ppo_converges_on_a_small_instance(tmp_path, env):
 
 
 # --- learned reward model (recipe ppo-rm) ---------------------------------------------------
+
 
 def test_reward_model_ranks_held_out_pairs(tmp_path):
     """A Bradley-Terry fit on oracle-labelled pairs from pi_ref orders unseen pairs as the
@@ -318,16 +353,24 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
     generator = torch.Generator().manual_seed(0)
     pairs, _ = sample_pairs(TaskBasePolicy(task), task, 1200, generator)
     model = ValueNetwork({"kind": "gru", "hidden": 32}, task, seed=0)
-    report = train_reward_model(model, pairs.select(torch.arange(1000)), epochs=3, lr=3e-3,
-                                batch_size=64, generator=generator)
+    report = train_reward_model(
+        model, pairs.select(torch.arange(1000)), epochs=3, lr=3e-3, batch_size=64, generator=generator
+    )
     unseen = pairs.select(torch.arange(1000, 1200))
     assert float((pair_margins(model, unseen) > 0).float().mean()) > 0.85
     assert report["reward_model/heldout_accuracy"] > 0.85 and report["reward_model/loss"] < 0.4
 
 
 def test_ppo_on_a_learned_reward_model_never_reads_the_env_reward(tmp_path, monkeypatch):
-    config = ppo_config(tmp_path, *SMALL, "env.id=tokenmdp/Pattern-v0", "algorithm.name=ppo-rm",
-                        "estimator.reward_pairs=2000", "estimator.reward_lr=1e-2", "estimator.reward_epochs=5")
+    config = ppo_config(
+        tmp_path,
+        *SMALL,
+        "env.id=tokenmdp/Pattern-v0",
+        "algorithm.name=ppo-rm",
+        "estimator.reward_pairs=2000",
+        "estimator.reward_lr=1e-2",
+        "estimator.reward_epochs=5",
+    )
     trainer = Trainer(config)
     assert not trainer.composition.needs_env_reward
     estimator = trainer.composition.estimator
@@ -358,8 +401,9 @@ def test_ppo_on_a_learned_reward_model_never_reads_the_env_reward(tmp_path, monk
     monkeypatch.setattr(restored, "_fit_reward_model", lambda ctx: pytest.fail("refitted after a restore"))
     batch = trainer._collect(1)
     batch.logprobs = batch.ref_logprobs = torch.zeros_like(batch.response_mask)
-    torch.testing.assert_close(restored.estimate(batch, trainer.ctx)["token_rewards"],
-                               original(batch, trainer.ctx)["token_rewards"])
+    torch.testing.assert_close(
+        restored.estimate(batch, trainer.ctx)["token_rewards"], original(batch, trainer.ctx)["token_rewards"]
+    )
     assert restored.report() == estimator.report()
 
 

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 
 from tokenmdp import ConfigError, devices
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
 from tokenmdp.mdp.env import TokenVectorEnv
-from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
 from tokenmdp.plugin.batch import RolloutBatch, concat_batches
+from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
 from tokenmdp.train.trainer import Trainer
 from tokenmdp_envs import PatternTask
-
-from conftest import TINY
 
 WORDS = "the cat dog sat ran on in a mat park kind answer helps words cost nothing tokens are actions".split()
 CORPUS = [" ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 9)) for i in range(1, 60)]
@@ -41,19 +40,38 @@ def text_files(tmp_path_factory):
     (root / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TRAIN_PROMPTS))
     (root / "held_out.txt").write_text("".join(p + "\n" for p in HELD_OUT))
     # GPT-2's default dropout (0.1 on residuals, embeddings and attention), as a pretrained GPT-2 has
-    model = HFCausalLMPolicy.from_config({"model_type": "gpt2", "vocab_size": 48, "n_layer": 2, "n_head": 2,
-                                          "n_embd": 32, "n_positions": 64, "bos_token_id": 1, "eos_token_id": 2},
-                                         seed=0)
+    model = HFCausalLMPolicy.from_config(
+        {
+            "model_type": "gpt2",
+            "vocab_size": 48,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 32,
+            "n_positions": 64,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        seed=0,
+    )
     assert model.model.config.resid_pdrop == model.model.config.attn_pdrop == 0.1
     model.model.save_pretrained(root / "gpt2")
     return root
 
 
 def text_run(files: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["env.id=tokenmdp/Text-v0", f"env.prompts={files / 'train.jsonl'}", f"env.tokenizer={files / 'spm.model'}",
-            "env.reward=test_real_lm:length_reward", "env.horizon=6", "policy.kind=hf",
-            f"policy.path={files / 'gpt2'}", "reference.init=init", "train.progress=false", f"run.dir={run_dir}",
-            *extra]
+    return [
+        "env.id=tokenmdp/Text-v0",
+        f"env.prompts={files / 'train.jsonl'}",
+        f"env.tokenizer={files / 'spm.model'}",
+        "env.reward=test_real_lm:length_reward",
+        "env.horizon=6",
+        "policy.kind=hf",
+        f"policy.path={files / 'gpt2'}",
+        "reference.init=init",
+        "train.progress=false",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -83,16 +101,39 @@ def test_the_env_draws_distinct_prompts_and_answers_each_g_times():
 
 def test_grpo_groups_are_exactly_g_responses_and_it_learns(text_files, tmp_path):
     run_dir = tmp_path / "grpo"
-    trainer = Trainer(load_config(None, text_run(text_files, run_dir, "algorithm.name=grpo",
-                                                 "train.samples_per_prompt=4", "train.batch_size=8",
-                                                 "train.steps=2", "train.eval_every=1", "train.eval_samples=8")))
+    trainer = Trainer(
+        load_config(
+            None,
+            text_run(
+                text_files,
+                run_dir,
+                "algorithm.name=grpo",
+                "train.samples_per_prompt=4",
+                "train.batch_size=8",
+                "train.steps=2",
+                "train.eval_every=1",
+                "train.eval_samples=8",
+            ),
+        )
+    )
     trainer.build_models()
     batch = trainer._collect(1)
     assert batch.groups.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert len(set(batch.prompt_index[:4].tolist())) == 1 and batch.prompt_index[0] != batch.prompt_index[4]
-    summary = Trainer(load_config(None, text_run(text_files, run_dir, "algorithm.name=grpo",
-                                                 "train.samples_per_prompt=4", "train.batch_size=8",
-                                                 "train.steps=2", "train.eval_samples=8"))).train()
+    summary = Trainer(
+        load_config(
+            None,
+            text_run(
+                text_files,
+                run_dir,
+                "algorithm.name=grpo",
+                "train.samples_per_prompt=4",
+                "train.batch_size=8",
+                "train.steps=2",
+                "train.eval_samples=8",
+            ),
+        )
+    ).train()
     steps = rows(run_dir)[1:]
     assert all(r["losses/policy"] != 0.0 for r in steps)  # groups of one gave exactly 0.0 at every step
     assert summary["steps"] == 2
@@ -116,8 +157,11 @@ def test_toy_group_runs_keep_grouping_by_prompt(tiny_config):
 
 def test_a_group_never_spans_ranks(tiny_config):
     """Each rank samples its own groups: the simulated two-rank batch keeps them apart."""
-    trainer = Trainer(tiny_config("algorithm.name=grpo", "train.samples_per_prompt=4", "train.batch_size=8",
-                                  "train.simulate_world_size=2"))
+    trainer = Trainer(
+        tiny_config(
+            "algorithm.name=grpo", "train.samples_per_prompt=4", "train.batch_size=8", "train.simulate_world_size=2"
+        )
+    )
     trainer.build_models()
     batch = trainer._collect(1)
     assert batch.size == 16 and batch.groups.tolist() == [g for g in range(4) for _ in range(4)]
@@ -125,20 +169,28 @@ def test_a_group_never_spans_ranks(tiny_config):
     assert concat_batches([a, a, a]).group_index.tolist() == [0, 0, 1, 1, 2, 2]
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("train.samples_per_prompt=3", "samples_per_prompt = 3 must divide batch_size = 8"),
-    ("train.samples_per_prompt=0", "samples_per_prompt must be an integer > 0"),
-    ("train.device=gpu", "device must be one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
-    ("train.precision=fp16", "precision must be one of 'fp32', 'bf16'"),
-    ("updater.micro_batch_size=0", "micro_batch_size must be an integer > 0"),
-    ("updater.micro_batch_size=3", "updater.micro_batch_size = 3 is larger than a minibatch"),
-    ("env.eval_prompts=/no/such/file.jsonl", "env.eval_prompts: file '/no/such/file.jsonl' not found"),
-])
-def test_bad_settings_are_one_line_errors_and_leave_no_run_directory(text_files, tmp_path, capsys, setting,
-                                                                      message):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("train.samples_per_prompt=3", "samples_per_prompt = 3 must divide batch_size = 8"),
+        ("train.samples_per_prompt=0", "samples_per_prompt must be an integer > 0"),
+        ("train.device=gpu", "device must be one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+        ("train.precision=fp16", "precision must be one of 'fp32', 'bf16'"),
+        ("updater.micro_batch_size=0", "micro_batch_size must be an integer > 0"),
+        ("updater.micro_batch_size=3", "updater.micro_batch_size = 3 is larger than a minibatch"),
+        ("env.eval_prompts=/no/such/file.jsonl", "env.eval_prompts: file '/no/such/file.jsonl' not found"),
+    ],
+)
+def test_bad_settings_are_one_line_errors_and_leave_no_run_directory(text_files, tmp_path, capsys, setting, message):
     run_dir = tmp_path / "run"
-    base = text_run(text_files, run_dir, "algorithm.name=grpo", "train.samples_per_prompt=4", "train.batch_size=8",
-                    "updater.minibatches=4")
+    base = text_run(
+        text_files,
+        run_dir,
+        "algorithm.name=grpo",
+        "train.samples_per_prompt=4",
+        "train.batch_size=8",
+        "updater.minibatches=4",
+    )
     assert cli([*base, setting]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
@@ -160,9 +212,22 @@ def test_a_malformed_eval_prompts_file_names_its_line(text_files, tmp_path, caps
 
 def frozen_grpo(text_files, run_dir, *extra):
     """lr 1e-12: the policy cannot move (far below float32's resolution of its weights)."""
-    return load_config(None, text_run(text_files, run_dir, "algorithm.name=grpo", "train.samples_per_prompt=4",
-                                      "train.batch_size=8", "train.steps=2", "train.eval_samples=16",
-                                      "updater.lr=1e-12", "updater.epochs=1", "updater.minibatches=1", *extra))
+    return load_config(
+        None,
+        text_run(
+            text_files,
+            run_dir,
+            "algorithm.name=grpo",
+            "train.samples_per_prompt=4",
+            "train.batch_size=8",
+            "train.steps=2",
+            "train.eval_samples=16",
+            "updater.lr=1e-12",
+            "updater.epochs=1",
+            "updater.minibatches=1",
+            *extra,
+        ),
+    )
 
 
 def test_no_dropout_in_scoring_a_policy_that_cannot_move_has_ratio_one_and_kl_zero(text_files, tmp_path):
@@ -234,10 +299,23 @@ def test_cpu_is_what_auto_picks_here_and_gives_the_same_run(tiny_config, tmp_pat
 
 def test_bf16_runs_on_the_cpu_finite_and_close_to_fp32(text_files, tmp_path):
     def run(name, *extra):
-        Trainer(load_config(None, text_run(text_files, tmp_path / name, "algorithm.name=inverse-q-distill",
-                                           'estimator.guide="kind answer"', "train.batch_size=8", "train.steps=4",
-                                           "train.eval_every=2", "train.eval_samples=16", "updater.lr=3e-2",
-                                           *extra))).train()
+        Trainer(
+            load_config(
+                None,
+                text_run(
+                    text_files,
+                    tmp_path / name,
+                    "algorithm.name=inverse-q-distill",
+                    'estimator.guide="kind answer"',
+                    "train.batch_size=8",
+                    "train.steps=4",
+                    "train.eval_every=2",
+                    "train.eval_samples=16",
+                    "updater.lr=3e-2",
+                    *extra,
+                ),
+            )
+        ).train()
         return rows(tmp_path / name)
 
     fp32, bf16 = run("fp32"), run("bf16", "train.precision=bf16")
@@ -255,14 +333,25 @@ def test_bf16_runs_on_the_cpu_finite_and_close_to_fp32(text_files, tmp_path):
 
 
 def test_bf16_autocasts_hf_forwards_and_keeps_fp32_weights(text_files, tmp_path):
-    trainer = Trainer(load_config(None, text_run(text_files, tmp_path / "run", "algorithm.name=inverse-q-distill",
-                                                 'estimator.guide="kind"', "train.precision=bf16")))
+    trainer = Trainer(
+        load_config(
+            None,
+            text_run(
+                text_files,
+                tmp_path / "run",
+                "algorithm.name=inverse-q-distill",
+                'estimator.guide="kind"',
+                "train.precision=bf16",
+            ),
+        )
+    )
     trainer.build_models()
     ids = torch.tensor([[1, 5, 6, 7]])
     assert trainer.policy(ids).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
     batch = trainer._collect(1)
     from tokenmdp.plugin.batch import token_logprobs
+
     assert token_logprobs(trainer.policy, batch).dtype == torch.float32  # log-softmax in fp32
 
 
@@ -294,8 +383,11 @@ def one_step(tiny_config, sets, run_dir, micro=None, float64=False):
     trainer.build_models()
     updater = trainer.composition.updater
     if float64:
-        for module in {id(m): m for m in (trainer.policy, trainer.reference,
-                                          getattr(trainer.composition.estimator, "critic", None)) if m}.values():
+        for module in {
+            id(m): m
+            for m in (trainer.policy, trainer.reference, getattr(trainer.composition.estimator, "critic", None))
+            if m
+        }.values():
             module.double()
     first = []
 
@@ -334,9 +426,22 @@ def test_micro_batches_give_the_unsplit_step(tiny_config, tmp_path, updater):
 
 def test_micro_batches_on_an_hf_model(text_files, tmp_path):
     def run(name, *extra):
-        Trainer(load_config(None, text_run(text_files, tmp_path / name, "algorithm.name=grpo",
-                                           "train.samples_per_prompt=4", "train.batch_size=8", "train.steps=2",
-                                           "train.eval_samples=8", "updater.minibatches=1", *extra))).train()
+        Trainer(
+            load_config(
+                None,
+                text_run(
+                    text_files,
+                    tmp_path / name,
+                    "algorithm.name=grpo",
+                    "train.samples_per_prompt=4",
+                    "train.batch_size=8",
+                    "train.steps=2",
+                    "train.eval_samples=8",
+                    "updater.minibatches=1",
+                    *extra,
+                ),
+            )
+        ).train()
         return rows(tmp_path / name)
 
     whole, micro = run("whole"), run("micro", "updater.micro_batch_size=3")
@@ -374,9 +479,21 @@ def test_an_updater_that_steps_itself_refuses_micro_batches(tiny_config):
 
 def test_eval_prompts_are_what_the_sampled_evaluator_scores(text_files, tmp_path):
     held = text_files / "held_out.txt"
-    trainer = Trainer(load_config(None, text_run(text_files, tmp_path / "held", "algorithm.name=inverse-q-distill",
-                                                 'estimator.guide="kind"', f"env.eval_prompts={held}",
-                                                 "train.steps=1", "train.batch_size=4", "train.eval_samples=12")))
+    trainer = Trainer(
+        load_config(
+            None,
+            text_run(
+                text_files,
+                tmp_path / "held",
+                "algorithm.name=inverse-q-distill",
+                'estimator.guide="kind"',
+                f"env.eval_prompts={held}",
+                "train.steps=1",
+                "train.batch_size=4",
+                "train.eval_samples=12",
+            ),
+        )
+    )
     trainer.build_models()
     sampled = trainer.evaluator.sample(trainer.policy)
     scored = {trainer.evaluator.task.prompt_text(int(i)) for i in sampled.prompt_index}
@@ -384,7 +501,17 @@ def test_eval_prompts_are_what_the_sampled_evaluator_scores(text_files, tmp_path
     assert all(trainer.task.prompt_text(int(i)) in TRAIN_PROMPTS for i in trainer._collect(1).prompt_index)
     summary = trainer.train()
     assert summary["eval_on"] == f"held-out prompts: env.eval_prompts = {held}"
-    plain = Trainer(load_config(None, text_run(text_files, tmp_path / "plain", "algorithm.name=inverse-q-distill",
-                                               'estimator.guide="kind"', "train.steps=1",
-                                               "train.batch_size=4"))).train()
+    plain = Trainer(
+        load_config(
+            None,
+            text_run(
+                text_files,
+                tmp_path / "plain",
+                "algorithm.name=inverse-q-distill",
+                'estimator.guide="kind"',
+                "train.steps=1",
+                "train.batch_size=4",
+            ),
+        )
+    ).train()
     assert plain["eval_on"] == "the training prompts (env.eval_prompts unset)"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tokenmdp.mdp.env import TokenMDPEnv, TokenVectorEnv
-from tokenmdp.policies import GRUPolicy, MLPPolicy, TabularPolicy, TaskBasePolicy, TransformerPolicy
-from tokenmdp.plugin.batch import token_logprobs
-from tokenmdp.train.rollout import collect, generate
 from tokenmdp.mdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
+from tokenmdp.plugin.batch import token_logprobs
+from tokenmdp.policies import GRUPolicy, MLPPolicy, TabularPolicy, TaskBasePolicy, TransformerPolicy
+from tokenmdp.train.rollout import collect, generate
 from tokenmdp_envs import BanditTask, ForbiddenTask, PatternTask, SumModTask
 
 TASKS = {"Pattern": PatternTask, "SumMod": SumModTask, "Forbidden": ForbiddenTask, "Bandit": BanditTask}
@@ -118,7 +118,7 @@ def test_solver_matches_brute_force(name, vocab_size, horizon, eos, ref):
             v_star = beta * log_z
             assert float(solution.v[0][p, 0]) == pytest.approx(v_star, abs=1e-9, rel=1e-9)
             j_star += probs[p] * v_star
-            for (y, r, lp), log_term in zip(rows, log_terms):
+            for (y, _reward, lp), log_term in zip(rows, log_terms):
                 opt = tree_sequence_logprob(solution.opt_logp, task, p, y)
                 assert opt == pytest.approx(log_term - log_z, abs=1e-9)
                 # The reference tree log-probs agree with the full forward too.

@@ -13,26 +13,29 @@ import gymnasium
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from helpers import train_until_interrupted
 
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.mdp.env import TokenMDPEnv, TokenVectorEnv
 from tokenmdp.errors import ConfigError, TokenMDPError
+from tokenmdp.mdp.env import TokenMDPEnv, TokenVectorEnv
+from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
 from tokenmdp.plugin.registry import Registry, plugin_manager
 from tokenmdp.policies import build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
+from tokenmdp.text import TextTask, lexicon_score, load_tokenizer, read_prompts
 from tokenmdp.train.preferences import load_pair_file
-from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
 from tokenmdp.train.rollout import filter_logits, generate
-from tokenmdp.text import TextTask, lexicon_score, load_tokenizer, read_prompts, sentencepiece_adapter
 from tokenmdp.train.trainer import Trainer, load_policy, load_reference
-
-from conftest import train_until_interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
-    "the cat sat on the mat", "a kind answer helps", "answer kindly and helpfully",
-    "the dog ran in the park", "tokens are actions in the token mdp", "kind words cost nothing",
+    "the cat sat on the mat",
+    "a kind answer helps",
+    "answer kindly and helpfully",
+    "the dog ran in the park",
+    "tokens are actions in the token mdp",
+    "kind words cost nothing",
 ] * 20
 PROMPTS = ["the cat", "tell me about the dog in the park", "a kind"]
 
@@ -61,8 +64,19 @@ def prompt_file(tmp_path_factory) -> Path:
 
 
 def tiny_gpt2(vocab: int, **kw) -> HFCausalLMPolicy:
-    config = {"model_type": "gpt2", "vocab_size": vocab, "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
-              "bos_token_id": 1, "eos_token_id": 2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    config = {
+        "model_type": "gpt2",
+        "vocab_size": vocab,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "n_positions": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
     return HFCausalLMPolicy.from_config(config, seed=0, **kw)
 
 
@@ -94,10 +108,17 @@ def test_hugging_face_tokenizer_directory_round_trips(tmp_path):
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    raw.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(tmp_path / "tok")
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.eos_token_id == 2 and tok.pad_token_id == 0 and tok.vocab_size == len(raw.get_vocab())
     for text in ["the cat sat on the mat", "Answer kindly, and helpfully!"]:
@@ -110,8 +131,13 @@ def test_hugging_face_tokenizer_directory_round_trips(tmp_path):
 
 
 def test_text_env_passes_check_env_and_lays_out_prompts(spm_path, prompt_file):
-    env = gymnasium.make("tokenmdp/Text-v0", prompts=str(prompt_file), tokenizer=str(spm_path),
-                         reward="tokenmdp.text:lexicon_score", horizon=4).unwrapped
+    env = gymnasium.make(
+        "tokenmdp/Text-v0",
+        prompts=str(prompt_file),
+        tokenizer=str(spm_path),
+        reward="tokenmdp.text:lexicon_score",
+        horizon=4,
+    ).unwrapped
     assert isinstance(env, TokenMDPEnv)
     check_env(env, skip_render_check=True)
     task = env.task
@@ -123,7 +149,9 @@ def test_text_env_passes_check_env_and_lays_out_prompts(spm_path, prompt_file):
         assert ids[mask.bool()].tolist() == [tok.bos_token_id, *tok.encode(text)]
     obs, info = env.reset(options={"prompt_index": 1})
     assert (obs["prompt_mask"] == task.prompt_mask[1].numpy()).all()
-    vec = gymnasium.make_vec("tokenmdp/Text-v0", num_envs=3, prompts=str(prompt_file), tokenizer=str(spm_path), horizon=4)
+    vec = gymnasium.make_vec(
+        "tokenmdp/Text-v0", num_envs=3, prompts=str(prompt_file), tokenizer=str(spm_path), horizon=4
+    )
     assert isinstance(vec, TokenVectorEnv) and "prompt_mask" in vec.reset(seed=0)[0]
 
 
@@ -151,17 +179,29 @@ def test_padding_invariance_and_guide_prefixed_scoring(spm_path, prompt_file):
     policy = tiny_gpt2(task.vocab_size).eval()
     b = len(PROMPTS)
     response = torch.randint(3, task.vocab_size, (b, 3), generator=torch.Generator().manual_seed(0))
-    batch = RolloutBatch(prompt_ids=task.prompts, prompt_mask=task.prompt_mask, response_ids=response,
-                         response_mask=torch.ones(b, 3), rewards=torch.zeros(b, 3), prompt_index=torch.arange(b),
-                         prefix_offset=task.prefix_offset)
+    batch = RolloutBatch(
+        prompt_ids=task.prompts,
+        prompt_mask=task.prompt_mask,
+        response_ids=response,
+        response_mask=torch.ones(b, 3),
+        rewards=torch.zeros(b, 3),
+        prompt_index=torch.arange(b),
+        prefix_offset=task.prefix_offset,
+    )
     guide = task.encode_guide("answer kindly")
     padded, guided = token_logprobs(policy, batch), token_logprobs(policy, batch, prefix_ids=guide)
     bos = task.bos_token
     for i, text in enumerate(PROMPTS):
         ids = [bos, *task.tokenizer.encode(text)]
-        alone = RolloutBatch(prompt_ids=torch.tensor([ids]), prompt_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             response_ids=response[i: i + 1], response_mask=torch.ones(1, 3),
-                             rewards=torch.zeros(1, 3), prompt_index=torch.zeros(1), prefix_offset=1)
+        alone = RolloutBatch(
+            prompt_ids=torch.tensor([ids]),
+            prompt_mask=torch.ones(1, len(ids), dtype=torch.long),
+            response_ids=response[i : i + 1],
+            response_mask=torch.ones(1, 3),
+            rewards=torch.zeros(1, 3),
+            prompt_index=torch.zeros(1),
+            prefix_offset=1,
+        )
         assert torch.allclose(token_logprobs(policy, alone)[0], padded[i], atol=1e-5)
         # guide goes after BOS: a direct model(...) call on [BOS, guide, prompt, response]
         seq = torch.tensor([bos, *guide.tolist(), *ids[1:], *response[i].tolist()])[None]
@@ -213,12 +253,29 @@ def test_lora_reference_is_exactly_the_base_model(model_dir):
 
 def test_lora_run_resumes_to_the_uninterrupted_run(tmp_path, spm_path, prompt_file, model_dir):
     def config(name, *extra):
-        return load_config(None, ["env.id=tokenmdp/Text-v0", f"env.prompts={prompt_file}", f"env.tokenizer={spm_path}",
-                                  "env.horizon=4", "policy.kind=hf", f"policy.path={model_dir}",
-                                  "policy.lora={r = 4, alpha = 8}", "reference.init=init",
-                                  "algorithm.name=inverse-q-distill", 'estimator.guide="answer kindly"',
-                                  "updater.lr=1e-2", "train.steps=4", "train.batch_size=4", "train.eval_every=2",
-                                  "train.eval_samples=4", "train.progress=false", f"run.dir={tmp_path / name}", *extra])
+        return load_config(
+            None,
+            [
+                "env.id=tokenmdp/Text-v0",
+                f"env.prompts={prompt_file}",
+                f"env.tokenizer={spm_path}",
+                "env.horizon=4",
+                "policy.kind=hf",
+                f"policy.path={model_dir}",
+                "policy.lora={r = 4, alpha = 8}",
+                "reference.init=init",
+                "algorithm.name=inverse-q-distill",
+                'estimator.guide="answer kindly"',
+                "updater.lr=1e-2",
+                "train.steps=4",
+                "train.batch_size=4",
+                "train.eval_every=2",
+                "train.eval_samples=4",
+                "train.progress=false",
+                f"run.dir={tmp_path / name}",
+                *extra,
+            ],
+        )
 
     full = Trainer(config("full"))
     full.train()
@@ -252,7 +309,9 @@ def test_missing_model_directory_and_vocabulary_mismatch(tmp_path, spm_path, pro
         build_policy({"kind": "hf", "path": str(tmp_path / "nope")}, task, seed=0)
     small = tmp_path / "small"
     tiny_gpt2(40).model.save_pretrained(small)
-    with pytest.raises(TokenMDPError, match="60 tokens but the model .* vocab_size 40: the tokenizer and the model do not match"):
+    with pytest.raises(
+        TokenMDPError, match="60 tokens but the model .* vocab_size 40: the tokenizer and the model do not match"
+    ):
         build_policy({"kind": "hf", "path": str(small)}, task, seed=0)
     with pytest.raises(ConfigError, match="env.tokenizer: .*does not exist"):
         TextTask(prompts=str(prompt_file), tokenizer=str(tmp_path / "missing.model"))
@@ -262,29 +321,59 @@ def test_missing_model_directory_and_vocabulary_mismatch(tmp_path, spm_path, pro
         text_task(spm_path, prompt_file, reward="lexicon_score")
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "ok"}\n{"prompt": "fine"\n', "line 2: not valid JSON"),
-    ('{"prompt": "ok"}\n\n{"text": "no prompt key"}\n', "line 3: the object has no \"prompt\" key"),
-    ('"ok"\n[1, 2]\n', "line 2: a prompt must be a string"),
-    ('{"prompt": "  "}\n', "line 1: the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "ok"}\n{"prompt": "fine"\n', "line 2: not valid JSON"),
+        ('{"prompt": "ok"}\n\n{"text": "no prompt key"}\n', 'line 3: the object has no "prompt" key'),
+        ('"ok"\n[1, 2]\n', "line 2: a prompt must be a string"),
+        ('{"prompt": "  "}\n', "line 1: the prompt is empty"),
+    ],
+)
 def test_malformed_prompt_file_names_the_line_and_trains_nothing(tmp_path, spm_path, model_dir, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
     with pytest.raises(ConfigError, match=re.escape(message)):
         read_prompts(bad)
     run_dir = tmp_path / "run"
-    rc = main(["train", "--set", "env.id=tokenmdp/Text-v0", "--set", f"env.prompts={bad}",
-               "--set", f"env.tokenizer={spm_path}", "--set", "policy.kind=hf", "--set", f"policy.path={model_dir}",
-               "--set", "reference.init=init", "--set", f"run.dir={run_dir}"])
+    rc = main(
+        [
+            "train",
+            "--set",
+            "env.id=tokenmdp/Text-v0",
+            "--set",
+            f"env.prompts={bad}",
+            "--set",
+            f"env.tokenizer={spm_path}",
+            "--set",
+            "policy.kind=hf",
+            "--set",
+            f"policy.path={model_dir}",
+            "--set",
+            "reference.init=init",
+            "--set",
+            f"run.dir={run_dir}",
+        ]
+    )
     assert rc == 2 and not run_dir.exists()  # checked before any model or file
 
 
 def test_reward_that_raises_names_the_callable_and_the_step(tmp_path, spm_path, prompt_file, model_dir, capsys):
-    overrides = ["env.id=tokenmdp/Text-v0", f"env.prompts={prompt_file}", f"env.tokenizer={spm_path}",
-                 "env.reward=test_text:raises_reward", "env.horizon=3", "policy.kind=hf", f"policy.path={model_dir}",
-                 "reference.init=init", "algorithm.name=reinforce", "train.steps=2", "train.batch_size=4",
-                 "train.progress=false", f"run.dir={tmp_path / 'run'}"]
+    overrides = [
+        "env.id=tokenmdp/Text-v0",
+        f"env.prompts={prompt_file}",
+        f"env.tokenizer={spm_path}",
+        "env.reward=test_text:raises_reward",
+        "env.horizon=3",
+        "policy.kind=hf",
+        f"policy.path={model_dir}",
+        "reference.init=init",
+        "algorithm.name=reinforce",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.progress=false",
+        f"run.dir={tmp_path / 'run'}",
+    ]
     rc = main(["train", *sum((["--set", o] for o in overrides), [])])
     err = capsys.readouterr().err
     assert rc == 2
@@ -293,29 +382,51 @@ def test_reward_that_raises_names_the_callable_and_the_step(tmp_path, spm_path, 
 
 
 def test_text_env_config_errors(tmp_path, spm_path, prompt_file, model_dir):
-    base = ["env.id=tokenmdp/Text-v0", f"env.prompts={prompt_file}", f"env.tokenizer={spm_path}",
-            f"run.dir={tmp_path / 'run'}", "algorithm.name=inverse-q"]
+    base = [
+        "env.id=tokenmdp/Text-v0",
+        f"env.prompts={prompt_file}",
+        f"env.tokenizer={spm_path}",
+        f"run.dir={tmp_path / 'run'}",
+        "algorithm.name=inverse-q",
+    ]
     with pytest.raises(ConfigError, match='needs policy.kind = "hf"'):
         Trainer(load_config(None, base))
     with pytest.raises(ConfigError, match="no base distribution"):
         Trainer(load_config(None, [*base, "policy.kind=hf", f"policy.path={model_dir}"]))
-    trainer = Trainer(load_config(None, [*base, "policy.kind=hf", f"policy.path={model_dir}", "reference.init=init",
-                                         "train.steps=1", "train.batch_size=2", "train.progress=false"]))
+    trainer = Trainer(
+        load_config(
+            None,
+            [
+                *base,
+                "policy.kind=hf",
+                f"policy.path={model_dir}",
+                "reference.init=init",
+                "train.steps=1",
+                "train.batch_size=2",
+                "train.progress=false",
+            ],
+        )
+    )
     with pytest.raises(TokenMDPError, match="has no guide token; give the guide as text"):
         trainer.train()
 
 
-def test_dpo_pair_file_with_text_prompts_lays_them_out_like_the_env_and_trains(tmp_path, spm_path, prompt_file,
-                                                                              model_dir):
+def test_dpo_pair_file_with_text_prompts_lays_them_out_like_the_env_and_trains(
+    tmp_path, spm_path, prompt_file, model_dir
+):
     task = text_task(spm_path, prompt_file, horizon=10)
-    lines = [{"prompt": "the cat", "chosen": "sat on the mat", "rejected": "ran"},
-             {"prompt": "a kind", "chosen": "answer helps", "rejected": "dog"},
-             {"prompt": "kind words", "chosen": task.tokenizer.encode("cost nothing"), "rejected": "cat"}]  # not an env prompt
+    lines = [
+        {"prompt": "the cat", "chosen": "sat on the mat", "rejected": "ran"},
+        {"prompt": "a kind", "chosen": "answer helps", "rejected": "dog"},
+        {"prompt": "kind words", "chosen": task.tokenizer.encode("cost nothing"), "rejected": "cat"},
+    ]  # not an env prompt
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines) * 8)
     pairs = load_pair_file(path, task)
-    for prompt, message in [([9999], "line 2: 'prompt' token id 9999 is out of range; prompt tokens are 0..59"),
-                            ("", "line 2: 'prompt' is an empty prompt")]:
+    for prompt, message in [
+        ([9999], "line 2: 'prompt' token id 9999 is out of range; prompt tokens are 0..59"),
+        ("", "line 2: 'prompt' is an empty prompt"),
+    ]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[0], "prompt": prompt}) + "\n")
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -327,18 +438,40 @@ def test_dpo_pair_file_with_text_prompts_lays_them_out_like_the_env_and_trains(t
         assert real == [task.bos_token, *task.tokenizer.encode(text)]
     # the env's own layout of the same prompt gives the same log-probs (padding is invisible)
     policy = build_policy({"kind": "hf", "path": str(model_dir)}, task, seed=0).eval()
-    own = RolloutBatch(prompt_ids=task.prompts[:1], prompt_mask=task.prompt_mask[:1],
-                       response_ids=pairs.chosen_ids[:1], response_mask=pairs.chosen_mask[:1],
-                       rewards=torch.zeros(1, pairs.chosen_ids.shape[1]), prompt_index=torch.tensor([0]))
+    own = RolloutBatch(
+        prompt_ids=task.prompts[:1],
+        prompt_mask=task.prompt_mask[:1],
+        response_ids=pairs.chosen_ids[:1],
+        response_mask=pairs.chosen_mask[:1],
+        rewards=torch.zeros(1, pairs.chosen_ids.shape[1]),
+        prompt_index=torch.tensor([0]),
+    )
     from_file = pairs.select(torch.tensor([0])).responses()
     with torch.no_grad():
         assert torch.allclose(token_logprobs(policy, own), token_logprobs(policy, from_file)[:1], atol=1e-5)
 
-    config = load_config(None, ["env.id=tokenmdp/Text-v0", f"env.prompts={prompt_file}", f"env.tokenizer={spm_path}",
-                                "env.horizon=10", "policy.kind=hf", f"policy.path={model_dir}", "reference.init=init",
-                                "algorithm.name=dpo", "estimator.pairs=file", f"estimator.path={path}",
-                                "updater.lr=3e-3", "updater.minibatch_size=8", "train.steps=6", "train.batch_size=4",
-                                "train.eval_samples=4", "train.progress=false", f"run.dir={tmp_path / 'run'}"])
+    config = load_config(
+        None,
+        [
+            "env.id=tokenmdp/Text-v0",
+            f"env.prompts={prompt_file}",
+            f"env.tokenizer={spm_path}",
+            "env.horizon=10",
+            "policy.kind=hf",
+            f"policy.path={model_dir}",
+            "reference.init=init",
+            "algorithm.name=dpo",
+            "estimator.pairs=file",
+            f"estimator.path={path}",
+            "updater.lr=3e-3",
+            "updater.minibatch_size=8",
+            "train.steps=6",
+            "train.batch_size=4",
+            "train.eval_samples=4",
+            "train.progress=false",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
     summary = Trainer(config).train()
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["used_env_reward"] is False
@@ -362,25 +495,50 @@ def test_fetch_gemma_without_the_extra_is_a_clear_error(tmp_path, capsys, monkey
 def bridge(tmp_path_factory):
     from tokenmdp.text.bridge import build_bridge
 
-    return build_bridge(tmp_path_factory.mktemp("bridge"), num_untagged=1000, num_tagged=1000, epochs=3,
-                        batch_size=64, n_layer=1, n_embd=48, lr=2e-2)
+    return build_bridge(
+        tmp_path_factory.mktemp("bridge"),
+        num_untagged=1000,
+        num_tagged=1000,
+        epochs=3,
+        batch_size=64,
+        n_layer=1,
+        n_embd=48,
+        lr=2e-2,
+    )
 
 
 @pytest.mark.slow
 def test_bridge_aligns_with_inverse_q_ppo_and_dpo(bridge, tmp_path):
-    base = ["env.id=tokenmdp/Text-v0", f"env.prompts={bridge['prompts']}", f"env.tokenizer={bridge['tokenizer']}",
-            "env.reward=tokenmdp.text.bridge:reward", "env.horizon=8", "policy.kind=hf", f"policy.path={bridge['model']}",
-            "reference.init=init", "train.batch_size=32", "train.eval_every=4", "train.eval_samples=96",
-            "train.progress=false", "train.beta=0.5"]
+    base = [
+        "env.id=tokenmdp/Text-v0",
+        f"env.prompts={bridge['prompts']}",
+        f"env.tokenizer={bridge['tokenizer']}",
+        "env.reward=tokenmdp.text.bridge:reward",
+        "env.horizon=8",
+        "policy.kind=hf",
+        f"policy.path={bridge['model']}",
+        "reference.init=init",
+        "train.batch_size=32",
+        "train.eval_every=4",
+        "train.eval_samples=96",
+        "train.progress=false",
+        "train.beta=0.5",
+    ]
     runs = {
-        "inverse-q": ['estimator.guide="answer kindly"', "updater.lr=1e-3", "updater.minibatches=1", "updater.epochs=2"],
+        "inverse-q": [
+            'estimator.guide="answer kindly"',
+            "updater.lr=1e-3",
+            "updater.minibatches=1",
+            "updater.epochs=2",
+        ],
         "ppo": ["updater.lr=1e-3", "updater.minibatches=1", "updater.epochs=2"],
         "dpo": ["estimator.num_pairs=128", "updater.lr=1e-3"],
     }
     summaries = {}
     for recipe, extra in runs.items():
-        config = load_config(None, [*base, f"algorithm.name={recipe}", "train.steps=8", *extra,
-                                    f"run.dir={tmp_path / recipe}"])
+        config = load_config(
+            None, [*base, f"algorithm.name={recipe}", "train.steps=8", *extra, f"run.dir={tmp_path / recipe}"]
+        )
         summaries[recipe] = summary = Trainer(config).train()
         assert set(summary["start"]) == {"true_reward", "kl_ref", "objective"} and summary["kl_ref"] > 0
         assert "j_star" not in summary and "regret" not in summary  # nothing knows the optimum on text

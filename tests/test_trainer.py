@@ -3,16 +3,14 @@
 import json
 import types
 
-import attrs
 import pytest
 import torch
+from helpers import TINY, train_until_interrupted
 
 import tokenmdp
 from tokenmdp import NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
 from tokenmdp.plugin.registry import plugin_manager
 from tokenmdp.train.trainer import Trainer
-
-from conftest import TINY, train_until_interrupted
 
 
 def read_metrics(run_dir):
@@ -163,9 +161,16 @@ def test_outside_plugin_advantage_is_used(tiny_config):
 
 def test_tiny_gpt2_trains_through_the_same_trainer(tmp_path):
     toy_only = [s for s in TINY if not s.startswith("policy.hidden")]  # an hf policy rejects toy options
-    config = tokenmdp.config.load_config(None, [
-        *toy_only, f"run.dir={tmp_path}", "policy.kind=hf",
-        "policy.config={n_layer=1, n_head=2, n_embd=16, n_positions=16}", "train.steps=3"])
+    config = tokenmdp.config.load_config(
+        None,
+        [
+            *toy_only,
+            f"run.dir={tmp_path}",
+            "policy.kind=hf",
+            "policy.config={n_layer=1, n_head=2, n_embd=16, n_positions=16}",
+            "train.steps=3",
+        ],
+    )
     trainer = Trainer(config)
     summary = trainer.train()
     assert type(trainer.policy).__name__ == "HFCausalLMPolicy"
@@ -179,8 +184,13 @@ def test_tiny_gpt2_trains_through_the_same_trainer(tmp_path):
 def test_reinforce_cuts_regret_below_five_percent(env, horizon, tmp_path):
     config = tokenmdp.config.load_config(
         "configs/demo.toml",
-        [f"env.id=tokenmdp/{env}-v0", f"env.horizon={horizon}", f"run.dir={tmp_path}", "train.progress=false",
-         "train.eval_every=100"],
+        [
+            f"env.id=tokenmdp/{env}-v0",
+            f"env.horizon={horizon}",
+            f"run.dir={tmp_path}",
+            "train.progress=false",
+            "train.eval_every=100",
+        ],
     )
     summary = Trainer(config).train()
     assert summary["start"]["regret"] > 0.05
@@ -212,7 +222,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path):
     rows = metrics.read_text().splitlines()
     assert 5 <= len(rows) < 301
     assert sorted((tmp_path / "cut/checkpoints").glob("*.pt"))[-1].name == f"step_{len(rows) - 1:08d}.pt"
-    resumed = subprocess.run([sys.executable, "-m", "tokenmdp", "train", "--resume", str(tmp_path / "cut")],
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "tokenmdp", "train", "--resume", str(tmp_path / "cut")], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert metrics.read_text() == (tmp_path / "full/metrics.jsonl").read_text()

@@ -84,7 +84,9 @@ def test_tutorial_3_reading_heat_maps(tmp_path, monkeypatch):
     module = run_tutorial("03_reading_heat_maps.md", tmp_path, monkeypatch)
     assert module.result.images and module.result.html.is_file()
     # the correlations quoted on the page are this run's (loosely: other CPUs round differently)
-    quoted = re.search(r"```\nestimator +corr with A\*\n(.*?)```", (TUTORIALS / "03_reading_heat_maps.md").read_text(), re.S)
+    quoted = re.search(
+        r"```\nestimator +corr with A\*\n(.*?)```", (TUTORIALS / "03_reading_heat_maps.md").read_text(), re.S
+    )
     rows = dict(re.findall(r"^(.*?)\s+(-?\d\.\d{3})$", quoted.group(1), flags=re.M))
     assert set(rows) == set(module.result.labels)
     for label, value in rows.items():

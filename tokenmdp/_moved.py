@@ -43,9 +43,12 @@ class _Alias(importlib.abc.Loader):
         self.old, self.new = old, new
 
     def create_module(self, spec):
-        warnings.warn(f"{self.old} is deprecated and will be removed in the next release: import the public "
-                      f"names from tokenmdp (e.g. `from tokenmdp import ...`), or use {self.new}",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{self.old} is deprecated and will be removed in the next release: import the public "
+            f"names from tokenmdp (e.g. `from tokenmdp import ...`), or use {self.new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return importlib.import_module(self.new)
 
     def exec_module(self, module):

@@ -44,8 +44,10 @@ def cmd_train(args) -> int:
     if _rank() != 0:  # under torchrun, rank 0 reports for everyone
         return 0
     c = summary
-    print(f"{c['recipe'] or 'custom'}: {c['estimator']} + {c['advantage']} + {c['updater']} on {c['env']}, "
-          f"{c['steps']} steps, {c['env_tokens']} env tokens, {c['wall_seconds']:.1f}s")
+    print(
+        f"{c['recipe'] or 'custom'}: {c['estimator']} + {c['advantage']} + {c['updater']} on {c['env']}, "
+        f"{c['steps']} steps, {c['env_tokens']} env tokens, {c['wall_seconds']:.1f}s"
+    )
     print(results_table(summary))
     print(f"run directory: {trainer.run_dir}")
     return 0
@@ -53,9 +55,9 @@ def cmd_train(args) -> int:
 
 def cmd_solve(args) -> int:
     from .config import load_config
+    from .mdp.solver import solve
     from .plugin.registry import Registry, plugin_manager
     from .policies import TaskBasePolicy
-    from .mdp.solver import solve
     from .train.trainer import make_vector_env
 
     config = load_config(args.config, args.set)
@@ -69,10 +71,14 @@ def cmd_solve(args) -> int:
     states = sum(v.numel() for v in solution.v)
     print(f"{config.env['id']} {task.describe()} beta={config.train.beta}, reference = base distribution")
     print(f"solved {states} prefix states in {seconds:.3f}s")
-    rows = [[p, str(task.prompts[p].tolist()), f"{float(solution.v[0][p, 0]):.4f}"] for p in range(task.prompts.shape[0])]
+    rows = [
+        [p, str(task.prompts[p].tolist()), f"{float(solution.v[0][p, 0]):.4f}"] for p in range(task.prompts.shape[0])
+    ]
     print(_table(rows, ["prompt", "ids", "V*(x)"]))
-    print(f"J* = {solution.j_star:.4f}   J(pi_ref) = {ref['objective']:.4f}   gap = {ref['regret']:.4f}   "
-          f"E_pi*[R] = {solution.evaluate(solution.opt_logp)['true_reward']:.4f}")
+    print(
+        f"J* = {solution.j_star:.4f}   J(pi_ref) = {ref['objective']:.4f}   gap = {ref['regret']:.4f}   "
+        f"E_pi*[R] = {solution.evaluate(solution.opt_logp)['true_reward']:.4f}"
+    )
     return 0
 
 
@@ -139,16 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("envs", help="list registered environments").set_defaults(fn=cmd_envs)
     compare = sub.add_parser("compare", help="recipes x envs x seeds against the exact optimum; a results folder")
     compare.add_argument("config", metavar="CONFIG.toml")
-    compare.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                         help="compare.*/recipes.* edit the grid; run-config sections (train.steps=...) go to every cell")
+    compare.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="compare.*/recipes.* edit the grid; run-config sections (train.steps=...) go to every cell",
+    )
     compare.add_argument("--out", metavar="DIR", help="results folder (default: [compare] out)")
     compare.set_defaults(fn=cmd_compare)
     explain = sub.add_parser("explain", help="token heat maps: each estimator's credit beside the true A*")
     explain.add_argument("run_dir", metavar="RUN_DIR")
     explain.add_argument("--samples", type=int, default=4, help="responses drawn as heat maps (default 4)")
     explain.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    explain.add_argument("--group-size", type=int, default=8,
-                         help="responses per shown prompt, the groups RLOO/GRPO compare within (default 8)")
+    explain.add_argument(
+        "--group-size",
+        type=int,
+        default=8,
+        help="responses per shown prompt, the groups RLOO/GRPO compare within (default 8)",
+    )
     explain.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/explain)")
     explain.set_defaults(fn=cmd_explain)
     models = sub.add_parser("models", help="pretrained models that ship with pip (docs/text.md)")

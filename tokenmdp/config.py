@@ -7,8 +7,9 @@ environment / policy constructor and checked against its signature there.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import attrs
 import tomli_w
@@ -40,8 +41,7 @@ def _seed(instance, attribute, value):
 
 
 def _optional_unit_interval(instance, attribute, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not 0 < value <= 1):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
         raise ValueError(f"{attribute.name} must be in (0, 1] or unset (got {value!r})")
 
 
@@ -109,8 +109,10 @@ class TrainConfig:
 
     def __attrs_post_init__(self):
         if self.batch_size % self.samples_per_prompt:
-            raise ValueError(f"samples_per_prompt = {self.samples_per_prompt} must divide batch_size = "
-                             f"{self.batch_size} (each step draws batch_size / samples_per_prompt prompts)")
+            raise ValueError(
+                f"samples_per_prompt = {self.samples_per_prompt} must divide batch_size = "
+                f"{self.batch_size} (each step draws batch_size / samples_per_prompt prompts)"
+            )
 
 
 @attrs.frozen
@@ -136,7 +138,7 @@ class Config:
     @env.validator
     def _env_has_id(self, attribute, value):
         if not isinstance(value.get("id"), str):
-            raise ValueError("env.id is required, e.g. env.id = \"tokenmdp/Pattern-v0\" (see `tokenmdp envs`)")
+            raise ValueError('env.id is required, e.g. env.id = "tokenmdp/Pattern-v0" (see `tokenmdp envs`)')
 
     @property
     def env_kwargs(self) -> dict:

@@ -4,8 +4,9 @@ the line number, and is raised before anything is trained on the file's data."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ConfigError
 

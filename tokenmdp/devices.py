@@ -54,22 +54,29 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     if spec == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError("train.device = 'mps', but this machine has no MPS device; "
-                              f"valid here: {', '.join(available_devices())}")
+            raise ConfigError(
+                "train.device = 'mps', but this machine has no MPS device; "
+                f"valid here: {', '.join(available_devices())}"
+            )
         return torch.device("mps")
     if not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {spec!r}, but this machine has no CUDA device "
-                          f"(torch {torch.__version__}); valid here: {', '.join(available_devices())}")
+        raise ConfigError(
+            f"train.device = {spec!r}, but this machine has no CUDA device "
+            f"(torch {torch.__version__}); valid here: {', '.join(available_devices())}"
+        )
     count = torch.cuda.device_count()
     if spec == "cuda":
         return torch.device("cuda", (local_rank or 0) % count)
     index = int(spec.split(":")[1])
     if local_rank is not None:
-        raise ConfigError(f"train.device = {spec!r} names one GPU, but under torchrun each rank takes "
-                          "cuda:LOCAL_RANK; set train.device = \"cuda\" (or \"auto\")")
+        raise ConfigError(
+            f"train.device = {spec!r} names one GPU, but under torchrun each rank takes "
+            'cuda:LOCAL_RANK; set train.device = "cuda" (or "auto")'
+        )
     if index >= count:
-        raise ConfigError(f"train.device = {spec!r}, but this machine has {count} CUDA device(s): "
-                          f"cuda:0..cuda:{count - 1}")
+        raise ConfigError(
+            f"train.device = {spec!r}, but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}"
+        )
     return torch.device("cuda", index)
 
 
@@ -108,17 +115,3 @@ def disable_dropout(module: nn.Module) -> nn.Module:
             if "dropout" in name and isinstance(value, float):
                 setattr(sub, name, 0.0)
     return module
-
-
-def place(module: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None,
-          no_dropout: bool) -> nn.Module:
-    """``module`` on ``device``, the policies in it set to autocast to ``autocast_dtype``
-    (those that support it), and its dropout off if ``no_dropout``; returns ``module``."""
-    from .policies.base import TokenPolicy
-
-    for sub in module.modules():
-        if isinstance(sub, TokenPolicy) and sub.supports_autocast:
-            sub.autocast_dtype = autocast_dtype
-    if no_dropout:
-        disable_dropout(module)
-    return module.to(device)

@@ -33,12 +33,13 @@ import os
 import warnings
 import weakref
 import zlib
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import attrs
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import errors
 from .errors import ConfigError, RankFailure, TokenMDPError
@@ -63,11 +64,12 @@ class RankInfo:
 
 _group: RankInfo | None = None
 _global_depth = 0
-_synced: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_synced: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 _warned: set[str] = set()
 
 
 # --- joining and leaving ---------------------------------------------------------------------
+
 
 def requested_world_size() -> int:
     """``WORLD_SIZE`` from the environment (1 when unset)."""
@@ -98,8 +100,10 @@ def init() -> RankInfo | None:
         return None
     missing = [name for name in TORCHRUN_VARS if name not in os.environ]
     if missing:
-        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset; "
-                          "start distributed runs with torchrun (docs/distributed.md)")
+        raise ConfigError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset; "
+            "start distributed runs with torchrun (docs/distributed.md)"
+        )
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -149,6 +153,7 @@ def is_main() -> bool:
 
 # --- batch statistics over the global batch -------------------------------------------------
 
+
 @contextlib.contextmanager
 def global_batch() -> Iterator[None]:
     """While held, the batch statistics of :mod:`tokenmdp.ops` are taken over the union of
@@ -181,7 +186,7 @@ def all_sum(*tensors: Tensor) -> tuple[Tensor, ...]:
     dist.all_reduce(flat)
     out, offset = [], 0
     for t in tensors:
-        total = flat[offset: offset + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype)
+        total = flat[offset : offset + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype)
         offset += t.numel()
         out.append(t + (total - t).detach() if t.requires_grad else total)
     return tuple(out)
@@ -245,7 +250,7 @@ def check_same_parameters(module: torch.nn.Module, where: str) -> None:
     flat = torch.cat(params)
     both = torch.cat([flat, -flat])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    high, low = both[: flat.numel()], -both[flat.numel():]
+    high, low = both[: flat.numel()], -both[flat.numel() :]
     spread = float((high - low).max())
     if not spread == 0.0:  # (NaN weights are caught after every update, before this)
         raise TokenMDPError(
@@ -255,6 +260,7 @@ def check_same_parameters(module: torch.nn.Module, where: str) -> None:
 
 
 # --- gradients ------------------------------------------------------------------------------
+
 
 def _params_of(optimizer_or_params) -> list[Tensor]:
     if isinstance(optimizer_or_params, torch.optim.Optimizer):
@@ -281,7 +287,7 @@ def _average(params: list[Tensor]) -> None:
         flat /= world_size()
         offset = 0
         for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
 
@@ -313,7 +319,9 @@ def synchronised_optimizer_steps(who: str) -> Iterator[None]:
             warnings.warn(
                 f"{who} stepped an optimizer without tokenmdp.distributed.average_gradients "
                 "(GradientUpdater.apply_gradients calls it); its gradients are averaged across ranks "
-                "just before step(), after any clipping it did per rank", stacklevel=2)
+                "just before step(), after any clipping it did per rank",
+                stacklevel=2,
+            )
         _average(_params_of(optimizer))
 
     handle = register_optimizer_step_pre_hook(before_step)
@@ -325,6 +333,7 @@ def synchronised_optimizer_steps(who: str) -> Iterator[None]:
 
 
 # --- agreeing on failures and metrics ---------------------------------------------------------
+
 
 def _error_class(name: str) -> type[TokenMDPError]:
     cls = getattr(errors, name, None)

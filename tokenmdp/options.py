@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -57,6 +58,7 @@ def to_dict(obj: Any) -> dict:
 
 # Validators with messages that name the field and the allowed range.
 
+
 def positive(instance, attribute, value):
     if value is None:
         return
@@ -84,9 +86,7 @@ def non_negative_int(instance, attribute, value):
 def one_of(*choices):
     def check(instance, attribute, value):
         if value not in choices:
-            raise ValueError(
-                f"{attribute.name} must be one of {', '.join(map(repr, choices))} (got {value!r})"
-            )
+            raise ValueError(f"{attribute.name} must be one of {', '.join(map(repr, choices))} (got {value!r})")
 
     return check
 

@@ -9,19 +9,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenmdp import EnvSpec, hookimpl, TextTask, TokenMDPEnv, TokenTask, TokenVectorEnv
+from tokenmdp import EnvSpec, TextTask, TokenMDPEnv, TokenTask, TokenVectorEnv, hookimpl
 
 
 class ToyTask(TokenTask):
     """Shared parts: seeded prompts ``[BOS, p_1..p_k]`` and a Markov-chain base distribution."""
 
-    def __init__(self, vocab_size: int = 6, horizon: int = 5, seed: int = 0, eos_token: int | None = None,
-                 num_prompts: int | None = None, prompt_len: int = 1, base_scale: float = 1.0):
+    def __init__(
+        self,
+        vocab_size: int = 6,
+        horizon: int = 5,
+        seed: int = 0,
+        eos_token: int | None = None,
+        num_prompts: int | None = None,
+        prompt_len: int = 1,
+        base_scale: float = 1.0,
+    ):
         super().__init__(vocab_size, horizon, seed, eos_token)
         if num_prompts is None:
             num_prompts = min(4, vocab_size**prompt_len)
-        if not 1 <= num_prompts <= vocab_size ** prompt_len:
-            raise ValueError(f"env.num_prompts must be in [1, {vocab_size ** prompt_len}] (got {num_prompts})")
+        if not 1 <= num_prompts <= vocab_size**prompt_len:
+            raise ValueError(f"env.num_prompts must be in [1, {vocab_size**prompt_len}] (got {num_prompts})")
         if prompt_len < 1:
             raise ValueError(f"env.prompt_len must be >= 1 (got {prompt_len})")
         # Distinct prompts: the first token cycles through the vocabulary, the rest are random.
@@ -59,7 +67,8 @@ class PatternTask(ToyTask):
 
 
 class SumModTask(ToyTask):
-    """Delayed reward: ``reward_scale`` at the end iff the sum of all tokens mod ``modulus`` hits the prompt's target."""
+    """Delayed reward: ``reward_scale`` at the end iff the sum of all tokens mod ``modulus``
+    hits the prompt's target."""
 
     name = "SumMod"
 

@@ -42,15 +42,25 @@ estimator fails at start-up.
 
 from __future__ import annotations
 
-from tokenmdp import hookimpl, load_pair_file, Recipe, sample_pairs, sequence_rewards
+from tokenmdp import Recipe, hookimpl, load_pair_file, sample_pairs, sequence_rewards
 
 from .components import DPOUpdater, ImplicitReward, PairBatch, PreferencePairs
 from .losses import dpo_loss, sequence_logratio
 from .tdpo import TDPOUpdater, sequence_kl, tdpo_loss
 
 __all__ = [
-    "DPOUpdater", "ImplicitReward", "PairBatch", "PreferencePairs", "TDPOUpdater", "dpo_loss",
-    "load_pair_file", "sample_pairs", "sequence_kl", "sequence_logratio", "sequence_rewards", "tdpo_loss",
+    "DPOUpdater",
+    "ImplicitReward",
+    "PairBatch",
+    "PreferencePairs",
+    "TDPOUpdater",
+    "dpo_loss",
+    "load_pair_file",
+    "sample_pairs",
+    "sequence_kl",
+    "sequence_logratio",
+    "sequence_rewards",
+    "tdpo_loss",
 ]
 
 
@@ -73,12 +83,23 @@ def tokenmdp_policy_updaters():
 def tokenmdp_algorithms():
     common = dict(estimator=PreferencePairs.name, advantage=ImplicitReward.name, supervision="pairs")
     return [
-        Recipe(name="dpo", updater=DPOUpdater.name,
-               description="DPO on a fixed set of reward-labelled pairs from pi_ref (or a file); loss sigmoid or ipo",
-               **common),
-        Recipe(name="dpo-online", updater=DPOUpdater.name, options={"estimator": {"online": True}},
-               description="online DPO: pairs re-sampled from the current policy each round, same pair budget",
-               **common),
-        Recipe(name="tdpo", updater=TDPOUpdater.name,
-               description="TDPO: DPO margin with sequence-KL terms (variant tdpo1/tdpo2)", **common),
+        Recipe(
+            name="dpo",
+            updater=DPOUpdater.name,
+            description="DPO on a fixed set of reward-labelled pairs from pi_ref (or a file); loss sigmoid or ipo",
+            **common,
+        ),
+        Recipe(
+            name="dpo-online",
+            updater=DPOUpdater.name,
+            options={"estimator": {"online": True}},
+            description="online DPO: pairs re-sampled from the current policy each round, same pair budget",
+            **common,
+        ),
+        Recipe(
+            name="tdpo",
+            updater=TDPOUpdater.name,
+            description="TDPO: DPO margin with sequence-KL terms (variant tdpo1/tdpo2)",
+            **common,
+        ),
     ]

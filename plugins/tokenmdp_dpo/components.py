@@ -8,8 +8,19 @@ import torch
 from torch import Tensor
 
 from tokenmdp import (
-    AdvantageConstructor, ConfigError, GradientUpdater, load_pair_file, MicroBatch, non_negative, one_of,
-    OptimizerOptions, optional, PairBatch, positive, positive_int, sample_pairs, TrajectoryEstimator,
+    AdvantageConstructor,
+    ConfigError,
+    GradientUpdater,
+    MicroBatch,
+    OptimizerOptions,
+    PairBatch,
+    TrajectoryEstimator,
+    load_pair_file,
+    one_of,
+    optional,
+    positive,
+    positive_int,
+    sample_pairs,
 )
 
 from .losses import LOSSES, dpo_loss, sequence_logratio
@@ -97,9 +108,11 @@ class PreferencePairs(TrajectoryEstimator):
         self.round_of = [(k - 1) * self.rounds // self.steps for k in range(1, self.steps + 1)]
         for r in range(self.rounds):
             if self.round_size(r) * o.epochs < self.round_of.count(r):
-                raise ConfigError(f"{where}: round {r + 1} has {self.round_size(r)} pair(s) x {o.epochs} epoch(s) "
-                                  f"for {self.round_of.count(r)} steps; every step needs at least one pair: "
-                                  "raise num_pairs or epochs, or lower train.steps")
+                raise ConfigError(
+                    f"{where}: round {r + 1} has {self.round_size(r)} pair(s) x {o.epochs} epoch(s) "
+                    f"for {self.round_of.count(r)} steps; every step needs at least one pair: "
+                    "raise num_pairs or epochs, or lower train.steps"
+                )
         self.tie_frac: float | None = None
         self.pair_tokens, self.round = 0, -1
         if o.online:
@@ -114,8 +127,7 @@ class PreferencePairs(TrajectoryEstimator):
         return (r + 1) * self.num_pairs // self.rounds - r * self.num_pairs // self.rounds
 
     def _sample_round(self, r: int, model, generator: torch.Generator) -> None:
-        pairs, counts = sample_pairs(model, self.task, self.round_size(r), generator, self.temperature,
-                                     self.label_beta)
+        pairs, counts = sample_pairs(model, self.task, self.round_size(r), generator, self.temperature, self.label_beta)
         self.tie_frac = counts["ties"] / counts["candidates"]
         self._start_round(r, pairs, counts["tokens"], generator)
 
@@ -138,8 +150,11 @@ class PreferencePairs(TrajectoryEstimator):
         j, length = k - 1 - first, len(self.stream)
         lo, hi = j * length // count, (j + 1) * length // count
         before = r * self.num_pairs // self.rounds  # pairs of earlier rounds
-        info = {"dpo/pairs_labelled": before + self.pairs.size,
-                "dpo/pairs_seen": self.options.epochs * before + hi, "dpo/pair_tokens": self.pair_tokens}
+        info = {
+            "dpo/pairs_labelled": before + self.pairs.size,
+            "dpo/pairs_seen": self.options.epochs * before + hi,
+            "dpo/pair_tokens": self.pair_tokens,
+        }
         if self.tie_frac is not None:
             info["dpo/tie_frac"] = self.tie_frac
         return self.pairs.select(self.stream[lo:hi], info)
@@ -149,8 +164,13 @@ class PreferencePairs(TrajectoryEstimator):
         if not self.options.online or self.round < 0:
             return {}
         pairs = {f.name: getattr(self.pairs, f.name) for f in attrs.fields(PairBatch) if f.name != "info"}
-        return {"round": self.round, "pairs": pairs, "stream": self.stream, "pair_tokens": self.pair_tokens,
-                "tie_frac": self.tie_frac}
+        return {
+            "round": self.round,
+            "pairs": pairs,
+            "stream": self.stream,
+            "pair_tokens": self.pair_tokens,
+            "tie_frac": self.tie_frac,
+        }
 
     def load_state_dict(self, state):
         if state:
@@ -188,11 +208,11 @@ class PairOptions(OptimizerOptions):
 class PairScores:
     """Policy scores of a minibatch of ``m`` pairs: rows ``0..m-1`` chosen, ``m..2m-1`` rejected."""
 
-    chosen: Tensor      # [m] sequence log-ratio log pi/pi_ref (y_w|x), with grad
-    rejected: Tensor    # [m] the same for y_l
-    logits: Tensor      # [2m, T, V] policy logits, with grad
+    chosen: Tensor  # [m] sequence log-ratio log pi/pi_ref (y_w|x), with grad
+    rejected: Tensor  # [m] the same for y_l
+    logits: Tensor  # [2m, T, V] policy logits, with grad
     ref_logits: Tensor  # [2m, T, V] reference logits
-    mask: Tensor        # [2m, T]
+    mask: Tensor  # [2m, T]
 
 
 def score_pairs(ctx, pairs: PairBatch) -> PairScores:
@@ -209,8 +229,12 @@ def score_pairs(ctx, pairs: PairBatch) -> PairScores:
 def pair_metrics(scores: PairScores, beta: float) -> dict[str, Tensor]:
     """Per-pair diagnostics: implicit rewards ``beta * logratio`` and whether the margin is positive."""
     chosen, rejected = scores.chosen.detach(), scores.rejected.detach()
-    return {"dpo/accuracy": (chosen > rejected).float(), "dpo/margin": beta * (chosen - rejected),
-            "dpo/chosen_reward": beta * chosen, "dpo/rejected_reward": beta * rejected}
+    return {
+        "dpo/accuracy": (chosen > rejected).float(),
+        "dpo/margin": beta * (chosen - rejected),
+        "dpo/chosen_reward": beta * chosen,
+        "dpo/rejected_reward": beta * rejected,
+    }
 
 
 class DPOUpdater(GradientUpdater):
@@ -238,8 +262,10 @@ class DPOUpdater(GradientUpdater):
     def check(self, config, task):
         micro, size = self.options.micro_batch_size, self.options.minibatch_size
         if micro is not None and micro > size:
-            raise ConfigError(f"updater.micro_batch_size = {micro} is larger than a minibatch of updater "
-                              f"{self.name!r} (updater.minibatch_size = {size} pairs); choose 1..{size}, or unset it")
+            raise ConfigError(
+                f"updater.micro_batch_size = {micro} is larger than a minibatch of updater "
+                f"{self.name!r} (updater.minibatch_size = {size} pairs); choose 1..{size}, or unset it"
+            )
 
     def update(self, batch, signals, advantages, ctx):
         pairs: PairBatch = signals["preference_pairs"]

@@ -1,9 +1,9 @@
 """The pair losses as plain functions of per-pair sequence log-ratios (testable on their own).
 
-    logratio(y|x) = log pi_theta(y|x) - log pi_ref(y|x) = sum_t log(pi_theta/pi_ref)(y_t|s_t)
-    h             = logratio(y_w|x) - logratio(y_l|x)
-    sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * h)
-    ipo     (IPO, Azar et al. 2023):      (h - 1/(2 beta))^2
+logratio(y|x) = log pi_theta(y|x) - log pi_ref(y|x) = sum_t log(pi_theta/pi_ref)(y_t|s_t)
+h             = logratio(y_w|x) - logratio(y_l|x)
+sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * h)
+ipo     (IPO, Azar et al. 2023):      (h - 1/(2 beta))^2
 """
 
 from __future__ import annotations

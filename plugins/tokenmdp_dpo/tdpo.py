@@ -29,8 +29,15 @@ def sequence_kl(ref_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask > 0, per_token, 0.0).sum(1)
 
 
-def tdpo_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, chosen_kl: Tensor, rejected_kl: Tensor,
-              beta: float, variant: str = "tdpo2", alpha: float = 0.5) -> Tensor:
+def tdpo_loss(
+    chosen_logratio: Tensor,
+    rejected_logratio: Tensor,
+    chosen_kl: Tensor,
+    rejected_kl: Tensor,
+    beta: float,
+    variant: str = "tdpo2",
+    alpha: float = 0.5,
+) -> Tensor:
     """Per-pair TDPO loss from sequence log-ratios and sequence KLs."""
     u = beta * (chosen_logratio - rejected_logratio)
     if variant == "tdpo1":
@@ -56,5 +63,8 @@ class TDPOUpdater(DPOUpdater):
         m = scores.chosen.shape[0]
         kl_w, kl_l = kl[:m], kl[m:]
         loss = tdpo_loss(scores.chosen, scores.rejected, kl_w, kl_l, beta, self.options.variant, self.options.alpha)
-        return loss, {**pair_metrics(scores, beta), "tdpo/seq_kl_chosen": kl_w.detach(),
-                      "tdpo/seq_kl_rejected": kl_l.detach()}
+        return loss, {
+            **pair_metrics(scores, beta),
+            "tdpo/seq_kl_chosen": kl_w.detach(),
+            "tdpo/seq_kl_rejected": kl_l.detach(),
+        }

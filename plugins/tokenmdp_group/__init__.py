@@ -30,8 +30,14 @@ import attrs
 import torch
 
 from tokenmdp import (
-    AdvantageConstructor, ConfigError, hookimpl, masked_whiten, non_negative, positive, Recipe,
+    AdvantageConstructor,
+    ConfigError,
+    Recipe,
     TrajectoryEstimator,
+    hookimpl,
+    masked_whiten,
+    non_negative,
+    positive,
 )
 
 
@@ -53,7 +59,8 @@ class GroupRelative(TrajectoryEstimator):
                 f"estimator {self.name!r} compares the responses to one prompt, but with "
                 f"train.samples_per_prompt = 1 a batch of {size} over {prompts} prompts is mostly groups of one "
                 "(no gradient); set train.samples_per_prompt = G (e.g. 8): each step then samples G responses "
-                "to each of batch_size / G prompts")
+                "to each of batch_size / G prompts"
+            )
 
     @torch.no_grad()
     def estimate(self, batch, ctx):
@@ -126,7 +133,14 @@ def tokenmdp_advantage_constructors():
 def tokenmdp_algorithms():
     updater = {"kl_coef": 0.0}  # the KL is in the sequence reward
     return [
-        Recipe(name=cls.name, estimator=cls.name, advantage=SequenceCredit.name, updater="clipped-pg",
-               options={"updater": updater}, description=(cls.__doc__ or "").strip(), supervision="reward")
+        Recipe(
+            name=cls.name,
+            estimator=cls.name,
+            advantage=SequenceCredit.name,
+            updater="clipped-pg",
+            options={"updater": updater},
+            description=(cls.__doc__ or "").strip(),
+            supervision="reward",
+        )
         for cls in (RLOO, GRPO)
     ]

@@ -20,9 +20,23 @@ import attrs
 import torch
 
 from tokenmdp import (
-    AdvantageConstructor, at_least_float32, ConfigError, entropy_of, GradientOptions, GradientUpdater,
-    hookimpl, load_policy, masked_whiten, non_negative, one_of, positive, positive_int, Recipe,
-    response_logits, suffix_sums, TrajectoryEstimator,
+    AdvantageConstructor,
+    ConfigError,
+    GradientOptions,
+    GradientUpdater,
+    Recipe,
+    TrajectoryEstimator,
+    at_least_float32,
+    entropy_of,
+    hookimpl,
+    load_policy,
+    masked_whiten,
+    non_negative,
+    one_of,
+    positive,
+    positive_int,
+    response_logits,
+    suffix_sums,
 )
 
 
@@ -88,8 +102,11 @@ class ConditionalOptimal(TrajectoryEstimator):
     def report(self):
         if not self.ceiling:
             return {}
-        return {"ceiling": self.ceiling["closure"], "ceiling_kl_ref": self.ceiling["kl_ref"],
-                "ceiling_true_reward": self.ceiling["true_reward"]}
+        return {
+            "ceiling": self.ceiling["closure"],
+            "ceiling_kl_ref": self.ceiling["kl_ref"],
+            "ceiling_true_reward": self.ceiling["true_reward"],
+        }
 
     @torch.no_grad()
     def estimate(self, batch, ctx):
@@ -166,6 +183,7 @@ class ClippedPG(GradientUpdater):
         if opts.kl_estimator == "k1" and kl_coef:
             k1 = (batch.logprobs - batch.ref_logprobs) * mask
             adv = adv - kl_coef * (suffix_sums(k1, mask) if opts.kl_returns else k1)
+
         def share(micro):
             mb, m = micro.batch, micro.batch.response_mask
             mb_adv = adv[micro.rows]
@@ -197,8 +215,7 @@ class ClippedPG(GradientUpdater):
             for key in keys:
                 sums[key] += stats[key]
         # minibatch means; the entropy is the last minibatch's
-        return {**{k: v / n for k, v in sums.items()}, "policy/entropy": stats["policy/entropy"],
-                **self.end_rollout()}
+        return {**{k: v / n for k, v in sums.items()}, "policy/entropy": stats["policy/entropy"], **self.end_rollout()}
 
 
 class ReverseKL(GradientUpdater):
@@ -223,13 +240,19 @@ class ReverseKL(GradientUpdater):
             logp = torch.log_softmax(logits, -1)
             kl = (logp.exp() * (logp - target[micro.rows])).sum(-1)
             loss = micro.token_mean(kl, m)
-            return loss, {"losses/reverse_kl": loss.item(),
-                          "policy/entropy": micro.token_mean(entropy_of(logits.detach()), m).item()}
+            return loss, {
+                "losses/reverse_kl": loss.item(),
+                "policy/entropy": micro.token_mean(entropy_of(logits.detach()), m).item(),
+            }
 
         for rows in self.minibatches(batch, ctx):
             grad_norm, stats = self.accumulate(map(share, self.micro_batches(batch, rows)), ctx)
-        return {"losses/reverse_kl": stats["losses/reverse_kl"], "policy/grad_norm": grad_norm,
-                "policy/entropy": stats["policy/entropy"], **self.end_rollout()}
+        return {
+            "losses/reverse_kl": stats["losses/reverse_kl"],
+            "policy/grad_norm": grad_norm,
+            "policy/entropy": stats["policy/entropy"],
+            **self.end_rollout(),
+        }
 
 
 @hookimpl
@@ -251,8 +274,16 @@ def tokenmdp_policy_updaters():
 def tokenmdp_algorithms():
     common = dict(estimator=ConditionalOptimal.name, advantage=LogRatio.name, supervision="none")
     return [
-        Recipe(name="inverse-q", updater=ClippedPG.name,
-               description="Inverse-Q*: guide-conditioned log-ratio advantages, PPO-clip, no critic", **common),
-        Recipe(name="inverse-q-distill", updater=ReverseKL.name,
-               description="Inverse-Q* target, full-vocabulary reverse-KL distillation", **common),
+        Recipe(
+            name="inverse-q",
+            updater=ClippedPG.name,
+            description="Inverse-Q*: guide-conditioned log-ratio advantages, PPO-clip, no critic",
+            **common,
+        ),
+        Recipe(
+            name="inverse-q-distill",
+            updater=ReverseKL.name,
+            description="Inverse-Q* target, full-vocabulary reverse-KL distillation",
+            **common,
+        ),
     ]

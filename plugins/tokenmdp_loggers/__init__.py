@@ -29,8 +29,14 @@ def _json_value(value):
 def tokenmdp_on_train_start(run):
     from torch.utils.tensorboard import SummaryWriter
 
-    bar = tqdm(total=run.config.train.steps, initial=run.start_step, desc="train", unit="step",
-               disable=not run.config.train.progress, leave=False)
+    bar = tqdm(
+        total=run.config.train.steps,
+        initial=run.start_step,
+        desc="train",
+        unit="step",
+        disable=not run.config.train.progress,
+        leave=False,
+    )
     run.resources[_KEY] = {
         "jsonl": open(run.dir / "metrics.jsonl", "a"),
         "tensorboard": SummaryWriter(log_dir=str(run.dir / "tensorboard")),

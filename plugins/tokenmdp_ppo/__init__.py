@@ -33,16 +33,36 @@ import torch
 from torch import Tensor, nn
 
 from tokenmdp import (
-    AdvantageConstructor, at_least_float32, build_policy, ConfigError, distributed, entropy_of,
-    GradientOptions, GradientUpdater, GRUPolicy, hookimpl, load_pair_file, masked_mean, masked_sum,
-    masked_whiten, non_negative, one_of, optional, positive, positive_int, probability, Recipe,
-    response_logits, sample_pairs, TrajectoryEstimator,
+    AdvantageConstructor,
+    ConfigError,
+    GradientOptions,
+    GradientUpdater,
+    GRUPolicy,
+    Recipe,
+    TrajectoryEstimator,
+    at_least_float32,
+    build_policy,
+    distributed,
+    entropy_of,
+    hookimpl,
+    load_pair_file,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    non_negative,
+    one_of,
+    optional,
+    positive,
+    positive_int,
+    probability,
+    response_logits,
+    sample_pairs,
 )
 
 from .reward_model import terminal_rewards, train_reward_model
 
-
 # --- the KL controller ------------------------------------------------------------------
+
 
 class KLController:
     """The KL coefficient beta. ``adaptive`` moves it towards a KL target (Ziegler et al.
@@ -64,6 +84,7 @@ class KLController:
 
 
 # --- critics: V(s_t) on every response position -------------------------------------------
+
 
 class ValueNetwork(nn.Module):
     """``critic = "separate"``: the policy's toy network class with one output, V(s_t)."""
@@ -106,8 +127,10 @@ class ValueHead(nn.Module):
     def __init__(self, policy):
         super().__init__()
         if type(policy) is not GRUPolicy:
-            raise ConfigError(f"[estimator] (ppo-rewards): critic='head' is available only for policy.kind='gru' "
-                              f"(got {type(policy).__name__}); use critic='separate'")
+            raise ConfigError(
+                f"[estimator] (ppo-rewards): critic='head' is available only for policy.kind='gru' "
+                f"(got {type(policy).__name__}); use critic='separate'"
+            )
         self.head = nn.Linear(policy.rnn.hidden_size, 1)
 
     def forward(self, policy, batch) -> Tensor:
@@ -118,6 +141,7 @@ class ValueHead(nn.Module):
 
 
 # --- estimator: KL-penalised token rewards and values ------------------------------------
+
 
 class PPORewards(TrajectoryEstimator):
     """``r_t = R_t - beta * log(pi_old/pi_ref)(a_t|s_t)`` and the critic's ``V(s_t)``."""
@@ -157,7 +181,7 @@ class PPORewards(TrajectoryEstimator):
         if self.options.reward == "learned":  # the env's reward is never read in training
             self.requires = frozenset()
         elif self.options.reward_pairs_file is not None:
-            raise ConfigError("[estimator] (ppo-rewards): reward_pairs_file is read only with reward = \"learned\"")
+            raise ConfigError('[estimator] (ppo-rewards): reward_pairs_file is read only with reward = "learned"')
 
     def setup(self, ctx):
         o = self.options
@@ -181,8 +205,9 @@ class PPORewards(TrajectoryEstimator):
         else:
             label_beta = 1.0 if o.reward_labels == "bradley-terry" else None
             pairs, _ = sample_pairs(ctx.reference, ctx.task, o.reward_pairs, generator, label_beta=label_beta)
-        self.reward_report = train_reward_model(self.reward_model, pairs, o.reward_epochs, o.reward_lr,
-                                                batch_size=64, generator=generator)
+        self.reward_report = train_reward_model(
+            self.reward_model, pairs, o.reward_epochs, o.reward_lr, batch_size=64, generator=generator
+        )
         self.reward_report["reward_model/pairs"] = pairs.size
 
     def report(self):
@@ -201,8 +226,9 @@ class PPORewards(TrajectoryEstimator):
         ctx.extras["kl_coef"] = beta  # the coefficient this rollout was rewarded with
         # mean sequence KL over the responses (over every rank's, in a data-parallel run)
         responses = torch.ones_like(kl[:, 0])
-        self.kl_controller.update(float(masked_mean(kl.sum(1), responses)),
-                                  n_steps=int(masked_sum(responses, responses)))
+        self.kl_controller.update(
+            float(masked_mean(kl.sum(1), responses)), n_steps=int(masked_sum(responses, responses))
+        )
         return {"token_rewards": token_rewards, "values": values}
 
     def state_dict(self):
@@ -222,6 +248,7 @@ class PPORewards(TrajectoryEstimator):
 
 
 # --- advantage: generalised advantage estimation ----------------------------------------------
+
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE(gamma, lam) over each response; padding (mask 0) never enters, and the value
@@ -257,14 +284,16 @@ class GAE(AdvantageConstructor):
 
     def construct(self, batch, signals, ctx):
         mask = batch.response_mask
-        advantages, returns = gae(signals["token_rewards"], signals["values"], mask,
-                                  self.options.gamma, self.options.lam)
+        advantages, returns = gae(
+            signals["token_rewards"], signals["values"], mask, self.options.gamma, self.options.lam
+        )
         if self.options.whiten:
             advantages = masked_whiten(advantages, mask)
         return {"advantages": advantages, "returns": returns}
 
 
 # --- updater: clipped surrogate + clipped value loss ------------------------------------------
+
 
 class PPO(GradientUpdater):
     """Several epochs of minibatch Adam steps on the PPO loss, for the policy and the critic."""
@@ -292,14 +321,18 @@ class PPO(GradientUpdater):
     def setup(self, ctx):
         self.critic = ctx.extras.get("critic")
         if self.critic is None:
-            raise ConfigError("updater 'ppo' trains the critic that the estimator shares as ctx.extras['critic'] "
-                              "(e.g. estimator 'ppo-rewards'); this estimator shares none")
+            raise ConfigError(
+                "updater 'ppo' trains the critic that the estimator shares as ctx.extras['critic'] "
+                "(e.g. estimator 'ppo-rewards'); this estimator shares none"
+            )
         super().setup(ctx)
 
     def parameter_groups(self, ctx):
         """The policy and the critic (at ``vf_lr``), clipped together."""
-        return [*super().parameter_groups(ctx),
-                {"params": list(self.critic.parameters()), "lr": self.options.vf_lr or self.options.lr}]
+        return [
+            *super().parameter_groups(ctx),
+            {"params": list(self.critic.parameters()), "lr": self.options.vf_lr or self.options.lr},
+        ]
 
     def update(self, batch, signals, advantages, ctx):
         o = self.options
@@ -343,8 +376,16 @@ class PPO(GradientUpdater):
             # one decision for every rank (their KLs differ), or the ranks' steps fall out of step
             return o.target_kl is not None and distributed.all_mean(metrics["policy/approxkl"]) > o.target_kl
 
-        keys = ("policy/approxkl", "policy/clipfrac", "val/vpred", "val/error", "val/clipfrac",
-                "objective/entropy", "losses/policy", "losses/value")
+        keys = (
+            "policy/approxkl",
+            "policy/clipfrac",
+            "val/vpred",
+            "val/error",
+            "val/clipfrac",
+            "objective/entropy",
+            "losses/policy",
+            "losses/value",
+        )
         stats, updates = dict.fromkeys(keys, 0.0), 0
         for rows in self.minibatches(batch, ctx):
             # the early stop reads the whole minibatch's approximate KL before its step
@@ -378,11 +419,21 @@ def tokenmdp_policy_updaters():
 @hookimpl
 def tokenmdp_algorithms():
     return [
-        Recipe(name="ppo", estimator=PPORewards.name, advantage=GAE.name, updater=PPO.name,
-               description="PPO: KL-penalised token rewards, a learned critic, GAE, clipped surrogate and value loss",
-               supervision="reward"),
-        Recipe(name="ppo-rm", estimator=PPORewards.name, advantage=GAE.name, updater=PPO.name,
-               options={"estimator": {"reward": "learned"}},
-               description="PPO on a reward model fitted to preference pairs (RLHF); the env reward is never read",
-               supervision="pairs"),
+        Recipe(
+            name="ppo",
+            estimator=PPORewards.name,
+            advantage=GAE.name,
+            updater=PPO.name,
+            description="PPO: KL-penalised token rewards, a learned critic, GAE, clipped surrogate and value loss",
+            supervision="reward",
+        ),
+        Recipe(
+            name="ppo-rm",
+            estimator=PPORewards.name,
+            advantage=GAE.name,
+            updater=PPO.name,
+            options={"estimator": {"reward": "learned"}},
+            description="PPO on a reward model fitted to preference pairs (RLHF); the env reward is never read",
+            supervision="pairs",
+        ),
     ]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenmdp import module_device, PairBatch, RolloutBatch
+from tokenmdp import PairBatch, RolloutBatch, module_device
 
 
 def sequence_scores(model, batch: RolloutBatch) -> Tensor:
@@ -47,11 +47,12 @@ def terminal_rewards(model, batch: RolloutBatch) -> Tensor:
 def pair_margins(model, pairs: PairBatch) -> Tensor:
     """``r_phi(x, y_w) - r_phi(x, y_l)`` for every pair (one forward pass over all 2N responses)."""
     scores = sequence_scores(model, pairs.responses().to(module_device(model)))
-    return scores[: pairs.size] - scores[pairs.size:]
+    return scores[: pairs.size] - scores[pairs.size :]
 
 
-def train_reward_model(model, pairs: PairBatch, epochs: int, lr: float, batch_size: int,
-                       generator: torch.Generator, held_out: float = 0.1) -> dict[str, float]:
+def train_reward_model(
+    model, pairs: PairBatch, epochs: int, lr: float, batch_size: int, generator: torch.Generator, held_out: float = 0.1
+) -> dict[str, float]:
     """Bradley-Terry fit on ``1 - held_out`` of the pairs; returns the last epoch's loss and the
     accuracy (fraction of pairs ranked as labelled) on the training and the held-out pairs."""
     order = torch.randperm(pairs.size, generator=generator)
@@ -69,8 +70,10 @@ def train_reward_model(model, pairs: PairBatch, epochs: int, lr: float, batch_si
             total += loss.item() * len(rows)
     model.eval().requires_grad_(False)
     with torch.no_grad():
-        report = {"reward_model/loss": total / train_pairs.size,
-                  "reward_model/train_accuracy": float((pair_margins(model, train_pairs) > 0).float().mean())}
+        report = {
+            "reward_model/loss": total / train_pairs.size,
+            "reward_model/train_accuracy": float((pair_margins(model, train_pairs) > 0).float().mean()),
+        }
         if n_eval:
             report["reward_model/heldout_accuracy"] = float((pair_margins(model, eval_pairs) > 0).float().mean())
     return report

@@ -1,16 +1,27 @@
 """REINFORCE with a KL penalty: the smallest complete algorithm, as three components.
 
-    token reward   r_t = R_t - beta * log(pi/pi_ref)(a_t|s_t)        (estimator)
-    advantage      A_t = sum_{k>=t} r_k - b_t                         (advantage)
-    loss           -sum_t A_t * log pi(a_t|s_t), averaged over responses (updater)
+token reward   r_t = R_t - beta * log(pi/pi_ref)(a_t|s_t)        (estimator)
+advantage      A_t = sum_{k>=t} r_k - b_t                         (advantage)
+loss           -sum_t A_t * log pi(a_t|s_t), averaged over responses (updater)
 """
 
 from __future__ import annotations
 
 import attrs
+
 from tokenmdp import (
-    AdvantageConstructor, entropy_of, GradientOptions, GradientUpdater, hookimpl, masked_mean, masked_whiten,
-    one_of, positive, Recipe, suffix_sums, TrajectoryEstimator,
+    AdvantageConstructor,
+    GradientOptions,
+    GradientUpdater,
+    Recipe,
+    TrajectoryEstimator,
+    entropy_of,
+    hookimpl,
+    masked_mean,
+    masked_whiten,
+    one_of,
+    positive,
+    suffix_sums,
 )
 
 
@@ -66,8 +77,10 @@ class PolicyGradient(GradientUpdater):
             mb = micro.batch
             logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
             loss = -micro.row_mean(adv[micro.rows] * logp * mb.response_mask)
-            return loss, {"losses/policy": loss.item(),
-                          "policy/entropy": micro.token_mean(entropy_of(logits.detach()), mb.response_mask)}
+            return loss, {
+                "losses/policy": loss.item(),
+                "policy/entropy": micro.token_mean(entropy_of(logits.detach()), mb.response_mask),
+            }
 
         for rows in self.minibatches(batch, ctx):
             grad_norm, stats = self.accumulate(map(share, self.micro_batches(batch, rows)), ctx)

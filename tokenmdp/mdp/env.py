@@ -267,10 +267,20 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
     def factory(cls, task_cls: type[TokenTask]):
         """A ``vector_entry_point``: ``make_vec(id, num_envs=..., **task_kwargs)``."""
 
-        def make(num_envs: int = 1, autoreset_mode=AutoresetMode.NEXT_STEP, compute_rewards=True,
-                 render_mode=None, **task_kwargs):
-            return cls(task_cls(**task_kwargs), num_envs=num_envs, autoreset_mode=autoreset_mode,
-                       compute_rewards=compute_rewards, render_mode=render_mode)
+        def make(
+            num_envs: int = 1,
+            autoreset_mode=AutoresetMode.NEXT_STEP,
+            compute_rewards=True,
+            render_mode=None,
+            **task_kwargs,
+        ):
+            return cls(
+                task_cls(**task_kwargs),
+                num_envs=num_envs,
+                autoreset_mode=autoreset_mode,
+                compute_rewards=compute_rewards,
+                render_mode=render_mode,
+            )
 
         make.__name__ = f"make_vec_{task_cls.__name__}"
         make.task_cls = task_cls
@@ -322,10 +332,16 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         return self._obs(), {"prompt_index": self.prompt_index.clone()}
 
     def _reset_groups(self, group_size: int, options: dict):
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 \
-                or self.num_envs % group_size:
-            raise TokenMDPError(f"options.samples_per_prompt must be a positive integer that divides num_envs = "
-                                f"{self.num_envs} (got {group_size!r})")
+        if (
+            isinstance(group_size, bool)
+            or not isinstance(group_size, int)
+            or group_size < 1
+            or self.num_envs % group_size
+        ):
+            raise TokenMDPError(
+                f"options.samples_per_prompt must be a positive integer that divides num_envs = "
+                f"{self.num_envs} (got {group_size!r})"
+            )
         if options.get("reset_mask") is not None:
             raise TokenMDPError("options.samples_per_prompt resets every row; it takes no reset_mask")
         groups = self.num_envs // group_size
@@ -338,12 +354,16 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
             drawn = torch.multinomial(probs, groups, replacement=not distinct, generator=self._torch_rng)
             index = drawn.repeat_interleave(group_size)
         elif index.numel() != self.num_envs:
-            raise TokenMDPError(f"options.prompt_index with samples_per_prompt needs one prompt per row "
-                                f"({self.num_envs}; got {index.numel()})")
+            raise TokenMDPError(
+                f"options.prompt_index with samples_per_prompt needs one prompt per row "
+                f"({self.num_envs}; got {index.numel()})"
+            )
         self._reset_rows(torch.ones(self.num_envs, dtype=torch.bool), index)
         self._pending_reset[:] = False
-        info = {"prompt_index": self.prompt_index.clone(),
-                "group_index": torch.arange(groups).repeat_interleave(group_size)}
+        info = {
+            "prompt_index": self.prompt_index.clone(),
+            "group_index": torch.arange(groups).repeat_interleave(group_size),
+        }
         return self._obs(), info
 
     def _given_prompts(self, options: dict) -> Tensor | None:
@@ -359,8 +379,11 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         given = actions
         try:
             actions = torch.as_tensor(np.asarray(actions) if not isinstance(actions, Tensor) else actions)
-            bad = actions.shape != (self.num_envs,) or actions.dtype.is_floating_point or actions.dtype.is_complex or bool(
-                ((actions < 0) | (actions >= self.task.vocab_size)).any()
+            bad = (
+                actions.shape != (self.num_envs,)
+                or actions.dtype.is_floating_point
+                or actions.dtype.is_complex
+                or bool(((actions < 0) | (actions >= self.task.vocab_size)).any())
             )
         except (TypeError, ValueError, RuntimeError, OverflowError):
             bad = True
@@ -380,8 +403,9 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         if self.compute_rewards and active.any():
             for t in self.length[active].unique().tolist():
                 rows = active & (self.length == t)
-                rewards[rows] = self.task.action_rewards(self.prompt_index[rows], self.response[rows, :t],
-                                                         actions[rows])
+                rewards[rows] = self.task.action_rewards(
+                    self.prompt_index[rows], self.response[rows, :t], actions[rows]
+                )
         rows = active.nonzero().squeeze(1)
         self.response[rows, self.length[rows]] = actions[rows]
         self.length[rows] += 1

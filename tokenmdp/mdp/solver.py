@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..devices import module_device
-from .env import TokenTask
 from ..policies.base import ExactPolicy, TokenPolicy
+from .env import TokenTask
 
 DTYPE = torch.float64
 
@@ -113,8 +113,9 @@ class Solution:
         """True ``A*(s_t, a_t)`` on every response token, ``[B, T]`` (0 on padding)."""
         return self.along_responses(self.advantages, prompt_index, response_ids, response_mask)
 
-    def along_responses(self, table, prompt_index: Tensor, response_ids: Tensor, response_mask: Tensor,
-                        per_action: bool = True) -> Tensor:
+    def along_responses(
+        self, table, prompt_index: Tensor, response_ids: Tensor, response_mask: Tensor, per_action: bool = True
+    ) -> Tensor:
         """``[B, T]``: ``table(t)`` (a depth-``t`` tensor ``[P, V**t, V]``, or ``[P, V**t]``
         with ``per_action=False``) read at each response token's state ``s_t`` (and token
         ``a_t``); 0 on padding. Computed on the CPU, where the solution lives."""
@@ -132,7 +133,7 @@ class Solution:
             index = index * vocab + a
         return out
 
-    def policy(self) -> "OptimalPolicy":
+    def policy(self) -> OptimalPolicy:
         return OptimalPolicy(self)
 
 

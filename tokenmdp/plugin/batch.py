@@ -56,17 +56,18 @@ class RolloutBatch:
         return self.response_ids.device
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in attrs.fields(type(self))
-                if isinstance(getattr(self, f.name), Tensor)}
+        return {
+            f.name: getattr(self, f.name) for f in attrs.fields(type(self)) if isinstance(getattr(self, f.name), Tensor)
+        }
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
+    def to(self, device: torch.device | str) -> RolloutBatch:
         """The batch with every tensor on ``device`` (itself when they already are)."""
         device, tensors = torch.device(device), self._tensors()
         if all(t.device == device for t in tensors.values()):
             return self
         return attrs.evolve(self, **{name: t.to(device) for name, t in tensors.items()})
 
-    def select(self, index: Tensor) -> "RolloutBatch":
+    def select(self, index: Tensor) -> RolloutBatch:
         """Rows ``index`` of every tensor (for minibatches)."""
         return attrs.evolve(self, **{name: t[index] for name, t in self._tensors().items()})
 
@@ -116,8 +117,9 @@ def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor 
     return logits[:, start : start + t]
 
 
-def token_logprobs(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None,
-                   return_logits: bool = False):
+def token_logprobs(
+    model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None, return_logits: bool = False
+):
     """Log-prob of each taken response token under ``model`` (0 on padding)."""
     logits = at_least_float32(response_logits(model, batch, prefix_ids))
     logp = torch.log_softmax(logits, dim=-1)

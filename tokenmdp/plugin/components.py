@@ -7,15 +7,14 @@ options (e.g. an estimator that only provides ``target_logits`` when asked to).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import attrs
 from torch import Tensor
 
 #: Signals every rollout batch carries, so any component may require them.
-BATCH_SIGNALS = frozenset(
-    {"prompt_ids", "response_ids", "response_mask", "logprobs", "ref_logprobs", "rewards"}
-)
+BATCH_SIGNALS = frozenset({"prompt_ids", "response_ids", "response_mask", "logprobs", "ref_logprobs", "rewards"})
 
 
 @attrs.frozen

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import attrs
 
-from .components import BATCH_SIGNALS, Component
 from ..config import Config
 from ..errors import CompositionError
 from ..options import build
+from .components import BATCH_SIGNALS, Component
 from .registry import Registry
 
 KINDS = ("estimator", "advantage", "updater")

@@ -8,8 +8,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from .batch import RolloutBatch, token_logprobs
 from ..policies.base import TokenPolicy
+from .batch import RolloutBatch, token_logprobs
 
 
 @attrs.define
@@ -36,7 +36,7 @@ class TrainContext:
         """Prepare a network a component builds for itself (a critic, a reward model, a
         teacher) like the policy: on ``device``, its HF forwards in the run's precision, and
         its dropout off (it scores, so it must be deterministic). Returns ``module``."""
-        from ..devices import place
+        from ..policies.base import place
 
         return place(module, self.device, self.autocast_dtype, no_dropout=True)
 
@@ -47,11 +47,14 @@ class TrainContext:
         if getattr(self.task, "guide_token", None) is None:
             from ..errors import ConfigError
 
-            raise ConfigError(f"env {getattr(self.task, 'name', 'task')!r} has no guide token; give the guide as "
-                              "text, e.g. [estimator] guide = \"Answer kindly and helpfully.\"")
+            raise ConfigError(
+                f"env {getattr(self.task, 'name', 'task')!r} has no guide token; give the guide as "
+                'text, e.g. [estimator] guide = "Answer kindly and helpfully."'
+            )
         return torch.tensor([self.task.guide_token])
 
-    def token_logprobs(self, model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None,
-                       return_logits: bool = False):
+    def token_logprobs(
+        self, model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None, return_logits: bool = False
+    ):
         """Score the batch's response tokens under ``model`` (optionally guide-prefixed)."""
         return token_logprobs(model, batch, prefix_ids=prefix_ids, return_logits=return_logits)

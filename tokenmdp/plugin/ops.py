@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -95,8 +95,16 @@ def masked_correlation(a: Tensor, b: Tensor, mask: Tensor) -> float:
 
 def _global_correlation(x: Tensor, y: Tensor) -> float:
     """Pearson correlation over every rank's real tokens, from all-reduced float64 moments."""
-    moments = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), y.sum(),
-                           (x * x).sum(), (y * y).sum(), (x * y).sum()])
+    moments = torch.stack(
+        [
+            torch.tensor(float(x.numel()), dtype=torch.float64),
+            x.sum(),
+            y.sum(),
+            (x * x).sum(),
+            (y * y).sum(),
+            (x * y).sum(),
+        ]
+    )
     n, sx, sy, sxx, syy, sxy = distributed.all_sum(moments)[0].tolist()
     if n < 2:
         return float("nan")
@@ -109,7 +117,10 @@ def _global_correlation(x: Tensor, y: Tensor) -> float:
 def check_finite(values: Mapping[str, object], who: str, step: int) -> None:
     """Stop the run on NaN/inf, naming the component and step."""
     for key, value in values.items():
-        bad = (not bool(torch.isfinite(value).all())) if isinstance(value, Tensor) else (
-            isinstance(value, numbers.Real) and not math.isfinite(value))
+        bad = (
+            (not bool(torch.isfinite(value).all()))
+            if isinstance(value, Tensor)
+            else (isinstance(value, numbers.Real) and not math.isfinite(value))
+        )
         if bad:
             raise NonFiniteError(f"{who} produced a non-finite {key!r} at step {step}; run stopped")

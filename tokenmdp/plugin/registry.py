@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterable
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any
 
 import attrs
 import gymnasium
 import pluggy
 
+from ..errors import PluginError
 from . import hookspecs
 from .components import (
     METHOD_PARAMETERS,
@@ -25,7 +27,6 @@ from .components import (
     Recipe,
     TrajectoryEstimator,
 )
-from ..errors import PluginError
 
 PROJECT = "tokenmdp"
 ENTRY_POINT_GROUP = "tokenmdp"
@@ -101,7 +102,9 @@ class Registry:
         self._dists = {ep.value.split(":")[0]: ep.dist for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
         self.components: dict[str, dict[str, Entry]] = {}
         for kind, (hook_name, base) in _COMPONENT_HOOKS.items():
-            self.components[kind] = self._collect(hook_name, lambda obj, plugin, b=base: _check_component(obj, b, plugin))
+            self.components[kind] = self._collect(
+                hook_name, lambda obj, plugin, b=base: _check_component(obj, b, plugin)
+            )
         self.recipes = self._collect("tokenmdp_algorithms", lambda obj, plugin: _check_instance(obj, Recipe, plugin))
         self.envs = self._collect("tokenmdp_envs", lambda obj, plugin: _check_instance(obj, EnvSpec, plugin))
 

@@ -14,18 +14,18 @@ minibatch and every loss is computed exactly as without micro-batches.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import torch
 from torch import Tensor
 
 from .. import distributed
-from .components import PolicyUpdater
 from ..errors import ConfigError
-from .ops import zero_padding
 from ..options import non_negative, optional, positive, positive_int
 from .batch import RolloutBatch
+from .components import PolicyUpdater
+from .ops import zero_padding
 
 
 @attrs.frozen
@@ -82,12 +82,16 @@ class GradientUpdater(PolicyUpdater):
         """``micro_batch_size`` must fit in a minibatch."""
         micro = getattr(self.options, "micro_batch_size", None)
         if micro is not None and self._steps_itself():
-            raise ConfigError(f"updater {self.name!r} overrides apply_gradients, which takes a whole minibatch's "
-                              "loss, so it cannot accumulate micro-batches; unset updater.micro_batch_size")
+            raise ConfigError(
+                f"updater {self.name!r} overrides apply_gradients, which takes a whole minibatch's "
+                "loss, so it cannot accumulate micro-batches; unset updater.micro_batch_size"
+            )
         largest = self.largest_minibatch(config) if micro is not None else None
         if largest is not None and micro > largest:
-            raise ConfigError(f"updater.micro_batch_size = {micro} is larger than a minibatch of updater "
-                              f"{self.name!r} ({largest} rows); choose 1..{largest}, or unset it")
+            raise ConfigError(
+                f"updater.micro_batch_size = {micro} is larger than a minibatch of updater "
+                f"{self.name!r} ({largest} rows); choose 1..{largest}, or unset it"
+            )
 
     def largest_minibatch(self, config) -> int | None:
         """Rows in the largest minibatch :meth:`minibatches` makes of one step's batch."""
@@ -123,8 +127,9 @@ class GradientUpdater(PolicyUpdater):
         for part in rows.split(self.options.micro_batch_size or len(rows)):
             yield MicroBatch(batch.select(part), part, tokens, len(rows))
 
-    def accumulate(self, shares: Iterable[tuple[Tensor, dict]], ctx,
-                   skip: Callable[[dict[str, float]], bool] | None = None) -> tuple[float | None, dict[str, float]]:
+    def accumulate(
+        self, shares: Iterable[tuple[Tensor, dict]], ctx, skip: Callable[[dict[str, float]], bool] | None = None
+    ) -> tuple[float | None, dict[str, float]]:
         """One optimizer step from a minibatch's ``(loss share, metric shares)`` per slice:
         backward on each share as it comes (so one slice's activations are alive at a
         time), average over ranks, clip, step. Returns the pre-clipping gradient norm and
@@ -134,7 +139,7 @@ class GradientUpdater(PolicyUpdater):
         An updater that overrides :meth:`apply_gradients` keeps stepping through it, with
         its one slice's loss (:meth:`check` refuses micro-batches for it)."""
         if self._steps_itself():
-            (loss, metrics), = shares
+            ((loss, metrics),) = shares
             totals = {key: float(value) for key, value in metrics.items()}
             if skip is not None and skip(totals):
                 return None, totals

@@ -33,15 +33,21 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
         valid = {"path", "config", "lora"}
         unknown = sorted(set(spec) - valid)
         if unknown:
-            raise ConfigError(f"policy: unknown option(s) {', '.join(unknown)} for kind 'hf'; valid: {', '.join(sorted(valid))}")
+            raise ConfigError(
+                f"policy: unknown option(s) {', '.join(unknown)} for kind 'hf'; valid: {', '.join(sorted(valid))}"
+            )
         lora = spec.get("lora")
         if lora is not None and not isinstance(lora, dict):
             raise ConfigError(f"policy.lora must be a table, e.g. lora = {{r = 8, alpha = 16}} (got {lora!r})")
         if "path" in spec:
             return HFCausalLMPolicy.from_pretrained(spec["path"], vocab_size=task.vocab_size, lora=lora)
         eos = task.eos_token if task.eos_token is not None else task.bos_token
-        hf_config = {"vocab_size": task.input_vocab_size, "bos_token_id": task.bos_token, "eos_token_id": eos,
-                     **spec.get("config", {})}
+        hf_config = {
+            "vocab_size": task.input_vocab_size,
+            "bos_token_id": task.bos_token,
+            "eos_token_id": eos,
+            **spec.get("config", {}),
+        }
         return HFCausalLMPolicy.from_config(hf_config, vocab_size=task.vocab_size, seed=seed, lora=lora)
     if kind not in TOY_POLICIES:
         raise ConfigError(f"policy.kind {kind!r} is unknown; valid kinds: {', '.join([*TOY_POLICIES, 'hf'])}")
@@ -49,7 +55,9 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
     params = [p for p in inspect.signature(cls).parameters if p not in ("input_vocab_size", "vocab_size")]
     unknown = sorted(set(spec) - set(params))
     if unknown:
-        raise ConfigError(f"policy: unknown option(s) {', '.join(unknown)} for kind {kind!r}; valid: {', '.join(params)}")
+        raise ConfigError(
+            f"policy: unknown option(s) {', '.join(unknown)} for kind {kind!r}; valid: {', '.join(params)}"
+        )
     try:
         return cls(task.input_vocab_size, task.vocab_size, **spec)
     except (TypeError, ValueError) as exc:

@@ -29,7 +29,7 @@ class TokenPolicy(nn.Module):
         """The autocast context of this policy's forwards (nothing in float32)."""
         return devices.autocast(self.autocast_dtype, devices.module_device(self))
 
-    def reference_view(self) -> "TokenPolicy | None":
+    def reference_view(self) -> TokenPolicy | None:
         """A frozen reference that shares this policy's weights (a LoRA policy: itself with
         the adapter off), or None: the trainer then freezes a copy of the initial policy."""
         return None
@@ -108,3 +108,14 @@ class TaskBasePolicy(ExactPolicy):
 
     def next_logits(self, prompt_index, prefix):
         return self.task.base_logits(prompt_index, prefix)
+
+
+def place(module: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None, no_dropout: bool) -> nn.Module:
+    """``module`` on ``device``, the policies in it set to autocast to ``autocast_dtype``
+    (those that support it), and its dropout off if ``no_dropout``; returns ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, TokenPolicy) and sub.supports_autocast:
+            sub.autocast_dtype = autocast_dtype
+    if no_dropout:
+        devices.disable_dropout(module)
+    return module.to(device)

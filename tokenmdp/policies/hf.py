@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ class HFCausalLMPolicy(TokenPolicy):
         finally:
             self.model.train(was_training)
 
-    def reference_view(self) -> "TokenPolicy | None":
+    def reference_view(self) -> TokenPolicy | None:
         return AdapterDisabledReference(self) if self.has_adapter else None
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -87,9 +88,11 @@ class HFCausalLMPolicy(TokenPolicy):
         saved = {name: v.shape for name, v in state["adapter"].items()}
         if saved != trainable:
             wrong = sorted(set(saved) ^ set(trainable)) or [k for k in saved if saved[k] != trainable[k]]
-            raise TokenMDPError("the checkpoint's LoRA adapter does not fit this policy (a different policy.lora "
-                                f"or model): {len(saved)} saved tensors, {len(trainable)} expected; first "
-                                f"mismatch {wrong[0]!r}")
+            raise TokenMDPError(
+                "the checkpoint's LoRA adapter does not fit this policy (a different policy.lora "
+                f"or model): {len(saved)} saved tensors, {len(trainable)} expected; first "
+                f"mismatch {wrong[0]!r}"
+            )
         self.load_state_dict(state["adapter"], strict=False)
 
     def _adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -97,8 +100,9 @@ class HFCausalLMPolicy(TokenPolicy):
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], vocab_size: int | None = None, seed: int = 0,
-                    lora: dict | None = None):
+    def from_config(
+        cls, config: dict[str, Any], vocab_size: int | None = None, seed: int = 0, lora: dict | None = None
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = dict(config)
@@ -114,13 +118,16 @@ class HFCausalLMPolicy(TokenPolicy):
         if not Path(path).is_dir():
             raise TokenMDPError(f"policy.path: model directory {str(path)!r} does not exist")
         if not (Path(path) / "config.json").is_file():
-            raise TokenMDPError(f"policy.path: {str(path)!r} holds no model (no config.json); save one with "
-                                "save_pretrained, or run `tokenmdp models fetch-gemma DIR`")
+            raise TokenMDPError(
+                f"policy.path: {str(path)!r} holds no model (no config.json); save one with "
+                "save_pretrained, or run `tokenmdp models fetch-gemma DIR`"
+            )
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except Exception as exc:
-            raise TokenMDPError(f"policy.path: could not load a causal LM from {str(path)!r}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+            raise TokenMDPError(
+                f"policy.path: could not load a causal LM from {str(path)!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         return cls(model, vocab_size, lora=lora, source=str(path))
 
     @staticmethod
@@ -131,9 +138,13 @@ class HFCausalLMPolicy(TokenPolicy):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with self.autocast():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=self._positions(attention_mask), use_cache=False,
-                             logits_to_keep=logits_to_keep)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=self._positions(attention_mask),
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
         return out.logits[..., : self.vocab_size]
 
     def hidden_states(self, input_ids, attention_mask=None):
@@ -142,9 +153,14 @@ class HFCausalLMPolicy(TokenPolicy):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with self.autocast():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=self._positions(attention_mask), use_cache=False,
-                             output_hidden_states=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=self._positions(attention_mask),
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
         return out.hidden_states[-1]
 
     def start(self, input_ids, attention_mask=None):
@@ -152,8 +168,7 @@ class HFCausalLMPolicy(TokenPolicy):
             attention_mask = torch.ones_like(input_ids)
         positions = self._positions(attention_mask)
         with self.autocast():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             use_cache=True)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
         return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), attention_mask, positions[:, -1])
 
     def _cache_of(self, out):
@@ -169,8 +184,13 @@ class HFCausalLMPolicy(TokenPolicy):
         mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)
         pos = last_pos + 1
         with self.autocast():
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos[:, None],
-                             use_cache=True, **{self._cache_arg: past})
+            out = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=pos[:, None],
+                use_cache=True,
+                **{self._cache_arg: past},
+            )
         return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), mask, pos)
 
 
@@ -220,8 +240,13 @@ def _add_lora(model, lora: dict):
     r = lora.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise TokenMDPError(f"policy.lora.r must be a positive integer (got {r!r})")
-    config = peft.LoraConfig(r=r, lora_alpha=lora.get("alpha", 2 * r), lora_dropout=lora.get("dropout", 0.0),
-                             target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=lora.get("alpha", 2 * r),
+        lora_dropout=lora.get("dropout", 0.0),
+        target_modules=lora.get("target_modules", "all-linear"),
+        task_type="CAUSAL_LM",
+    )
     import warnings
 
     with warnings.catch_warnings():
@@ -235,8 +260,15 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int, model_type: str =
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(lines)), model_writer=buffer, vocab_size=vocab_size,
-        model_type=model_type, bos_id=1, eos_id=2, pad_id=0, unk_id=3, minloglevel=2,
+        sentence_iterator=iter(list(lines)),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        bos_id=1,
+        eos_id=2,
+        pad_id=0,
+        unk_id=3,
+        minloglevel=2,
         hard_vocab_limit=False,
     )
     return spm.SentencePieceProcessor(model_proto=buffer.getvalue())

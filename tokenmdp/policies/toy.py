@@ -7,7 +7,7 @@ modulo k), so it fails the delayed-reward task; the GRU is the default toy polic
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .base import TokenPolicy, require_unpadded
 
@@ -57,8 +57,9 @@ class MLPPolicy(TokenPolicy):
 
     def forward(self, input_ids, attention_mask=None):
         require_unpadded(attention_mask, "MLPPolicy")
-        empty = torch.full((input_ids.shape[0], self.window - 1), self.slots - 1, dtype=input_ids.dtype,
-                           device=input_ids.device)
+        empty = torch.full(
+            (input_ids.shape[0], self.window - 1), self.slots - 1, dtype=input_ids.dtype, device=input_ids.device
+        )
         slots = torch.cat([empty, input_ids], dim=1).unfold(1, self.window, 1)  # [B, L, window]
         one_hot = nn.functional.one_hot(slots, self.slots).float().flatten(2)
         return self.net(one_hot)
@@ -89,8 +90,15 @@ class TabularPolicy(TokenPolicy):
 
 
 class TransformerPolicy(TokenPolicy):
-    def __init__(self, input_vocab_size: int, vocab_size: int, d_model: int = 64, layers: int = 2,
-                 heads: int = 4, max_len: int = 64):
+    def __init__(
+        self,
+        input_vocab_size: int,
+        vocab_size: int,
+        d_model: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        max_len: int = 64,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.max_len = max_len

@@ -33,16 +33,22 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from ..plugin.composition import compose
 from ..config import SECTIONS, Config, load_config, merge, parse_override, read_toml
 from ..errors import ConfigError
-from .tables import markdown
+from ..mdp.solver import solve, tree_logprobs
 from ..options import build, to_dict
+from ..plugin.composition import compose
 from ..plugin.registry import Registry, plugin_manager
 from ..train.sft import make_sft_data
-from ..mdp.solver import solve, tree_logprobs
-from ..train.trainer import (Trainer, TrainingInterrupted, _atomic_write_text, latest_checkpoint, load_reference,
-                      make_vector_env)
+from ..train.trainer import (
+    Trainer,
+    TrainingInterrupted,
+    _atomic_write_text,
+    latest_checkpoint,
+    load_reference,
+    make_vector_env,
+)
+from .tables import markdown
 
 #: The issue asks for a spread across seeds; fewer than 3 cannot show one honestly.
 MIN_SEEDS = 3
@@ -54,13 +60,18 @@ FRONTIER_BETAS = tuple(2.0 ** (k / 4) for k in range(-28, 29))
 FRONTIER_TOLERANCE = 1e-6
 #: (key, header) of the columns that show median [min, max] across seeds, in table order.
 COLUMNS = [
-    ("true_reward", "true_reward"), ("kl_ref", "kl_ref"), ("regret", "regret"),
-    ("kl_to_optimal", "kl_to_optimal"), ("credit_corr", "credit_corr"), ("ceiling", "ceiling"),
-    ("data_tokens", "data tokens"), ("tokens_to_90", "tokens to 90% (RL)"),
-    ("tokens_to_90_with_data", "tokens to 90% (+ data)"), ("wall_seconds", "wall s"),
+    ("true_reward", "true_reward"),
+    ("kl_ref", "kl_ref"),
+    ("regret", "regret"),
+    ("kl_to_optimal", "kl_to_optimal"),
+    ("credit_corr", "credit_corr"),
+    ("ceiling", "ceiling"),
+    ("data_tokens", "data tokens"),
+    ("tokens_to_90", "tokens to 90% (RL)"),
+    ("tokens_to_90_with_data", "tokens to 90% (+ data)"),
+    ("wall_seconds", "wall s"),
 ]
-PLOTS = {"regret_vs_tokens.png": "Regret against environment tokens",
-         "reward_kl_frontier.png": "Reward-KL frontier"}
+PLOTS = {"regret_vs_tokens.png": "Regret against environment tokens", "reward_kl_frontier.png": "Reward-KL frontier"}
 
 
 def _strings(instance, attribute, value):
@@ -147,8 +158,10 @@ def load_grid(path: str | Path, overrides: list[str] = (), out: str | None = Non
             merge(data, key_path, value)
     unknown = sorted(set(data) - {"compare", "recipes"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; valid sections: compare, recipes "
-                          f"(run-config overrides go in compare.set)")
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; valid sections: compare, recipes "
+            f"(run-config overrides go in compare.set)"
+        )
     if out is not None:
         data.setdefault("compare", {})["out"] = out
     options = build(CompareOptions, data.get("compare"), "[compare]")
@@ -159,8 +172,12 @@ def load_grid(path: str | Path, overrides: list[str] = (), out: str | None = Non
     if extra:
         raise ConfigError(f"[recipes.{extra[0]}] is not in [compare] recipes = {list(options.recipes)}")
     # A label without a table is a registered recipe name with the default run config.
-    entries = {label: build(RecipeEntry, tables[label], f"[recipes.{label}]") if label in tables
-               else RecipeEntry(set=(f"algorithm.name={label}",)) for label in options.recipes}
+    entries = {
+        label: build(RecipeEntry, tables[label], f"[recipes.{label}]")
+        if label in tables
+        else RecipeEntry(set=(f"algorithm.name={label}",))
+        for label in options.recipes
+    }
     return Grid(options, entries, path.parent, tuple(cell_overrides))
 
 
@@ -174,14 +191,26 @@ def plan_cells(grid: Grid, registry: Registry) -> list[Cell]:
             for seed in grid.options.seeds:
                 run_dir = grid.out / "cells" / f"{label}__{short_env(env_id)}__seed{seed}"
                 try:
-                    config = load_config(config_path, [
-                        *grid.options.set, *entry.set, *grid.cell_overrides, f"env.id={env_id}",
-                        f"train.seed={seed}", f"run.dir={run_dir}", "train.progress=false", "run.overwrite=true"])
+                    config = load_config(
+                        config_path,
+                        [
+                            *grid.options.set,
+                            *entry.set,
+                            *grid.cell_overrides,
+                            f"env.id={env_id}",
+                            f"train.seed={seed}",
+                            f"run.dir={run_dir}",
+                            "train.progress=false",
+                            "run.overwrite=true",
+                        ],
+                    )
                 except ConfigError as exc:
                     raise ConfigError(f"[recipes.{label}]: {exc}") from None
                 if config.algorithm.name is None:
-                    raise ConfigError(f"[recipes.{label}]: the run config must name a recipe (algorithm.name), "
-                                      "whose supervision the table reports")
+                    raise ConfigError(
+                        f"[recipes.{label}]: the run config must name a recipe (algorithm.name), "
+                        "whose supervision the table reports"
+                    )
                 compose(registry, config)  # an unknown recipe lists the registered ones
                 cells.append(Cell(label, env_id, seed, config))
     for cell in cells:
@@ -189,7 +218,8 @@ def plan_cells(grid: Grid, registry: Registry) -> list[Cell]:
         if cell.finished and recorded != cell.config:
             raise ConfigError(
                 f"cell {cell.dir} finished with another config (differs in: {_differences(recorded, cell.config)}); "
-                f"use another --out, or delete that folder to rerun it")
+                f"use another --out, or delete that folder to rerun it"
+            )
     return cells
 
 
@@ -218,8 +248,10 @@ def run_cell(cell: Cell, pm) -> None:
     try:
         Trainer(cell.config, pm=pm, resume=resume).train()
     except TrainingInterrupted:
-        raise TrainingInterrupted(f"interrupted in cell {cell.dir.name}; rerun the same `tokenmdp compare` "
-                                  "command to resume the grid (finished cells are kept)") from None
+        raise TrainingInterrupted(
+            f"interrupted in cell {cell.dir.name}; rerun the same `tokenmdp compare` "
+            "command to resume the grid (finished cells are kept)"
+        ) from None
 
 
 def run_grid(grid: Grid, pm=None, progress: bool = True) -> tuple[str, Path]:
@@ -230,8 +262,9 @@ def run_grid(grid: Grid, pm=None, progress: bool = True) -> tuple[str, Path]:
     registry.register_envs()
     cells = plan_cells(grid, registry)
     todo = [c for c in cells if not c.finished]
-    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc="compare", unit="cell",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(cells), initial=len(cells) - len(todo), desc="compare", unit="cell", disable=not progress
+    ) as bar:
         for cell in todo:
             bar.set_postfix_str(cell.dir.name)
             run_cell(cell, pm)
@@ -242,6 +275,7 @@ def run_grid(grid: Grid, pm=None, progress: bool = True) -> tuple[str, Path]:
 
 # --- one cell's numbers ---------------------------------------------------------------
 
+
 def exact_frontier(task, reference, betas=FRONTIER_BETAS) -> list[dict[str, float]]:
     """For each beta: J*_beta and the exact E[R] and KL(pi*_beta || pi_ref) of pi*_beta."""
     ref_logp = tree_logprobs(reference, task)
@@ -249,8 +283,9 @@ def exact_frontier(task, reference, betas=FRONTIER_BETAS) -> list[dict[str, floa
     for beta in betas:
         solution = solve(task, reference, beta, ref_logp=ref_logp)
         scores = solution.evaluate(solution.opt_logp)
-        out.append({"beta": beta, "j_star": solution.j_star, "true_reward": scores["true_reward"],
-                    "kl_ref": scores["kl_ref"]})
+        out.append(
+            {"beta": beta, "j_star": solution.j_star, "true_reward": scores["true_reward"], "kl_ref": scores["kl_ref"]}
+        )
     return out
 
 
@@ -280,8 +315,7 @@ def _cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
     task = make_vector_env(registry, config, 1, compute_rewards=True).task
     reference = load_reference(cell.dir, config, task)
     betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
-    extras = {"frontier": exact_frontier(task, reference, betas),
-              "tagged_sft_tokens": tagged_sft_tokens(task, config)}
+    extras = {"frontier": exact_frontier(task, reference, betas), "tagged_sft_tokens": tagged_sft_tokens(task, config)}
     _atomic_write_text(path, json.dumps(extras))  # a cache that is whole or absent
     return extras
 
@@ -305,7 +339,10 @@ def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
     # reward and pair recipes may start from the same reference but never read the guide.
     tagged = extras["tagged_sft_tokens"] if supervision == "none" else 0
     return {
-        "recipe": cell.recipe, "env": cell.env, "seed": cell.seed, "supervision": supervision,
+        "recipe": cell.recipe,
+        "env": cell.env,
+        "seed": cell.seed,
+        "supervision": supervision,
         **{key: summary.get(key) for key, _ in COLUMNS if key in summary},
         "tokens_to_90": hit["env_tokens"] if hit else never,
         # Supervision data is paid for in tokens too: the guide-tagged SFT data, and DPO's
@@ -319,6 +356,7 @@ def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
 
 
 # --- the results folder -----------------------------------------------------------------
+
 
 def _spread(values: list) -> tuple[float | None, float | None, float | None]:
     values = [v for v in values if v is not None]
@@ -344,8 +382,7 @@ def summarise(records: list[dict]) -> list[dict[str, Any]]:
         groups.setdefault((record["recipe"], record["env"]), []).append(record)
     rows = []
     for (recipe, env), cell_records in groups.items():
-        row = {"recipe": recipe, "env": env, "supervision": cell_records[0]["supervision"],
-               "seeds": len(cell_records)}
+        row = {"recipe": recipe, "env": env, "supervision": cell_records[0]["supervision"], "seeds": len(cell_records)}
         for key, _ in [*COLUMNS, ("frontier_excess", "")]:
             row[key] = _spread([r.get(key) for r in cell_records])
         rows.append(row)
@@ -354,8 +391,10 @@ def summarise(records: list[dict]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["recipe", "env", "supervision", *(title for _, title in COLUMNS)]
-    body = [[r["recipe"], short_env(r["env"]), r["supervision"],
-             *(_cell_text(r[key], key) for key, _ in COLUMNS)] for r in rows]
+    body = [
+        [r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[key], key) for key, _ in COLUMNS)]
+        for r in rows
+    ]
     return markdown(body, header)
 
 
@@ -370,11 +409,19 @@ def write_csv(rows: list[dict], path: Path) -> None:
     keys = [key for key, _ in COLUMNS] + ["frontier_excess"]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["recipe", "env", "supervision", "seeds",
-                         *(f"{k}_{s}" for k in keys for s in ("median", "min", "max"))])
+        writer.writerow(
+            ["recipe", "env", "supervision", "seeds", *(f"{k}_{s}" for k in keys for s in ("median", "min", "max"))]
+        )
         for r in rows:
-            writer.writerow([r["recipe"], r["env"], r["supervision"], r["seeds"],
-                             *("" if v is None else v for k in keys for v in r[k])])
+            writer.writerow(
+                [
+                    r["recipe"],
+                    r["env"],
+                    r["supervision"],
+                    r["seeds"],
+                    *("" if v is None else v for k in keys for v in r[k]),
+                ]
+            )
 
 
 def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
@@ -388,8 +435,17 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
 
     def per_seed(x: str, y: str) -> dict:
         """``[env][recipe]`` -> one (x, y) series per seed, over the cell's evaluations."""
-        return {e: {rc: [([row[x] for row in r["eval_rows"]], [row[y] for row in r["eval_rows"]])
-                         for r in records if (r["env"], r["recipe"]) == (e, rc)] for rc in recipes} for e in envs}
+        return {
+            e: {
+                rc: [
+                    ([row[x] for row in r["eval_rows"]], [row[y] for row in r["eval_rows"]])
+                    for r in records
+                    if (r["env"], r["recipe"]) == (e, rc)
+                ]
+                for rc in recipes
+            }
+            for e in envs
+        }
 
     curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
     frontiers = {}
@@ -399,8 +455,10 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
     plots.regret_vs_tokens(curves, out / "regret_vs_tokens.png")
     plots.reward_kl_frontier(points, frontiers, out / "reward_kl_frontier.png")
     when = time.strftime("%Y-%m-%d %H:%M")
-    grid_line = (f"{len(recipes)} recipes x {len(envs)} envs x {len(grid.options.seeds)} seeds "
-                 f"({', '.join(map(str, grid.options.seeds))}); median [min, max] across seeds; written {when}")
+    grid_line = (
+        f"{len(recipes)} recipes x {len(envs)} envs x {len(grid.options.seeds)} seeds "
+        f"({', '.join(map(str, grid.options.seeds))}); median [min, max] across seeds; written {when}"
+    )
     (out / "results.md").write_text(f"# tokenmdp compare\n\n{grid_line}\n\n{table}\n")
     write_csv(rows, out / "results.csv")
     index = out / "index.html"
@@ -412,16 +470,28 @@ def _html_page(grid_line: str, rows: list[dict], out: Path) -> str:
     from .plots import png_data_uri
 
     header = ["recipe", "env", "supervision", *(title for _, title in COLUMNS)]
-    cells = [[r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[k], k) for k, _ in COLUMNS)]
-             for r in rows]
-    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in cells) + "</table>"
-    figures = "".join(f'<h2>{html.escape(title)}</h2><img alt="{name}" src="{png_data_uri(out / name)}">'
-                      for name, title in PLOTS.items())
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>tokenmdp compare</title>"
-            f"<style>{style}</style></head><body><h1>tokenmdp compare</h1><p>{html.escape(grid_line)}. "
-            "Every score is exact (the soft-Bellman solver over the whole prefix tree). "
-            "Columns: docs/compare.md. Data: results.csv; runs: cells/.</p>"
-            f"{table}{figures}</body></html>\n")
+    cells = [
+        [r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[k], k) for k, _ in COLUMNS)] for r in rows
+    ]
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in cells)
+        + "</table>"
+    )
+    figures = "".join(
+        f'<h2>{html.escape(title)}</h2><img alt="{name}" src="{png_data_uri(out / name)}">'
+        for name, title in PLOTS.items()
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>tokenmdp compare</title>'
+        f"<style>{style}</style></head><body><h1>tokenmdp compare</h1><p>{html.escape(grid_line)}. "
+        "Every score is exact (the soft-Bellman solver over the whole prefix tree). "
+        "Columns: docs/compare.md. Data: results.csv; runs: cells/.</p>"
+        f"{table}{figures}</body></html>\n"
+    )

@@ -29,15 +29,15 @@ import attrs
 import torch
 from torch import Tensor
 
-from ..plugin.composition import compose
 from ..config import load_config
-from ..plugin.context import TrainContext
 from ..errors import ConfigError, TokenMDPError
+from ..mdp.solver import Solution, solve, tree_logprobs
+from ..plugin.batch import RolloutBatch, token_logprobs
+from ..plugin.composition import compose
+from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
 from ..plugin.registry import Registry, plugin_manager
-from ..plugin.batch import RolloutBatch, token_logprobs
 from ..train.rollout import collect
-from ..mdp.solver import Solution, solve, tree_logprobs
 from ..train.trainer import latest_checkpoint, load_policy, load_reference, make_vector_env
 
 TRUE_ROW = "true A*"
@@ -47,13 +47,13 @@ TRUE_ROW = "true A*"
 class Explanation:
     """What ``explain`` computed and wrote."""
 
-    labels: list[str]              # one per estimator, then TRUE_ROW
-    notes: dict[str, str]          # label -> how it was computed
-    credit: dict[str, Tensor]      # label -> [B, T] per-token credit (0 on padding)
+    labels: list[str]  # one per estimator, then TRUE_ROW
+    notes: dict[str, str]  # label -> how it was computed
+    credit: dict[str, Tensor]  # label -> [B, T] per-token credit (0 on padding)
     correlations: dict[str, float]  # label -> Pearson correlation with A* over all real tokens
     batch: RolloutBatch
-    shown: list[int]               # batch rows drawn as heat maps
-    skipped: dict[str, str]        # estimator -> why it could not be built for this run
+    shown: list[int]  # batch rows drawn as heat maps
+    skipped: dict[str, str]  # estimator -> why it could not be built for this run
     images: list[Path]
     html: Path
     header: str
@@ -66,8 +66,10 @@ def load_run(run_dir: str | Path):
         raise ConfigError(f"explain: {str(run_dir)!r} is not a run directory (no config.toml)")
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None or not (run_dir / "reference.pt").is_file():
-        raise ConfigError(f"explain: {str(run_dir)!r} has no checkpoint and reference.pt (an unfinished run); "
-                          "explain reads the policy of the last checkpoint")
+        raise ConfigError(
+            f"explain: {str(run_dir)!r} has no checkpoint and reference.pt (an unfinished run); "
+            "explain reads the policy of the last checkpoint"
+        )
     config = load_config(run_dir / "config.toml")
     registry = Registry(plugin_manager())
     registry.register_envs()
@@ -94,13 +96,15 @@ def exact_policy_values(solution: Solution, policy_logp: list[Tensor], kl_coef: 
     return v
 
 
-def sample(policy, reference, env, prompt_index: Tensor, seed: int,
-           group_size: int = 1) -> tuple[RolloutBatch, torch.Generator]:
+def sample(
+    policy, reference, env, prompt_index: Tensor, seed: int, group_size: int = 1
+) -> tuple[RolloutBatch, torch.Generator]:
     """Responses of ``policy`` to the given prompts, rewarded by the env and scored by both
     models; each ``group_size`` consecutive rows are one group (as ``train.samples_per_prompt``)."""
     generator = torch.Generator().manual_seed(seed)
-    batch = collect(policy, env, seed=seed, generator=generator, prompt_index=prompt_index,
-                    samples_per_prompt=group_size)
+    batch = collect(
+        policy, env, seed=seed, generator=generator, prompt_index=prompt_index, samples_per_prompt=group_size
+    )
     with torch.no_grad():
         batch.logprobs = token_logprobs(policy, batch)
         batch.ref_logprobs = token_logprobs(reference, batch)
@@ -134,15 +138,21 @@ def estimator_rows(run, registry, config, ctx, batch, checkpoint):
             overrides["source"] = "guide" if config.reference.tagged_samples > 0 else "oracle"
         est = _like_run(run, registry, "estimator", "conditional-optimal", **overrides)
         source = est.options.source
-        target = {"guide": f"the guide-conditioned {est.options.phi}", "oracle": "the solver's exact pi*",
-                  "teacher": f"the teacher {est.options.teacher}"}[source]
+        target = {
+            "guide": f"the guide-conditioned {est.options.phi}",
+            "oracle": "the solver's exact pi*",
+            "teacher": f"the teacher {est.options.teacher}",
+        }[source]
         est.setup(ctx)
         signals = dict(est.estimate(batch, ctx))
         for form in ("token", "return"):
             adv = _like_run(run, registry, "advantage", "log-ratio", form=form, whiten=False)
             formula = "beta*log(pi_hat/pi_ref)" + (" summed over k >= t" if form == "return" else "")
-            yield (f"Inverse-Q* {form} ({source})", f"log-ratio form={form}: {formula}; pi_hat = {target}",
-                   adv.construct(batch, signals, ctx)["advantages"] * mask)
+            yield (
+                f"Inverse-Q* {form} ({source})",
+                f"log-ratio form={form}: {formula}; pi_hat = {target}",
+                adv.construct(batch, signals, ctx)["advantages"] * mask,
+            )
 
     def gae():
         est = _like_run(run, registry, "estimator", "ppo-rewards")
@@ -153,36 +163,63 @@ def estimator_rows(run, registry, config, ctx, batch, checkpoint):
             values, short, where = None, "critic", "values: the run's trained critic"
         else:  # no critic was trained: the exact V^pi a perfect critic would learn (a best case)
             v = exact_policy_values(ctx.solution, tree_logprobs(ctx.policy, ctx.task), est.kl_controller.value)
-            values = ctx.solution.along_responses(v.__getitem__, batch.prompt_index, batch.response_ids,
-                                                  batch.response_mask, per_action=False).float()
+            values = ctx.solution.along_responses(
+                v.__getitem__, batch.prompt_index, batch.response_ids, batch.response_mask, per_action=False
+            ).float()
             short, where = "exact V^pi", "values: exact V^pi of the KL-penalised reward (this run has no critic)"
-        yield (f"GAE lambda={adv.options.lam:g} ({short})", f"ppo-rewards + gae, unwhitened; {where}",
-               credit_of(est, adv, values))
+        yield (
+            f"GAE lambda={adv.options.lam:g} ({short})",
+            f"ppo-rewards + gae, unwhitened; {where}",
+            credit_of(est, adv, values),
+        )
 
     def dpo():
         # Its pairs are not used here: one pair, the fewest its set-up accepts for one step.
-        est = _like_run(run, registry, "estimator", "preference-pairs", pairs="sampled", path=None,
-                        num_pairs=1, epochs=1, online=False, rounds=None)
+        est = _like_run(
+            run,
+            registry,
+            "estimator",
+            "preference-pairs",
+            pairs="sampled",
+            path=None,
+            num_pairs=1,
+            epochs=1,
+            online=False,
+            rounds=None,
+        )
         adv = _like_run(run, registry, "advantage", "implicit-reward")
         est.setup(ctx)
-        yield ("DPO implicit", "preference-pairs + implicit-reward: beta*log(pi_theta/pi_ref) of this run's policy",
-               credit_of(est, adv))
+        yield (
+            "DPO implicit",
+            "preference-pairs + implicit-reward: beta*log(pi_theta/pi_ref) of this run's policy",
+            credit_of(est, adv),
+        )
 
     def group(name, title):
         def rows():
             est = _like_run(run, registry, "estimator", name)
             adv = _like_run(run, registry, "advantage", "sequence-credit", whiten=False)
             est.setup(ctx)
-            yield title, f"{name} + sequence-credit: the response's group-relative credit on each token", \
-                credit_of(est, adv)
+            yield (
+                title,
+                f"{name} + sequence-credit: the response's group-relative credit on each token",
+                credit_of(est, adv),
+            )
+
         return rows
 
-    return [("inverse-q", inverse_q), ("gae", gae), ("dpo", dpo),
-            ("rloo", group("rloo", "RLOO")), ("grpo", group("grpo", "GRPO"))]
+    return [
+        ("inverse-q", inverse_q),
+        ("gae", gae),
+        ("dpo", dpo),
+        ("rloo", group("rloo", "RLOO")),
+        ("grpo", group("grpo", "GRPO")),
+    ]
 
 
-def explain(run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Path | None = None,
-            group_size: int = 8) -> Explanation:
+def explain(
+    run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Path | None = None, group_size: int = 8
+) -> Explanation:
     """Sample ``samples`` responses (each with ``group_size - 1`` more to the same prompt),
     compute every estimator's credit and the true A*, write PNGs and an HTML page."""
     if samples < 1 or group_size < 2:
@@ -197,8 +234,16 @@ def explain(run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Pat
     batch, generator = sample(policy, reference, env, prompt_index, seed, group_size)
     # explain is one step of each estimator: train.steps = 1 keeps step-budgeted set-ups tiny
     one_step = attrs.evolve(config, train=attrs.evolve(config.train, steps=1))
-    ctx = TrainContext(policy=policy, reference=reference, beta=config.train.beta, task=task, config=one_step,
-                       step=1, generator=generator, solution=solution)
+    ctx = TrainContext(
+        policy=policy,
+        reference=reference,
+        beta=config.train.beta,
+        task=task,
+        config=one_step,
+        step=1,
+        generator=generator,
+        solution=solution,
+    )
 
     labels, notes, credit, skipped = [], {}, {}, {}
     for name, rows in estimator_rows(run, registry, config, ctx, batch, checkpoint):
@@ -212,7 +257,9 @@ def explain(run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Pat
             skipped[name] = str(exc)
     true = solution.token_advantages(batch.prompt_index, batch.response_ids, batch.response_mask)
     labels.append(TRUE_ROW)
-    notes[TRUE_ROW] = f"Q*(s_t,a_t) - V*(s_t) from the exact solver, under this run's reference, beta={config.train.beta:g}"
+    notes[TRUE_ROW] = (
+        f"Q*(s_t,a_t) - V*(s_t) from the exact solver, under this run's reference, beta={config.train.beta:g}"
+    )
     credit[TRUE_ROW] = true
     correlations = {label: masked_correlation(credit[label], true, batch.response_mask) for label in labels}
 
@@ -228,10 +275,12 @@ def explain(run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Pat
         images.append(path)
     step = int(checkpoint.stem.split("_")[-1])
     finished = "finished" if (run_dir / "summary.json").is_file() else "NOT finished"
-    header = (f"{run_dir}: {config.env['id']} (vocab {task.vocab_size}, horizon {task.horizon}), "
-              f"{run.estimator.name} + {run.advantage.name} + {run.updater.name}, checkpoint step {step} ({finished}), "
-              f"beta={config.train.beta:g}; {len(prompt_index)} responses ({samples} shown, groups of "
-              f"{group_size}), {batch.num_tokens} tokens, seed {seed}")
+    header = (
+        f"{run_dir}: {config.env['id']} (vocab {task.vocab_size}, horizon {task.horizon}), "
+        f"{run.estimator.name} + {run.advantage.name} + {run.updater.name}, checkpoint step {step} ({finished}), "
+        f"beta={config.train.beta:g}; {len(prompt_index)} responses ({samples} shown, groups of "
+        f"{group_size}), {batch.num_tokens} tokens, seed {seed}"
+    )
     page = out / "index.html"
     page.write_text(render_html(header, labels, notes, credit, correlations, skipped, batch, shown, task, images))
     return Explanation(labels, notes, credit, correlations, batch, shown, skipped, images, page, header)
@@ -309,26 +358,33 @@ def render_html(header, labels, notes, credit, correlations, skipped, batch, sho
         "<th>corr(credit, A*)</th><th class=l>how it is computed</th></tr>",
     ]
     for label in labels:
-        parts.append(f"<tr><td class=l>{e(label)}</td><td>{correlations[label]:.3f}</td>"
-                     f"<td class=l>{e(notes[label])}</td></tr>")
+        parts.append(
+            f"<tr><td class=l>{e(label)}</td><td>{correlations[label]:.3f}</td><td class=l>{e(notes[label])}</td></tr>"
+        )
     parts.append("</table>")
     for name, why in skipped.items():
         parts.append(f"<p>skipped {e(name)}: {e(why)}</p>")
-    parts.append("<p>Colours: each row scaled to its own max |credit| (pink &lt; 0 &lt; green); "
-                 "the numbers are the credit itself. Padding after EOS is not shown.</p>")
+    parts.append(
+        "<p>Colours: each row scaled to its own max |credit| (pink &lt; 0 &lt; green); "
+        "the numbers are the credit itself. Padding after EOS is not shown.</p>"
+    )
     for k, (row, image) in enumerate(zip(shown, images)):
         values, length = _matrix(labels, credit, batch, row)
         scaled = _row_scaled(values)
         tokens = batch.response_ids[row, :length].tolist()
-        parts.append(f"<h2>Response {k}: prompt {e(str(batch.prompt_ids[row].tolist()))}, "
-                     f"R = {float(batch.sequence_rewards[row]):g}</h2><table><tr><th class=l>token</th>")
+        parts.append(
+            f"<h2>Response {k}: prompt {e(str(batch.prompt_ids[row].tolist()))}, "
+            f"R = {float(batch.sequence_rewards[row]):g}</h2><table><tr><th class=l>token</th>"
+        )
         parts += [f"<th>t={t}<br>{e(token_label(task, a))}</th>" for t, a in enumerate(tokens)]
         parts.append("</tr>")
         for i, label in enumerate(labels):
             cls = " class=true" if label == TRUE_ROW else ""
-            cells = "".join(f"<td style='background:{_cell_colour(float(scaled[i, t]))};"
-                            f"color:{'#fff' if abs(float(scaled[i, t])) > 0.6 else '#000'}'>{float(values[i, t]):+.3f}</td>"
-                            for t in range(length))
+            cells = "".join(
+                f"<td style='background:{_cell_colour(float(scaled[i, t]))};"
+                f"color:{'#fff' if abs(float(scaled[i, t])) > 0.6 else '#000'}'>{float(values[i, t]):+.3f}</td>"
+                for t in range(length)
+            )
             parts.append(f"<tr{cls}><td class=l>{e(label)}</td>{cells}</tr>")
         parts.append(f"</table><img alt='{e(image.name)}' src='{png_data_uri(image)}'>")
     parts.append("</body></html>")

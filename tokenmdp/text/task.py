@@ -16,14 +16,16 @@
 * there is no base distribution and no exact solver (``exact = False``): the trainer
   scores text runs by sampling (:class:`tokenmdp.evaluation.SampledEvaluator`).
 """
+
 from __future__ import annotations
 
 import copy
 import importlib
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,8 +35,8 @@ from ..errors import ConfigError, RewardError, TokenMDPError
 from ..mdp.env import TokenTask
 from .tokenizers import TextTokenizer, load_tokenizer
 
-
 # --- prompts ----------------------------------------------------------------------------
+
 
 def read_prompts(path: str | Path, key: str = "env.prompts") -> list[str]:
     """Prompts from a ``.jsonl`` file (each line a JSON string or an object with a
@@ -51,11 +53,12 @@ def read_prompts(path: str | Path, key: str = "env.prompts") -> list[str]:
             row = json_line(line, where)
             if isinstance(row, dict):
                 if "prompt" not in row:
-                    raise ConfigError(f"{where}: the object has no \"prompt\" key (keys: {', '.join(map(str, row))})")
+                    raise ConfigError(f'{where}: the object has no "prompt" key (keys: {", ".join(map(str, row))})')
                 row = row["prompt"]
             if not isinstance(row, str):
-                raise ConfigError(f"{where}: a prompt must be a string or {{\"prompt\": string}} "
-                                  f"(got {type(row).__name__})")
+                raise ConfigError(
+                    f'{where}: a prompt must be a string or {{"prompt": string}} (got {type(row).__name__})'
+                )
             text = row
         else:
             if "\x00" in line:
@@ -70,6 +73,7 @@ def read_prompts(path: str | Path, key: str = "env.prompts") -> list[str]:
 
 
 # --- rewards ----------------------------------------------------------------------------
+
 
 def resolve_callable(spec: str, what: str = "env.reward") -> Callable:
     """``module:function`` (dots allowed after the colon) -> the callable."""
@@ -89,22 +93,26 @@ def resolve_callable(spec: str, what: str = "env.reward") -> Callable:
     return obj
 
 
-POSITIVE_WORDS = frozenset("""
+POSITIVE_WORDS = frozenset(
+    """
 good great happy glad joy joyful love lovely loved kind kindly helpful helpfully nice wonderful
 beautiful excellent amazing awesome fantastic best better thank thanks grateful gratitude calm
 peaceful warm warmly friendly friend friends gentle bright fun enjoy enjoyed enjoying delight
 delightful pleasant hope hopeful smile smiles smiling laugh laughter cheerful positive care caring
 support supportive welcome fine perfect brilliant success successful win proud safe sweet fresh
 comfortable relaxing relaxed lucky gift free easy favorite favourite wow beloved sunny generous
-""".split())
+""".split()
+)
 
-NEGATIVE_WORDS = frozenset("""
+NEGATIVE_WORDS = frozenset(
+    """
 bad sad angry hate hated terrible awful horrible worst worse poor pain painful hurt cry crying
 fear afraid scared sick ill tired boring bored lonely alone ugly stupid dumb annoying annoyed
 upset unhappy miserable wrong fail failed failure problem problems difficult hard cold dark
 dead death die died kill killed war fight fighting loss lost broken mess nasty rude cruel
 disappointed disappointing worried worry anxious stress stressed tragic disaster never hopeless
-""".split())
+""".split()
+)
 
 _WORD = re.compile(r"[a-z']+")
 
@@ -119,6 +127,7 @@ def lexicon_score(prompt: str, completion: str) -> float:
 
 # --- the task ---------------------------------------------------------------------------
 
+
 class TextTask(TokenTask):
     """Prompts from a file, a real tokenizer, and an optional ``module:function`` reward."""
 
@@ -128,9 +137,19 @@ class TextTask(TokenTask):
     #: The observation carries ``prompt_mask`` (prompts have different lengths).
     padded_prompts = True
 
-    def __init__(self, prompts: str | None = None, tokenizer: str | None = None, reward: str | None = None,
-                 horizon: int = 32, seed: int = 0, max_prompt_tokens: int = 256, add_bos: bool | None = None,
-                 stop_at_eos: bool = True, guide_separator: str = "\n", eval_prompts: str | list | None = None):
+    def __init__(
+        self,
+        prompts: str | None = None,
+        tokenizer: str | None = None,
+        reward: str | None = None,
+        horizon: int = 32,
+        seed: int = 0,
+        max_prompt_tokens: int = 256,
+        add_bos: bool | None = None,
+        stop_at_eos: bool = True,
+        guide_separator: str = "\n",
+        eval_prompts: str | list | None = None,
+    ):
         tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
         eos = tok.eos_token_id if stop_at_eos else None
         if eos is not None and not 0 <= eos < tok.vocab_size:
@@ -168,8 +187,10 @@ class TextTask(TokenTask):
             if not ids:
                 raise ConfigError(f"{key}: prompt {lineno} ({text[:40]!r}) has no tokens")
             if len(ids) > self.max_prompt_tokens:
-                raise ConfigError(f"{key}: prompt {lineno} ({text[:40]!r}...) has {len(ids)} tokens, "
-                                  f"more than env.max_prompt_tokens = {self.max_prompt_tokens}")
+                raise ConfigError(
+                    f"{key}: prompt {lineno} ({text[:40]!r}...) has {len(ids)} tokens, "
+                    f"more than env.max_prompt_tokens = {self.max_prompt_tokens}"
+                )
             rows.append(ids)
         self._prompts, self._prompt_mask = self.lay_out_prompts(rows)
         #: prompt tokens (BOS excluded) -> first row with them, for pair files' prompts
@@ -185,8 +206,8 @@ class TextTask(TokenTask):
         ids = torch.full((len(rows), width), self.pad_token, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
         if self.add_bos:
             ids[:, 0], mask[:, 0] = self.bos_token, 1
         return ids, mask
@@ -209,12 +230,15 @@ class TextTask(TokenTask):
         return self.reward_fn is not None
 
     def base_logits(self, prompt_index, prefix):
-        raise TokenMDPError("tokenmdp/Text-v0 has no base distribution; the loaded model is the reference "
-                            "(reference.init = \"init\")")
+        raise TokenMDPError(
+            'tokenmdp/Text-v0 has no base distribution; the loaded model is the reference (reference.init = "init")'
+        )
 
     def next_token_rewards(self, prompt_index, prefix):
-        raise TokenMDPError("tokenmdp/Text-v0 pays its reward on the finished response; it has no per-token "
-                            "reward table (and no exact solver)")
+        raise TokenMDPError(
+            "tokenmdp/Text-v0 pays its reward on the finished response; it has no per-token "
+            "reward table (and no exact solver)"
+        )
 
     def encode_guide(self, text: str) -> Tensor:
         """Guide text -> the ids placed after BOS, in front of the prompt (scoring only)."""
@@ -242,11 +266,15 @@ class TextTask(TokenTask):
             value = self.reward_fn(prompt, completion)
             value = float(value)
         except Exception as exc:
-            raise RewardError(f"reward {self.reward_name!r} raised on prompt {int(prompt_index)} "
-                              f"(completion {completion[:60]!r}): {type(exc).__name__}: {exc}") from exc
+            raise RewardError(
+                f"reward {self.reward_name!r} raised on prompt {int(prompt_index)} "
+                f"(completion {completion[:60]!r}): {type(exc).__name__}: {exc}"
+            ) from exc
         if not math.isfinite(value):
-            raise RewardError(f"reward {self.reward_name!r} returned {value} on prompt {int(prompt_index)}; "
-                              "rewards must be finite numbers")
+            raise RewardError(
+                f"reward {self.reward_name!r} returned {value} on prompt {int(prompt_index)}; "
+                "rewards must be finite numbers"
+            )
         return value
 
     def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:
@@ -271,7 +299,14 @@ class TextTask(TokenTask):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "prompts": self.prompts_path, "num_prompts": len(self.texts),
-                "eval_prompts": self.eval_task.prompts_path if self.eval_task is not self else None,
-                "tokenizer": self.tokenizer.source, "vocab_size": self.vocab_size, "horizon": self.horizon,
-                "eos_token": self.eos_token, "reward": self.reward_name}
+        return {
+            "task": self.name,
+            "prompts": self.prompts_path,
+            "num_prompts": len(self.texts),
+            "eval_prompts": self.eval_task.prompts_path if self.eval_task is not self else None,
+            "tokenizer": self.tokenizer.source,
+            "vocab_size": self.vocab_size,
+            "horizon": self.horizon,
+            "eos_token": self.eos_token,
+            "reward": self.reward_name,
+        }

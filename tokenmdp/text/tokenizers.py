@@ -3,8 +3,8 @@ sentencepiece model (``env.tokenizer``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import ConfigError
 
@@ -14,9 +14,17 @@ class TextTokenizer:
 
     ``encode`` never adds special tokens; :class:`TextTask` adds BOS itself."""
 
-    def __init__(self, source: str, vocab_size: int, encode: Callable[[str], list[int]],
-                 decode: Callable[[list[int]], str], bos: int | None, eos: int | None, pad: int | None,
-                 adds_bos: bool):
+    def __init__(
+        self,
+        source: str,
+        vocab_size: int,
+        encode: Callable[[str], list[int]],
+        decode: Callable[[list[int]], str],
+        bos: int | None,
+        eos: int | None,
+        pad: int | None,
+        adds_bos: bool,
+    ):
         self.source = source
         self.vocab_size = vocab_size
         self._encode, self._decode = encode, decode
@@ -52,10 +60,14 @@ def sentencepiece_adapter(sp, source: str = "sentencepiece") -> TextTokenizer:
     """Wrap a ``SentencePieceProcessor`` (e.g. from ``train_sentencepiece``)."""
     special = {i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0}
     return TextTokenizer(
-        source, sp.get_piece_size(), encode=lambda text: sp.encode(text),
+        source,
+        sp.get_piece_size(),
+        encode=lambda text: sp.encode(text),
         decode=lambda ids: sp.decode([i for i in ids if i not in special]),
-        bos=sp.bos_id() if sp.bos_id() >= 0 else None, eos=sp.eos_id() if sp.eos_id() >= 0 else None,
-        pad=sp.pad_id() if sp.pad_id() >= 0 else None, adds_bos=sp.bos_id() >= 0,
+        bos=sp.bos_id() if sp.bos_id() >= 0 else None,
+        eos=sp.eos_id() if sp.eos_id() >= 0 else None,
+        pad=sp.pad_id() if sp.pad_id() >= 0 else None,
+        adds_bos=sp.bos_id() >= 0,
     )
 
 
@@ -65,25 +77,35 @@ def _hf_tokenizer(path: Path) -> TextTokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise ConfigError(f"env.tokenizer: could not load a Hugging Face tokenizer from {str(path)!r}: "
-                          f"{type(exc).__name__}: {exc}") from None
+        raise ConfigError(
+            f"env.tokenizer: could not load a Hugging Face tokenizer from {str(path)!r}: {type(exc).__name__}: {exc}"
+        ) from None
     probe = tok("a", add_special_tokens=True)["input_ids"]
     adds_bos = tok.bos_token_id is not None and bool(probe) and probe[0] == tok.bos_token_id
     return TextTokenizer(
-        str(path), len(tok), encode=lambda text: tok.encode(text, add_special_tokens=False),
+        str(path),
+        len(tok),
+        encode=lambda text: tok.encode(text, add_special_tokens=False),
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-        bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id, adds_bos=adds_bos,
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=tok.pad_token_id,
+        adds_bos=adds_bos,
     )
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
     """A sentencepiece ``.model`` file, or a directory a Hugging Face tokenizer loads from."""
     if not isinstance(path, (str, Path)) or not str(path):
-        raise ConfigError("env.tokenizer is required: a Hugging Face tokenizer directory or a sentencepiece .model file")
+        raise ConfigError(
+            "env.tokenizer is required: a Hugging Face tokenizer directory or a sentencepiece .model file"
+        )
     p = Path(path)
     if p.is_file():
         return _sentencepiece_tokenizer(p)
     if p.is_dir():
         return _hf_tokenizer(p)
-    raise ConfigError(f"env.tokenizer: {str(path)!r} does not exist (expected a Hugging Face tokenizer "
-                      "directory or a sentencepiece .model file)")
+    raise ConfigError(
+        f"env.tokenizer: {str(path)!r} does not exist (expected a Hugging Face tokenizer "
+        "directory or a sentencepiece .model file)"
+    )

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
 from ..devices import module_device
+from ..mdp.solver import Solution, solve, tree_logprobs
+from ..plugin.batch import RolloutBatch
 from ..plugin.ops import masked_correlation
 from ..policies.base import TokenPolicy
-from ..plugin.batch import RolloutBatch
-from ..mdp.solver import Solution, solve, tree_logprobs
 
 
 class ExactEvaluator:
@@ -65,8 +65,17 @@ class SampledEvaluator:
 
     solution = None
 
-    def __init__(self, task, reference: TokenPolicy, beta: float, num_samples: int, seed: int,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+    def __init__(
+        self,
+        task,
+        reference: TokenPolicy,
+        beta: float,
+        num_samples: int,
+        seed: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ):
         self.task, self.reference, self.beta = task, reference, beta
         self.num_samples, self.seed = num_samples, seed
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -93,11 +102,19 @@ class SampledEvaluator:
         device = module_device(policy)
         if device.type != "cpu":  # the same stream for every policy scored on this device
             generator = sampling_generator(self.seed, device)
-        response, mask = generate(policy, prompt_ids, task.horizon, task.eos_token, generator,
-                                  attention_mask=prompt_mask, **self.sampling)
-        batch = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response,
-                             response_mask=mask, rewards=torch.zeros_like(mask), prompt_index=index,
-                             rewards_observed=False, prefix_offset=task.prefix_offset)
+        response, mask = generate(
+            policy, prompt_ids, task.horizon, task.eos_token, generator, attention_mask=prompt_mask, **self.sampling
+        )
+        batch = RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response,
+            response_mask=mask,
+            rewards=torch.zeros_like(mask),
+            prompt_index=index,
+            rewards_observed=False,
+            prefix_offset=task.prefix_offset,
+        )
         return batch.to(device)
 
     @torch.no_grad()

@@ -53,10 +53,13 @@ class PairBatch:
     def num_tokens(self) -> int:
         return int(self.chosen_mask.sum() + self.rejected_mask.sum())
 
-    def select(self, index: Tensor, info: dict | None = None) -> "PairBatch":
+    def select(self, index: Tensor, info: dict | None = None) -> PairBatch:
         """Pairs ``index`` (in that order; repeats allowed)."""
-        picked = {f.name: getattr(self, f.name)[index] for f in attrs.fields(PairBatch)
-                  if isinstance(getattr(self, f.name), Tensor)}
+        picked = {
+            f.name: getattr(self, f.name)[index]
+            for f in attrs.fields(PairBatch)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         return attrs.evolve(self, **picked, info=dict(info if info is not None else self.info))
 
     def responses(self) -> RolloutBatch:
@@ -96,6 +99,7 @@ def concat_pairs(parts: list[PairBatch]) -> PairBatch:
 
 # --- sampled pairs, labelled by the task's reward (the oracle reward model) -------------
 
+
 def sequence_rewards(task, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
     """``R(x, y) = sum_t r(s_t, y_t)`` over real tokens, from ``task.next_token_rewards``
     (float64, so that ties are exact sums of the task's rewards). A task that pays on
@@ -113,8 +117,9 @@ def sequence_rewards(task, prompt_index: Tensor, response: Tensor, mask: Tensor)
 
 
 @torch.no_grad()
-def sample_pairs(model, task, num_pairs: int, generator: torch.Generator, temperature: float = 1.0,
-                 label_beta: float | None = None) -> tuple[PairBatch, dict[str, float]]:
+def sample_pairs(
+    model, task, num_pairs: int, generator: torch.Generator, temperature: float = 1.0, label_beta: float | None = None
+) -> tuple[PairBatch, dict[str, float]]:
     """``num_pairs`` non-tied pairs: for prompts drawn from the task's prompt distribution,
     two responses are sampled from ``model``, scored by the task's reward, and the higher
     one is ``chosen``. Ties (equal reward) are dropped and more candidates are drawn.
@@ -137,8 +142,15 @@ def sample_pairs(model, task, num_pairs: int, generator: torch.Generator, temper
         n = max(64, int(1.5 * (num_pairs - kept)))
         index, context = sample_contexts(task, n, generator, tagged=False)
         cmask = task.prompt_mask[index]  # text prompts are left-padded
-        both, mask = generate(model, context.repeat(2, 1), task.horizon, task.eos_token, generator, temperature,
-                              attention_mask=cmask.repeat(2, 1))
+        both, mask = generate(
+            model,
+            context.repeat(2, 1),
+            task.horizon,
+            task.eos_token,
+            generator,
+            temperature,
+            attention_mask=cmask.repeat(2, 1),
+        )
         both, mask = both.cpu(), mask.cpu()  # pairs live on the CPU, with the task; scoring moves them
         reward = sequence_rewards(task, index.repeat(2), both, mask)
         first, second = reward[:n], reward[n:]
@@ -158,13 +170,19 @@ def sample_pairs(model, task, num_pairs: int, generator: torch.Generator, temper
             p_first = torch.sigmoid((r1 - r2) / label_beta)
             swap = (torch.rand(cut, generator=generator, dtype=torch.float64) >= p_first)[:, None]
         keep = decided
-        parts.append(PairBatch(
-            prompt_ids=context[keep], prompt_mask=cmask[keep], prompt_index=index[keep],
-            chosen_ids=torch.where(swap, y2, y1)[keep], chosen_mask=torch.where(swap, m2, m1)[keep],
-            rejected_ids=torch.where(swap, y1, y2)[keep], rejected_mask=torch.where(swap, m1, m2)[keep],
-            chosen_env_reward=torch.where(swap[:, 0], r2, r1)[keep],
-            rejected_env_reward=torch.where(swap[:, 0], r1, r2)[keep],
-        ))
+        parts.append(
+            PairBatch(
+                prompt_ids=context[keep],
+                prompt_mask=cmask[keep],
+                prompt_index=index[keep],
+                chosen_ids=torch.where(swap, y2, y1)[keep],
+                chosen_mask=torch.where(swap, m2, m1)[keep],
+                rejected_ids=torch.where(swap, y1, y2)[keep],
+                rejected_mask=torch.where(swap, m1, m2)[keep],
+                chosen_env_reward=torch.where(swap[:, 0], r2, r1)[keep],
+                rejected_env_reward=torch.where(swap[:, 0], r1, r2)[keep],
+            )
+        )
         kept += int(keep.sum())
     return concat_pairs(parts), {"candidates": candidates, "ties": ties, "tokens": tokens}
 
@@ -185,8 +203,9 @@ def load_pair_file(path: str | Path, task, limit: int | None = None) -> PairBatc
             raise ConfigError(f"{where}: expected a JSON object with keys {', '.join(KEYS)}")
         missing = [k for k in KEYS if k not in row]
         if missing:
-            raise ConfigError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; "
-                              f"each line needs {', '.join(KEYS)}")
+            raise ConfigError(
+                f"{where}: missing key(s) {', '.join(map(repr, missing))}; each line needs {', '.join(KEYS)}"
+            )
         prompts.append(_prompt(row["prompt"], task, where))
         y_w, y_l = (_response(row[k], task, where, k) for k in ("chosen", "rejected"))
         if y_w == y_l:
@@ -203,18 +222,25 @@ def load_pair_file(path: str | Path, task, limit: int | None = None) -> PairBatc
     prompt_ids, prompt_mask = task.lay_out_prompts(rows) if task.padded_prompts else _pad(rows, left=True)
     ids, mask = _pad(chosen + rejected)  # one width for both sides: they are scored as one batch
     (chosen_ids, rejected_ids), (chosen_mask, rejected_mask) = ids.split(len(chosen)), mask.split(len(chosen))
-    return PairBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                     prompt_index=torch.tensor([i for _, i in prompts]),
-                     chosen_ids=chosen_ids, chosen_mask=chosen_mask,
-                     rejected_ids=rejected_ids, rejected_mask=rejected_mask)
+    return PairBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompt_index=torch.tensor([i for _, i in prompts]),
+        chosen_ids=chosen_ids,
+        chosen_mask=chosen_mask,
+        rejected_ids=rejected_ids,
+        rejected_mask=rejected_mask,
+    )
 
 
 def _ids(value: Any, task, where: str, key: str) -> list[int]:
     if isinstance(value, str):
         tokenizer = getattr(task, "tokenizer", None)
         if tokenizer is None:
-            raise ConfigError(f"{where}: {key!r} is text, but env {getattr(task, 'name', 'task')!r} has no "
-                              "tokenizer; give token ids (a list of integers) instead")
+            raise ConfigError(
+                f"{where}: {key!r} is text, but env {getattr(task, 'name', 'task')!r} has no "
+                "tokenizer; give token ids (a list of integers) instead"
+            )
         return list(tokenizer.encode(value))
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ConfigError(f"{where}: {key!r} must be a list of token ids (integers) or a string")
@@ -259,8 +285,10 @@ def _prompt(value: Any, task, where: str) -> tuple[list[int], int]:
             if match.numel():
                 return candidate, int(match[0])
     known = ", ".join(str(row) for row in table.tolist()[:8]) + (" ..." if table.shape[0] > 8 else "")
-    raise ConfigError(f"{where}: prompt {ids} is not a prompt of env {getattr(task, 'name', 'task')!r}; "
-                      f"its prompts are {known} (the leading {bos} is BOS and may be left out)")
+    raise ConfigError(
+        f"{where}: prompt {ids} is not a prompt of env {getattr(task, 'name', 'task')!r}; "
+        f"its prompts are {known} (the leading {bos} is BOS and may be left out)"
+    )
 
 
 def _pad(rows: list[list[int]], left: bool = False) -> tuple[Tensor, Tensor]:

@@ -12,8 +12,9 @@ from ..plugin.batch import RolloutBatch, concat_batches, response_logits, token_
 from ..policies.base import TokenPolicy
 
 
-def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> Tensor:
+def filter_logits(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
     """The logits of the sampling distribution: divided by ``temperature``, then every token
     outside the ``top_k`` most likely and outside the smallest set whose probability reaches
     ``top_p`` (nucleus) set to -inf. The most likely token always stays."""
@@ -46,9 +47,17 @@ def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: int | None,
-             generator: torch.Generator, temperature: float = 1.0, attention_mask: Tensor | None = None,
-             top_k: int | None = None, top_p: float | None = None) -> tuple[Tensor, Tensor]:
+def generate(
+    policy: TokenPolicy,
+    context_ids: Tensor,
+    horizon: int,
+    eos_token: int | None,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    attention_mask: Tensor | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sample ``[B, horizon]`` responses (0-padded after EOS) and their 0/1 mask.
 
     ``attention_mask`` marks real context tokens (left padding = 0); decoding is
@@ -79,9 +88,17 @@ def generate(policy: TokenPolicy, context_ids: Tensor, horizon: int, eos_token: 
 
 
 @torch.no_grad()
-def collect(policy: TokenPolicy, env: TokenVectorEnv, seed: int, generator: torch.Generator,
-            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-            prompt_index: Tensor | None = None, samples_per_prompt: int = 1) -> RolloutBatch:
+def collect(
+    policy: TokenPolicy,
+    env: TokenVectorEnv,
+    seed: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    prompt_index: Tensor | None = None,
+    samples_per_prompt: int = 1,
+) -> RolloutBatch:
     """One response per env: sample with the policy, then step the env with those tokens
     (which yields rewards, unless the env is reward-free). ``prompt_index`` fixes the
     prompts (else the env draws them). With ``samples_per_prompt = G`` the env draws
@@ -94,8 +111,17 @@ def collect(policy: TokenPolicy, env: TokenVectorEnv, seed: int, generator: torc
         options["samples_per_prompt"] = samples_per_prompt
     obs, info = env.reset(seed=seed, options=options or None)
     prompt_mask = obs["prompt_mask"].long() if "prompt_mask" in obs else torch.ones_like(obs["prompt"])
-    response, mask = generate(policy, obs["prompt"], env.task.horizon, env.task.eos_token, generator, temperature,
-                              attention_mask=prompt_mask, top_k=top_k, top_p=top_p)
+    response, mask = generate(
+        policy,
+        obs["prompt"],
+        env.task.horizon,
+        env.task.eos_token,
+        generator,
+        temperature,
+        attention_mask=prompt_mask,
+        top_k=top_k,
+        top_p=top_p,
+    )
     actions = response.cpu()
     rewards = torch.zeros(actions.shape)
     for t in range(actions.shape[1]):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..mdp.solver import solve
 from ..policies.base import TaskBasePolicy, TokenPolicy
 from .rollout import generate
-from ..mdp.solver import solve
 
 
 def sample_contexts(task, n: int, generator: torch.Generator, tagged: bool) -> tuple[Tensor, Tensor]:
@@ -36,8 +36,9 @@ def make_sft_data(task, untagged: int, tagged: int, tilt_beta: float, generator:
     return groups
 
 
-def supervised_finetune(policy: TokenPolicy, groups, epochs: int, batch_size: int, lr: float,
-                        generator: torch.Generator) -> list[float]:
+def supervised_finetune(
+    policy: TokenPolicy, groups, epochs: int, batch_size: int, lr: float, generator: torch.Generator
+) -> list[float]:
     """Cross-entropy on response tokens; minibatches never mix context lengths."""
     optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
     losses = []

@@ -24,17 +24,18 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from .. import distributed
-from ..plugin.composition import Composition, compose
 from ..config import Config, dump_config, load_config
-from ..plugin.context import TrainContext
-from ..devices import PRECISIONS, place, resolve_device
-from ..mdp.env import TokenVectorEnv
+from ..devices import PRECISIONS, resolve_device
 from ..errors import CheckpointError, ConfigError, PluginError, RewardError, TokenMDPError, TrainingInterrupted
-from .evaluation import ExactEvaluator, SampledEvaluator
+from ..mdp.env import TokenVectorEnv
+from ..plugin.batch import concat_batches, token_logprobs
+from ..plugin.composition import Composition, compose
+from ..plugin.context import TrainContext
 from ..plugin.ops import check_finite
 from ..plugin.registry import Registry, plugin_manager
 from ..policies import TokenPolicy, build_policy
-from ..plugin.batch import concat_batches, token_logprobs
+from ..policies.base import place
+from .evaluation import ExactEvaluator, SampledEvaluator
 from .rollout import collect, sampling_generator
 from .sft import make_sft_data, supervised_finetune
 
@@ -84,8 +85,13 @@ def make_vector_env(registry: Registry, config: Config, num_envs: int, compute_r
     if spec.vector_entry_point is None:
         raise ConfigError(f"env.id {spec.id!r} has no torch vector form; training needs one")
     try:
-        env = gymnasium.make_vec(spec.id, num_envs=num_envs, autoreset_mode=AutoresetMode.DISABLED,
-                                 compute_rewards=compute_rewards, **config.env_kwargs)
+        env = gymnasium.make_vec(
+            spec.id,
+            num_envs=num_envs,
+            autoreset_mode=AutoresetMode.DISABLED,
+            compute_rewards=compute_rewards,
+            **config.env_kwargs,
+        )
     except TypeError as exc:
         valid = _task_parameters(getattr(spec.vector_entry_point, "task_cls", object))
         raise ConfigError(f"[env] ({spec.id}): {exc}; valid options: {', '.join(valid)}") from None
@@ -108,24 +114,29 @@ class Trainer:
         self.registry = Registry(self.pm)
         self.registry.register_envs()
         self.composition = compose(self.registry, config)
-        self.env = make_vector_env(self.registry, config, config.train.batch_size,
-                                   compute_rewards=self.composition.needs_env_reward)
+        self.env = make_vector_env(
+            self.registry, config, config.train.batch_size, compute_rewards=self.composition.needs_env_reward
+        )
         self.task = self.env.task
         self._check_text_setup(config)
         self.device = resolve_device(config.train.device)
         self.autocast_dtype = PRECISIONS[config.train.precision]
         kind = config.policy.get("kind", "gru")
         if self.autocast_dtype is not None and kind != "hf":
-            raise ConfigError(f"train.precision = {config.train.precision!r} applies to HF models (policy.kind = "
-                              f"\"hf\"); policy.kind = {kind!r} trains in \"fp32\"")
+            raise ConfigError(
+                f"train.precision = {config.train.precision!r} applies to HF models (policy.kind = "
+                f'"hf"); policy.kind = {kind!r} trains in "fp32"'
+            )
         for component in self.composition.components:
             component.check(config, self.task)
         self.run_dir = Path(config.run.dir)
         self.resume = resume
         simulate = config.train.simulate_world_size
         if simulate is not None and simulate > 1 and distributed.requested_world_size() > 1:
-            raise ConfigError("train.simulate_world_size stands in for a distributed run in one process; "
-                              "unset it when launching with torchrun")
+            raise ConfigError(
+                "train.simulate_world_size stands in for a distributed run in one process; "
+                "unset it when launching with torchrun"
+            )
         if not resume and (self.run_dir / "metrics.jsonl").exists() and not config.run.overwrite:
             raise ConfigError(
                 f"run.dir {str(self.run_dir)!r} already holds a run; use --resume {self.run_dir}, "
@@ -139,16 +150,20 @@ class Trainer:
             return
         env_id = config.env["id"]
         if config.policy.get("kind", "gru") != "hf":
-            raise ConfigError(f"env {env_id} needs policy.kind = \"hf\" (with policy.path = a model directory); "
-                              f"got policy.kind = {config.policy.get('kind', 'gru')!r}")
+            raise ConfigError(
+                f'env {env_id} needs policy.kind = "hf" (with policy.path = a model directory); '
+                f"got policy.kind = {config.policy.get('kind', 'gru')!r}"
+            )
         if config.reference.init != "init":
-            raise ConfigError(f"env {env_id} has no base distribution to fine-tune a reference on; set "
-                              "reference.init = \"init\" (the loaded model is the reference)")
+            raise ConfigError(
+                f"env {env_id} has no base distribution to fine-tune a reference on; set "
+                'reference.init = "init" (the loaded model is the reference)'
+            )
         if config.train.target_regret_frac is not None:
             raise ConfigError(f"train.target_regret_frac needs an exact solver, which env {env_id} does not have")
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, overrides: list[str] = (), pm=None) -> "Trainer":
+    def from_run_dir(cls, run_dir: str | Path, overrides: list[str] = (), pm=None) -> Trainer:
         """Resume the run in ``run_dir`` (wherever it now lives); ``overrides`` may extend
         it, e.g. ``train.steps=500``."""
         path = Path(run_dir) / "config.toml"
@@ -165,24 +180,29 @@ class Trainer:
         view = reference.reference_view()  # shares the weights (LoRA), or None
         shared = view is not None
         if shared and cfg.reference.init == "sft":
-            raise ConfigError("policy.lora trains an adapter on a fixed base, and the base is the reference; "
-                              "set reference.init = \"init\"")
+            raise ConfigError(
+                "policy.lora trains an adapter on a fixed base, and the base is the reference; "
+                'set reference.init = "init"'
+            )
         if self.resume and ref_file.exists() and not shared:
             reference.load_state_dict(torch.load(ref_file, weights_only=True, map_location="cpu"))
         elif cfg.reference.init == "sft":
             generator = torch.Generator().manual_seed(cfg.train.seed)
             ref_cfg = cfg.reference
-            groups = make_sft_data(self.task, ref_cfg.sft_samples, ref_cfg.tagged_samples,
-                                   ref_cfg.tilt_beta or cfg.train.beta, generator)
-            self.sft_losses = supervised_finetune(reference, groups, ref_cfg.sft_epochs,
-                                                  ref_cfg.sft_batch_size, ref_cfg.sft_lr, generator)
+            groups = make_sft_data(
+                self.task, ref_cfg.sft_samples, ref_cfg.tagged_samples, ref_cfg.tilt_beta or cfg.train.beta, generator
+            )
+            self.sft_losses = supervised_finetune(
+                reference, groups, ref_cfg.sft_epochs, ref_cfg.sft_batch_size, ref_cfg.sft_lr, generator
+            )
         distributed.broadcast_module(reference)  # every rank starts from rank 0's weights
         if shared:  # LoRA: the reference is the policy with its adapter off (shared weights)
             self.policy, self.reference = reference, view.eval()
         else:  # full fine-tuning changes every weight: the reference is a frozen copy
             self.policy = copy.deepcopy(reference)
-            self.reference = place(reference.requires_grad_(False).eval(), self.device, self.autocast_dtype,
-                                   no_dropout=False)
+            self.reference = place(
+                reference.requires_grad_(False).eval(), self.device, self.autocast_dtype, no_dropout=False
+            )
         # The policy is in eval mode (no dropout) everywhere but the updater's forward;
         # train.disable_dropout (default) turns its dropout off there too.
         place(self.policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
@@ -192,13 +212,28 @@ class Trainer:
             self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
         else:
             t = cfg.train
-            self.evaluator = SampledEvaluator(self.task.eval_task, self.reference, t.beta,
-                                              t.eval_samples or t.batch_size, seed=step_seed(t.seed, 0) ^ 0x5CA1AB1E,
-                                              temperature=t.temperature, top_k=t.top_k, top_p=t.top_p)
+            self.evaluator = SampledEvaluator(
+                self.task.eval_task,
+                self.reference,
+                t.beta,
+                t.eval_samples or t.batch_size,
+                seed=step_seed(t.seed, 0) ^ 0x5CA1AB1E,
+                temperature=t.temperature,
+                top_k=t.top_k,
+                top_p=t.top_p,
+            )
         exact = self.evaluator if self.exact else None
-        self.ctx = TrainContext(policy=self.policy, reference=self.reference, beta=cfg.train.beta,
-                                task=self.task, config=cfg, solution=exact.solution if exact else None,
-                                evaluator=exact, device=self.device, autocast_dtype=self.autocast_dtype)
+        self.ctx = TrainContext(
+            policy=self.policy,
+            reference=self.reference,
+            beta=cfg.train.beta,
+            task=self.task,
+            config=cfg,
+            solution=exact.solution if exact else None,
+            evaluator=exact,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
         for component in self.composition.components:
             self._guard(component, "setup", component.setup, self.ctx)
 
@@ -211,8 +246,9 @@ class Trainer:
             raise
         except Exception as exc:
             where = f" at step {kwargs['step']}" if "step" in kwargs else ""
-            raise PluginError(f"plugin {_plugin_that_raised(hook, exc)} raised in {hook_name}{where}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"plugin {_plugin_that_raised(hook, exc)} raised in {hook_name}{where}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _guard(self, component, what: str, fn, *args):
         """Call a component, reporting a crash with the plugin's name and the step."""
@@ -308,7 +344,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         """collect -> estimate -> construct -> update, for one batch of responses."""
-        ctx, cfg = self.ctx, self.config
+        ctx = self.ctx
         ctx.step = step
         batch = self._collect(step)
         with torch.no_grad():
@@ -324,8 +360,11 @@ class Trainer:
             advantages = dict(self._guard(constructor, "construct", constructor.construct, batch, signals, ctx))
             check_finite(advantages, f"advantage {constructor.name!r}", step)
             credit = self.evaluator.credit(batch, signals, advantages)
-        with distributed.agreement(f"updater {updater.name!r} at step {step}"), \
-                distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"), self._training_mode():
+        with (
+            distributed.agreement(f"updater {updater.name!r} at step {step}"),
+            distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"),
+            self._training_mode(),
+        ):
             update_metrics = dict(self._guard(updater, "update", updater.update, batch, signals, advantages, ctx))
             check_finite(update_metrics, f"updater {updater.name!r}", step)
             check_finite(dict(self.policy.named_parameters()), f"the policy after updater {updater.name!r}", step)
@@ -365,9 +404,18 @@ class Trainer:
             if not batches:
                 self.ctx.generator = generator
             try:
-                batches.append(collect(self.policy, self.env, seed=seed, generator=sampling,
-                                       temperature=cfg.train.temperature, top_k=cfg.train.top_k,
-                                       top_p=cfg.train.top_p, samples_per_prompt=cfg.train.samples_per_prompt))
+                batches.append(
+                    collect(
+                        self.policy,
+                        self.env,
+                        seed=seed,
+                        generator=sampling,
+                        temperature=cfg.train.temperature,
+                        top_k=cfg.train.top_k,
+                        top_p=cfg.train.top_p,
+                        samples_per_prompt=cfg.train.samples_per_prompt,
+                    )
+                )
             except RewardError as exc:
                 raise RewardError(f"{exc} (while collecting step {step})") from exc
         try:
@@ -438,9 +486,11 @@ class Trainer:
                 "env_tokens": env_tokens,
                 "wall_seconds": wall_seconds,
                 "used_env_reward": self.composition.needs_env_reward,
-                "eval_on": (f"held-out prompts: env.eval_prompts = {self.task.eval_task.prompts_path}"
-                            if self.task.eval_task is not self.task else
-                            "the training prompts (env.eval_prompts unset)"),
+                "eval_on": (
+                    f"held-out prompts: env.eval_prompts = {self.task.eval_task.prompts_path}"
+                    if self.task.eval_task is not self.task
+                    else "the training prompts (env.eval_prompts unset)"
+                ),
                 "start": dict(start),
                 **final,
                 **{k: v for c in self.composition.components for k, v in c.report().items()},
@@ -545,8 +595,11 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
 
 def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
     reason = f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror else str(exc)
-    kept = (f"the existing {path.name} is unchanged" if path.exists()
-            else f"nothing was written there; the other files in {path.parent} are unchanged")
+    kept = (
+        f"the existing {path.name} is unchanged"
+        if path.exists()
+        else f"nothing was written there; the other files in {path.parent} are unchanged"
+    )
     return CheckpointError(f"could not write {path}: {reason}; {kept}")
 
 

@@ -1,0 +1,34 @@
+"""What several test files share (imported as ``helpers``; fixtures live in conftest.py)."""
+
+import pytest
+
+#: A config small enough to train in a second or two.
+TINY = [
+    "algorithm.name=reinforce",
+    "env.id=tokenmdp/Pattern-v0",
+    "env.vocab_size=4",
+    "env.horizon=3",
+    "policy.kind=gru",
+    "policy.hidden=16",
+    "reference.sft_samples=256",
+    "reference.sft_epochs=2",
+    "train.steps=4",
+    "train.batch_size=16",
+    "train.eval_every=2",
+    "train.progress=false",
+]
+
+
+def train_until_interrupted(trainer, at_step: int) -> None:
+    """Run ``trainer`` until step ``at_step`` raises KeyboardInterrupt (the steps before it,
+    and their checkpoints, are done), as a crash or Ctrl-C mid-run would."""
+    original = trainer.train_step
+
+    def crash(step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return original(step)
+
+    trainer.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
