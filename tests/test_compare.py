@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenmdp import ConfigError, TokenMDPError, cli, compare
+from tokenmdp import ConfigError, TokenMDPError, cli
+from tokenmdp.reports import compare
 from tokenmdp.reports.plots import png_data_uri
 from tokenmdp.train.trainer import Trainer
 

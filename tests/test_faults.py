@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import tokenmdp
-from tokenmdp import NonFiniteError, PluginError, TokenMDPError, hookimpl
+from tokenmdp import CheckpointError, NonFiniteError, PluginError, TokenMDPError, hookimpl
 from tokenmdp.cli import main
 from tokenmdp.config import dump_config, load_config
 from tokenmdp.plugin.registry import plugin_manager
-from tokenmdp.train.trainer import CheckpointError, Trainer
+from tokenmdp.train.trainer import Trainer
 from tokenmdp_reinforce import PolicyGradient
 
 TESTS = Path(__file__).resolve().parent

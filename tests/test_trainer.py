@@ -8,7 +8,7 @@ import torch
 from helpers import TINY, train_until_interrupted
 
 import tokenmdp
-from tokenmdp import NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
+from tokenmdp import ConfigError, NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
 from tokenmdp.plugin.registry import plugin_manager
 from tokenmdp.train.trainer import Trainer
 
@@ -152,6 +152,32 @@ def test_lifecycle_hooks_are_called_by_keyword(tiny_config):
     assert [s[1] for s in seen if s[0] == "step"] == [0, 1, 2, 3, 4]
     assert all(s[2] for s in seen if s[0] == "step")
     assert seen[-1] == ("end", True)
+
+
+def test_the_end_hook_runs_however_the_run_ends_with_its_outcome(tiny_config, tmp_path):
+    """From a ``finally``: a plugin can always close its files."""
+    ended = []
+    plugin = _plugin(tokenmdp_on_train_end=lambda summary, outcome: ended.append((outcome, summary is None)))
+    pm = plugin_manager(extra_plugins=[plugin, _plugin(tokenmdp_trajectory_estimators=lambda: [Crashing])])
+    with pytest.raises(PluginError, match="crash-test"):
+        Trainer(tiny_config("algorithm.estimator=crash-test", run_dir=tmp_path / "crash"), pm=pm).train()
+    trainer = Trainer(tiny_config("run.checkpoint_every=1", run_dir=tmp_path / "cut"), pm=pm)
+    train_until_interrupted(trainer, at_step=3)
+    Trainer(tiny_config(run_dir=tmp_path / "done"), pm=pm).train()
+    assert ended == [("failed", True), ("interrupted", True), ("completed", False)]
+
+
+def test_blocking_the_loggers_plugin_loses_no_metrics(tiny_config, tmp_path, monkeypatch):
+    """The core writes metrics.jsonl; the loggers plugin only adds TensorBoard and the bar."""
+    monkeypatch.setenv("TOKENMDP_DISABLE_PLUGINS", "loggers")
+    Trainer(tiny_config(run_dir=tmp_path / "run")).train()
+    assert [row["step"] for row in read_metrics(tmp_path / "run")] == [0, 1, 2, 3, 4]
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    with pytest.raises(ConfigError, match="already holds a run"):  # the existing-run guard still works
+        Trainer(tiny_config(run_dir=tmp_path / "run"))
+    monkeypatch.delenv("TOKENMDP_DISABLE_PLUGINS")
+    Trainer(tiny_config(run_dir=tmp_path / "logged")).train()
+    assert (tmp_path / "run/metrics.jsonl").read_text() == (tmp_path / "logged/metrics.jsonl").read_text()
 
 
 def test_outside_plugin_advantage_is_used(tiny_config):

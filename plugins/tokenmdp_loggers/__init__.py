@@ -1,13 +1,12 @@
-"""Built-in loggers, as ordinary plugins on the lifecycle hooks.
+"""Built-in loggers, as ordinary plugins on the lifecycle hooks. They only add outputs:
+the core itself writes ``metrics.jsonl``, so blocking this plugin loses no data.
 
-- ``metrics.jsonl``: one JSON object per step (appended; deterministic for a given seed);
 - TensorBoard: every metric under a stable namespaced tag (bare names go to ``eval/``);
 - a tqdm progress bar (``train.progress = false`` to silence it).
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 from tqdm.auto import tqdm
@@ -19,10 +18,6 @@ _KEY = "tokenmdp_loggers"
 
 def tensorboard_tag(name: str) -> str:
     return name if "/" in name else f"eval/{name}"
-
-
-def _json_value(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 @hookimpl
@@ -38,7 +33,6 @@ def tokenmdp_on_train_start(run):
         leave=False,
     )
     run.resources[_KEY] = {
-        "jsonl": open(run.dir / "metrics.jsonl", "a"),
         "tensorboard": SummaryWriter(log_dir=str(run.dir / "tensorboard")),
         "progress": bar,
     }
@@ -47,8 +41,6 @@ def tokenmdp_on_train_start(run):
 @hookimpl
 def tokenmdp_on_step_end(run, step, metrics):
     res = run.resources[_KEY]
-    res["jsonl"].write(json.dumps({k: _json_value(v) for k, v in metrics.items()}) + "\n")
-    res["jsonl"].flush()
     for name, value in metrics.items():
         if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
             res["tensorboard"].add_scalar(tensorboard_tag(name), value, step)
@@ -59,8 +51,9 @@ def tokenmdp_on_step_end(run, step, metrics):
 
 
 @hookimpl
-def tokenmdp_on_train_end(run, summary):
-    res = run.resources.pop(_KEY)
-    res["jsonl"].close()
+def tokenmdp_on_train_end(run, summary, outcome):
+    res = run.resources.pop(_KEY, None)
+    if res is None:  # the run failed before this plugin's start hook ran
+        return
     res["tensorboard"].close()
     res["progress"].close()

@@ -45,5 +45,8 @@ def tokenmdp_on_step_end(run, step, metrics):
 
 
 @hookspec
-def tokenmdp_on_train_end(run, summary):
-    """Called once when training ends normally, with the final summary dict."""
+def tokenmdp_on_train_end(run, summary, outcome):
+    """Called once when training ends, however it ends, if ``tokenmdp_on_train_start`` was
+    called: ``outcome`` is ``"completed"`` (``summary`` is the final summary dict),
+    ``"interrupted"`` (Ctrl-C; the last step was checkpointed) or ``"failed"`` (``summary``
+    is None). Close files and release resources here."""

@@ -39,11 +39,11 @@ from ..mdp.solver import solve, tree_logprobs
 from ..options import build, to_dict
 from ..plugin.composition import compose
 from ..plugin.registry import Registry, plugin_manager
+from ..train.rundir import atomic_write_text
 from ..train.sft import make_sft_data
 from ..train.trainer import (
     Trainer,
     TrainingInterrupted,
-    _atomic_write_text,
     latest_checkpoint,
     load_reference,
     make_vector_env,
@@ -316,7 +316,7 @@ def _cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
     reference = load_reference(cell.dir, config, task)
     betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
     extras = {"frontier": exact_frontier(task, reference, betas), "tagged_sft_tokens": tagged_sft_tokens(task, config)}
-    _atomic_write_text(path, json.dumps(extras))  # a cache that is whole or absent
+    atomic_write_text(path, json.dumps(extras))  # a cache that is whole or absent
     return extras
 
 

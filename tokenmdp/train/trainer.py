@@ -1,20 +1,19 @@
 """The training loop, as a template method: collect -> estimate -> construct -> update.
 
 Everything that can fail on bad input (config, plugin names, composition, env options)
-is checked in ``Trainer.__init__``, before any model is built or any file is written.
+is checked in ``Trainer.__init__``, before any model is built or any file is written. The
+pieces around the loop have their own modules: the run directory (``rundir``), the
+policy and its reference (``models``), plugin calls (``guards``), Ctrl-C
+(``interrupts``) and ``summary.json`` (``summary``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
-import json
-import os
-import shutil
-import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +25,33 @@ from gymnasium.vector import AutoresetMode
 from .. import distributed
 from ..config import Config, dump_config, load_config
 from ..devices import PRECISIONS, resolve_device
-from ..errors import CheckpointError, ConfigError, PluginError, RewardError, TokenMDPError, TrainingInterrupted
+from ..errors import ConfigError, RewardError, TrainingInterrupted
 from ..mdp.env import TokenVectorEnv
 from ..plugin.batch import concat_batches, token_logprobs
 from ..plugin.composition import Composition, compose
 from ..plugin.context import TrainContext
 from ..plugin.ops import check_finite
 from ..plugin.registry import Registry, plugin_manager
-from ..policies import TokenPolicy, build_policy
 from ..policies.base import place
 from .evaluation import ExactEvaluator, SampledEvaluator
+from .guards import call_component, call_hook
+from .interrupts import deferred_interrupt
+from .models import initial_policy, load_policy, load_reference, split_reference
 from .rollout import collect, sampling_generator
-from .sft import make_sft_data, supervised_finetune
+from .rundir import CHECKPOINT_DIR, REFERENCE, RunDir, latest_checkpoint
+from .summary import run_summary
 
-CHECKPOINT_DIR = "checkpoints"
-
-
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Turn the first SIGINT into a flag checked between steps (a second one aborts)."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        flag.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+__all__ = [
+    "CHECKPOINT_DIR",
+    "Run",
+    "Trainer",
+    "deferred_interrupt",
+    "latest_checkpoint",
+    "load_policy",
+    "load_reference",
+    "make_vector_env",
+    "step_seed",
+]
 
 
 @attrs.define
@@ -130,14 +123,21 @@ class Trainer:
         for component in self.composition.components:
             component.check(config, self.task)
         self.run_dir = Path(config.run.dir)
+        self.rundir = RunDir(self.run_dir)
         self.resume = resume
+        # Built by build_models(); the loop's state, set by train().
+        self.policy = self.reference = self.evaluator = self.ctx = None
+        self.sft_losses: list[float] = []
+        self.stopped_at: int | None = None
+        self.recent_credit: list[float] = []
+        self._last_eval: tuple[int, dict[str, float]] | None = None
         simulate = config.train.simulate_world_size
         if simulate is not None and simulate > 1 and distributed.requested_world_size() > 1:
             raise ConfigError(
                 "train.simulate_world_size stands in for a distributed run in one process; "
                 "unset it when launching with torchrun"
             )
-        if not resume and (self.run_dir / "metrics.jsonl").exists() and not config.run.overwrite:
+        if not resume and self.rundir.holds_run() and not config.run.overwrite:
             raise ConfigError(
                 f"run.dir {str(self.run_dir)!r} already holds a run; use --resume {self.run_dir}, "
                 "--set run.overwrite=true, or another run.dir"
@@ -173,41 +173,16 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------
     def build_models(self) -> None:
+        """The policy, its reference (on ``train.device``), the evaluator, ``ctx``, and each
+        component's ``setup``."""
         cfg = self.config
-        reference = build_policy(cfg.policy, self.task, seed=cfg.train.seed)
-        self.sft_losses: list[float] = []
-        ref_file = self.run_dir / "reference.pt"
-        view = reference.reference_view()  # shares the weights (LoRA), or None
-        shared = view is not None
-        if shared and cfg.reference.init == "sft":
-            raise ConfigError(
-                "policy.lora trains an adapter on a fixed base, and the base is the reference; "
-                'set reference.init = "init"'
-            )
-        if self.resume and ref_file.exists() and not shared:
-            reference.load_state_dict(torch.load(ref_file, weights_only=True, map_location="cpu"))
-        elif cfg.reference.init == "sft":
-            generator = torch.Generator().manual_seed(cfg.train.seed)
-            ref_cfg = cfg.reference
-            groups = make_sft_data(
-                self.task, ref_cfg.sft_samples, ref_cfg.tagged_samples, ref_cfg.tilt_beta or cfg.train.beta, generator
-            )
-            self.sft_losses = supervised_finetune(
-                reference, groups, ref_cfg.sft_epochs, ref_cfg.sft_batch_size, ref_cfg.sft_lr, generator
-            )
-        distributed.broadcast_module(reference)  # every rank starts from rank 0's weights
-        if shared:  # LoRA: the reference is the policy with its adapter off (shared weights)
-            self.policy, self.reference = reference, view.eval()
-        else:  # full fine-tuning changes every weight: the reference is a frozen copy
-            self.policy = copy.deepcopy(reference)
-            self.reference = place(
-                reference.requires_grad_(False).eval(), self.device, self.autocast_dtype, no_dropout=False
-            )
+        base, self.sft_losses = initial_policy(cfg, self.task, self.run_dir / REFERENCE if self.resume else None)
+        policy, reference = split_reference(base)
+        self.reference = place(reference, self.device, self.autocast_dtype, no_dropout=False)
         # The policy is in eval mode (no dropout) everywhere but the updater's forward;
         # train.disable_dropout (default) turns its dropout off there too.
-        place(self.policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
+        self.policy = place(policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
         self.exact = self.task.exact
-        self._last_eval: tuple[int, dict[str, float]] | None = None
         if self.exact:
             self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
         else:
@@ -235,32 +210,7 @@ class Trainer:
             autocast_dtype=self.autocast_dtype,
         )
         for component in self.composition.components:
-            self._guard(component, "setup", component.setup, self.ctx)
-
-    def _lifecycle(self, hook_name: str, **kwargs):
-        """Call a lifecycle hook; a crash is reported with the plugin's name (and the step)."""
-        hook = getattr(self.pm.hook, hook_name)
-        try:
-            return hook(**kwargs)
-        except TokenMDPError:
-            raise
-        except Exception as exc:
-            where = f" at step {kwargs['step']}" if "step" in kwargs else ""
-            raise PluginError(
-                f"plugin {_plugin_that_raised(hook, exc)} raised in {hook_name}{where}: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def _guard(self, component, what: str, fn, *args):
-        """Call a component, reporting a crash with the plugin's name and the step."""
-        try:
-            return fn(*args)
-        except TokenMDPError:
-            raise
-        except Exception as exc:
-            raise PluginError(
-                f"{component.kind} {component.name!r} raised in {what} at step {self.ctx.step}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            call_component(component, "setup", self.ctx.step, component.setup, self.ctx)
 
     # --- the loop -----------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -279,23 +229,46 @@ class Trainer:
         start_step, env_tokens = self._prepare_run_dir()
         run = Run(dir=self.run_dir, config=cfg, composition=self.composition, start_step=start_step)
         started = time.perf_counter()
-        self.stopped_at = None
-        self.recent_credit = []
-        with distributed.agreement("tokenmdp_on_train_start"):
-            if main:
-                self._lifecycle("tokenmdp_on_train_start", run=run)
-                if start_step == 0:
-                    self._emit(run, 0, {"env_tokens": 0, **self._evaluate(0)})
-                self.recent_credit = _logged_values(self.run_dir / "metrics.jsonl", "credit_corr")[-10:]
-        with deferred_interrupt() as interrupted:
-            env_tokens = self._loop(run, start_step, env_tokens, interrupted)
-        summary = None
-        with distributed.agreement("the summary"):
-            if main:
-                summary = self._summary(env_tokens, time.perf_counter() - started)
-                _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-                self._lifecycle("tokenmdp_on_train_end", run=run, summary=summary)
+        self.stopped_at, self.recent_credit = None, []
+        summary, outcome, hooked, ended = None, "failed", False, False
+        try:
+            with distributed.agreement("tokenmdp_on_train_start"):
+                if main:
+                    self.rundir.open_metrics()
+                    hooked = True
+                    call_hook(self.pm, "tokenmdp_on_train_start", run=run)
+                    if start_step == 0:
+                        self._emit(run, 0, {"env_tokens": 0, **self._evaluate(0)})
+                    self.recent_credit = self.rundir.logged_values("credit_corr")[-10:]
+            with deferred_interrupt() as interrupted:
+                env_tokens = self._loop(run, start_step, env_tokens, interrupted)
+            with distributed.agreement("the summary"):
+                if main:
+                    final = self._evaluate(self.stopped_at or cfg.train.steps)
+                    summary = run_summary(self, final, env_tokens, time.perf_counter() - started)
+                    self.rundir.write_summary(summary)
+                    ended = True  # inside the agreement: a plugin failing here stops every rank
+                    self._end(run, summary, "completed")
+        except (TrainingInterrupted, KeyboardInterrupt):
+            outcome = "interrupted"
+            raise
+        finally:
+            if hooked and not ended:
+                self._end(run, summary, outcome)
         return distributed.broadcast_object(summary)
+
+    def _end(self, run: Run, summary: dict | None, outcome: str) -> None:
+        """The end of a run however it ends: the metrics file is closed and every plugin's
+        ``tokenmdp_on_train_end`` runs (so it can close its files). After a failure, a
+        plugin that fails there too is reported as a warning: the run's own error wins."""
+        self.rundir.close_metrics()
+        if outcome == "completed":
+            call_hook(self.pm, "tokenmdp_on_train_end", run=run, summary=summary, outcome=outcome)
+            return
+        try:
+            call_hook(self.pm, "tokenmdp_on_train_end", run=run, summary=summary, outcome=outcome)
+        except Exception as exc:  # the error in flight is the one to report
+            warnings.warn(f"after the run {outcome}, tokenmdp_on_train_end failed too: {exc}", stacklevel=2)
 
     def _loop(self, run: Run, start_step: int, env_tokens: int, interrupted: threading.Event) -> int:
         cfg = self.config
@@ -354,10 +327,12 @@ class Trainer:
         # Under torchrun every phase ends with the ranks agreeing: a failure on one rank
         # stops all of them here. Batch statistics (tokenmdp.ops) are global in the first two.
         with distributed.agreement(f"estimator {estimator.name!r} at step {step}"), distributed.global_batch():
-            signals = dict(self._guard(estimator, "estimate", estimator.estimate, batch, ctx))
+            signals = dict(call_component(estimator, "estimate", step, estimator.estimate, batch, ctx))
             check_finite(signals, f"estimator {estimator.name!r}", step)
         with distributed.agreement(f"advantage {constructor.name!r} at step {step}"), distributed.global_batch():
-            advantages = dict(self._guard(constructor, "construct", constructor.construct, batch, signals, ctx))
+            advantages = dict(
+                call_component(constructor, "construct", step, constructor.construct, batch, signals, ctx)
+            )
             check_finite(advantages, f"advantage {constructor.name!r}", step)
             credit = self.evaluator.credit(batch, signals, advantages)
         with (
@@ -365,7 +340,9 @@ class Trainer:
             distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"),
             self._training_mode(),
         ):
-            update_metrics = dict(self._guard(updater, "update", updater.update, batch, signals, advantages, ctx))
+            update_metrics = dict(
+                call_component(updater, "update", step, updater.update, batch, signals, advantages, ctx)
+            )
             check_finite(update_metrics, f"updater {updater.name!r}", step)
             check_finite(dict(self.policy.named_parameters()), f"the policy after updater {updater.name!r}", step)
         metrics: dict[str, Any] = {"rollout/tokens": batch.num_tokens}
@@ -432,12 +409,7 @@ class Trainer:
             state = None
             with distributed.agreement("loading the checkpoint"):
                 if main:
-                    _remove_stale_temp_files(self.run_dir)
-                    latest = latest_checkpoint(self.run_dir)
-                    if latest is None:
-                        raise ConfigError(f"--resume {str(self.run_dir)!r}: no checkpoint to resume from")
-                    state = torch.load(latest, weights_only=False, map_location="cpu")
-                    _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+                    state = self.rundir.load_latest_checkpoint()
             state = distributed.broadcast_object(state)
             self.policy.load_checkpoint_state(state["policy"])
             for component in self.composition.components:
@@ -445,19 +417,11 @@ class Trainer:
             return state["step"], state["env_tokens"]
         with distributed.agreement("preparing the run directory"):
             if main:
-                if self.run_dir.exists():
-                    _remove_stale_temp_files(self.run_dir)
-                    for name in ("metrics.jsonl", "summary.json", CHECKPOINT_DIR, "tensorboard"):
-                        path = self.run_dir / name
-                        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-                _atomic_write_text(self.run_dir / "config.toml", dump_config(self.config))
-                _atomic_save(self.reference.state_dict(), self.run_dir / "reference.pt")
+                self.rundir.start_fresh(dump_config(self.config), self.reference.state_dict())
         return 0, 0
 
     def save_checkpoint(self, step: int, env_tokens: int) -> Path:
         """Rank 0 writes the checkpoint (atomically); a failure stops every rank."""
-        path = self.run_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
         distributed.check_same_parameters(self.policy, f"at step {step}")
         with distributed.agreement(f"the checkpoint at step {step}"):
             if distributed.is_main():
@@ -467,166 +431,11 @@ class Trainer:
                     "policy": self.policy.checkpoint_state(),
                     "components": {c.kind: c.state_dict() for c in self.composition.components},
                 }
-                _atomic_save(state, path)
-                for old in sorted(path.parent.glob("step_*.pt"))[: -self.config.run.keep_checkpoints]:
-                    old.unlink()
-        return path
+                self.rundir.save_checkpoint(step, state, self.config.run.keep_checkpoints)
+        return self.rundir.checkpoint_path(step)
 
     def _emit(self, run: Run, step: int, metrics: dict[str, Any]) -> None:
-        self._lifecycle("tokenmdp_on_step_end", step=step, run=run, metrics={"step": step, **metrics})
-
-    def _summary(self, env_tokens: int, wall_seconds: float) -> dict[str, Any]:
-        final = self._evaluate(self.stopped_at or self.config.train.steps)
-        start = self.evaluator.start
-        if not self.exact:  # sampled scores; nothing knows the optimum
-            return {
-                **self.composition.describe(),
-                "env": self.config.env["id"],
-                "steps": self.config.train.steps,
-                "env_tokens": env_tokens,
-                "wall_seconds": wall_seconds,
-                "used_env_reward": self.composition.needs_env_reward,
-                "eval_on": (
-                    f"held-out prompts: env.eval_prompts = {self.task.eval_task.prompts_path}"
-                    if self.task.eval_task is not self.task
-                    else "the training prompts (env.eval_prompts unset)"
-                ),
-                "start": dict(start),
-                **final,
-                **{k: v for c in self.composition.components for k, v in c.report().items()},
-            }
-        return {
-            **self.composition.describe(),
-            "env": self.config.env["id"],
-            "steps": self.stopped_at or self.config.train.steps,
-            "reached_target": self.stopped_at is not None,
-            "env_tokens": env_tokens,
-            "wall_seconds": wall_seconds,
-            "used_env_reward": self.composition.needs_env_reward,
-            "j_star": self.evaluator.solution.j_star,
-            "start": {**start, "regret_frac": 1.0, "closure": 0.0},
-            **final,
-            # mean over the last (up to) 10 steps: one step's correlation is noisy
-            "credit_corr": _nan_mean(self.recent_credit),
-            **{k: v for c in self.composition.components for k, v in c.report().items()},
-        }
-
-
-def _plugin_that_raised(hook, exc: BaseException) -> str:
-    """The plugin whose implementation of ``hook`` is on ``exc``'s traceback (outermost first)."""
-    owners = {}
-    for impl in hook.get_hookimpls():
-        code = getattr(impl.function, "__code__", None)
-        if code is not None:
-            owners[code] = impl.plugin_name
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code in owners:
-            return repr(owners[tb.tb_frame.f_code])
-        tb = tb.tb_next
-    names = ", ".join(repr(impl.plugin_name) for impl in hook.get_hookimpls())
-    return f"(one of {names})"
-
-
-def _logged_values(path: Path, key: str) -> list[float]:
-    if not path.exists():
-        return []
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line)
-    return [row[key] if row[key] is not None else float("nan") for row in rows if key in row]
-
-
-def _nan_mean(values: list[float]) -> float | None:
-    finite = [v for v in values if v == v]
-    return sum(finite) / len(finite) if finite else None
-
-
-def load_policy(path: str | Path, task) -> TokenPolicy:
-    """A trained policy from a run directory (its last checkpoint) or an HF model directory."""
-    path = Path(path)
-    if (path / "config.toml").is_file():
-        config = load_config(path / "config.toml")
-        policy = build_policy(config.policy, task, seed=config.train.seed)
-        checkpoint = latest_checkpoint(path)
-        if checkpoint is None:
-            raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
-        policy.load_checkpoint_state(torch.load(checkpoint, weights_only=False, map_location="cpu")["policy"])
-        return policy
-    from ..policies.hf import HFCausalLMPolicy
-
-    return HFCausalLMPolicy.from_pretrained(path, vocab_size=task.vocab_size)
-
-
-def load_reference(run_dir: str | Path, config: Config, task) -> TokenPolicy:
-    """The frozen reference model a run was trained and scored against (its reference.pt)."""
-    reference = build_policy(config.policy, task, seed=config.train.seed)
-    view = reference.reference_view()
-    if view is not None:  # LoRA: the base with its adapter off (reference.pt holds no weights)
-        return view.eval()
-    reference.load_state_dict(torch.load(Path(run_dir) / "reference.pt", weights_only=True, map_location="cpu"))
-    return reference.requires_grad_(False).eval()
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*.pt"))
-    return found[-1] if found else None
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-TEMP_MARK = ".tmp-"
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
-
-
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    """Temporary files a killed process left behind (never under a final name)."""
-    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
-        for stale in folder.glob(f".*{TEMP_MARK}*"):
-            stale.unlink(missing_ok=True)
-
-
-def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
-    reason = f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror else str(exc)
-    kept = (
-        f"the existing {path.name} is unchanged"
-        if path.exists()
-        else f"nothing was written there; the other files in {path.parent} are unchanged"
-    )
-    return CheckpointError(f"could not write {path}: {reason}; {kept}")
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file.
-    A failed write (disk full, ...) removes the temporary file and raises CheckpointError."""
-    tmp = _temp_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        raise _write_failed(path, exc) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temp_name(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _write_failed(path, exc) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+        """The core writes the step's line of metrics.jsonl; then the loggers add theirs."""
+        metrics = {"step": step, **metrics}
+        self.rundir.append_metrics(metrics)
+        call_hook(self.pm, "tokenmdp_on_step_end", step=step, run=run, metrics=metrics)

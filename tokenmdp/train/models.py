@@ -1,0 +1,77 @@
+"""The policy and its frozen reference: built once, in one place, for training and for
+every reader of a run directory (compare, explain, a teacher)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..config import Config, load_config
+from ..errors import ConfigError
+from ..policies import TokenPolicy, build_policy
+from .rundir import REFERENCE, RunDir
+from .sft import make_sft_data, supervised_finetune
+
+
+def frozen_reference(base: TokenPolicy) -> TokenPolicy:
+    """The reference of a run whose initial policy is ``base``: with LoRA, the same module
+    with its adapter off (no second copy of the weights); otherwise ``base`` itself, frozen."""
+    view = base.reference_view()
+    return view.eval() if view is not None else base.requires_grad_(False).eval()
+
+
+def split_reference(base: TokenPolicy) -> tuple[TokenPolicy, TokenPolicy]:
+    """``(policy, reference)`` from the initial policy. Full fine-tuning changes every
+    weight, so the policy is a copy (made before ``base`` is frozen); a LoRA policy is
+    ``base`` itself, trained through its adapter."""
+    policy = base if base.reference_view() is not None else copy.deepcopy(base)
+    return policy, frozen_reference(base)
+
+
+def initial_policy(config: Config, task, reference_file: Path | None = None) -> tuple[TokenPolicy, list[float]]:
+    """The network the run starts from, and its SFT losses: built from ``[policy]``, then
+    loaded from ``reference_file`` (a resumed run's reference.pt), or fine-tuned on the
+    task's base distribution (``reference.init = "sft"``), or left as initialised."""
+    base = build_policy(config.policy, task, seed=config.train.seed)
+    shared = base.reference_view() is not None
+    if shared and config.reference.init == "sft":
+        raise ConfigError(
+            'policy.lora trains an adapter on a fixed base, and the base is the reference; set reference.init = "init"'
+        )
+    losses: list[float] = []
+    if reference_file is not None and reference_file.exists() and not shared:
+        base.load_state_dict(torch.load(reference_file, weights_only=True, map_location="cpu"))
+    elif config.reference.init == "sft":
+        generator = torch.Generator().manual_seed(config.train.seed)
+        ref = config.reference
+        groups = make_sft_data(task, ref.sft_samples, ref.tagged_samples, ref.tilt_beta or config.train.beta, generator)
+        losses = supervised_finetune(base, groups, ref.sft_epochs, ref.sft_batch_size, ref.sft_lr, generator)
+    distributed.broadcast_module(base)  # every rank starts from rank 0's weights
+    return base, losses
+
+
+def load_reference(run_dir: str | Path, config: Config, task) -> TokenPolicy:
+    """The frozen reference model a run was trained and scored against (its reference.pt)."""
+    base = build_policy(config.policy, task, seed=config.train.seed)
+    if base.reference_view() is None:  # LoRA runs' reference.pt holds no weights
+        base.load_state_dict(torch.load(Path(run_dir) / REFERENCE, weights_only=True, map_location="cpu"))
+    return frozen_reference(base)
+
+
+def load_policy(path: str | Path, task) -> TokenPolicy:
+    """A trained policy from a run directory (its last checkpoint) or an HF model directory."""
+    path = Path(path)
+    if (path / "config.toml").is_file():
+        config = load_config(path / "config.toml")
+        policy = build_policy(config.policy, task, seed=config.train.seed)
+        checkpoint = RunDir(path).latest_checkpoint()
+        if checkpoint is None:
+            raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
+        policy.load_checkpoint_state(torch.load(checkpoint, weights_only=False, map_location="cpu")["policy"])
+        return policy
+    from ..policies.hf import HFCausalLMPolicy
+
+    return HFCausalLMPolicy.from_pretrained(path, vocab_size=task.vocab_size)
