@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ ROWS = [
     "DPO implicit",
     "RLOO",
     "GRPO",
+    "this run: kl-penalised-reward + reward-to-go",  # REINFORCE: no view shows it, so it gets its own
     TRUE_ROW,
 ]
 #: A delayed reward and an EOS token, so responses have padding after EOS.
@@ -148,3 +151,40 @@ def test_groups_are_sampled_as_train_samples_per_prompt_samples_them(run_dir, tm
     assert (batch.prompt_index[::2] % 4).tolist() == [0, 1, 2, 3, 0, 1]
     rloo = shown.credit["RLOO"][:, 0]  # the sequence credit, on every token of a response
     assert torch.allclose(rloo.view(6, 2).sum(1), torch.zeros(6, dtype=rloo.dtype), atol=1e-5)  # r1-r2 + r2-r1
+
+
+def test_an_outside_plugins_advantage_gets_its_own_row(tmp_path):
+    """The outside-plugin fixture's ``signed-return`` (no explain code of its own): the run
+    that used it is shown with its own components."""
+    from helpers import TINY
+
+    from tokenmdp.config import load_config
+
+    run_dir = tmp_path / "outside"
+    Trainer(load_config(None, [*TINY, *DELAYED, "algorithm.advantage=signed-return", f"run.dir={run_dir}"])).train()
+    shown = explain(run_dir, samples=2, seed=0, out=tmp_path / "out")
+    label = "this run: kl-penalised-reward + signed-return"
+    assert label in shown.labels and label in shown.html.read_text()
+    assert -1.0 <= shown.correlations[label] <= 1.0
+    assert set(shown.credit[label][shown.batch.response_mask.bool()].abs().unique().tolist()) <= {0.0, 1.0}
+
+
+def test_a_plugin_contributes_credit_views_through_the_hook(run_dir, tmp_path):
+    """``tokenmdp_credit_views``: a plugin's rows appear in its order among the built-ins'."""
+    import tokenmdp
+    from tokenmdp.plugin.registry import plugin_manager
+
+    def ones(explain):
+        yield "all ones", "1 on every real token", explain.batch.response_mask.double()
+
+    class Views:
+        @tokenmdp.hookimpl
+        def tokenmdp_credit_views(self, explain):
+            assert explain.batch.size == 2 * 8 and explain.run.estimator.name == "kl-penalised-reward"
+            return [tokenmdp.CreditView("ones", ones, order=15)]
+
+    pm = plugin_manager(extra_plugins=[Views()])
+    with mock.patch("tokenmdp.reports.explain.plugin_manager", lambda: pm):
+        shown = explain(run_dir, samples=2, seed=0, out=tmp_path)
+    assert shown.labels.index("all ones") == 2  # after Inverse-Q*'s two rows (order 10), before GAE (20)
+    assert math.isnan(shown.correlations["all ones"])  # constant credit: no correlation

@@ -28,6 +28,7 @@ from .plugin.batch import RolloutBatch, concat_batches, response_logits, token_l
 from .plugin.components import (
     AdvantageConstructor,
     Component,
+    CreditView,
     EnvSpec,
     NoOptions,
     PolicyUpdater,
@@ -61,6 +62,7 @@ __all__ = [
     "AdvantageConstructor",
     "CheckpointError",
     "Component",
+    "CreditView",
     "CompositionError",
     "ConfigError",
     "EnvSpec",

@@ -42,7 +42,7 @@ estimator fails at start-up.
 
 from __future__ import annotations
 
-from tokenmdp import Recipe, hookimpl, load_pair_file, sample_pairs, sequence_rewards
+from tokenmdp import CreditView, Recipe, hookimpl, load_pair_file, sample_pairs, sequence_rewards
 
 from .components import DPOUpdater, ImplicitReward, PairBatch, PreferencePairs
 from .losses import dpo_loss, sequence_logratio
@@ -103,3 +103,23 @@ def tokenmdp_algorithms():
             **common,
         ),
     ]
+
+
+def _explain_rows(explain):
+    """DPO's implicit reward of the run's policy. Its pairs are not used: one pair, the
+    fewest its set-up accepts for one step."""
+    est = explain.like_run(
+        "estimator", PreferencePairs.name, pairs="sampled", path=None, num_pairs=1, epochs=1, online=False, rounds=None
+    )
+    adv = explain.like_run("advantage", ImplicitReward.name)
+    est.setup(explain.ctx)
+    yield (
+        "DPO implicit",
+        "preference-pairs + implicit-reward: beta*log(pi_theta/pi_ref) of this run's policy",
+        explain.credit_of(est, adv),
+    )
+
+
+@hookimpl
+def tokenmdp_credit_views(explain):
+    return [CreditView("dpo", _explain_rows, order=30, shows=((PreferencePairs.name, ImplicitReward.name),))]

@@ -57,6 +57,7 @@ class PreferencePairs(TrajectoryEstimator):
 
     name = "preference-pairs"
     provides = frozenset({"token_rewards", "preference_pairs"})
+    data_token_metrics = ("dpo/pair_tokens",)
 
     @attrs.frozen
     class Options:

@@ -32,6 +32,7 @@ import torch
 from tokenmdp import (
     AdvantageConstructor,
     ConfigError,
+    CreditView,
     Recipe,
     TrajectoryEstimator,
     hookimpl,
@@ -143,4 +144,26 @@ def tokenmdp_algorithms():
             supervision="reward",
         )
         for cls in (RLOO, GRPO)
+    ]
+
+
+def _explain_rows(cls, title):
+    def rows(explain):
+        est = explain.like_run("estimator", cls.name)
+        adv = explain.like_run("advantage", SequenceCredit.name, whiten=False)
+        est.setup(explain.ctx)
+        yield (
+            title,
+            f"{cls.name} + sequence-credit: the response's group-relative credit on each token",
+            explain.credit_of(est, adv),
+        )
+
+    return rows
+
+
+@hookimpl
+def tokenmdp_credit_views(explain):
+    return [
+        CreditView(cls.name, _explain_rows(cls, title), order=order, shows=((cls.name, SequenceCredit.name),))
+        for cls, title, order in ((RLOO, "RLOO", 40), (GRPO, "GRPO", 50))
     ]

@@ -22,6 +22,7 @@ import torch
 from tokenmdp import (
     AdvantageConstructor,
     ConfigError,
+    CreditView,
     GradientOptions,
     GradientUpdater,
     Recipe,
@@ -287,3 +288,35 @@ def tokenmdp_algorithms():
             **common,
         ),
     ]
+
+
+def _explain_rows(explain):
+    """Inverse-Q*'s token and return forms. The target is the run's own if it trained with
+    one; else the guide, if the reference learned what the guide means (guide-tagged SFT
+    data); else the solver's exact pi* (oracle)."""
+    run, config, ctx = explain.run, explain.config, explain.ctx
+    overrides = {"full_vocab": False}
+    if run.estimator.name != ConditionalOptimal.name:
+        overrides["source"] = "guide" if config.reference.tagged_samples > 0 else "oracle"
+    est = explain.like_run("estimator", ConditionalOptimal.name, **overrides)
+    source = est.options.source
+    target = {
+        "guide": f"the guide-conditioned {est.options.phi}",
+        "oracle": "the solver's exact pi*",
+        "teacher": f"the teacher {est.options.teacher}",
+    }[source]
+    est.setup(ctx)
+    signals = dict(est.estimate(explain.batch, ctx))
+    for form in ("token", "return"):
+        adv = explain.like_run("advantage", LogRatio.name, form=form, whiten=False)
+        formula = "beta*log(pi_hat/pi_ref)" + (" summed over k >= t" if form == "return" else "")
+        yield (
+            f"Inverse-Q* {form} ({source})",
+            f"log-ratio form={form}: {formula}; pi_hat = {target}",
+            adv.construct(explain.batch, signals, ctx)["advantages"] * explain.batch.response_mask,
+        )
+
+
+@hookimpl
+def tokenmdp_credit_views(explain):
+    return [CreditView("inverse-q", _explain_rows, order=10, shows=((ConditionalOptimal.name, LogRatio.name),))]

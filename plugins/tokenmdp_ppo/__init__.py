@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tokenmdp import (
     AdvantageConstructor,
     ConfigError,
+    CreditView,
     GradientOptions,
     GradientUpdater,
     GRUPolicy,
@@ -437,3 +438,27 @@ def tokenmdp_algorithms():
             supervision="pairs",
         ),
     ]
+
+
+def _explain_rows(explain):
+    """GAE with the run's trained critic, or, when the run trained none, the exact V^pi a
+    perfect critic would learn (a best case)."""
+    est = explain.like_run("estimator", PPORewards.name)
+    adv = explain.like_run("advantage", GAE.name, whiten=False)
+    est.setup(explain.ctx)
+    if explain.run.estimator.name == PPORewards.name:  # the critic this run trained
+        est.load_state_dict(explain.checkpoint_state("estimator"))
+        values, short, where = None, "critic", "values: the run's trained critic"
+    else:
+        values = explain.exact_values(est.kl_controller.value)
+        short, where = "exact V^pi", "values: exact V^pi of the KL-penalised reward (this run has no critic)"
+    yield (
+        f"GAE lambda={adv.options.lam:g} ({short})",
+        f"ppo-rewards + gae, unwhitened; {where}",
+        explain.credit_of(est, adv, values),
+    )
+
+
+@hookimpl
+def tokenmdp_credit_views(explain):
+    return [CreditView("gae", _explain_rows, order=20, shows=((PPORewards.name, GAE.name),))]

@@ -7,7 +7,7 @@ options (e.g. an estimator that only provides ``target_logits`` when asked to).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -30,6 +30,10 @@ class Component:
     Options: ClassVar[type] = NoOptions
     requires: frozenset[str] = frozenset()
     provides: frozenset[str] = frozenset()
+    #: Metrics (cumulative, in ``metrics.jsonl``) counting the supervision data's tokens
+    #: this component consumed, apart from the rollouts (e.g. DPO's preference pairs):
+    #: ``tokenmdp compare`` adds them to the env tokens.
+    data_token_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -125,3 +129,24 @@ class EnvSpec:
     @property
     def id(self) -> str:
         return f"tokenmdp/{self.name}-v0"
+
+
+@attrs.frozen
+class CreditView:
+    """A block of rows in ``tokenmdp explain``'s heat maps, contributed by a plugin through
+    the ``tokenmdp_credit_views`` hook: one way of giving each sampled token credit.
+
+    ``rows(explain)`` yields ``(label, note, credit)`` with ``credit`` a ``[B, T]`` tensor
+    (0 on padding), for the batch ``explain.batch``; ``explain`` also builds components
+    like the run (``explain.like_run``), turns an estimator and an advantage constructor
+    into credit (``explain.credit_of``) and gives exact values (``explain.exact_values``).
+    A ``TokenMDPError`` raised there records the view as skipped for that run."""
+
+    #: Recorded under this name when the view cannot be built for a run.
+    name: str
+    rows: Callable[[Any], Iterable[tuple[str, str, Tensor]]]
+    #: Where the block goes among the rows (smaller first; the built-in views use 10 to 50).
+    order: int = 100
+    #: The ``(estimator, advantage)`` pairs the view shows. A run whose own pair no view
+    #: shows gets a generic row of its own.
+    shows: tuple[tuple[str, str], ...] = ()

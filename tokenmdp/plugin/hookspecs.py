@@ -50,3 +50,9 @@ def tokenmdp_on_train_end(run, summary, outcome):
     called: ``outcome`` is ``"completed"`` (``summary`` is the final summary dict),
     ``"interrupted"`` (Ctrl-C; the last step was checkpointed) or ``"failed"`` (``summary``
     is None). Close files and release resources here."""
+
+
+@hookspec
+def tokenmdp_credit_views(explain):
+    """Return a list of ``CreditView`` rows for ``tokenmdp explain``: this plugin's ways of
+    assigning per-token credit, computed on ``explain.batch`` beside the true A*."""

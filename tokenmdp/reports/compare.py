@@ -338,6 +338,12 @@ def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
     # The guide-tagged SFT data is the teacher of a recipe that uses neither reward nor pairs;
     # reward and pair recipes may start from the same reference but never read the guide.
     tagged = extras["tagged_sft_tokens"] if supervision == "none" else 0
+    # the supervision data the run's components count themselves (DPO's pairs, ...)
+    counters = [m for c in compose(registry, cell.config).components for m in c.data_token_metrics]
+
+    def data_tokens(row: dict) -> int:
+        return tagged + sum(row.get(m, 0) for m in counters)
+
     return {
         "recipe": cell.recipe,
         "env": cell.env,
@@ -347,8 +353,8 @@ def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
         "tokens_to_90": hit["env_tokens"] if hit else never,
         # Supervision data is paid for in tokens too: the guide-tagged SFT data, and DPO's
         # preference pairs (both responses) sampled up to that step.
-        "tokens_to_90_with_data": hit["env_tokens"] + tagged + hit.get("dpo/pair_tokens", 0) if hit else never,
-        "data_tokens": tagged + rows[-1].get("dpo/pair_tokens", 0),
+        "tokens_to_90_with_data": hit["env_tokens"] + data_tokens(hit) if hit else never,
+        "data_tokens": data_tokens(rows[-1]),
         "frontier_excess": frontier_excess(points + [(summary["kl_ref"], summary["true_reward"])], extras["frontier"]),
         "eval_rows": rows,
         "frontier": extras["frontier"],

@@ -1,15 +1,19 @@
 """``tokenmdp explain RUN_DIR``: token heat maps of credit assignment against the true A*.
 
-For a finished (or checkpointed) toy run it samples responses from the trained policy,
-scores every token with several advantage estimators, built from the installed plugin
-components through the registry (not re-implemented here), and sets each beside the
-exact ``A*(s_t, a_t)`` of the solver under the run's own reference:
+For a finished (or checkpointed) toy run it samples responses from the trained policy and
+scores every token with each installed plugin's *credit views* (hook
+``tokenmdp_credit_views``, rows built from the plugins' own components through the
+registry), beside the exact ``A*(s_t, a_t)`` of the solver under the run's own reference.
+The built-in plugins contribute:
 
     Inverse-Q* token    beta * log(pi_hat*/pi_ref)(a_t|s_t)        (log-ratio, form=token)
     Inverse-Q* return   sum_{k>=t} of the above                    (log-ratio, form=return)
     GAE                 ppo-rewards + gae, with the run's critic, or exact V^pi if it has none
     DPO implicit        beta * log(pi_theta/pi_ref)(a_t|s_t)       (preference-pairs + implicit-reward)
     RLOO, GRPO          one number per response, on every token   (rloo/grpo + sequence-credit)
+
+A run whose own estimator and advantage constructor no view shows (REINFORCE, or an
+outside plugin's components) gets a row of its own: ``this run: <estimator> + <advantage>``.
 
 Every advantage is shown unwhitened, so its numbers are in reward units (whitening is an
 affine map over the batch and leaves the correlation with A* unchanged). RLOO and GRPO
@@ -29,11 +33,12 @@ import attrs
 import torch
 from torch import Tensor
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..errors import ConfigError, TokenMDPError
 from ..mdp.solver import Solution, solve, tree_logprobs
 from ..plugin.batch import RolloutBatch, token_logprobs
-from ..plugin.composition import compose
+from ..plugin.components import CreditView
+from ..plugin.composition import Composition, compose
 from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
 from ..plugin.registry import Registry, plugin_manager
@@ -111,110 +116,78 @@ def sample(
     return batch, generator
 
 
-def _like_run(run, registry, kind: str, name: str, **overrides):
-    """Component ``name`` with the run's options if the run used it, else the defaults."""
-    used = getattr(run, kind)
-    cls = registry.component(kind, name)
-    options = used.options if used.name == name else cls.Options()
-    return cls(attrs.evolve(options, **overrides))
+@attrs.define
+class ExplainContext:
+    """What a plugin's credit views read (hook ``tokenmdp_credit_views``)."""
 
+    #: The run's own components, built with its options.
+    run: Composition
+    registry: Registry
+    #: The run's config.
+    config: Config
+    #: The run's trained policy, its reference, the exact solution; step 1.
+    ctx: TrainContext
+    #: The sampled responses, with ``logprobs`` and ``ref_logprobs``.
+    batch: RolloutBatch
+    #: The run's last checkpoint.
+    checkpoint: Path
 
-def estimator_rows(run, registry, config, ctx, batch, checkpoint):
-    """``[(name, rows)]``: ``rows()`` yields ``(label, note, credit)``; one that cannot be
-    built for this run raises a TokenMDPError, which the caller records as skipped."""
-    mask = batch.response_mask
+    def like_run(self, kind: str, name: str, **overrides):
+        """Component ``name`` with the run's options if the run used it, else the defaults,
+        with ``overrides`` applied (e.g. ``whiten=False``)."""
+        used = getattr(self.run, kind)
+        cls = self.registry.component(kind, name)
+        options = used.options if used.name == name else cls.Options()
+        return cls(attrs.evolve(options, **overrides))
 
-    def credit_of(estimator, advantage, values=None):
-        signals = dict(estimator.estimate(batch, ctx))
+    def credit_of(self, estimator, advantage, values: Tensor | None = None) -> Tensor:
+        """``[B, T]``: ``advantage``'s advantages from ``estimator``'s signals on the batch."""
+        signals = dict(estimator.estimate(self.batch, self.ctx))
         if values is not None:
             signals["values"] = values
-        return advantage.construct(batch, signals, ctx)["advantages"] * mask
+        return advantage.construct(self.batch, signals, self.ctx)["advantages"] * self.batch.response_mask
 
-    def inverse_q():
-        # The run's own target if it trained with one; else the guide, but only if the reference
-        # learned what the guide means (guide-tagged SFT data); else the solver's pi* (oracle).
-        overrides = {"full_vocab": False}
-        if run.estimator.name != "conditional-optimal":
-            overrides["source"] = "guide" if config.reference.tagged_samples > 0 else "oracle"
-        est = _like_run(run, registry, "estimator", "conditional-optimal", **overrides)
-        source = est.options.source
-        target = {
-            "guide": f"the guide-conditioned {est.options.phi}",
-            "oracle": "the solver's exact pi*",
-            "teacher": f"the teacher {est.options.teacher}",
-        }[source]
-        est.setup(ctx)
-        signals = dict(est.estimate(batch, ctx))
-        for form in ("token", "return"):
-            adv = _like_run(run, registry, "advantage", "log-ratio", form=form, whiten=False)
-            formula = "beta*log(pi_hat/pi_ref)" + (" summed over k >= t" if form == "return" else "")
-            yield (
-                f"Inverse-Q* {form} ({source})",
-                f"log-ratio form={form}: {formula}; pi_hat = {target}",
-                adv.construct(batch, signals, ctx)["advantages"] * mask,
-            )
+    def checkpoint_state(self, kind: str) -> dict:
+        """The run's checkpointed state of its component of ``kind`` (e.g. a critic)."""
+        return torch.load(self.checkpoint, weights_only=False)["components"].get(kind, {})
 
-    def gae():
-        est = _like_run(run, registry, "estimator", "ppo-rewards")
-        adv = _like_run(run, registry, "advantage", "gae", whiten=False)
-        est.setup(ctx)
-        if run.estimator.name == "ppo-rewards":  # the critic this run trained
-            est.load_state_dict(torch.load(checkpoint, weights_only=False)["components"].get("estimator", {}))
-            values, short, where = None, "critic", "values: the run's trained critic"
-        else:  # no critic was trained: the exact V^pi a perfect critic would learn (a best case)
-            v = exact_policy_values(ctx.solution, tree_logprobs(ctx.policy, ctx.task), est.kl_controller.value)
-            values = ctx.solution.along_responses(
-                v.__getitem__, batch.prompt_index, batch.response_ids, batch.response_mask, per_action=False
-            ).float()
-            short, where = "exact V^pi", "values: exact V^pi of the KL-penalised reward (this run has no critic)"
-        yield (
-            f"GAE lambda={adv.options.lam:g} ({short})",
-            f"ppo-rewards + gae, unwhitened; {where}",
-            credit_of(est, adv, values),
-        )
+    def exact_values(self, kl_coef: float) -> Tensor:
+        """``[B, T]``: the exact ``V^pi(s_t)`` of the KL-penalised reward at each response
+        token's state, the value a perfect critic of the run's policy would learn."""
+        ctx, batch = self.ctx, self.batch
+        v = exact_policy_values(ctx.solution, tree_logprobs(ctx.policy, ctx.task), kl_coef)
+        return ctx.solution.along_responses(
+            v.__getitem__, batch.prompt_index, batch.response_ids, batch.response_mask, per_action=False
+        ).float()
 
-    def dpo():
-        # Its pairs are not used here: one pair, the fewest its set-up accepts for one step.
-        est = _like_run(
-            run,
-            registry,
-            "estimator",
-            "preference-pairs",
-            pairs="sampled",
-            path=None,
-            num_pairs=1,
-            epochs=1,
-            online=False,
-            rounds=None,
-        )
-        adv = _like_run(run, registry, "advantage", "implicit-reward")
-        est.setup(ctx)
-        yield (
-            "DPO implicit",
-            "preference-pairs + implicit-reward: beta*log(pi_theta/pi_ref) of this run's policy",
-            credit_of(est, adv),
-        )
 
-    def group(name, title):
-        def rows():
-            est = _like_run(run, registry, "estimator", name)
-            adv = _like_run(run, registry, "advantage", "sequence-credit", whiten=False)
-            est.setup(ctx)
-            yield (
-                title,
-                f"{name} + sequence-credit: the response's group-relative credit on each token",
-                credit_of(est, adv),
-            )
+def credit_views(explain: ExplainContext, pm) -> list[CreditView]:
+    """Every installed plugin's credit views (in ``order``), then, when no view shows the
+    run's own ``(estimator, advantage)`` pair, a generic view of it."""
+    views = sorted(
+        (v for found in pm.hook.tokenmdp_credit_views(explain=explain) for v in found), key=lambda v: v.order
+    )
+    run = explain.run
+    pair = (run.estimator.name, run.advantage.name)
+    if not any(pair in v.shows for v in views):
+        views.append(CreditView(name="this run", rows=_the_runs_own_rows, order=1000, shows=(pair,)))
+    return views
 
-        return rows
 
-    return [
-        ("inverse-q", inverse_q),
-        ("gae", gae),
-        ("dpo", dpo),
-        ("rloo", group("rloo", "RLOO")),
-        ("grpo", group("grpo", "GRPO")),
-    ]
+def _the_runs_own_rows(explain: ExplainContext):
+    """The run's own estimator and advantage constructor, with its options and its
+    checkpointed estimator state, unwhitened (so any plugin's components get a row)."""
+    run = explain.run
+    estimator = explain.like_run("estimator", run.estimator.name)
+    fields = attrs.fields_dict(type(run.advantage.options))
+    advantage = explain.like_run("advantage", run.advantage.name, **({"whiten": False} if "whiten" in fields else {}))
+    estimator.setup(explain.ctx)
+    estimator.load_state_dict(explain.checkpoint_state("estimator"))
+    yield (
+        f"this run: {estimator.name} + {advantage.name}",
+        f"the run's own {estimator.name} + {advantage.name}, with its options, unwhitened",
+        explain.credit_of(estimator, advantage),
+    )
 
 
 def explain(
@@ -246,10 +219,12 @@ def explain(
     )
 
     labels, notes, credit, skipped = [], {}, {}, {}
-    for name, rows in estimator_rows(run, registry, config, ctx, batch, checkpoint):
+    context = ExplainContext(run=run, registry=registry, config=config, ctx=ctx, batch=batch, checkpoint=checkpoint)
+    for view in credit_views(context, registry.pm):
+        name = view.name
         try:
             with torch.no_grad():
-                computed = list(rows())
+                computed = list(view.rows(context))
             for label, note, values in computed:
                 labels.append(label)
                 notes[label], credit[label] = note, values.detach().double()
