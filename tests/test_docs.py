@@ -158,3 +158,16 @@ def test_first_advantage_tutorial_runs(tmp_path, monkeypatch):
     assert summary["steps"] == 3
     lines = (summaries[0].parent / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
+
+
+def test_every_metric_name_has_one_meaning():
+    """Across the metric tables of docs/metrics.md (all but summary.json's), a name is
+    defined in one row: one meaning per name, whichever plugin logs it."""
+    sections = re.split(r"^## ", (DOCS / "metrics.md").read_text(), flags=re.M)
+    names = []
+    for section in sections:
+        if section.startswith("summary.json"):
+            continue
+        names += re.findall(r"^\| `([^`]+)` \|", section, flags=re.M)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    assert len(names) > 30 and not repeated, f"metrics defined in more than one row: {repeated}"

@@ -33,6 +33,7 @@ def fake_batch(rewards, prompt_index, lengths, kl=None, horizon=4):
         prompt_index=torch.tensor(prompt_index),
         groups=torch.tensor(prompt_index),
         sequence_rewards=(env * mask).sum(1),
+        token_kl=(logprobs * mask - ref) * mask,  # as RolloutBatch.token_kl
     )
 
 

@@ -278,7 +278,7 @@ PPO_METRICS = {
     "val/clipfrac",
     "objective/kl",
     "objective/kl_coef",
-    "objective/entropy",
+    "policy/entropy",
     "losses/policy",
     "losses/value",
     "charts/learning_rate",

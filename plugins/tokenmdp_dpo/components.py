@@ -138,7 +138,7 @@ class PreferencePairs(TrajectoryEstimator):
         self.stream = torch.cat([torch.randperm(pairs.size, generator=generator) for _ in range(self.options.epochs)])
 
     def estimate(self, batch, ctx):
-        implicit = ctx.beta * (batch.logprobs - batch.ref_logprobs) * batch.response_mask
+        implicit = ctx.beta * batch.token_kl
         return {"token_rewards": implicit, "preference_pairs": self.step_pairs(ctx)}
 
     def step_pairs(self, ctx) -> PairBatch:

@@ -182,7 +182,7 @@ class ClippedPG(GradientUpdater):
         kl_coef = ctx.beta if opts.kl_coef is None else opts.kl_coef
         adv = advantages["advantages"].detach()
         if opts.kl_estimator == "k1" and kl_coef:
-            k1 = (batch.logprobs - batch.ref_logprobs) * mask
+            k1 = batch.token_kl
             adv = adv - kl_coef * (suffix_sums(k1, mask) if opts.kl_returns else k1)
 
         def share(micro):
@@ -204,7 +204,8 @@ class ClippedPG(GradientUpdater):
                 "losses/policy": policy_loss.item(),
                 "losses/kl": k3.item(),
                 "policy/clipfrac": micro.token_mean(((ratio - 1).abs() > opts.clip).float(), m).item(),
-                "policy/approxkl": micro.token_mean(0.5 * log_ratio.detach() ** 2, m).item(),
+                # k3 estimate of KL(pi_old || pi), as ppo logs it
+                "policy/approxkl": micro.token_mean((ratio - 1) - log_ratio, m).item(),
                 "policy/entropy": micro.token_mean(entropy_of(logits.detach()), m).item(),
             }
 

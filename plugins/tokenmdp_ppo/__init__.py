@@ -217,7 +217,7 @@ class PPORewards(TrajectoryEstimator):
     @torch.no_grad()
     def estimate(self, batch, ctx):
         mask = batch.response_mask
-        kl = (batch.logprobs - batch.ref_logprobs) * mask  # k1, per token
+        kl = batch.token_kl
         beta = self.kl_controller.value
         if self.reward_model is not None and self.reward_report is None:
             self._fit_reward_model(ctx)
@@ -368,7 +368,7 @@ class PPO(GradientUpdater):
                 "val/vpred": micro.token_mean(v.detach(), m).item(),
                 "val/error": micro.token_mean(v_loss1.detach(), m).item(),
                 "val/clipfrac": micro.token_mean((v_loss2 > v_loss1).float(), m).item(),
-                "objective/entropy": entropy.item(),
+                "policy/entropy": entropy.item(),
                 "losses/policy": pg_loss.item(),
                 "losses/value": v_loss.item(),
             }
@@ -383,7 +383,7 @@ class PPO(GradientUpdater):
             "val/vpred",
             "val/error",
             "val/clipfrac",
-            "objective/entropy",
+            "policy/entropy",
             "losses/policy",
             "losses/value",
         )

@@ -33,7 +33,7 @@ class KLPenalisedReward(TrajectoryEstimator):
     provides = frozenset({"token_rewards"})
 
     def estimate(self, batch, ctx):
-        kl = (batch.logprobs - batch.ref_logprobs) * batch.response_mask
+        kl = batch.token_kl
         return {"token_rewards": batch.rewards - ctx.beta * kl}
 
 

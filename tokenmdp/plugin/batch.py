@@ -46,6 +46,12 @@ class RolloutBatch:
         return (self.rewards * self.response_mask).sum(1)
 
     @property
+    def token_kl(self) -> Tensor:
+        """``[batch, response_len]``: the k1 estimate of the per-token ``KL(pi_old || pi_ref)``,
+        ``log pi_old - log pi_ref`` of each sampled token (0 on padding)."""
+        return (self.logprobs - self.ref_logprobs) * self.response_mask
+
+    @property
     def groups(self) -> Tensor:
         """``[batch]`` group of each response, for group baselines (RLOO, GRPO): its draw
         of a prompt when sampled in groups, else its prompt (every response to a prompt)."""
@@ -125,3 +131,14 @@ def token_logprobs(
     logp = torch.log_softmax(logits, dim=-1)
     taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
     return (taken, logits) if return_logits else taken
+
+
+def response_nll(
+    model: TokenPolicy, ids: Tensor, attention_mask: Tensor | None, context_len: int, target_mask: Tensor
+) -> Tensor:
+    """Supervised fine-tuning's loss: the mean negative log-likelihood under ``model`` of
+    the tokens of ``ids`` after its first ``context_len`` columns, over ``target_mask``
+    (``[B, T - context_len]``, 1 on real response tokens)."""
+    logits = model(ids, attention_mask)[:, context_len - 1 : -1]
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, context_len:].flatten(), reduction="none")
+    return (nll * target_mask.flatten()).sum() / target_mask.sum()

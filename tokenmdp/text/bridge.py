@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import NEGATIVE_WORDS, POSITIVE_WORDS, TextTask, lexicon_score, sentencepiece_adapter
+from ..plugin.batch import response_nll
+from .task import NEGATIVE_WORDS, POSITIVE_WORDS, TextTask, lexicon_score
+from .tokenizers import sentencepiece_adapter
 
 GUIDE = "answer kindly"
 TOPICS = ["cat", "dog", "park", "sea", "garden", "city", "rain", "morning", "river", "school", "train", "forest"]
@@ -116,9 +118,7 @@ def supervised_text(policy, examples, epochs: int, batch_size: int, lr: float, s
                 ids[i, width : width + len(r)] = torch.tensor(r)
                 mask[i, width - len(c) : width + len(r)] = 1
                 target_mask[i, : len(r)] = 1
-            logits = policy(ids, mask)[:, width - 1 : -1]
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, width:].flatten(), reduction="none")
-            loss = (nll * target_mask.flatten()).sum() / target_mask.sum()
+            loss = response_nll(policy, ids, mask, width, target_mask)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..mdp.solver import solve
+from ..plugin.batch import response_nll
 from ..policies.base import TaskBasePolicy, TokenPolicy
 from .rollout import generate
 
@@ -50,10 +51,7 @@ def supervised_finetune(
             batches += [(ctx[i], resp[i], mask[i]) for i in order.split(batch_size)]
         for k in torch.randperm(len(batches), generator=generator).tolist():
             ctx, resp, mask = batches[k]
-            ids = torch.cat([ctx, resp], dim=1)
-            logits = policy(ids)[:, ctx.shape[1] - 1 : -1]
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), resp.flatten(), reduction="none")
-            loss = (nll * mask.flatten()).sum() / mask.sum()
+            loss = response_nll(policy, torch.cat([ctx, resp], dim=1), None, ctx.shape[1], mask)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

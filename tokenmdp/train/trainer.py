@@ -348,7 +348,7 @@ class Trainer:
         metrics: dict[str, Any] = {"rollout/tokens": batch.num_tokens}
         metrics["rollout/response_length"] = batch.num_tokens / batch.size
         # k1 estimate of KL(pi_old || pi_ref) on this batch, before the update (every recipe)
-        metrics["objective/kl"] = float(((batch.logprobs - batch.ref_logprobs) * batch.response_mask).sum(1).mean())
+        metrics["objective/kl"] = float(batch.token_kl.sum(1).mean())
         if batch.rewards_observed:
             metrics["rollout/reward_mean"] = float(batch.sequence_rewards.mean())
         metrics.update(credit)
