@@ -485,3 +485,20 @@ def test_vector_env_random_actions_stay_in_space(env_id, vocab_size, horizon, pr
         assert vec.observation_space.contains(np_obs(obs))
         assert torch.isfinite(rewards).all()
         assert not (terminated & truncated).any()
+
+
+def test_a_tasks_capabilities_are_attributes_not_probes():
+    """Every task answers the same questions: a toy task has no tokenizer (its guides are
+    ids), has a reward, and sums whole responses' rewards from its per-token tables."""
+    from tokenmdp_envs import PatternTask
+
+    task = PatternTask(vocab_size=4, horizon=3)
+    assert task.exact and task.tokenizer is None and task.has_reward and task.guide_token == 5
+    with pytest.raises(TokenMDPError, match="has no tokenizer, so a guide cannot be text; give token ids"):
+        task.encode_guide("be kind")
+    response = torch.tensor([[task.target[0, 0], 0, 0], [0, 0, 0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards = task.sequence_rewards(torch.tensor([0, 1]), response, mask)
+    assert rewards.dtype == torch.float64
+    assert rewards[0] == 1.0  # the one real token matches prompt 0's pattern
+    assert rewards[1] == float((task.target[1] == 0).sum())

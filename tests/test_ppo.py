@@ -252,9 +252,11 @@ def test_updater_without_a_shared_critic_is_a_clear_error(tmp_path):
     plugin = types.ModuleType("no_critic_plugin")
     plugin.tokenmdp_trajectory_estimators = tokenmdp.hookimpl(lambda: [ValuesWithoutCritic])
     pm = tokenmdp.plugin_manager(extra_plugins=[plugin])
-    trainer = Trainer(ppo_config(tmp_path, "algorithm.estimator=values-without-critic"), pm=pm)
-    with pytest.raises(ConfigError, match=r"updater 'ppo' trains the critic .*ctx.extras\['critic'\]"):
-        trainer.train()
+    # a declared contract: refused at start-up, before any model is built
+    with pytest.raises(
+        CompositionError, match=r"updater 'ppo' uses resource\(s\) critic \(ctx.extras\), which no earlier"
+    ):
+        Trainer(ppo_config(tmp_path, "algorithm.estimator=values-without-critic"), pm=pm)
 
 
 # --- compositions, options and metrics -------------------------------------------------------

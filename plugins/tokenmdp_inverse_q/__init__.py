@@ -45,13 +45,8 @@ def _guide_ids(value, ctx) -> torch.Tensor:
     """The conditioning prefix c: the task's guide token by default, else ids or text."""
     if value is None:
         return ctx.guide_ids
-    if isinstance(value, str):
-        if hasattr(ctx.task, "encode_guide"):  # text env: its tokenizer, plus the guide separator
-            return ctx.task.encode_guide(value)
-        tokenizer = getattr(ctx.task, "tokenizer", None)
-        if tokenizer is None:
-            raise ConfigError("[estimator] guide: text needs a text env with a tokenizer; give token ids instead")
-        return torch.tensor(tokenizer.encode(value))
+    if isinstance(value, str):  # a text env's tokenizer, plus its guide separator
+        return ctx.task.encode_guide(value)
     return torch.tensor(list(value), dtype=torch.long)
 
 

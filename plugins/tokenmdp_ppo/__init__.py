@@ -150,6 +150,8 @@ class PPORewards(TrajectoryEstimator):
     name = "ppo-rewards"
     requires = frozenset({"rewards"})
     provides = frozenset({"token_rewards", "values"})
+    #: the critic, trained by the updater; the KL coefficient this step's rewards used
+    shares = frozenset({"critic", "kl_coef"})
 
     @attrs.frozen
     class Options:
@@ -301,6 +303,7 @@ class PPO(GradientUpdater):
 
     name = "ppo"
     requires = frozenset({"advantages", "returns", "values"})
+    uses = frozenset({"critic"})
 
     @attrs.frozen
     class Options(GradientOptions):
@@ -320,12 +323,7 @@ class PPO(GradientUpdater):
         target_kl: float | None = attrs.field(default=None, validator=positive)
 
     def setup(self, ctx):
-        self.critic = ctx.extras.get("critic")
-        if self.critic is None:
-            raise ConfigError(
-                "updater 'ppo' trains the critic that the estimator shares as ctx.extras['critic'] "
-                "(e.g. estimator 'ppo-rewards'); this estimator shares none"
-            )
+        self.critic = ctx.extras["critic"]  # declared: `uses`, checked at composition
         super().setup(ctx)
 
     def parameter_groups(self, ctx):

@@ -41,6 +41,10 @@ class TokenTask:
     padded_prompts = False
     #: Leading prompt columns kept in front of a conditioning prefix (1 for a pinned BOS).
     prefix_offset = 0
+    #: The tokenizer of a text task; None for a toy task, whose tokens are plain ids.
+    tokenizer = None
+    #: Whether the task has a reward to score responses with (a reward-free text task has none).
+    has_reward = True
 
     def __init__(self, vocab_size: int, horizon: int, seed: int = 0, eos_token: int | None = None):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
@@ -111,6 +115,27 @@ class TokenTask:
     def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:
         """``[N]`` reward of taking ``actions`` after ``prefix`` (every row has the same length)."""
         return self.next_token_rewards(prompt_index, prefix).gather(1, actions[:, None]).squeeze(1)
+
+    def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+        """``[N]`` float64 ``R(x, y) = sum_t r(s_t, y_t)`` of whole responses (0-padded,
+        with their 0/1 mask), from :meth:`next_token_rewards` (float64, so that ties are
+        exact sums of the task's rewards). Text tasks score finished responses instead."""
+        total = torch.zeros(response.shape[0], dtype=torch.float64)
+        for t in range(response.shape[1]):
+            live = mask[:, t] > 0
+            if not bool(live.any()):
+                break
+            table = self.next_token_rewards(prompt_index[live], response[live, :t])
+            total[live] += table.gather(1, response[live, t : t + 1]).squeeze(1).double()
+        return total
+
+    def encode_guide(self, text: str) -> Tensor:
+        """A guide given as text -> the ids of the conditioning prefix; only a task with a
+        tokenizer (text) can; toy guides are token ids (or the task's guide token)."""
+        raise TokenMDPError(
+            f"env {self.name!r} has no tokenizer, so a guide cannot be text; give token ids instead, "
+            "e.g. [estimator] guide = [7]"
+        )
 
     def ending_actions(self, t: int) -> Tensor:
         """``[V]`` bool: which next tokens end the episode when ``t`` tokens exist."""

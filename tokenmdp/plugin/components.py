@@ -30,6 +30,11 @@ class Component:
     Options: ClassVar[type] = NoOptions
     requires: frozenset[str] = frozenset()
     provides: frozenset[str] = frozenset()
+    #: Resources this component puts in ``ctx.extras`` for later components (e.g. PPO's
+    #: estimator shares its ``critic``), and those it reads there: a composition whose
+    #: component uses a resource no earlier component shares fails at start-up.
+    shares: ClassVar[frozenset[str]] = frozenset()
+    uses: ClassVar[frozenset[str]] = frozenset()
     #: Metrics (cumulative, in ``metrics.jsonl``) counting the supervision data's tokens
     #: this component consumed, apart from the rollouts (e.g. DPO's preference pairs):
     #: ``tokenmdp compare`` adds them to the env tokens.

@@ -71,5 +71,17 @@ def check_signals(parts: dict[str, Component]) -> None:
         for signal in component.provides:
             origin.setdefault(signal, f"{kind} {component.name!r}")
         available |= component.provides
+    shared: dict[str, str] = {}
+    for kind in KINDS:
+        component = parts[kind]
+        missing = sorted(component.uses - set(shared))
+        if missing:
+            have = ", ".join(f"{r} (from {shared[r]})" for r in sorted(shared)) or "none"
+            raise CompositionError(
+                f"{kind} {component.name!r} uses resource(s) {', '.join(missing)} (ctx.extras), which no "
+                f"earlier component shares; shared resources: {have}"
+            )
+        for resource in component.shares:
+            shared.setdefault(resource, f"{kind} {component.name!r}")
     if "advantages" not in parts["advantage"].provides:
         raise CompositionError(f"advantage {parts['advantage'].name!r} must provide 'advantages'")

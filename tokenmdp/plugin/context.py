@@ -44,11 +44,11 @@ class TrainContext:
     def guide_ids(self) -> Tensor:
         """The default conditioning prefix ``c``: the task's guide token (text tasks have
         none: their guides are text, given as ``[estimator] guide = "..."``)."""
-        if getattr(self.task, "guide_token", None) is None:
+        if self.task.guide_token is None:
             from ..errors import ConfigError
 
             raise ConfigError(
-                f"env {getattr(self.task, 'name', 'task')!r} has no guide token; give the guide as "
+                f"env {self.task.name!r} has no guide token; give the guide as "
                 'text, e.g. [estimator] guide = "Answer kindly and helpfully."'
             )
         return torch.tensor([self.task.guide_token])

@@ -192,9 +192,9 @@ def _check_component(obj: Any, base: type, plugin: str) -> None:
         raise PluginError(f"{what}: class attribute `name` must be a non-empty string")
     if not attrs.has(obj.Options):
         raise PluginError(f"{what}: `Options` must be an attrs class (use @attrs.frozen)")
-    for attr in ("requires", "provides"):
+    for attr, of in (("requires", "signal"), ("provides", "signal"), ("shares", "resource"), ("uses", "resource")):
         if not isinstance(getattr(obj, attr), (set, frozenset)):
-            raise PluginError(f"{what}: `{attr}` must be a set of signal names")
+            raise PluginError(f"{what}: `{attr}` must be a set of {of} names")
     method = getattr(obj, base.method)
     if method is getattr(base, base.method):
         raise PluginError(f"{what}: does not implement `{base.method}`")

@@ -267,7 +267,7 @@ CMAP = "PiYG"  # diverging: pink < 0 < green; white at 0
 
 
 def token_label(task, token: int) -> str:
-    tokenizer = getattr(task, "tokenizer", None)
+    tokenizer = task.tokenizer
     text = tokenizer.decode([token]) if tokenizer is not None else str(token)
     return f"{text} (eos)" if token == task.eos_token else text
 

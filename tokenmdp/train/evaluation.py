@@ -127,7 +127,7 @@ class SampledEvaluator:
         mask = batch.response_mask
         kl = ((token_logprobs(policy, batch) - token_logprobs(self.reference, batch)) * mask).sum(1)
         scores = {"kl_ref": float(kl.mean())}
-        if getattr(self.task, "has_reward", False):
+        if self.task.has_reward:
             reward = self.task.sequence_rewards(batch.prompt_index, batch.response_ids, mask)
             scores["true_reward"] = float(reward.mean())
             scores["objective"] = scores["true_reward"] - self.beta * scores["kl_ref"]

@@ -101,19 +101,8 @@ def concat_pairs(parts: list[PairBatch]) -> PairBatch:
 
 
 def sequence_rewards(task, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
-    """``R(x, y) = sum_t r(s_t, y_t)`` over real tokens, from ``task.next_token_rewards``
-    (float64, so that ties are exact sums of the task's rewards). A task that pays on
-    whole responses (text) scores them itself (``task.sequence_rewards``)."""
-    if hasattr(task, "sequence_rewards"):
-        return task.sequence_rewards(prompt_index, response, mask)
-    total = torch.zeros(response.shape[0], dtype=torch.float64)
-    for t in range(response.shape[1]):
-        live = mask[:, t] > 0
-        if not bool(live.any()):
-            break
-        table = task.next_token_rewards(prompt_index[live], response[live, :t])
-        total[live] += table.gather(1, response[live, t : t + 1]).squeeze(1).double()
-    return total
+    """``R(x, y)`` of whole responses, float64: the task's ``sequence_rewards``."""
+    return task.sequence_rewards(prompt_index, response, mask)
 
 
 @torch.no_grad()
@@ -235,10 +224,10 @@ def load_pair_file(path: str | Path, task, limit: int | None = None) -> PairBatc
 
 def _ids(value: Any, task, where: str, key: str) -> list[int]:
     if isinstance(value, str):
-        tokenizer = getattr(task, "tokenizer", None)
+        tokenizer = task.tokenizer
         if tokenizer is None:
             raise ConfigError(
-                f"{where}: {key!r} is text, but env {getattr(task, 'name', 'task')!r} has no "
+                f"{where}: {key!r} is text, but env {task.name!r} has no "
                 "tokenizer; give token ids (a list of integers) instead"
             )
         return list(tokenizer.encode(value))
@@ -278,7 +267,7 @@ def _prompt(value: Any, task, where: str) -> tuple[list[int], int]:
         table = None
     if table is None:  # a task without a prompt table: any prompt its policies can embed
         return _in_range(ids, task.input_vocab_size, where, "prompt", "prompt"), -1
-    bos = getattr(task, "bos_token", None)
+    bos = task.bos_token
     for candidate in (ids, [bos, *ids]):
         if len(candidate) == table.shape[1]:
             match = (table == torch.tensor(candidate)).all(1).nonzero()
@@ -286,7 +275,7 @@ def _prompt(value: Any, task, where: str) -> tuple[list[int], int]:
                 return candidate, int(match[0])
     known = ", ".join(str(row) for row in table.tolist()[:8]) + (" ..." if table.shape[0] > 8 else "")
     raise ConfigError(
-        f"{where}: prompt {ids} is not a prompt of env {getattr(task, 'name', 'task')!r}; "
+        f"{where}: prompt {ids} is not a prompt of env {task.name!r}; "
         f"its prompts are {known} (the leading {bos} is BOS and may be left out)"
     )
 
