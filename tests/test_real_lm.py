@@ -78,6 +78,12 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_text(text_files: Path, run_dir: Path, *overrides: str) -> list[dict]:
+    """Train a text run (text_run's set-up with ``overrides``); its metrics.jsonl rows."""
+    Trainer(load_config(None, text_run(text_files, run_dir, *overrides))).train()
+    return rows(run_dir)
+
+
 def cli(overrides: list[str]) -> int:
     return main(["train", *sum((["--set", o] for o in overrides), [])])
 
@@ -101,39 +107,19 @@ def test_the_env_draws_distinct_prompts_and_answers_each_g_times():
 
 def test_grpo_groups_are_exactly_g_responses_and_it_learns(text_files, tmp_path):
     run_dir = tmp_path / "grpo"
-    trainer = Trainer(
-        load_config(
-            None,
-            text_run(
-                text_files,
-                run_dir,
-                "algorithm.name=grpo",
-                "train.samples_per_prompt=4",
-                "train.batch_size=8",
-                "train.steps=2",
-                "train.eval_every=1",
-                "train.eval_samples=8",
-            ),
-        )
-    )
+    grpo = [
+        "algorithm.name=grpo",
+        "train.samples_per_prompt=4",
+        "train.batch_size=8",
+        "train.steps=2",
+        "train.eval_samples=8",
+    ]
+    trainer = Trainer(load_config(None, text_run(text_files, run_dir, *grpo)))
     trainer.build_models()
     batch = trainer._collect(1)
     assert batch.groups.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert len(set(batch.prompt_index[:4].tolist())) == 1 and batch.prompt_index[0] != batch.prompt_index[4]
-    summary = Trainer(
-        load_config(
-            None,
-            text_run(
-                text_files,
-                run_dir,
-                "algorithm.name=grpo",
-                "train.samples_per_prompt=4",
-                "train.batch_size=8",
-                "train.steps=2",
-                "train.eval_samples=8",
-            ),
-        )
-    ).train()
+    summary = Trainer(load_config(None, text_run(text_files, run_dir, *grpo))).train()
     steps = rows(run_dir)[1:]
     assert all(r["losses/policy"] != 0.0 for r in steps)  # groups of one gave exactly 0.0 at every step
     assert summary["steps"] == 2
@@ -299,24 +285,18 @@ def test_cpu_is_what_auto_picks_here_and_gives_the_same_run(tiny_config, tmp_pat
 
 def test_bf16_runs_on_the_cpu_finite_and_close_to_fp32(text_files, tmp_path):
     def run(name, *extra):
-        Trainer(
-            load_config(
-                None,
-                text_run(
-                    text_files,
-                    tmp_path / name,
-                    "algorithm.name=inverse-q-distill",
-                    'estimator.guide="kind answer"',
-                    "train.batch_size=8",
-                    "train.steps=4",
-                    "train.eval_every=2",
-                    "train.eval_samples=16",
-                    "updater.lr=3e-2",
-                    *extra,
-                ),
-            )
-        ).train()
-        return rows(tmp_path / name)
+        return train_text(
+            text_files,
+            tmp_path / name,
+            "algorithm.name=inverse-q-distill",
+            'estimator.guide="kind answer"',
+            "train.batch_size=8",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.eval_samples=16",
+            "updater.lr=3e-2",
+            *extra,
+        )
 
     fp32, bf16 = run("fp32"), run("bf16", "train.precision=bf16")
     for row in bf16:
@@ -426,23 +406,17 @@ def test_micro_batches_give_the_unsplit_step(tiny_config, tmp_path, updater):
 
 def test_micro_batches_on_an_hf_model(text_files, tmp_path):
     def run(name, *extra):
-        Trainer(
-            load_config(
-                None,
-                text_run(
-                    text_files,
-                    tmp_path / name,
-                    "algorithm.name=grpo",
-                    "train.samples_per_prompt=4",
-                    "train.batch_size=8",
-                    "train.steps=2",
-                    "train.eval_samples=8",
-                    "updater.minibatches=1",
-                    *extra,
-                ),
-            )
-        ).train()
-        return rows(tmp_path / name)
+        return train_text(
+            text_files,
+            tmp_path / name,
+            "algorithm.name=grpo",
+            "train.samples_per_prompt=4",
+            "train.batch_size=8",
+            "train.steps=2",
+            "train.eval_samples=8",
+            "updater.minibatches=1",
+            *extra,
+        )
 
     whole, micro = run("whole"), run("micro", "updater.micro_batch_size=3")
     assert [sorted(a) for a in whole] == [sorted(b) for b in micro]

@@ -134,34 +134,26 @@ class HFCausalLMPolicy(TokenPolicy):
     def _positions(mask: Tensor) -> Tensor:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
+    def _full(self, input_ids, attention_mask, **kwargs):
+        """One uncached forward over whole sequences (positions from the padding mask)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with self.autocast():
-            out = self.model(
+            return self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=self._positions(attention_mask),
                 use_cache=False,
-                logits_to_keep=logits_to_keep,
+                **kwargs,
             )
-        return out.logits[..., : self.vocab_size]
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
+        return self._full(input_ids, attention_mask, logits_to_keep=logits_to_keep).logits[..., : self.vocab_size]
 
     def hidden_states(self, input_ids, attention_mask=None):
         """``[B, L, width]``: the last layer's hidden state at every position (a critic's
         input); the output layer is skipped."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        with self.autocast():
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=self._positions(attention_mask),
-                use_cache=False,
-                output_hidden_states=True,
-                logits_to_keep=1,
-            )
-        return out.hidden_states[-1]
+        return self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
     def start(self, input_ids, attention_mask=None):
         if attention_mask is None:
