@@ -43,6 +43,7 @@ from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
 from ..plugin.registry import Registry, plugin_manager
 from ..train.rollout import collect
+from ..train.rundir import read_checkpoint
 from ..train.trainer import latest_checkpoint, load_policy, load_reference, make_vector_env
 
 TRUE_ROW = "true A*"
@@ -149,7 +150,7 @@ class ExplainContext:
 
     def checkpoint_state(self, kind: str) -> dict:
         """The run's checkpointed state of its component of ``kind`` (e.g. a critic)."""
-        return torch.load(self.checkpoint, weights_only=False)["components"].get(kind, {})
+        return read_checkpoint(self.checkpoint)["components"].get(kind, {})
 
     def exact_values(self, kl_coef: float) -> Tensor:
         """``[B, T]``: the exact ``V^pi(s_t)`` of the KL-penalised reward at each response

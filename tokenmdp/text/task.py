@@ -19,8 +19,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import importlib
+import importlib.util
 import math
 import re
 from collections.abc import Callable
@@ -75,11 +78,43 @@ def read_prompts(path: str | Path, key: str = "env.prompts") -> list[str]:
 # --- rewards ----------------------------------------------------------------------------
 
 
+#: Folders code is never imported from (run directories are data): see :func:`code_barrier`.
+_BARRIERS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("tokenmdp_code_barriers", default=())
+
+
+@contextlib.contextmanager
+def code_barrier(folder: str | Path):
+    """While held, :func:`resolve_callable` refuses a module whose file lies in ``folder``
+    (the trainer holds it for its run directory, which is data, not code)."""
+    token = _BARRIERS.set((*_BARRIERS.get(), Path(folder).resolve()))
+    try:
+        yield
+    finally:
+        _BARRIERS.reset(token)
+
+
+def _check_barriers(module_name: str, spec: str, what: str) -> None:
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return  # import_module reports it
+    origin = Path(found.origin).resolve() if found is not None and found.origin else None
+    for folder in _BARRIERS.get():
+        if origin is not None and origin.is_relative_to(folder):
+            raise ConfigError(
+                f"{what} {spec!r}: module {module_name!r} is {origin}, inside the run directory {folder}; "
+                "tokenmdp never imports code from a run directory (it is data): move the module elsewhere"
+            )
+
+
 def resolve_callable(spec: str, what: str = "env.reward") -> Callable:
-    """``module:function`` (dots allowed after the colon) -> the callable."""
+    """``module:function`` (dots allowed after the colon) -> the callable. The module is
+    imported, so the config that names it is as trusted as code; a module inside a run
+    directory (:func:`code_barrier`) is refused before it is imported."""
     if not isinstance(spec, str) or not re.fullmatch(r"[\w.]+:[\w.]+", spec):
         raise ConfigError(f"{what} must be 'module:function' (got {spec!r})")
     module_name, attr = spec.split(":")
+    _check_barriers(module_name, spec, what)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:

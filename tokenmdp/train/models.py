@@ -12,7 +12,7 @@ from .. import distributed
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..policies import TokenPolicy, build_policy
-from .rundir import REFERENCE, RunDir
+from .rundir import REFERENCE, RunDir, read_checkpoint, read_weights
 from .sft import make_sft_data, supervised_finetune
 
 
@@ -43,7 +43,7 @@ def initial_policy(config: Config, task, reference_file: Path | None = None) -> 
         )
     losses: list[float] = []
     if reference_file is not None and reference_file.exists() and not shared:
-        base.load_state_dict(torch.load(reference_file, weights_only=True, map_location="cpu"))
+        base.load_state_dict(read_weights(reference_file))
     elif config.reference.init == "sft":
         generator = torch.Generator().manual_seed(config.train.seed)
         ref = config.reference
@@ -57,7 +57,7 @@ def load_reference(run_dir: str | Path, config: Config, task) -> TokenPolicy:
     """The frozen reference model a run was trained and scored against (its reference.pt)."""
     base = build_policy(config.policy, task, seed=config.train.seed)
     if base.reference_view() is None:  # LoRA runs' reference.pt holds no weights
-        base.load_state_dict(torch.load(Path(run_dir) / REFERENCE, weights_only=True, map_location="cpu"))
+        base.load_state_dict(read_weights(Path(run_dir) / REFERENCE))
     return frozen_reference(base)
 
 
@@ -70,7 +70,7 @@ def load_policy(path: str | Path, task) -> TokenPolicy:
         checkpoint = RunDir(path).latest_checkpoint()
         if checkpoint is None:
             raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
-        policy.load_checkpoint_state(torch.load(checkpoint, weights_only=False, map_location="cpu")["policy"])
+        policy.load_checkpoint_state(read_checkpoint(checkpoint)["policy"])
         return policy
     from ..policies.hf import HFCausalLMPolicy
 

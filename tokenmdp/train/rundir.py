@@ -14,10 +14,13 @@ methods.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +81,38 @@ class RunDir:
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int, state: dict, keep: int) -> Path:
+        """The checkpoint, then its checksum (``step_X.pt.sha256``): a checkpoint is whole
+        only when its checksum file exists and matches."""
         path = self.checkpoint_path(step)
-        atomic_save(state, path)
+
+        def write_checksum(written: Path) -> None:  # before the rename: a checkpoint never lacks one
+            atomic_write_text(_checksum_path(path), hashlib.sha256(written.read_bytes()).hexdigest() + "\n")
+
+        atomic_save(state, path, before_rename=write_checksum)
         for old in sorted(self.checkpoints.glob("step_*.pt"))[:-keep]:
             old.unlink()
+            _checksum_path(old).unlink(missing_ok=True)
         return path
 
     def load_latest_checkpoint(self) -> dict:
-        """The newest checkpoint (onto the CPU), for ``--resume``; metric lines written after
-        it are dropped."""
+        """The newest good checkpoint (onto the CPU), for ``--resume``. A corrupt one (bad
+        checksum, truncated, not loadable, non-finite weights) is reported and skipped for
+        the one before it. Metric lines written after the checkpoint used are dropped."""
         self.remove_stale_temp_files()
-        latest = self.latest_checkpoint()
-        if latest is None:
+        found = sorted(self.checkpoints.glob("step_*.pt"))
+        if not found:
             raise ConfigError(f"--resume {str(self.path)!r}: no checkpoint to resume from")
-        state = torch.load(latest, weights_only=False, map_location="cpu")
-        self.truncate_metrics(state["step"])
-        return state
+        for path in reversed(found):
+            try:
+                state = read_checkpoint(path)
+            except CheckpointError as exc:
+                print(f"tokenmdp: {exc}; trying the checkpoint before it", file=sys.stderr)
+                continue
+            if path != found[-1]:
+                print(f"tokenmdp: resuming from {path.name}, the newest good checkpoint", file=sys.stderr)
+            self.truncate_metrics(state["step"])
+            return state
+        raise CheckpointError(f"--resume {str(self.path)!r}: every checkpoint in {self.checkpoints} is corrupt")
 
     # --- metrics.jsonl ------------------------------------------------------------------
     def open_metrics(self) -> None:
@@ -134,6 +153,56 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return RunDir(run_dir).latest_checkpoint()
 
 
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :meth:`RunDir.save_checkpoint`, onto the CPU, **never
+    unpickled**: ``torch.load(weights_only=True)`` accepts tensors and plain containers
+    only, so a file that smuggles in code fails to load instead of running it. Its
+    checksum must match (when it has one: older runs' do not), and every weight must be
+    finite. Any problem is a one-line ``CheckpointError`` naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
+    checksum = _checksum_path(path)
+    if checksum.is_file() and checksum.read_text().strip() != hashlib.sha256(data).hexdigest():
+        raise CheckpointError(f"checkpoint {path} is corrupt: its sha256 does not match {checksum.name}")
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # truncated, empty, not a checkpoint, or a forbidden (code-carrying) object
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {type(exc).__name__}: {first}") from None
+    if not isinstance(state, dict) or not {"step", "env_tokens", "policy", "components"} <= set(state):
+        raise CheckpointError(
+            f"checkpoint {path} is not a tokenmdp checkpoint (keys step, env_tokens, policy, components)"
+        )
+    bad = [name for name, t in _tensors(state["policy"]) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({bad[0]}, ...)")
+    return state
+
+
+def read_weights(path: str | Path) -> dict:
+    """A ``state_dict`` file (reference.pt), loaded with ``weights_only=True``."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be loaded safely: {type(exc).__name__}: {first}") from None
+
+
+def _tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        return [(prefix, tree)]
+    if isinstance(tree, dict):
+        return [pair for k, v in tree.items() for pair in _tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    return []
+
+
 # --- atomic writes ---------------------------------------------------------------------------
 
 
@@ -151,9 +220,10 @@ def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(f"could not write {path}: {reason}; {kept}")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path, before_rename=None) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file.
-    A failed write (disk full, ...) removes the temporary file and raises CheckpointError."""
+    A failed write (disk full, ...) removes the temporary file and raises CheckpointError.
+    ``before_rename(tmp)`` runs on the complete temporary file, before it takes the name."""
     tmp = _temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +231,8 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         raise _write_failed(path, exc) from exc

@@ -33,6 +33,7 @@ from ..plugin.context import TrainContext
 from ..plugin.ops import check_finite
 from ..plugin.registry import Registry, plugin_manager
 from ..policies.base import place
+from ..text.task import code_barrier
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .guards import call_component, call_hook
 from .interrupts import deferred_interrupt
@@ -107,9 +108,10 @@ class Trainer:
         self.registry = Registry(self.pm)
         self.registry.register_envs()
         self.composition = compose(self.registry, config)
-        self.env = make_vector_env(
-            self.registry, config, config.train.batch_size, compute_rewards=self.composition.needs_env_reward
-        )
+        with code_barrier(config.run.dir):  # the run directory is data: no reward module from there
+            self.env = make_vector_env(
+                self.registry, config, config.train.batch_size, compute_rewards=self.composition.needs_env_reward
+            )
         self.task = self.env.task
         self._check_text_setup(config)
         self.device = resolve_device(config.train.device)
