@@ -156,3 +156,98 @@ def test_no_module_is_ever_imported_from_the_run_directory(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"planted_reward.*inside the run directory.*never imports code"):
         Trainer(config)
     assert not marker.exists()
+
+
+# --- tokenmdp deletes only what it wrote ----------------------------------------------------
+
+
+def test_a_folder_with_foreign_files_is_refused_and_overwrite_removes_only_ours(tmp_path):
+    run_dir = tmp_path / "mine"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    user_file = run_dir / "checkpoints" / "resnet50_epoch90.pth"
+    user_file.write_bytes(b"weights of a month-long run")
+    (run_dir / "tensorboard").mkdir()
+    (run_dir / "tensorboard" / "notes.txt").write_text("mine")
+    (run_dir / ".draft.tmp-42").write_text("not tokenmdp's temporary file")
+    with pytest.raises(ConfigError, match=r"holds files tokenmdp did not write \(.draft.tmp-42, checkpoints/resnet50"):
+        Trainer(load_config(None, [*TINY, f"run.dir={run_dir}"]))
+    Trainer(load_config(None, [*TINY, f"run.dir={run_dir}", "run.overwrite=true"])).train()
+    Trainer(load_config(None, [*TINY, f"run.dir={run_dir}", "run.overwrite=true"])).train()  # and again
+    assert user_file.read_bytes() == b"weights of a month-long run"
+    assert (run_dir / "tensorboard" / "notes.txt").read_text() == "mine"
+    assert (run_dir / ".draft.tmp-42").exists() and (run_dir / ".tokenmdp-run").is_file()
+
+
+@pytest.mark.parametrize("value", [".", "..", "../..", "/", "~/runs/x"])
+def test_run_dir_must_be_a_folder_of_its_own(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *sum((["--set", s] for s in TINY), []), "--set", f"run.dir={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "run.dir" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was written anywhere
+
+
+def test_run_dir_naming_a_file_is_one_line(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        Trainer(load_config(None, [*TINY, f"run.dir={path}"]))
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(tmp_path):
+    run_dir = tmp_path / "fails"
+    with pytest.raises(ConfigError, match="policy.kind 'lstm' is unknown"):
+        Trainer(load_config(None, [*TINY, f"run.dir={run_dir}", "policy.kind=lstm"])).train()
+    assert not run_dir.exists()
+    # a folder that existed keeps the user's files, and can be rerun without overwrite
+    run_dir.mkdir()
+    (run_dir / "README").write_text("the user's")
+    with pytest.raises(ConfigError, match="holds files tokenmdp did not write"):
+        Trainer(load_config(None, [*TINY, f"run.dir={run_dir}"]))
+
+
+# --- one trainer per run directory --------------------------------------------------------
+
+
+LONG_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from helpers import TINY
+from tokenmdp.config import load_config
+from tokenmdp.train.trainer import Trainer
+Trainer(load_config(None, [*TINY, "train.steps=100000", "run.checkpoint_every=1", "run.dir=" + {run_dir!r}])).train()
+"""
+
+
+def test_a_second_trainer_on_a_locked_run_directory_is_refused(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "busy"
+    script = tmp_path / "long.py"
+    script.write_text(LONG_RUN.format(tests=str(Path(__file__).parent), run_dir=str(run_dir)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_*.pt.sha256")):
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        from tokenmdp import RunDirInUse
+
+        with pytest.raises(RunDirInUse, match=r"is in use by tokenmdp pid \d+"):
+            Trainer.from_run_dir(run_dir, ["train.steps=3"]).train()
+        with pytest.raises(RunDirInUse, match="is in use"):
+            Trainer(load_config(None, [*TINY, f"run.dir={run_dir}", "run.overwrite=true"])).train()
+        assert (run_dir / "config.toml").is_file() and list((run_dir / "checkpoints").glob("step_*.pt"))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    # the killed process's lock file is stale: the next resume takes it over
+    assert (run_dir / ".tokenmdp.lock").exists()
+    last = int(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1].stem.split("_")[1])
+    summary = Trainer.from_run_dir(run_dir, [f"train.steps={last + 1}"]).train()
+    assert summary["steps"] == last + 1

@@ -18,6 +18,7 @@ from .errors import (
     PluginError,
     RankFailure,
     RewardError,
+    RunDirInUse,
     TokenMDPError,
     TrainingInterrupted,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "Recipe",
     "Registry",
     "RewardError",
+    "RunDirInUse",
     "RolloutBatch",
     "Solution",
     "TaskBasePolicy",

@@ -40,3 +40,7 @@ class TrainingInterrupted(TokenMDPError):
 
 class RankFailure(TokenMDPError):
     """Another rank of a distributed run failed; this one stops at the same point."""
+
+
+class RunDirInUse(TokenMDPError):
+    """Another tokenmdp process holds the run directory's lock."""

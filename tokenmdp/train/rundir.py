@@ -14,19 +14,20 @@ methods.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import shutil
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, RunDirInUse
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -34,6 +35,19 @@ SUMMARY = "summary.json"
 CONFIG = "config.toml"
 REFERENCE = "reference.pt"
 TEMP_MARK = ".tmp-"
+#: Written into every run directory tokenmdp starts: the folder is tokenmdp's.
+MARKER = ".tokenmdp-run"
+LOCK = ".tokenmdp.lock"
+#: Files and folders of a run directory that tokenmdp writes (``compare.json``: compare's
+#: cache of a cell; ``explain/``: ``tokenmdp explain``'s default output).
+OWN_FILES = (CONFIG, REFERENCE, METRICS, SUMMARY, MARKER, LOCK, "compare.json")
+OWN_FOLDERS = {
+    CHECKPOINT_DIR: r"step_\d{8}\.pt(\.sha256)?",
+    "tensorboard": r"events\.out\.tfevents\..*",
+    "explain": r"(response_\d+\.png|index\.html)",
+}
+#: Temporary files of an atomic write that a killed process left behind.
+_TEMP = re.compile(r"\.(.+)\.tmp-\d+")
 
 
 class RunDir:
@@ -54,23 +68,99 @@ class RunDir:
         return (self.path / METRICS).exists()
 
     # --- a fresh run -----------------------------------------------------------------
+    def foreign(self) -> list[str]:
+        """What is in the folder that tokenmdp did not write (relative paths, sorted)."""
+        if not self.path.is_dir():
+            return []
+        found = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.name in OWN_FILES and entry.is_file() or _is_own_temp(entry):
+                continue
+            pattern = OWN_FOLDERS.get(entry.name)
+            if pattern is not None and entry.is_dir():
+                found += [
+                    f"{entry.name}/{f.name}"
+                    for f in sorted(entry.iterdir())
+                    if not (f.is_file() and (re.fullmatch(pattern, f.name) or _is_own_temp(f)))
+                ]
+                continue
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+        return found
+
     def start_fresh(self, config_text: str, reference_state: dict) -> None:
-        """Remove what an earlier run left (metrics, summary, checkpoints, TensorBoard files)
-        and write the config and the reference."""
+        """Remove what an earlier run left, only files tokenmdp writes (metrics, summary,
+        checkpoints, TensorBoard events, explain pages), then write the marker, the config
+        and the reference. Anything else in the folder is left as it is."""
         if self.path.exists():
             self.remove_stale_temp_files()
-            for name in (METRICS, SUMMARY, CHECKPOINT_DIR, "tensorboard"):
-                path = self.path / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            for name in (METRICS, SUMMARY, "compare.json"):
+                (self.path / name).unlink(missing_ok=True)
+            for folder, pattern in OWN_FOLDERS.items():
+                if (self.path / folder).is_dir():
+                    for f in (self.path / folder).iterdir():
+                        if f.is_file() and re.fullmatch(pattern, f.name):
+                            f.unlink()
+                    if not any((self.path / folder).iterdir()):
+                        (self.path / folder).rmdir()
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / MARKER, json.dumps({"tokenmdp": "run directory", "version": 1}) + "\n")
         atomic_write_text(self.path / CONFIG, config_text)
         atomic_save(reference_state, self.path / REFERENCE)
 
+    def discard(self, remove_folder: bool) -> None:
+        """Undo a run that failed before its first checkpoint: remove every file tokenmdp
+        wrote there (so the folder can be rerun without ``overwrite``) and, when the run
+        created the folder, the folder itself if nothing else is left in it."""
+        self.remove_stale_temp_files()
+        for name in OWN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for folder, pattern in OWN_FOLDERS.items():
+            if (self.path / folder).is_dir():
+                for f in (self.path / folder).iterdir():
+                    if f.is_file() and re.fullmatch(pattern, f.name):
+                        f.unlink()
+                if not any((self.path / folder).iterdir()):
+                    (self.path / folder).rmdir()
+        if remove_folder and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
     def remove_stale_temp_files(self) -> None:
-        """Temporary files a killed process left behind (never under a final name)."""
+        """Temporary files a killed tokenmdp process left behind (never under a final name;
+        only names tokenmdp's atomic writes use)."""
         for folder in (self.path, self.checkpoints):
-            for stale in folder.glob(f".*{TEMP_MARK}*"):
-                stale.unlink(missing_ok=True)
+            if folder.is_dir():
+                for stale in folder.iterdir():
+                    if _is_own_temp(stale):
+                        stale.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the run directory's exclusive lock (``fcntl.flock`` on ``.tokenmdp.lock``)
+        while the block runs: a second trainer, resume or compare cell on it is a one-line
+        error. The operating system releases the lock when the process ends, however it
+        ends, so a lock file left by a killed process is stale and simply taken over."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirInUse(
+                f"run.dir {str(self.path)!r} is in use by {holder}; wait for it to finish, or use another run.dir"
+            ) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"tokenmdp pid {os.getpid()}")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     # --- checkpoints ------------------------------------------------------------------
     def checkpoint_path(self, step: int) -> Path:
@@ -147,6 +237,28 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2))
+
+
+def _is_own_temp(path: Path) -> bool:
+    found = _TEMP.fullmatch(path.name)
+    return (
+        bool(found)
+        and path.is_file()
+        and (found.group(1) in OWN_FILES or re.fullmatch(OWN_FOLDERS[CHECKPOINT_DIR], found.group(1)) is not None)
+    )
+
+
+def check_run_dir_value(value: str) -> None:
+    """``run.dir`` must name a folder of its own: never the current folder, its parent, the
+    root, or a ``~`` path the shell did not expand."""
+    norm = os.path.normpath(value)
+    if value.startswith("~"):
+        raise ConfigError(f"run.dir = {value!r} starts with '~', which is not expanded here; give the full path")
+    if norm in (".", os.sep) or all(part == ".." for part in Path(norm).parts):
+        raise ConfigError(
+            f"run.dir = {value!r} is not a folder of its own (the current folder, a parent, or the "
+            "root); name a new folder, e.g. runs/my_run"
+        )
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -39,7 +39,7 @@ from .guards import call_component, call_hook
 from .interrupts import deferred_interrupt
 from .models import initial_policy, load_policy, load_reference, split_reference
 from .rollout import collect, sampling_generator
-from .rundir import CHECKPOINT_DIR, REFERENCE, RunDir, latest_checkpoint
+from .rundir import CHECKPOINT_DIR, REFERENCE, RunDir, check_run_dir_value, latest_checkpoint
 from .summary import run_summary
 
 __all__ = [
@@ -139,6 +139,16 @@ class Trainer:
                 "train.simulate_world_size stands in for a distributed run in one process; "
                 "unset it when launching with torchrun"
             )
+        check_run_dir_value(config.run.dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"run.dir {str(self.run_dir)!r} is a file, not a folder; name a folder for the run")
+        foreign = [] if resume or config.run.overwrite else self.rundir.foreign()
+        if foreign and not self.rundir.holds_run():
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ConfigError(
+                f"run.dir {str(self.run_dir)!r} holds files tokenmdp did not write ({shown}); use an empty or new "
+                "folder, or --set run.overwrite=true (which still removes only tokenmdp's own files)"
+            )
         if not resume and self.rundir.holds_run() and not config.run.overwrite:
             raise ConfigError(
                 f"run.dir {str(self.run_dir)!r} already holds a run; use --resume {self.run_dir}, "
@@ -218,8 +228,16 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train; under torchrun, on every rank (rank 0 writes the files and calls the hooks)."""
         joined = distributed.init()
+        main = distributed.is_main()
+        created = not self.run_dir.exists()
         try:
-            return self._train()
+            with self.rundir.locked() if main else contextlib.nullcontext():
+                try:
+                    return self._train()
+                except BaseException:
+                    if main and not self.resume and self.rundir.latest_checkpoint() is None:
+                        self.rundir.discard(remove_folder=created)  # nothing to resume: leave no run behind
+                    raise
         finally:
             if joined is not None:
                 distributed.shutdown()
