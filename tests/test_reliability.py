@@ -251,3 +251,73 @@ def test_a_second_trainer_on_a_locked_run_directory_is_refused(tmp_path):
     last = int(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1].stem.split("_")[1])
     summary = Trainer.from_run_dir(run_dir, [f"train.steps={last + 1}"]).train()
     assert summary["steps"] == last + 1
+
+
+# --- signals, torn files, read-only file systems ---------------------------------------------
+
+
+def _cli_run(run_dir, *extra):
+    import sys
+
+    sets = [a for s in [*TINY, "train.steps=300", "train.eval_every=50"] for a in ("--set", s)]
+    return [sys.executable, "-m", "tokenmdp", "train", *sets, "--set", f"run.dir={run_dir}", *extra]
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT", "SIGINT")])
+def test_sigterm_and_a_double_ctrl_c_stop_cleanly_with_a_checkpoint(tmp_path, signals):
+    """SIGTERM (schedulers, docker stop) is handled like Ctrl-C; two Ctrl-C 5 ms apart with
+    the default checkpoint_every = 0 still end with the last finished step checkpointed."""
+    import signal as sig
+    import subprocess
+    import time
+
+    import tokenmdp.train.rundir  # noqa: F401
+
+    subprocess.run(_cli_run(tmp_path / "full"), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli_run(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut/metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    for name in signals:
+        proc.send_signal(getattr(sig, name))
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(sig, signals[0]), err
+    assert f"interrupted ({signals[0]})" in err and "checkpoint saved" in err
+    assert ("stopping after this step" in err) == (len(signals) == 2)
+    rows = metrics.read_text().splitlines()
+    assert sorted((tmp_path / "cut/checkpoints").glob("*.pt"))[-1].name == f"step_{len(rows) - 1:08d}.pt"
+    resumed = subprocess.run(
+        _cli_run(tmp_path / "cut")[:4] + ["--resume", str(tmp_path / "cut")], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics.read_text() == (tmp_path / "full/metrics.jsonl").read_text()
+
+
+def test_a_torn_last_line_of_metrics_is_dropped_on_resume(tmp_path, capsys):
+    run_dir = finished_run(tmp_path)
+    full = (run_dir / "metrics.jsonl").read_text()
+    lines = full.splitlines()
+    # a crash after step 3's checkpoint, in the middle of writing step 4's line
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:25])
+    (run_dir / "checkpoints" / "step_00000004.pt").unlink()
+    Trainer.from_run_dir(run_dir).train()
+    assert "ends in a torn line" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == full
+
+
+def test_a_read_only_file_system_reports_the_real_error(tmp_path, monkeypatch):
+    """The clean-up in the atomic write's ``finally`` fails too (EROFS); the error that
+    reaches the user is still the write's own, naming the file."""
+    import errno
+
+    from tokenmdp.train import rundir
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(rundir.os, "replace", read_only)
+    monkeypatch.setattr(rundir.Path, "unlink", read_only)
+    with pytest.raises(CheckpointError, match=r"could not write .*config.toml: Read-only file system \(errno 30\)"):
+        rundir.atomic_write_text(tmp_path / "config.toml", "x")

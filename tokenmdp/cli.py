@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 from .errors import TokenMDPError
@@ -191,8 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except TrainingInterrupted as exc:
+        # the run is saved: a signal still arriving now must not turn this into a traceback
+        main_thread = threading.current_thread() is threading.main_thread()
+        stops = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+        previous = {stop: signal.signal(stop, signal.SIG_IGN) for stop in stops}
         print(f"{me}: {exc}", file=sys.stderr)
-        return 130
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        return 128 + exc.signum
     except TokenMDPError as exc:
         print(f"{me}: error: {exc}", file=sys.stderr)
         return 2

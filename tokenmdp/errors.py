@@ -35,7 +35,12 @@ class CheckpointError(TokenMDPError):
 
 
 class TrainingInterrupted(TokenMDPError):
-    """SIGINT arrived; the step in flight was finished and checkpointed."""
+    """SIGINT or SIGTERM arrived; the step in flight was finished and checkpointed.
+    ``signum`` is the signal (the CLI exits with 128 + signum: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
 
 
 class RankFailure(TokenMDPError):

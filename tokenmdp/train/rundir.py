@@ -219,20 +219,39 @@ class RunDir:
             self._metrics.close()
             self._metrics = None
 
-    def logged_values(self, key: str) -> list[float]:
-        """Every logged value of ``key`` (null read as NaN)."""
+    def metric_lines(self) -> list[tuple[str, dict]]:
+        """``(line, row)`` of every line of ``metrics.jsonl``. A torn last line (a crash in
+        the middle of writing it) is dropped with a message; a bad line anywhere else is a
+        one-line error naming it."""
         path = self.path / METRICS
         if not path.exists():
             return []
-        rows = (json.loads(line) for line in path.read_text().splitlines() if line)
-        return [row[key] if row[key] is not None else float("nan") for row in rows if key in row]
+        lines = [line for line in path.read_text().splitlines() if line]
+        out = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    print(
+                        f"tokenmdp: {path} ends in a torn line (a crash while it was written); it is dropped",
+                        file=sys.stderr,
+                    )
+                    break
+                raise CheckpointError(f"{path} line {number} is not JSON; the file is damaged") from None
+            out.append((line, row))
+        return out
+
+    def logged_values(self, key: str) -> list[float]:
+        """Every logged value of ``key`` (null read as NaN)."""
+        return [row[key] if row[key] is not None else float("nan") for _, row in self.metric_lines() if key in row]
 
     def truncate_metrics(self, last_step: int) -> None:
-        """Drop metric lines written after the checkpoint a run resumes from."""
+        """Drop metric lines written after the checkpoint a run resumes from (and a torn last line)."""
         path = self.path / METRICS
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        keep = [line for line, row in self.metric_lines() if row["step"] <= last_step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def write_summary(self, summary: dict) -> None:
@@ -332,6 +351,15 @@ def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
     return CheckpointError(f"could not write {path}: {reason}; {kept}")
 
 
+def _remove_quietly(tmp: Path) -> None:
+    """Clean-up after a failed write must not hide why it failed (e.g. EROFS again on a
+    read-only file system)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def atomic_save(obj: Any, path: Path, before_rename=None) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file.
     A failed write (disk full, ...) removes the temporary file and raises CheckpointError.
@@ -349,7 +377,7 @@ def atomic_save(obj: Any, path: Path, before_rename=None) -> None:
     except (OSError, RuntimeError) as exc:
         raise _write_failed(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -361,4 +389,4 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as exc:
         raise _write_failed(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)

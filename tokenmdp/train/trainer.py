@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import signal
 import threading
 import time
 import warnings
@@ -133,6 +134,7 @@ class Trainer:
         self.stopped_at: int | None = None
         self.recent_credit: list[float] = []
         self._last_eval: tuple[int, dict[str, float]] | None = None
+        self._stop = None  # set while train() runs: the stop request of SIGINT/SIGTERM
         simulate = config.train.simulate_world_size
         if simulate is not None and simulate > 1 and distributed.requested_world_size() > 1:
             raise ConfigError(
@@ -231,7 +233,9 @@ class Trainer:
         main = distributed.is_main()
         created = not self.run_dir.exists()
         try:
-            with self.rundir.locked() if main else contextlib.nullcontext():
+            # signals are deferred for the whole run, teardown included: a second Ctrl-C while
+            # the last step is saved cannot cut the run short
+            with self.rundir.locked() if main else contextlib.nullcontext(), deferred_interrupt() as self._stop:
                 try:
                     return self._train()
                 except BaseException:
@@ -260,8 +264,7 @@ class Trainer:
                     if start_step == 0:
                         self._emit(run, 0, {"env_tokens": 0, **self._evaluate(0)})
                     self.recent_credit = self.rundir.logged_values("credit_corr")[-10:]
-            with deferred_interrupt() as interrupted:
-                env_tokens = self._loop(run, start_step, env_tokens, interrupted)
+            env_tokens = self._loop(run, start_step, env_tokens, self._stop)
             with distributed.agreement("the summary"):
                 if main:
                     final = self._evaluate(self.stopped_at or cfg.train.steps)
@@ -314,11 +317,13 @@ class Trainer:
             if reached:
                 self.stopped_at = step
                 break
-            if distributed.any_rank(interrupted.is_set()):  # Ctrl-C: finish the step, save, stop cleanly
+            if distributed.any_rank(interrupted.is_set()):  # Ctrl-C/SIGTERM: finish the step, save, stop
                 self.save_checkpoint(step, env_tokens)
+                signum = interrupted.signum or signal.SIGINT
                 raise TrainingInterrupted(
-                    f"interrupted after step {step}; checkpoint saved; continue with: "
-                    f"tokenmdp train --resume {self.run_dir}"
+                    f"interrupted ({signal.Signals(signum).name}) after step {step}; checkpoint saved; continue "
+                    f"with: tokenmdp train --resume {self.run_dir}",
+                    signum=signum,
                 )
         return env_tokens
 
