@@ -321,3 +321,47 @@ def test_a_read_only_file_system_reports_the_real_error(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.Path, "unlink", read_only)
     with pytest.raises(CheckpointError, match=r"could not write .*config.toml: Read-only file system \(errno 30\)"):
         rundir.atomic_write_text(tmp_path / "config.toml", "x")
+
+
+# --- a memory estimate before anything large is built ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting, part",
+    [
+        (["env.vocab_size=40", "env.horizon=8"], "the exact solver (vocabulary 40, horizon 8"),
+        (["train.batch_size=1000000000000"], "the vector env"),
+        (["policy.hidden=1000000"], "the policy, its reference and Adam"),
+        (["reference.sft_samples=100000000000"], "the reference's SFT data"),
+    ],
+)
+def test_a_run_too_large_for_the_machine_stops_at_start_up_with_the_estimate(tmp_path, capsys, setting, part):
+    run_dir = tmp_path / "huge"
+    assert main(["train", *sum((["--set", s] for s in [*TINY, f"run.dir={run_dir}", *setting]), [])]) == 2
+    err = capsys.readouterr().err
+    assert "this run needs about" in err and "train.max_memory_gb" in err and part in err and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
+def test_the_memory_budget_is_configurable_and_tokenmdp_solve_checks_it(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"over train.max_memory_gb = 1e-06"):
+        Trainer(load_config(None, [*TINY, f"run.dir={tmp_path / 'r'}", "train.max_memory_gb=0.000001"]))
+    assert main(["solve", "configs/demo.toml", "--set", "env.vocab_size=40", "--set", "env.horizon=8"]) == 2
+    assert "the exact solver (vocabulary 40, horizon 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("reference.sft_lr=inf", "sft_lr must be a finite number > 0 (got inf)"),
+        ("train.beta=inf", "beta must be a finite number > 0 (got inf)"),
+        ("updater.max_grad_norm=inf", "max_grad_norm must be a finite number >= 0 (got inf)"),
+        ("policy.hidden=-1", "policy (gru): Trying to create tensor with negative dimension"),
+    ],
+)
+def test_values_that_must_be_finite_or_sane_are_one_line_errors(tmp_path, capsys, setting, message):
+    run_dir = tmp_path / "run"
+    assert main(["train", *sum((["--set", s] for s in [*TINY, f"run.dir={run_dir}", setting]), [])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not run_dir.exists()

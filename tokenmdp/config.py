@@ -88,6 +88,10 @@ class TrainConfig:
     #: policy's dropout in the updater's training forward only; sampling, log-probs, every
     #: estimator and every evaluation always run without dropout.
     disable_dropout: bool = attrs.field(default=True, validator=_boolean)
+    #: Memory the run may plan to use, in GB; a start-up estimate over it (the exact
+    #: solver's tree, SFT data, the policy, the batch's logits, the evaluation) stops the
+    #: run with the estimate. Unset = 80% of this machine's memory.
+    max_memory_gb: float | None = attrs.field(default=None, validator=positive)
     beta: float = attrs.field(default=1.0, validator=positive)
     temperature: float = attrs.field(default=1.0, validator=positive)
     #: Sample only among the k most likely tokens (unset = all). Sampling only: the stored

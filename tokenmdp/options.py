@@ -6,6 +6,7 @@ valid ones, and a validator failure names the dotted field.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -64,6 +65,8 @@ def positive(instance, attribute, value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{attribute.name} must be a number > 0 (got {value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be a finite number > 0 (got {value!r})")
 
 
 def non_negative(instance, attribute, value):
@@ -71,6 +74,8 @@ def non_negative(instance, attribute, value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{attribute.name} must be a number >= 0 (got {value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0 (got {value!r})")
 
 
 def positive_int(instance, attribute, value):

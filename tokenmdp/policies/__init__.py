@@ -60,5 +60,5 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
         )
     try:
         return cls(task.input_vocab_size, task.vocab_size, **spec)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch rejecting a size
         raise ConfigError(f"policy ({kind}): {exc}") from None

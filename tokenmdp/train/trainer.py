@@ -35,6 +35,7 @@ from ..plugin.ops import check_finite
 from ..plugin.registry import Registry, plugin_manager
 from ..policies.base import place
 from ..text.task import code_barrier
+from .budget import check_before_env, check_run
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .guards import call_component, call_hook
 from .interrupts import deferred_interrupt
@@ -109,6 +110,7 @@ class Trainer:
         self.registry = Registry(self.pm)
         self.registry.register_envs()
         self.composition = compose(self.registry, config)
+        check_before_env(config)  # a huge batch would fail inside the env's allocation
         with code_barrier(config.run.dir):  # the run directory is data: no reward module from there
             self.env = make_vector_env(
                 self.registry, config, config.train.batch_size, compute_rewards=self.composition.needs_env_reward
@@ -125,6 +127,7 @@ class Trainer:
             )
         for component in self.composition.components:
             component.check(config, self.task)
+        check_run(config, self.task)  # before the solver, the SFT data and the models are built
         self.run_dir = Path(config.run.dir)
         self.rundir = RunDir(self.run_dir)
         self.resume = resume
