@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,194 @@ def test_values_that_must_be_finite_or_sane_are_one_line_errors(tmp_path, capsys
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not run_dir.exists()
+
+
+# --- rewards and plugins that misbehave ------------------------------------------------------
+
+
+def exiting_reward(prompt, completion):
+    raise SystemExit(0)
+
+
+def hanging_reward(prompt, completion):
+    import time
+
+    time.sleep(600)
+
+
+def string_reward(prompt, completion):
+    return "1.5"
+
+
+@pytest.fixture(scope="module")
+def text_setup(tmp_path_factory):
+    from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("text")
+    (root / "spm.model").write_bytes(
+        train_sentencepiece(["a kind word", "the cat sat", "kind words"] * 20, vocab_size=24).serialized_model_proto()
+    )
+    (root / "prompts.txt").write_text("a kind\nthe cat\n")
+    config = {
+        "model_type": "gpt2",
+        "vocab_size": 24,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "n_positions": 32,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    HFCausalLMPolicy.from_config(config, seed=0).model.save_pretrained(root / "gpt")
+    return root
+
+
+def text_train(root, run_dir, *extra) -> list[str]:
+    sets = [
+        "env.id=tokenmdp/Text-v0",
+        f"env.prompts={root / 'prompts.txt'}",
+        f"env.tokenizer={root / 'spm.model'}",
+        "policy.kind=hf",
+        f"policy.path={root / 'gpt'}",
+        "reference.init=init",
+        "algorithm.name=reinforce",
+        "env.horizon=4",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.progress=false",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
+    return ["train", *sum((["--set", s] for s in sets), [])]
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        ("exiting_reward", "raised on prompt .*: SystemExit: 0"),
+        ("string_reward", r"returned '1.5' \(str\) .*rewards must be numbers"),
+    ],
+)
+def test_a_reward_that_exits_or_returns_a_string_is_an_error_naming_it(text_setup, tmp_path, capsys, reward, message):
+    run_dir = tmp_path / "run"
+    assert main(text_train(text_setup, run_dir, f"env.reward=test_reliability:{reward}")) == 2
+    err = capsys.readouterr().err
+    assert f"reward 'test_reliability:{reward}'" in err and re.search(message, err), err
+    assert not run_dir.exists()  # it failed before its first checkpoint
+
+
+def test_a_reward_that_hangs_is_bounded_by_env_reward_timeout(text_setup, tmp_path, capsys):
+    import time
+
+    started = time.perf_counter()
+    code = main(
+        text_train(text_setup, tmp_path / "run", "env.reward=test_reliability:hanging_reward", "env.reward_timeout=0.2")
+    )
+    assert code == 2 and time.perf_counter() - started < 60
+    assert "no answer within env.reward_timeout = 0.2 s" in capsys.readouterr().err
+
+
+def test_a_plugin_that_calls_sys_exit_is_an_error_naming_it(tmp_path):
+    import tokenmdp
+    from tokenmdp.plugin.registry import plugin_manager
+    from tokenmdp_reinforce import KLPenalisedReward
+
+    class Exiting(KLPenalisedReward):
+        name = "exiting"
+
+        def estimate(self, batch, ctx):
+            raise SystemExit(0)
+
+    class Plugin:
+        @tokenmdp.hookimpl
+        def tokenmdp_trajectory_estimators(self):
+            return [Exiting]
+
+    pm = plugin_manager(extra_plugins=[Plugin()])
+    with pytest.raises(tokenmdp.PluginError, match="estimator 'exiting' raised in estimate at step 1: SystemExit"):
+        Trainer(load_config(None, [*TINY, "algorithm.estimator=exiting", f"run.dir={tmp_path / 'r'}"]), pm=pm).train()
+
+
+# --- one-line errors and consistent behaviour (items 10, 11) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xfe\x00bad", "is not UTF-8 text"),
+        (b'algorithm = "reinforce"\n', r"\[algorithm\] must be a table \(got algorithm = 'reinforce'\)"),
+    ],
+)
+def test_bad_config_files_are_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("env.base_scale=nan", "env.base_scale must be a finite number (got nan)"),
+        ("env.num_prompts=2.5", "env.num_prompts must be an integer (got 2.5)"),
+        (
+            "env.colour=1",
+            "valid options: base_scale, eos_token, horizon, num_prompts, prompt_len, reward_scale, seed, vocab_size",
+        ),
+    ],
+)
+def test_bad_env_values_are_one_line(tmp_path, capsys, setting, message):
+    assert main(["train", *sum((["--set", s] for s in [*TINY, f"run.dir={tmp_path / 'r'}", setting]), [])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert "args" not in err.split("valid options:")[-1]
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("env.horizon=100000", "more than the model's 32"),
+        ('env.add_bos="false"', "env.add_bos must be true, false or unset (got 'false')"),
+        ("env.reward_timeout=-1", "env.reward_timeout must be a number of seconds > 0"),
+    ],
+)
+def test_bad_text_values_are_one_line(text_setup, tmp_path, capsys, setting, message):
+    run_dir = tmp_path / "run"
+    assert main(text_train(text_setup, run_dir, setting)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not run_dir.exists()
+
+
+def test_resume_extends_a_run_and_records_it_but_never_changes_what_it_trains(tmp_path, capsys):
+    run_dir = finished_run(tmp_path)
+    with pytest.raises(ConfigError, match=r"--resume can extend a run .*not change what it trains: policy.hidden"):
+        Trainer.from_run_dir(run_dir, ["policy.hidden=8"])
+    with pytest.raises(ConfigError, match="algorithm.name"):
+        Trainer.from_run_dir(run_dir, ["algorithm.name=ppo"])
+    (run_dir / "reference.pt").unlink()
+    assert Trainer.from_run_dir(run_dir, ["train.steps=6"]).train()["steps"] == 6
+    assert "steps = 6" in (run_dir / "config.toml").read_text()  # a later plain resume continues this run
+    assert (run_dir / "reference.pt").is_file()  # rewritten: explain and compare read it
+    assert Trainer.from_run_dir(run_dir).train()["steps"] == 6
+    config = Path("configs/demo.toml").resolve()
+    assert main(["train", str(config), "--resume", str(run_dir)]) == 2
+    assert "give either CONFIG" in capsys.readouterr().err
+
+
+def test_an_unwritable_parent_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    import tokenmdp.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match="is not writable, so the run could not be saved"):
+        Trainer(load_config(None, [*TINY, f"run.dir={tmp_path / 'new' / 'run'}"]))
+
+
+def test_explain_bounds_its_samples_and_wants_a_folder(tmp_path, capsys):
+    run_dir = finished_run(tmp_path)
+    assert main(["explain", str(run_dir), "--samples", "100000"]) == 2
+    assert "--samples must be in 1..64" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert main(["explain", str(run_dir), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file" in capsys.readouterr().err

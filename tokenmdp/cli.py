@@ -38,6 +38,11 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .train.trainer import Trainer
 
+    if args.resume and args.config:
+        raise TokenMDPError(
+            f"give either CONFIG ({args.config}) or --resume {args.resume}, not both: a resumed run "
+            "reads its own config.toml (extend it with --set, e.g. --set train.steps=500)"
+        )
     if args.resume:
         trainer = Trainer.from_run_dir(args.resume, args.set)
     else:  # without a CONFIG.toml, the defaults plus --set overrides

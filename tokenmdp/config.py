@@ -184,7 +184,9 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} not found")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
 
@@ -200,9 +202,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config section(s) {', '.join(unknown)}; valid sections: {', '.join(SECTIONS)}")
-    for section in ("env", "policy", "estimator", "advantage", "updater"):
+    for section in SECTIONS:
         if section in data and not isinstance(data[section], dict):
-            raise ConfigError(f"[{section}] must be a table")
+            raise ConfigError(
+                f"[{section}] must be a table (got {section} = {data[section]!r}); e.g. [{section}] "
+                f"then key = value lines, or --set {section}.key=value"
+            )
     if "env" in data:
         data["env"] = {"id": Config().env["id"], **data["env"]} if "id" not in data["env"] else data["env"]
     return build(Config, data, "config")

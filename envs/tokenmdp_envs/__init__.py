@@ -6,10 +6,18 @@ Every task takes ``vocab_size``, ``horizon`` and ``seed`` and ships a base distr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from tokenmdp import EnvSpec, TextTask, TokenMDPEnv, TokenTask, TokenVectorEnv, hookimpl
+
+
+def finite(name: str, value) -> None:
+    """``env.<name>`` must be a finite number (NaN or inf would poison every table)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"env.{name} must be a finite number (got {value!r})")
 
 
 class ToyTask(TokenTask):
@@ -26,6 +34,10 @@ class ToyTask(TokenTask):
         base_scale: float = 1.0,
     ):
         super().__init__(vocab_size, horizon, seed, eos_token)
+        for name, value in (("num_prompts", num_prompts), ("prompt_len", prompt_len)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"env.{name} must be an integer (got {value!r})")
+        finite("base_scale", base_scale)
         if num_prompts is None:
             num_prompts = min(4, vocab_size**prompt_len)
         if not 1 <= num_prompts <= vocab_size**prompt_len:
@@ -58,6 +70,7 @@ class PatternTask(ToyTask):
 
     def __init__(self, reward_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        finite("reward_scale", reward_scale)
         self.reward_scale = reward_scale
         self.target = torch.randint(0, self.vocab_size, (self.prompts.shape[0], self.horizon), generator=self.rng)
 
@@ -74,6 +87,7 @@ class SumModTask(ToyTask):
 
     def __init__(self, modulus: int = 3, reward_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        finite("reward_scale", reward_scale)
         if modulus < 2:
             raise ValueError(f"env.modulus must be >= 2 (got {modulus})")
         self.modulus = modulus
@@ -97,6 +111,7 @@ class SumThresholdTask(ToyTask):
 
     def __init__(self, reward_scale: float = 2.0, **kwargs):
         super().__init__(**kwargs)
+        finite("reward_scale", reward_scale)
         self.reward_scale = reward_scale
         middle = self.horizon * (self.vocab_size - 1) / 2
         # thresholds around the base median, one per prompt, so each prompt is a different goal
@@ -114,6 +129,7 @@ class ForbiddenTask(ToyTask):
 
     def __init__(self, num_forbidden: int = 2, penalty: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        finite("penalty", penalty)
         if not 1 <= num_forbidden < self.vocab_size:
             raise ValueError(f"env.num_forbidden must be in [1, {self.vocab_size - 1}] (got {num_forbidden})")
         self.penalty = penalty
@@ -134,6 +150,7 @@ class BanditTask(ToyTask):
 
     def __init__(self, horizon: int = 1, reward_scale: float = 1.0, **kwargs):
         super().__init__(horizon=horizon, **kwargs)
+        finite("reward_scale", reward_scale)
         self.table = torch.randn(self.prompts.shape[0], self.vocab_size, generator=self.rng) * reward_scale
 
     def dense_rewards(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:

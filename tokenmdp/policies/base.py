@@ -25,6 +25,9 @@ class TokenPolicy(nn.Module):
     #: Whether :attr:`autocast_dtype` applies to this kind of policy.
     supports_autocast = False
 
+    #: The longest sequence (prompt + response) the policy can take; None = unbounded.
+    max_positions: int | None = None
+
     def autocast(self):
         """The autocast context of this policy's forwards (nothing in float32)."""
         return devices.autocast(self.autocast_dtype, devices.module_device(self))

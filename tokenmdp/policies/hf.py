@@ -50,6 +50,12 @@ class HFCausalLMPolicy(TokenPolicy):
             model = _add_lora(model, self.lora)
         self.model = model
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence (prompt + response) the model can place, or None if unbounded."""
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
     @staticmethod
     def vocab_size_of(model) -> int | None:
         config = model.config
@@ -122,12 +128,19 @@ class HFCausalLMPolicy(TokenPolicy):
                 f"policy.path: {str(path)!r} holds no model (no config.json); save one with "
                 "save_pretrained, or run `tokenmdp models fetch-gemma DIR`"
             )
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one line per error on stderr, not a progress bar first
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except Exception as exc:
             raise TokenMDPError(
                 f"policy.path: could not load a causal LM from {str(path)!r}: {type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         return cls(model, vocab_size, lora=lora, source=str(path))
 
     @staticmethod

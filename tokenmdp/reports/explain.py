@@ -47,6 +47,8 @@ from ..train.rundir import read_checkpoint
 from ..train.trainer import latest_checkpoint, load_policy, load_reference, make_vector_env
 
 TRUE_ROW = "true A*"
+#: Bounds of ``--samples`` (one PNG each) and ``--group-size``.
+MAX_SAMPLES, MAX_GROUP = 64, 256
 
 
 @attrs.define
@@ -196,8 +198,13 @@ def explain(
 ) -> Explanation:
     """Sample ``samples`` responses (each with ``group_size - 1`` more to the same prompt),
     compute every estimator's credit and the true A*, write PNGs and an HTML page."""
-    if samples < 1 or group_size < 2:
-        raise ConfigError(f"explain: --samples must be >= 1 and --group-size >= 2 (got {samples}, {group_size})")
+    if not 1 <= samples <= MAX_SAMPLES or not 2 <= group_size <= MAX_GROUP:
+        raise ConfigError(
+            f"explain: --samples must be in 1..{MAX_SAMPLES} (one heat map each) and --group-size in "
+            f"2..{MAX_GROUP} (got {samples}, {group_size})"
+        )
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"explain: --out {str(out)!r} is a file; give a folder for the heat maps and the page")
     run_dir = Path(run_dir)
     config, registry, task, policy, reference, checkpoint = load_run(run_dir)
     run = compose(registry, config)

@@ -25,7 +25,9 @@ import copy
 import importlib
 import importlib.util
 import math
+import numbers
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,7 @@ class TextTask(TokenTask):
         stop_at_eos: bool = True,
         guide_separator: str = "\n",
         eval_prompts: str | list | None = None,
+        reward_timeout: float | None = None,
     ):
         tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
         eos = tok.eos_token_id if stop_at_eos else None
@@ -193,7 +196,16 @@ class TextTask(TokenTask):
         self.tokenizer = tok
         self.input_vocab_size = tok.vocab_size
         self.guide_token = None
-        self.add_bos = tok.adds_bos if add_bos is None else bool(add_bos)
+        if add_bos is not None and not isinstance(add_bos, bool):
+            raise ConfigError(f"env.add_bos must be true, false or unset (got {add_bos!r})")
+        if reward_timeout is not None and (
+            isinstance(reward_timeout, bool)
+            or not isinstance(reward_timeout, (int, float))
+            or not 0 < reward_timeout < math.inf
+        ):
+            raise ConfigError(f"env.reward_timeout must be a number of seconds > 0, or unset (got {reward_timeout!r})")
+        self.reward_timeout = reward_timeout
+        self.add_bos = tok.adds_bos if add_bos is None else add_bos
         if self.add_bos and tok.bos_token_id is None:
             raise ConfigError(f"env.add_bos = true, but tokenizer {tok.source!r} has no BOS token")
         self.bos_token = tok.bos_token_id if self.add_bos else None
@@ -297,19 +309,45 @@ class TextTask(TokenTask):
             raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
         prompt, completion = self.prompt_text(int(prompt_index)), self.completion_text(response)
         self.reward_calls += 1
+        where = f"on prompt {int(prompt_index)} (completion {completion[:60]!r})"
         try:
-            value = self.reward_fn(prompt, completion)
-            value = float(value)
-        except Exception as exc:
+            value = self._call_reward(prompt, completion)
+        except (Exception, SystemExit) as exc:  # a reward that calls sys.exit() must not end the run as a success
+            raise RewardError(f"reward {self.reward_name!r} raised {where}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise RewardError(
-                f"reward {self.reward_name!r} raised on prompt {int(prompt_index)} "
-                f"(completion {completion[:60]!r}): {type(exc).__name__}: {exc}"
-            ) from exc
+                f"reward {self.reward_name!r} returned {value!r} ({type(value).__name__}) {where}; "
+                "rewards must be numbers (int or float)"
+            )
+        value = float(value)
         if not math.isfinite(value):
             raise RewardError(
                 f"reward {self.reward_name!r} returned {value} on prompt {int(prompt_index)}; "
                 "rewards must be finite numbers"
             )
+        return value
+
+    def _call_reward(self, prompt: str, completion: str):
+        """The reward callable, bounded by ``env.reward_timeout`` seconds when set (the call
+        runs in a daemon thread; a call that does not return in time stops the run)."""
+        if self.reward_timeout is None:
+            return self.reward_fn(prompt, completion)
+        box: list = []
+
+        def call():
+            try:
+                box.append((True, self.reward_fn(prompt, completion)))
+            except BaseException as exc:  # handed back to the caller's thread
+                box.append((False, exc))
+
+        worker = threading.Thread(target=call, daemon=True, name="tokenmdp-reward")
+        worker.start()
+        worker.join(self.reward_timeout)
+        if not box:
+            raise TimeoutError(f"no answer within env.reward_timeout = {self.reward_timeout:g} s")
+        ok, value = box[0]
+        if not ok:
+            raise value
         return value
 
     def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ def call_component(component, what: str, step: int, fn, *args):
         return fn(*args)
     except TokenMDPError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a plugin must not end the run as a success
         raise PluginError(
             f"{component.kind} {component.name!r} raised in {what} at step {step}: {type(exc).__name__}: {exc}"
         ) from exc
@@ -25,7 +25,7 @@ def call_hook(pm, hook_name: str, **kwargs):
         return hook(**kwargs)
     except TokenMDPError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         where = f" at step {kwargs['step']}" if "step" in kwargs else ""
         raise PluginError(
             f"plugin {plugin_that_raised(hook, exc)} raised in {hook_name}{where}: {type(exc).__name__}: {exc}"

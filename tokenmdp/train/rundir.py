@@ -107,6 +107,14 @@ class RunDir:
         atomic_write_text(self.path / CONFIG, config_text)
         atomic_save(reference_state, self.path / REFERENCE)
 
+    def record_resume(self, config_text: str, reference_state: dict) -> None:
+        """A resumed run's config.toml holds its ``--set`` overrides (so a later plain
+        resume continues the same run), and a deleted reference.pt is written again (the
+        reference is rebuilt exactly: the same seed, the same SFT)."""
+        atomic_write_text(self.path / CONFIG, config_text)
+        if not (self.path / REFERENCE).exists():
+            atomic_save(reference_state, self.path / REFERENCE)
+
     def discard(self, remove_folder: bool) -> None:
         """Undo a run that failed before its first checkpoint: remove every file tokenmdp
         wrote there (so the folder can be rerun without ``overwrite``) and, when the run

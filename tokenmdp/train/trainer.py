@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from ..config import Config, dump_config, load_config
 from ..devices import PRECISIONS, resolve_device
 from ..errors import ConfigError, RewardError, TrainingInterrupted
 from ..mdp.env import TokenVectorEnv
+from ..options import to_dict
 from ..plugin.batch import concat_batches, token_logprobs
 from ..plugin.composition import Composition, compose
 from ..plugin.context import TrainContext
@@ -57,6 +59,36 @@ __all__ = [
 ]
 
 
+#: The keys a ``--resume --set`` may change: how long and how the run goes on, never what it trains.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train.steps",
+        "train.eval_every",
+        "train.target_regret_frac",
+        "train.progress",
+        "train.device",
+        "train.max_memory_gb",
+        "run.checkpoint_every",
+        "run.keep_checkpoints",
+    }
+)
+
+
+def _flat(config: Config) -> dict:
+    """``{"section.key": value}`` of a config (nested tables flattened)."""
+    out = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[prefix + key] = value
+
+    walk("", to_dict(config))
+    return out
+
+
 @attrs.define
 class Run:
     """What lifecycle hooks see: the run directory, config and a slot for per-run resources."""
@@ -69,10 +101,16 @@ class Run:
 
 
 def _task_parameters(task_cls: type) -> list[str]:
+    """The keyword arguments a task class takes: its own ``__init__``'s, and its parents'
+    as long as each passes ``**kwargs`` on."""
     names = []
     for cls in task_cls.__mro__:
-        if "__init__" in vars(cls):
-            names += [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
     return sorted(set(names))
 
 
@@ -145,6 +183,9 @@ class Trainer:
                 "unset it when launching with torchrun"
             )
         check_run_dir_value(config.run.dir)
+        parent = next((p for p in [self.run_dir, *self.run_dir.absolute().parents] if p.exists()), None)
+        if parent is not None and parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"run.dir {str(self.run_dir)!r}: {parent} is not writable, so the run could not be saved")
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"run.dir {str(self.run_dir)!r} is a file, not a folder; name a folder for the run")
         foreign = [] if resume or config.run.overwrite else self.rundir.foreign()
@@ -186,7 +227,17 @@ class Trainer:
         path = Path(run_dir) / "config.toml"
         if not path.is_file():
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.toml there, so it is not a run directory")
-        return cls(load_config(path, [*overrides, f"run.dir={Path(run_dir)}"]), pm=pm, resume=True)
+        stored = load_config(path, [f"run.dir={Path(run_dir)}"])
+        config = load_config(path, [*overrides, f"run.dir={Path(run_dir)}"])
+        changed = [key for key in _flat(config) if _flat(config)[key] != _flat(stored).get(key)]
+        changed += [key for key in _flat(stored) if key not in _flat(config)]
+        fixed = sorted(k for k in set(changed) if k not in RESUME_MAY_CHANGE)
+        if fixed:
+            raise ConfigError(
+                f"--resume can extend a run ({', '.join(sorted(RESUME_MAY_CHANGE))}), not change what it trains: "
+                f"{', '.join(fixed)} differ from {path}; start a new run for that"
+            )
+        return cls(config, pm=pm, resume=True)
 
     # --- set-up -------------------------------------------------------------------
     def build_models(self) -> None:
@@ -194,6 +245,13 @@ class Trainer:
         component's ``setup``."""
         cfg = self.config
         base, self.sft_losses = initial_policy(cfg, self.task, self.run_dir / REFERENCE if self.resume else None)
+        longest = self.task.prompts.shape[1] + self.task.horizon
+        if base.max_positions is not None and longest > base.max_positions:
+            raise ConfigError(
+                f"env.horizon = {self.task.horizon} after prompts of up to {self.task.prompts.shape[1]} tokens is "
+                f"{longest} positions, more than the model's {base.max_positions}; lower env.horizon or "
+                "env.max_prompt_tokens"
+            )
         policy, reference = split_reference(base)
         self.reference = place(reference, self.device, self.autocast_dtype, no_dropout=False)
         # The policy is in eval mode (no dropout) everywhere but the updater's forward;
@@ -438,6 +496,7 @@ class Trainer:
             with distributed.agreement("loading the checkpoint"):
                 if main:
                     state = self.rundir.load_latest_checkpoint()
+                    self.rundir.record_resume(dump_config(self.config), self.reference_state())
             state = distributed.broadcast_object(state)
             self.policy.load_checkpoint_state(state["policy"])
             for component in self.composition.components:
@@ -445,8 +504,12 @@ class Trainer:
             return state["step"], state["env_tokens"]
         with distributed.agreement("preparing the run directory"):
             if main:
-                self.rundir.start_fresh(dump_config(self.config), self.reference.state_dict())
+                self.rundir.start_fresh(dump_config(self.config), self.reference_state())
         return 0, 0
+
+    def reference_state(self) -> dict:
+        """What reference.pt holds: the reference's weights (nothing for a LoRA view)."""
+        return self.reference.state_dict()
 
     def save_checkpoint(self, step: int, env_tokens: int) -> Path:
         """Rank 0 writes the checkpoint (atomically); a failure stops every rank."""
