@@ -489,3 +489,43 @@ def test_eval_prompts_are_what_the_sampled_evaluator_scores(text_files, tmp_path
         )
     ).train()
     assert plain["eval_on"] == "the training prompts (env.eval_prompts unset)"
+
+
+# --- speed without changing the maths ------------------------------------------------------------
+
+
+def test_logprobs_read_off_the_sampling_pass_equal_a_full_forward(text_files, tmp_path):
+    """train.logprobs_from = "sampling" (the default for HF models) saves a forward pass;
+    the log-probs equal the re-scored ones up to float rounding."""
+    from tokenmdp.plugin.batch import token_logprobs
+
+    trainer = Trainer(
+        load_config(
+            None,
+            text_run(
+                text_files, tmp_path / "run", "algorithm.name=grpo", "train.samples_per_prompt=4", "train.batch_size=8"
+            ),
+        )
+    )
+    assert trainer.scores_while_sampling
+    trainer.build_models()
+    batch = trainer._collect(1)
+    assert batch.logprobs is not None
+    rescored = token_logprobs(trainer.policy, batch)
+    assert torch.allclose(batch.logprobs, rescored, atol=1e-5) and (batch.logprobs[batch.response_mask == 0] == 0).all()
+    filtered = Trainer(
+        load_config(
+            None,
+            text_run(
+                text_files,
+                tmp_path / "run2",
+                "algorithm.name=grpo",
+                "train.samples_per_prompt=4",
+                "train.batch_size=8",
+                "train.top_k=5",
+            ),
+        )
+    )
+    assert not filtered.scores_while_sampling  # a filtered sampling distribution is not the policy's own
+    toy = Trainer(load_config(None, [*TINY, f"run.dir={tmp_path / 'toy'}"]))
+    assert not toy.scores_while_sampling  # auto: toy networks re-score (their figures were measured so)

@@ -88,6 +88,13 @@ class TrainConfig:
     #: policy's dropout in the updater's training forward only; sampling, log-probs, every
     #: estimator and every evaluation always run without dropout.
     disable_dropout: bool = attrs.field(default=True, validator=_boolean)
+    #: Where ``batch.logprobs`` (pi_old) comes from: "sampling" reads it off the sampling
+    #: pass's logits (one forward pass fewer per step; equal to re-scoring up to float
+    #: rounding, ~1e-6); "rescore" runs a full forward pass; "auto": sampling for HF models,
+    #: rescore for the toy networks (whose published figures were measured so). Sampling
+    #: needs temperature 1 and no top-k/top-p (else the sampling distribution is not the
+    #: policy's), and falls back to rescore there.
+    logprobs_from: str = attrs.field(default="auto", validator=one_of("auto", "sampling", "rescore"))
     #: Memory the run may plan to use, in GB; a start-up estimate over it (the exact
     #: solver's tree, SFT data, the policy, the batch's logits, the evaluation) stops the
     #: run with the estimate. Unset = 80% of this machine's memory.

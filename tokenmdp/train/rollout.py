@@ -9,6 +9,7 @@ from torch import Tensor
 from ..devices import module_device
 from ..mdp.env import TokenVectorEnv
 from ..plugin.batch import RolloutBatch, concat_batches, response_logits, token_logprobs  # noqa: F401 (old home)
+from ..plugin.ops import at_least_float32
 from ..policies.base import TokenPolicy
 
 
@@ -57,12 +58,15 @@ def generate(
     attention_mask: Tensor | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_logprobs: bool = False,
+):
     """Sample ``[B, horizon]`` responses (0-padded after EOS) and their 0/1 mask.
 
     ``attention_mask`` marks real context tokens (left padding = 0); decoding is
     incremental (KV-cached for HF models). ``temperature``/``top_k``/``top_p`` shape the
-    sampling distribution only (:func:`filter_logits`)."""
+    sampling distribution only (:func:`filter_logits`). With ``return_logprobs`` also the
+    ``[B, horizon]`` log-probs of the sampled tokens under the policy itself (temperature
+    1, unfiltered; 0 on padding), read off the sampling pass's logits."""
     was_training = policy.training
     policy.eval()
     device = module_device(policy)
@@ -72,19 +76,23 @@ def generate(
     response = torch.zeros(b, horizon, dtype=torch.long, device=device)
     mask = torch.zeros(b, horizon, device=device)
     active = torch.ones(b, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(b, horizon, device=device) if return_logprobs else None
     logits, state = policy.start(context_ids, attention_mask)
     for t in range(horizon):
         probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
         actions = torch.where(active, _draw(probs, generator), 0)
         response[:, t] = actions
         mask[:, t] = active.float()
+        if logprobs is not None:
+            own = torch.log_softmax(at_least_float32(logits), dim=-1).gather(1, actions[:, None]).squeeze(1)
+            logprobs[:, t] = own * mask[:, t]
         if eos_token is not None:
             active = active & (actions != eos_token)
         if t + 1 == horizon or not bool(active.any()):
             break
         logits, state = policy.advance(state, actions)
     policy.train(was_training)
-    return response, mask
+    return (response, mask, logprobs) if return_logprobs else (response, mask)
 
 
 @torch.no_grad()
@@ -98,6 +106,7 @@ def collect(
     top_p: float | None = None,
     prompt_index: Tensor | None = None,
     samples_per_prompt: int = 1,
+    score: bool = False,
 ) -> RolloutBatch:
     """One response per env: sample with the policy, then step the env with those tokens
     (which yields rewards, unless the env is reward-free). ``prompt_index`` fixes the
@@ -105,13 +114,17 @@ def collect(
     ``num_envs / G`` prompts and each is answered G times, by consecutive rows, numbered
     in ``group_index`` (given prompts are grouped G rows at a time, in order).
 
+    With ``score`` (only meaningful at temperature 1 without top-k/top-p, when the sampling
+    distribution is the policy's own) ``batch.logprobs`` is filled from the sampling pass,
+    which saves a forward pass over the whole batch.
+
     The env and the task live on the CPU; the batch is returned on the policy's device."""
     options = {} if prompt_index is None else {"prompt_index": prompt_index}
     if samples_per_prompt != 1:
         options["samples_per_prompt"] = samples_per_prompt
     obs, info = env.reset(seed=seed, options=options or None)
     prompt_mask = obs["prompt_mask"].long() if "prompt_mask" in obs else torch.ones_like(obs["prompt"])
-    response, mask = generate(
+    response, mask, *sampled = generate(
         policy,
         obs["prompt"],
         env.task.horizon,
@@ -121,6 +134,7 @@ def collect(
         attention_mask=prompt_mask,
         top_k=top_k,
         top_p=top_p,
+        return_logprobs=score,
     )
     actions = response.cpu()
     rewards = torch.zeros(actions.shape)
@@ -139,4 +153,5 @@ def collect(
         rewards_observed=env.compute_rewards,
         prefix_offset=env.task.prefix_offset,
         group_index=info["group_index"].to(device) if "group_index" in info else None,
+        logprobs=sampled[0] if score else None,
     )

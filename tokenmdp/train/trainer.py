@@ -176,6 +176,11 @@ class Trainer:
         self.recent_credit: list[float] = []
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._stop = None  # set while train() runs: the stop request of SIGINT/SIGTERM
+        t = config.train
+        own_distribution = t.temperature == 1.0 and t.top_k is None and t.top_p is None
+        wanted = t.logprobs_from == "sampling" or (t.logprobs_from == "auto" and config.policy.get("kind") == "hf")
+        #: batch.logprobs read off the sampling pass instead of a second forward pass
+        self.scores_while_sampling = wanted and own_distribution
         simulate = config.train.simulate_world_size
         if simulate is not None and simulate > 1 and distributed.requested_world_size() > 1:
             raise ConfigError(
@@ -407,7 +412,8 @@ class Trainer:
         ctx.step = step
         batch = self._collect(step)
         with torch.no_grad():
-            batch.logprobs = token_logprobs(self.policy, batch)
+            if batch.logprobs is None:  # not read off the sampling pass (train.logprobs_from)
+                batch.logprobs = token_logprobs(self.policy, batch)
             batch.ref_logprobs = token_logprobs(self.reference, batch)
         estimator, constructor, updater = self.composition.components
         # Under torchrun every phase ends with the ranks agreeing: a failure on one rank
@@ -477,6 +483,7 @@ class Trainer:
                         top_k=cfg.train.top_k,
                         top_p=cfg.train.top_p,
                         samples_per_prompt=cfg.train.samples_per_prompt,
+                        score=self.scores_while_sampling,
                     )
                 )
             except RewardError as exc:
