@@ -111,7 +111,9 @@ def trl_step_times(model_dir: Path, prompts_file: Path, shape: dict, steps: int,
     return times
 
 
-def tokenmdp_step_times(model_dir: Path, prompts_file: Path, shape: dict, steps: int, out: Path) -> list[float]:
+def tokenmdp_step_times(
+    model_dir: Path, prompts_file: Path, shape: dict, steps: int, out: Path, extra: tuple[str, ...] = ()
+) -> list[float]:
     from tokenmdp.config import load_config
     from tokenmdp.train.trainer import Trainer
 
@@ -129,9 +131,11 @@ def tokenmdp_step_times(model_dir: Path, prompts_file: Path, shape: dict, steps:
         f"updater.lr={shape['lr']}",
         "updater.anneal_lr=false",
         "estimator.kl_coef=0",
+        "train.log_kl=false",  # TRL with beta = 0 computes no KL and loads no reference either
         "train.device=cpu",
         "run.overwrite=true",
         *lora,
+        *extra,
     ]
     trainer = Trainer(load_config(None, overrides))
     trainer.build_models()

@@ -85,8 +85,10 @@ def run_episode(env: TokenMDPEnv, actions_rng: np.random.Generator, prompt_index
         assert list(obs["response"][: len(response)]) == response
         assert (obs["response"][len(response) :] == task.vocab_size).all()
         is_eos = task.eos_token is not None and a == task.eos_token
-        assert terminated == is_eos
-        assert truncated == (not is_eos and len(response) == task.horizon)
+        at_horizon = len(response) == task.horizon
+        # a bandit's last pull is the MDP's own end; elsewhere the horizon is a time limit
+        assert terminated == (is_eos or (at_horizon and task.horizon_terminates))
+        assert truncated == (not terminated and at_horizon)
         assert not (terminated and truncated)
         if terminated or truncated:
             return response, total

@@ -49,10 +49,12 @@ from .plugin.ops import (
     zero_padding,
 )
 from .plugin.registry import Registry, hookimpl, plugin_manager
+from .plugin.sampling import Samples, SamplingBackend, SamplingParams
 from .plugin.updaters import GradientOptions, GradientUpdater, MicroBatch, OptimizerOptions, entropy_of
 from .policies import GRUPolicy, TaskBasePolicy, TokenPolicy, build_policy
 from .text import TextTask
 from .train.preferences import PairBatch, load_pair_file, sample_pairs, sequence_rewards
+from .train.rollout import generate, generate_samples
 from .train.trainer import load_policy
 
 _moved.install()
@@ -84,6 +86,9 @@ __all__ = [
     "RewardError",
     "RunDirInUse",
     "RolloutBatch",
+    "Samples",
+    "SamplingBackend",
+    "SamplingParams",
     "Solution",
     "TaskBasePolicy",
     "TextTask",
@@ -101,6 +106,8 @@ __all__ = [
     "concat_batches",
     "distributed",
     "entropy_of",
+    "generate",
+    "generate_samples",
     "hookimpl",
     "hookspec",
     "load_pair_file",
@@ -127,3 +134,20 @@ __all__ = [
     "tree_logprobs",
     "zero_padding",
 ]
+
+
+def _register_gymnasium_envs() -> None:
+    """Gymnasium's convention: importing the package registers its envs, so that
+    ``gymnasium.make("tokenmdp/Pattern-v0")`` (and ``make_vec``) work after ``import
+    tokenmdp``, and ``gymnasium.register_envs(tokenmdp)`` is the documented no-op that
+    keeps the import. Every installed plugin's envs are registered; a plugin that cannot
+    be loaded is a warning here (``tokenmdp plugins`` names the error), not a failed import."""
+    import warnings
+
+    try:
+        Registry(plugin_manager()).register_envs()
+    except TokenMDPError as exc:
+        warnings.warn(f"tokenmdp: no envs registered with Gymnasium: {exc}", stacklevel=2)
+
+
+_register_gymnasium_envs()

@@ -1,4 +1,4 @@
-"""``tokenmdp`` command line: train, solve, plugins, envs, compare, explain.
+"""``tokenmdp`` command line: train, solve, plugins, envs, options, compare, explain, models.
 
 User errors (bad config, unknown names, impossible compositions) print one line and
 exit with status 2; no traceback wall. Under torchrun (``torchrun --nproc_per_node=N -m
@@ -111,6 +111,60 @@ def cmd_envs(args) -> int:
     return 0
 
 
+def _options_text(title: str, cls: type, overrides=None) -> list[str]:
+    from .options import option_docs
+
+    lines = [title]
+    for option in option_docs(cls, overrides):
+        lines.append(f"  {option.name}: {option.type} = {option.default!r}")
+        if option.doc:
+            lines.append(f"      {option.doc}")
+    if len(lines) == 1:
+        lines.append("  (no options)")
+    return lines
+
+
+def options_text(name: str) -> str:
+    """Every option of a config section, a recipe's three components or one component:
+    type, default and doc comment (the attrs doc comments are the one source)."""
+    from . import config as config_module
+    from .plugin.registry import Registry, plugin_manager
+
+    sections = {
+        "algorithm": config_module.AlgorithmConfig,
+        "reference": config_module.ReferenceConfig,
+        "train": config_module.TrainConfig,
+        "run": config_module.RunConfig,
+    }
+    if name in sections:
+        return "\n".join(_options_text(f"[{name}]", sections[name]))
+    registry = Registry(plugin_manager())
+    if name in registry.recipes:
+        recipe = registry.recipes[name].obj
+        lines = [
+            f"recipe {name!r}: estimator {recipe.estimator}, advantage {recipe.advantage}, updater {recipe.updater}"
+            f" (set them in [estimator], [advantage], [updater]; values shown are this recipe's defaults)"
+        ]
+        for kind in ("estimator", "advantage", "updater"):
+            cls = registry.component(kind, getattr(recipe, kind))
+            lines += ["", *_options_text(f"[{kind}] {cls.name}", cls.Options, recipe.options.get(kind))]
+        return "\n".join(lines)
+    found = [(kind, table[name]) for kind, table in registry.components.items() if name in table]
+    if not found:
+        components = sorted({n for table in registry.components.values() for n in table})
+        raise TokenMDPError(
+            f"options: unknown name {name!r}; valid: the sections {', '.join(sections)}, the recipes "
+            f"{', '.join(sorted(registry.recipes))}, or a component: {', '.join(components)}"
+        )
+    blocks = [_options_text(f"[{kind}] {name} (plugin {entry.plugin})", entry.obj.Options) for kind, entry in found]
+    return "\n\n".join("\n".join(block) for block in blocks)
+
+
+def cmd_options(args) -> int:
+    print(options_text(args.name))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .reports.compare import load_grid, run_grid
 
@@ -141,7 +195,16 @@ def cmd_models_fetch_gemma(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmdp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a policy from a TOML config")
+    train = sub.add_parser(
+        "train",
+        help="train a policy from a TOML config",
+        description="Train a policy from a TOML config (or the defaults plus --set). Config sections: "
+        "[algorithm] (name: a recipe), [env] (id and the env's keywords), [policy] (kind, ...), [reference], "
+        "[train], [run], and [estimator] / [advantage] / [updater] for the recipe's components. "
+        "`tokenmdp options SECTION` (algorithm, reference, train, run), `tokenmdp options RECIPE` or "
+        "`tokenmdp options COMPONENT` prints every option with its type, default and meaning; "
+        "`tokenmdp plugins` and `tokenmdp envs` list the names.",
+    )
     train.add_argument("config", nargs="?")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
@@ -152,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     solve.set_defaults(fn=cmd_solve)
     sub.add_parser("plugins", help="list plugins and components with their source").set_defaults(fn=cmd_plugins)
     sub.add_parser("envs", help="list registered environments").set_defaults(fn=cmd_envs)
+    options = sub.add_parser(
+        "options", help="every option of a config section, a recipe or a component, with its default and doc"
+    )
+    options.add_argument("name", metavar="NAME", help="train, reference, run, algorithm, a recipe or a component")
+    options.set_defaults(fn=cmd_options)
     compare = sub.add_parser("compare", help="recipes x envs x seeds against the exact optimum; a results folder")
     compare.add_argument("config", metavar="CONFIG.toml")
     compare.add_argument(

@@ -109,3 +109,57 @@ def optional(validator):
             validator(instance, attribute, value)
 
     return check
+
+
+@attrs.frozen
+class OptionDoc:
+    """One option of an attrs options class, for ``tokenmdp options``."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+
+
+def _doc_comments(cls: type) -> dict[str, str]:
+    """The ``#:`` comments above each field of ``cls`` and of the attrs classes it extends
+    (the one source of option docs), by field name."""
+    import inspect
+    import re
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not attrs.has(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # defined where there is no source (a REPL)
+            continue
+        pending: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                pending.append(stripped[2:].strip())
+                continue
+            field = re.match(r"(\w+)\s*:", stripped)
+            if field and pending:
+                docs[field.group(1)] = " ".join(pending)
+            pending = []
+    return docs
+
+
+def option_docs(cls: type, overrides: Mapping[str, Any] | None = None) -> list[OptionDoc]:
+    """Every field of the attrs class ``cls``: name, type, default (``overrides`` replace
+    defaults, as a recipe's options do) and its doc comment."""
+    docs, overrides = _doc_comments(cls), dict(overrides or {})
+    out = []
+    for f in attrs.fields(cls):
+        if f.name in overrides:
+            default = overrides[f.name]
+        elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            default = f.default.factory()
+        else:
+            default = None if f.default is attrs.NOTHING else f.default
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append(OptionDoc(f.name, str(annotation), default, docs.get(f.name, "")))
+    return out

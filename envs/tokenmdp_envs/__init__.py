@@ -147,6 +147,8 @@ class BanditTask(ToyTask):
     """
 
     name = "Bandit"
+    #: The last pull ends the episode (``terminated``): the horizon is the bandit's own end.
+    horizon_terminates = True
 
     def __init__(self, horizon: int = 1, reward_scale: float = 1.0, **kwargs):
         super().__init__(horizon=horizon, **kwargs)

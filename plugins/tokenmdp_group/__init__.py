@@ -67,7 +67,9 @@ class GroupRelative(TrajectoryEstimator):
     def estimate(self, batch, ctx):
         mask = batch.response_mask
         kl_coef = ctx.beta if self.options.kl_coef is None else self.options.kl_coef
-        r = batch.sequence_rewards - kl_coef * batch.token_kl.sum(1)
+        r = batch.sequence_rewards
+        if kl_coef:  # with 0 the reference is never scored (r - 0 * kl is r exactly)
+            r = r - kl_coef * batch.token_kl.sum(1)
         group = torch.unique(batch.groups, return_inverse=True)[1]
         size = torch.bincount(group).to(r.dtype)
         total = torch.zeros_like(size).index_add_(0, group, r)

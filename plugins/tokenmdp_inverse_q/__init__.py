@@ -176,6 +176,7 @@ class ClippedPG(GradientUpdater):
         opts, mask = self.options, batch.response_mask
         kl_coef = ctx.beta if opts.kl_coef is None else opts.kl_coef
         adv = advantages["advantages"].detach()
+        k3_penalty = opts.kl_estimator == "k3" and bool(kl_coef)
         if opts.kl_estimator == "k1" and kl_coef:
             k1 = batch.token_kl
             adv = adv - kl_coef * (suffix_sums(k1, mask) if opts.kl_returns else k1)
@@ -188,16 +189,18 @@ class ClippedPG(GradientUpdater):
             ratio = log_ratio.exp()
             surrogate = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - opts.clip, 1 + opts.clip))
             policy_loss = micro.token_mean(surrogate, m)
-            ref_minus = (mb.ref_logprobs - logp) * m
-            k3 = micro.token_mean(ref_minus.exp() - 1 - ref_minus, m)
-            loss = policy_loss
-            if opts.kl_estimator == "k3" and kl_coef:
-                loss = loss + kl_coef * k3
+            loss, kl_metric = policy_loss, {}
+            if k3_penalty or ctx.logs_kl:
+                ref_minus = (mb.ref_logprobs - logp) * m
+                k3 = micro.token_mean(ref_minus.exp() - 1 - ref_minus, m)
+                kl_metric = {"losses/kl": k3.item()}
+                if k3_penalty:
+                    loss = loss + kl_coef * k3
             if opts.entropy_coef:
                 loss = loss - opts.entropy_coef * micro.token_mean(entropy_of(logits), m)
             return loss, {
                 "losses/policy": policy_loss.item(),
-                "losses/kl": k3.item(),
+                **kl_metric,
                 "policy/clipfrac": micro.token_mean(((ratio - 1).abs() > opts.clip).float(), m).item(),
                 # k3 estimate of KL(pi_old || pi), as ppo logs it
                 "policy/approxkl": micro.token_mean((ratio - 1) - log_ratio, m).item(),
@@ -205,6 +208,7 @@ class ClippedPG(GradientUpdater):
             }
 
         keys = ("losses/policy", "losses/kl", "policy/clipfrac", "policy/approxkl")
+        keys = keys if k3_penalty or ctx.logs_kl else tuple(k for k in keys if k != "losses/kl")
         sums, n = dict.fromkeys(keys, 0.0), 0
         for rows in self.minibatches(batch, ctx):
             _, stats = self.accumulate(map(share, self.micro_batches(batch, rows)), ctx)

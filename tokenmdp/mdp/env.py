@@ -39,6 +39,10 @@ class TokenTask:
     exact = True
     #: Prompts of different lengths: the observation carries a 0/1 ``prompt_mask``.
     padded_prompts = False
+    #: Whether reaching the horizon ends the episode as the MDP's own end (``terminated``,
+    #: e.g. a bandit's single step) rather than as a time limit (``truncated``, the default:
+    #: a response cut at ``horizon`` tokens).
+    horizon_terminates = False
     #: Leading prompt columns kept in front of a conditioning prefix (1 for a pinned BOS).
     prefix_offset = 0
     #: The tokenizer of a text task; None for a toy task, whose tokens are plain ids.
@@ -242,8 +246,11 @@ class TokenMDPEnv(gymnasium.Env):
         prefix = torch.tensor([self._response], dtype=torch.long).view(1, t)
         reward = float(self.task.action_rewards(torch.tensor([self._prompt_index]), prefix, torch.tensor([a]))[0])
         self._response.append(a)
-        terminated = self.task.eos_token is not None and a == self.task.eos_token
-        truncated = not terminated and len(self._response) >= self.task.horizon
+        at_horizon = len(self._response) >= self.task.horizon
+        terminated = (self.task.eos_token is not None and a == self.task.eos_token) or (
+            at_horizon and self.task.horizon_terminates
+        )
+        truncated = not terminated and at_horizon
         self._done = terminated or truncated
         return self._obs(), reward, terminated, truncated, {"prompt_index": self._prompt_index}
 
@@ -436,7 +443,10 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         self.length[rows] += 1
         if self.task.eos_token is not None:
             terminated = active & (actions == self.task.eos_token)
-        truncated = active & ~terminated & (self.length >= self.task.horizon)
+        at_horizon = active & (self.length >= self.task.horizon)
+        if self.task.horizon_terminates:
+            terminated = terminated | at_horizon
+        truncated = ~terminated & at_horizon
         self.done |= terminated | truncated
         if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
             self._pending_reset = terminated | truncated

@@ -3,6 +3,8 @@ response tokens under a model (``response_logits``, ``token_logprobs``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import torch
 from torch import Tensor
@@ -23,7 +25,10 @@ class RolloutBatch:
     rewards: Tensor
     prompt_index: Tensor
     logprobs: Tensor | None = None
-    ref_logprobs: Tensor | None = None
+    #: Read through :attr:`ref_logprobs` (computed on first read when the trainer left a
+    #: scorer in ``_ref_scorer``, so a step whose components never read the reference
+    #: skips its forward pass).
+    _ref_logprobs: Tensor | None = None
     #: False when the env was run reward-free (no component required ``rewards``).
     rewards_observed: bool = True
     #: Leading columns of ``prompt_ids`` kept in front of a conditioning prefix: 1 for text
@@ -32,6 +37,31 @@ class RolloutBatch:
     #: ``[batch]``: rows with one value are the responses to one draw of a prompt
     #: (``train.samples_per_prompt > 1``); None: the batch was not sampled in groups.
     group_index: Tensor | None = None
+    #: A zero-argument function giving ``ref_logprobs`` when first read (None: no scorer).
+    _ref_scorer: Callable[[], Tensor] | None = attrs.field(default=None, repr=False, eq=False)
+
+    @property
+    def ref_logprobs(self) -> Tensor | None:
+        """``[batch, response_len]`` log-probs of the sampled tokens under the reference (0
+        on padding); computed on first read when the batch was given a scorer."""
+        if self._ref_logprobs is None and self._ref_scorer is not None:
+            with torch.no_grad():
+                self._ref_logprobs = self._ref_scorer()
+            self._ref_scorer = None
+        return self._ref_logprobs
+
+    @ref_logprobs.setter
+    def ref_logprobs(self, value: Tensor | None) -> None:
+        self._ref_logprobs, self._ref_scorer = value, None
+
+    def score_reference_lazily(self, scorer: Callable[[RolloutBatch], Tensor]) -> None:
+        """``ref_logprobs`` will be ``scorer(self)``, computed (without gradients) when first read."""
+        self._ref_logprobs, self._ref_scorer = None, lambda: scorer(self)
+
+    @property
+    def reference_scored(self) -> bool:
+        """Whether ``ref_logprobs`` holds a value now (False while it is still lazy)."""
+        return self._ref_logprobs is not None
 
     @property
     def size(self) -> int:
@@ -66,16 +96,25 @@ class RolloutBatch:
             f.name: getattr(self, f.name) for f in attrs.fields(type(self)) if isinstance(getattr(self, f.name), Tensor)
         }
 
+    def _derived(self, tensors: dict[str, Tensor], view: Callable[[Tensor], Tensor]) -> RolloutBatch:
+        """A batch of ``tensors`` (each ``view`` of this batch's), whose still-lazy
+        ``ref_logprobs`` is the ``view`` of this batch's, scored over the whole batch (so
+        a minibatch reads exactly the numbers the full batch would)."""
+        derived = attrs.evolve(self, **{name.lstrip("_"): t for name, t in tensors.items()})
+        if self._ref_scorer is not None:
+            derived._ref_scorer = lambda: view(self.ref_logprobs)
+        return derived
+
     def to(self, device: torch.device | str) -> RolloutBatch:
         """The batch with every tensor on ``device`` (itself when they already are)."""
         device, tensors = torch.device(device), self._tensors()
         if all(t.device == device for t in tensors.values()):
             return self
-        return attrs.evolve(self, **{name: t.to(device) for name, t in tensors.items()})
+        return self._derived({name: t.to(device) for name, t in tensors.items()}, lambda t: t.to(device))
 
     def select(self, index: Tensor) -> RolloutBatch:
         """Rows ``index`` of every tensor (for minibatches)."""
-        return attrs.evolve(self, **{name: t[index] for name, t in self._tensors().items()})
+        return self._derived({name: t[index] for name, t in self._tensors().items()}, lambda t: t[index])
 
 
 def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
@@ -85,12 +124,14 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         return batches[0]
     tensors = {}
     for f in attrs.fields(RolloutBatch):
-        values = [getattr(b, f.name) for b in batches]
+        if f.name == "_ref_scorer":
+            continue
+        values = [getattr(b, f.name.lstrip("_")) for b in batches]  # a lazy ref_logprobs is scored here
         if isinstance(values[0], Tensor):
             shapes = {tuple(v.shape[1:]) for v in values}
             if len(shapes) > 1:
                 raise ValueError(f"cannot concatenate batches: {f.name} shapes differ past dim 0: {sorted(shapes)}")
-            tensors[f.name] = torch.cat(values)
+            tensors[f.name.lstrip("_")] = torch.cat(values)
     groups = [b.group_index for b in batches]
     if all(g is not None for g in groups):  # each sub-batch's groups stay its own
         offsets = torch.tensor([0, *[int(g.max()) + 1 for g in groups[:-1]]]).cumsum(0).tolist()

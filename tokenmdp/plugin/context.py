@@ -32,6 +32,12 @@ class TrainContext:
     #: Autocast dtype of HF model forwards (``train.precision``); None = float32.
     autocast_dtype: torch.dtype | None = None
 
+    @property
+    def logs_kl(self) -> bool:
+        """``train.log_kl``: whether KL metrics are logged even where no loss reads the
+        reference (a component may then skip them, and the reference forward they need)."""
+        return getattr(getattr(self.config, "train", None), "log_kl", True)
+
     def place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Prepare a network a component builds for itself (a critic, a reward model, a
         teacher) like the policy: on ``device``, its HF forwards in the run's precision, and

@@ -35,6 +35,11 @@ def tokenmdp_envs():
 
 
 @hookspec
+def tokenmdp_sampling_backends():
+    """Return a list of SamplingBackend classes (``train.sampling_backend`` names one)."""
+
+
+@hookspec
 def tokenmdp_on_train_start(run):
     """Called once after set-up and before the first step; ``run`` exposes dir, config, resources."""
 

@@ -115,7 +115,20 @@ def _global_correlation(x: Tensor, y: Tensor) -> float:
 
 
 def check_finite(values: Mapping[str, object], who: str, step: int) -> None:
-    """Stop the run on NaN/inf, naming the component and step."""
+    """Stop the run on NaN/inf, naming the component and step.
+
+    Float tensors are tested together first, by one float64 sum each: a sum is finite
+    exactly when every element is (float32/bf16 values cannot overflow a float64 sum), and
+    it reads each tensor once instead of writing a mask of it (a Gemma-3 270M's
+    parameters: 1.3 s a step before, docs/performance.md). Only a failing test looks
+    for the offending entry. float64 tensors, whose sum could overflow, are tested
+    elementwise."""
+    floats = [v for v in values.values() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()]
+    summed = [v for v in floats if v.dtype != torch.float64 and v.device.type != "mps"]  # MPS: no float64
+    if summed and len(summed) == len(floats) == len(values):
+        total = torch.stack([v.detach().sum(dtype=torch.float64) for v in summed])
+        if bool(torch.isfinite(total).all()):
+            return
     for key, value in values.items():
         bad = (
             (not bool(torch.isfinite(value).all()))

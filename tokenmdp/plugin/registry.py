@@ -27,6 +27,7 @@ from .components import (
     Recipe,
     TrajectoryEstimator,
 )
+from .sampling import SamplingBackend
 
 PROJECT = "tokenmdp"
 ENTRY_POINT_GROUP = "tokenmdp"
@@ -107,6 +108,7 @@ class Registry:
             )
         self.recipes = self._collect("tokenmdp_algorithms", lambda obj, plugin: _check_instance(obj, Recipe, plugin))
         self.envs = self._collect("tokenmdp_envs", lambda obj, plugin: _check_instance(obj, EnvSpec, plugin))
+        self.sampling_backends = self._collect("tokenmdp_sampling_backends", _check_sampling_backend)
 
     def _collect(self, hook_name: str, check) -> dict[str, Entry]:
         found: dict[str, Entry] = {}
@@ -128,6 +130,9 @@ class Registry:
 
     def component(self, kind: str, name: str) -> type[Component]:
         return self._lookup(self.components[kind], name, kind).obj
+
+    def sampling_backend(self, name: str) -> type[SamplingBackend]:
+        return self._lookup(self.sampling_backends, name, "train.sampling_backend").obj
 
     def recipe(self, name: str) -> Recipe:
         return self._lookup(self.recipes, name, "recipe").obj
@@ -182,6 +187,16 @@ def _source_of(plugin: Any, dists: dict[str, Any]) -> str:
 def _check_instance(obj: Any, cls: type, plugin: str) -> None:
     if not isinstance(obj, cls):
         raise PluginError(f"plugin {plugin!r} returned {obj!r}; expected a {cls.__name__}")
+
+
+def _check_sampling_backend(obj: Any, plugin: str) -> None:
+    what = f"plugin {plugin!r} sampling backend {getattr(obj, 'name', obj)!r}"
+    if not (isinstance(obj, type) and issubclass(obj, SamplingBackend)):
+        raise PluginError(f"{what}: expected a subclass of tokenmdp.SamplingBackend, got {obj!r}")
+    if not isinstance(getattr(obj, "name", None), str) or not obj.name:
+        raise PluginError(f"{what}: class attribute `name` must be a non-empty string")
+    if obj.sample is SamplingBackend.sample:
+        raise PluginError(f"{what}: must implement sample()")
 
 
 def _check_component(obj: Any, base: type, plugin: str) -> None:

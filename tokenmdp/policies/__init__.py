@@ -30,7 +30,7 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
     kind = spec.pop("kind", "gru")
     torch.manual_seed(seed)
     if kind == "hf":
-        valid = {"path", "config", "lora"}
+        valid = {"path", "config", "lora", "fast_path"}
         unknown = sorted(set(spec) - valid)
         if unknown:
             raise ConfigError(
@@ -39,8 +39,16 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
         lora = spec.get("lora")
         if lora is not None and not isinstance(lora, dict):
             raise ConfigError(f"policy.lora must be a table, e.g. lora = {{r = 8, alpha = 16}} (got {lora!r})")
+        # policy.fast_path: tokenmdp's own forward and KV-cached decoder for the model
+        # families it reproduces exactly (GPT-2; docs/performance.md); false = always the
+        # transformers forward and its DynamicCache.
+        fast_path = spec.get("fast_path", True)
+        if not isinstance(fast_path, bool):
+            raise ConfigError(f"policy.fast_path must be true or false (got {fast_path!r})")
         if "path" in spec:
-            return HFCausalLMPolicy.from_pretrained(spec["path"], vocab_size=task.vocab_size, lora=lora)
+            return HFCausalLMPolicy.from_pretrained(
+                spec["path"], vocab_size=task.vocab_size, lora=lora, fast_path=fast_path
+            )
         eos = task.eos_token if task.eos_token is not None else task.bos_token
         hf_config = {
             "vocab_size": task.input_vocab_size,
@@ -48,7 +56,9 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
             "eos_token_id": eos,
             **spec.get("config", {}),
         }
-        return HFCausalLMPolicy.from_config(hf_config, vocab_size=task.vocab_size, seed=seed, lora=lora)
+        return HFCausalLMPolicy.from_config(
+            hf_config, vocab_size=task.vocab_size, seed=seed, lora=lora, fast_path=fast_path
+        )
     if kind not in TOY_POLICIES:
         raise ConfigError(f"policy.kind {kind!r} is unknown; valid kinds: {', '.join([*TOY_POLICIES, 'hf'])}")
     cls = TOY_POLICIES[kind]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokenMDPError
+from . import fast_gpt2
 from .base import TokenPolicy
 
 
@@ -30,9 +31,17 @@ class HFCausalLMPolicy(TokenPolicy):
     supports_logits_to_keep = True
     supports_autocast = True
 
-    def __init__(self, model, vocab_size: int | None = None, lora: dict | None = None, source: str | None = None):
+    def __init__(
+        self,
+        model,
+        vocab_size: int | None = None,
+        lora: dict | None = None,
+        source: str | None = None,
+        fast_path: bool = True,
+    ):
         super().__init__()
         self.source = source
+        self.fast_path = fast_path
         if self.vocab_size_of(model) is None:
             raise TokenMDPError(f"model {source or type(model).__name__} has no vocab_size in its config")
         model_vocab = self.vocab_size_of(model)
@@ -45,6 +54,9 @@ class HFCausalLMPolicy(TokenPolicy):
             )
         # transformers >= 5 renamed ``past_key_values`` to ``cache``; accept both.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if output_layer is not None:
+            output_layer.register_forward_pre_hook(_contiguous_input)
         self.lora = dict(lora) if lora else None
         if self.lora:
             model = _add_lora(model, self.lora)
@@ -107,7 +119,12 @@ class HFCausalLMPolicy(TokenPolicy):
 
     @classmethod
     def from_config(
-        cls, config: dict[str, Any], vocab_size: int | None = None, seed: int = 0, lora: dict | None = None
+        cls,
+        config: dict[str, Any],
+        vocab_size: int | None = None,
+        seed: int = 0,
+        lora: dict | None = None,
+        fast_path: bool = True,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,10 +132,12 @@ class HFCausalLMPolicy(TokenPolicy):
         model_type = config.pop("model_type", "gpt2")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
-        return cls(model, vocab_size, lora=lora)
+        return cls(model, vocab_size, lora=lora, fast_path=fast_path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, vocab_size: int | None = None, lora: dict | None = None):
+    def from_pretrained(
+        cls, path: str | Path, vocab_size: int | None = None, lora: dict | None = None, fast_path: bool = True
+    ):
         from transformers import AutoModelForCausalLM
 
         if not Path(path).is_dir():
@@ -141,7 +160,7 @@ class HFCausalLMPolicy(TokenPolicy):
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        return cls(model, vocab_size, lora=lora, source=str(path))
+        return cls(model, vocab_size, lora=lora, source=str(path), fast_path=fast_path)
 
     @staticmethod
     def _positions(mask: Tensor) -> Tensor:
@@ -161,6 +180,12 @@ class HFCausalLMPolicy(TokenPolicy):
             )
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
+        decoder = self.fast_decoder
+        if decoder is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            with self.autocast():
+                return decoder.forward(input_ids, attention_mask, logits_to_keep)[..., : self.vocab_size]
         return self._full(input_ids, attention_mask, logits_to_keep=logits_to_keep).logits[..., : self.vocab_size]
 
     def hidden_states(self, input_ids, attention_mask=None):
@@ -168,23 +193,52 @@ class HFCausalLMPolicy(TokenPolicy):
         input); the output layer is skipped."""
         return self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
+    @property
+    def fast_decoder(self) -> fast_gpt2.GPT2Decoder | None:
+        """:mod:`.fast_gpt2` on this model where it reproduces it exactly (a plain GPT-2
+        without an adapter, ``policy.fast_path`` on, no dropout active), else None."""
+        if not self.fast_path or self.has_adapter or not fast_gpt2.supports(self.model):
+            return None
+        if fast_gpt2.dropout_active(self.model):
+            return None
+        return fast_gpt2.GPT2Decoder(self.model)
+
     def start(self, input_ids, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        decoder = self.fast_decoder
+        if decoder is not None:
+            with self.autocast():
+                logits, cache = decoder.start(input_ids, attention_mask)
+            return logits[:, : self.vocab_size], (decoder, cache)
         positions = self._positions(attention_mask)
         with self.autocast():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,  # the output layer on the last position only (Gemma-3: 1.6 s at 8 x 20)
+            )
         return out.logits[:, -1, : self.vocab_size], (self._cache_of(out), attention_mask, positions[:, -1])
 
     def _cache_of(self, out):
         return out["cache"] if "cache" in out else out["past_key_values"]
 
     def reindex_state(self, state, index):
+        if isinstance(state[0], fast_gpt2.GPT2Decoder):
+            decoder, cache = state
+            return decoder, cache.select(index)
         past, mask, last_pos = state
         past.reorder_cache(index)  # index_select on every layer; repeats allowed
         return past, mask[index], last_pos[index]
 
     def advance(self, state, tokens):
+        if isinstance(state[0], fast_gpt2.GPT2Decoder):
+            decoder, cache = state
+            with self.autocast():
+                logits, cache = decoder.advance(cache, tokens)
+            return logits[:, : self.vocab_size], (decoder, cache)
         past, mask, last_pos = state
         mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)
         pos = last_pos + 1
@@ -230,6 +284,14 @@ class AdapterDisabledReference(TokenPolicy):
     def advance(self, state, tokens):
         with self.policy.adapter_disabled():
             return self.policy.advance(state, tokens)
+
+
+def _contiguous_input(module, args):
+    """The output layer's input as one contiguous block. With ``logits_to_keep`` the
+    library hands it a strided slice of the hidden states, which torch multiplies as a
+    batched matmul against an expanded weight: 1.34 s against 0.71 s for Gemma-3's
+    262k-row output layer on 8 x 17 positions at 2 threads (docs/performance.md)."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def _add_lora(model, lora: dict):

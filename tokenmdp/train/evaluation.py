@@ -11,6 +11,7 @@ from ..devices import module_device
 from ..mdp.solver import Solution, solve, tree_logprobs
 from ..plugin.batch import RolloutBatch
 from ..plugin.ops import masked_correlation
+from ..plugin.sampling import SamplingParams
 from ..policies.base import TokenPolicy
 
 
@@ -75,10 +76,13 @@ class SampledEvaluator:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        sampler: str = "multinomial",
+        backend=None,
     ):
         self.task, self.reference, self.beta = task, reference, beta
         self.num_samples, self.seed = num_samples, seed
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.params = SamplingParams(temperature, top_k, top_p, sampler)
+        self.backend = backend
         self._start: dict[str, float] | None = None
 
     @property
@@ -93,7 +97,7 @@ class SampledEvaluator:
 
     @torch.no_grad()
     def sample(self, policy: TokenPolicy) -> RolloutBatch:
-        from .rollout import generate, sampling_generator
+        from .rollout import generate_samples, sampling_generator
 
         task = self.task
         generator = torch.Generator().manual_seed(self.seed)
@@ -102,9 +106,9 @@ class SampledEvaluator:
         device = module_device(policy)
         if device.type != "cpu":  # the same stream for every policy scored on this device
             generator = sampling_generator(self.seed, device)
-        response, mask = generate(
-            policy, prompt_ids, task.horizon, task.eos_token, generator, attention_mask=prompt_mask, **self.sampling
-        )
+        sample = self.backend.sample if self.backend is not None else generate_samples
+        drawn = sample(policy, prompt_ids, prompt_mask, task.horizon, task.eos_token, generator, self.params)
+        response, mask = drawn.response, drawn.mask
         batch = RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

@@ -10,6 +10,7 @@ from ..devices import module_device
 from ..mdp.env import TokenVectorEnv
 from ..plugin.batch import RolloutBatch, concat_batches, response_logits, token_logprobs  # noqa: F401 (old home)
 from ..plugin.ops import at_least_float32
+from ..plugin.sampling import Samples, SamplingBackend, SamplingParams
 from ..policies.base import TokenPolicy
 
 
@@ -19,7 +20,9 @@ def filter_logits(
     """The logits of the sampling distribution: divided by ``temperature``, then every token
     outside the ``top_k`` most likely and outside the smallest set whose probability reaches
     ``top_p`` (nucleus) set to -inf. The most likely token always stays."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -38,12 +41,30 @@ def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.G
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
-def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
+#: How a token is drawn from the sampling distribution (``train.sampler``).
+SAMPLERS = ("multinomial", "inverse-cdf")
+
+
+def _draw(probs: Tensor, generator: torch.Generator, sampler: str = "multinomial") -> Tensor:
     """One token per row. A generator on another device than ``probs`` (a CPU generator for
-    a GPU policy) draws on its own device, so every caller's seeded stream works anywhere."""
-    if generator.device == probs.device:
+    a GPU policy) draws on its own device, so every caller's seeded stream works anywhere.
+
+    ``multinomial``: ``torch.multinomial`` (on the CPU it draws an exponential variate per
+    vocabulary entry: 0.6 ms for 32 rows of 512). ``inverse-cdf``: one uniform per row,
+    placed in the row's cumulative distribution (float64): the same distribution, a
+    different stream of draws, 13x cheaper there (docs/performance.md). A token of
+    probability 0 is never drawn by either."""
+    device = generator.device
+    if sampler == "inverse-cdf":
+        cdf = probs.to(device, torch.float64).cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=device, dtype=torch.float64) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, u, right=True).squeeze(1)
+        # u rounds up to the total only with probability ~2^-53; the likeliest token then
+        drawn = torch.where(drawn < cdf.shape[1], drawn, probs.argmax(-1).to(device))
+        return drawn.to(probs.device)
+    if device == probs.device:
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    drawn = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+    drawn = torch.multinomial(probs.to(device), 1, generator=generator)
     return drawn.squeeze(1).to(probs.device)
 
 
@@ -59,6 +80,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     return_logprobs: bool = False,
+    sampler: str = "multinomial",
 ):
     """Sample ``[B, horizon]`` responses (0-padded after EOS) and their 0/1 mask.
 
@@ -66,7 +88,8 @@ def generate(
     incremental (KV-cached for HF models). ``temperature``/``top_k``/``top_p`` shape the
     sampling distribution only (:func:`filter_logits`). With ``return_logprobs`` also the
     ``[B, horizon]`` log-probs of the sampled tokens under the policy itself (temperature
-    1, unfiltered; 0 on padding), read off the sampling pass's logits."""
+    1, unfiltered; 0 on padding), read off the sampling pass's logits. ``sampler``: how
+    a token is drawn (:data:`SAMPLERS`)."""
     was_training = policy.training
     policy.eval()
     device = module_device(policy)
@@ -80,7 +103,7 @@ def generate(
     logits, state = policy.start(context_ids, attention_mask)
     for t in range(horizon):
         probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-        actions = torch.where(active, _draw(probs, generator), 0)
+        actions = torch.where(active, _draw(probs, generator, sampler), 0)
         response[:, t] = actions
         mask[:, t] = active.float()
         if logprobs is not None:
@@ -95,6 +118,33 @@ def generate(
     return (response, mask, logprobs) if return_logprobs else (response, mask)
 
 
+def generate_samples(
+    policy: TokenPolicy,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    horizon: int,
+    eos_token: int | None,
+    generator: torch.Generator,
+    params: SamplingParams,
+    return_logprobs: bool = False,
+) -> Samples:
+    """:func:`generate` behind the :class:`SamplingBackend` signature (the ``torch`` backend)."""
+    response, mask, *logprobs = generate(
+        policy,
+        prompt_ids,
+        horizon,
+        eos_token,
+        generator,
+        params.temperature,
+        attention_mask=prompt_mask,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        return_logprobs=return_logprobs,
+        sampler=params.sampler,
+    )
+    return Samples(response, mask, logprobs[0] if logprobs else None)
+
+
 @torch.no_grad()
 def collect(
     policy: TokenPolicy,
@@ -107,6 +157,8 @@ def collect(
     prompt_index: Tensor | None = None,
     samples_per_prompt: int = 1,
     score: bool = False,
+    sampler: str = "multinomial",
+    backend: SamplingBackend | None = None,
 ) -> RolloutBatch:
     """One response per env: sample with the policy, then step the env with those tokens
     (which yields rewards, unless the env is reward-free). ``prompt_index`` fixes the
@@ -118,24 +170,17 @@ def collect(
     distribution is the policy's own) ``batch.logprobs`` is filled from the sampling pass,
     which saves a forward pass over the whole batch.
 
-    The env and the task live on the CPU; the batch is returned on the policy's device."""
+    ``backend`` samples (default: :func:`generate`, the ``torch`` backend). The env and
+    the task live on the CPU; the batch is returned on the policy's device."""
     options = {} if prompt_index is None else {"prompt_index": prompt_index}
     if samples_per_prompt != 1:
         options["samples_per_prompt"] = samples_per_prompt
     obs, info = env.reset(seed=seed, options=options or None)
     prompt_mask = obs["prompt_mask"].long() if "prompt_mask" in obs else torch.ones_like(obs["prompt"])
-    response, mask, *sampled = generate(
-        policy,
-        obs["prompt"],
-        env.task.horizon,
-        env.task.eos_token,
-        generator,
-        temperature,
-        attention_mask=prompt_mask,
-        top_k=top_k,
-        top_p=top_p,
-        return_logprobs=score,
-    )
+    params = SamplingParams(temperature, top_k, top_p, sampler)
+    sample = backend.sample if backend is not None else generate_samples
+    drawn = sample(policy, obs["prompt"], prompt_mask, env.task.horizon, env.task.eos_token, generator, params, score)
+    response, mask = drawn.response, drawn.mask
     actions = response.cpu()
     rewards = torch.zeros(actions.shape)
     for t in range(actions.shape[1]):
@@ -153,5 +198,5 @@ def collect(
         rewards_observed=env.compute_rewards,
         prefix_offset=env.task.prefix_offset,
         group_index=info["group_index"].to(device) if "group_index" in info else None,
-        logprobs=sampled[0] if score else None,
+        logprobs=drawn.logprobs if score else None,
     )

@@ -10,6 +10,7 @@ policy and its reference (``models``), plugin calls (``guards``), Ctrl-C
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import signal
@@ -27,7 +28,7 @@ from gymnasium.vector import AutoresetMode
 from .. import distributed
 from ..config import Config, dump_config, load_config
 from ..devices import PRECISIONS, resolve_device
-from ..errors import ConfigError, RewardError, TrainingInterrupted
+from ..errors import ConfigError, PluginError, RewardError, TrainingInterrupted
 from ..mdp.env import TokenVectorEnv
 from ..options import to_dict
 from ..plugin.batch import concat_batches, token_logprobs
@@ -148,6 +149,10 @@ class Trainer:
         self.registry = Registry(self.pm)
         self.registry.register_envs()
         self.composition = compose(self.registry, config)
+        try:
+            self.sampling = self.registry.sampling_backend(config.train.sampling_backend)(config)
+        except PluginError as exc:
+            raise ConfigError(str(exc)) from None
         check_before_env(config)  # a huge batch would fail inside the env's allocation
         with code_barrier(config.run.dir):  # the run directory is data: no reward module from there
             self.env = make_vector_env(
@@ -181,6 +186,7 @@ class Trainer:
         wanted = t.logprobs_from == "sampling" or (t.logprobs_from == "auto" and config.policy.get("kind") == "hf")
         #: batch.logprobs read off the sampling pass instead of a second forward pass
         self.scores_while_sampling = wanted and own_distribution
+        self.sampler = t.sampler_for(config.policy.get("kind"))
         simulate = config.train.simulate_world_size
         if simulate is not None and simulate > 1 and distributed.requested_world_size() > 1:
             raise ConfigError(
@@ -276,6 +282,8 @@ class Trainer:
                 temperature=t.temperature,
                 top_k=t.top_k,
                 top_p=t.top_p,
+                sampler=self.sampler,
+                backend=self.sampling,
             )
         exact = self.evaluator if self.exact else None
         self.ctx = TrainContext(
@@ -414,7 +422,8 @@ class Trainer:
         with torch.no_grad():
             if batch.logprobs is None:  # not read off the sampling pass (train.logprobs_from)
                 batch.logprobs = token_logprobs(self.policy, batch)
-            batch.ref_logprobs = token_logprobs(self.reference, batch)
+        # Scored when a component or the objective/kl metric first reads it, else never.
+        batch.score_reference_lazily(functools.partial(token_logprobs, self.reference))
         estimator, constructor, updater = self.composition.components
         # Under torchrun every phase ends with the ranks agreeing: a failure on one rank
         # stops all of them here. Batch statistics (tokenmdp.ops) are global in the first two.
@@ -436,11 +445,14 @@ class Trainer:
                 call_component(updater, "update", step, updater.update, batch, signals, advantages, ctx)
             )
             check_finite(update_metrics, f"updater {updater.name!r}", step)
-            check_finite(dict(self.policy.named_parameters()), f"the policy after updater {updater.name!r}", step)
+            # the update changes only what trains (a LoRA adapter, not its frozen base)
+            trained = {name: p for name, p in self.policy.named_parameters() if p.requires_grad}
+            check_finite(trained, f"the policy after updater {updater.name!r}", step)
         metrics: dict[str, Any] = {"rollout/tokens": batch.num_tokens}
         metrics["rollout/response_length"] = batch.num_tokens / batch.size
-        # k1 estimate of KL(pi_old || pi_ref) on this batch, before the update (every recipe)
-        metrics["objective/kl"] = float(batch.token_kl.sum(1).mean())
+        if self.config.train.log_kl or batch.reference_scored:
+            # k1 estimate of KL(pi_old || pi_ref) on this batch, before the update
+            metrics["objective/kl"] = float(batch.token_kl.sum(1).mean())
         if batch.rewards_observed:
             metrics["rollout/reward_mean"] = float(batch.sequence_rewards.mean())
         metrics.update(credit)
@@ -484,6 +496,8 @@ class Trainer:
                         top_p=cfg.train.top_p,
                         samples_per_prompt=cfg.train.samples_per_prompt,
                         score=self.scores_while_sampling,
+                        sampler=self.sampler,
+                        backend=self.sampling,
                     )
                 )
             except RewardError as exc:

@@ -1,0 +1,113 @@
+"""Each means of docs/performance.md measured on its own: tokenmdp's GRPO step of
+bench/vs_trl.py with everything on, then with one means switched off at a time, and
+with all of them off (the step as it was before them), interleaved over rounds
+(each round starting at another variant, so none always runs first).
+
+    python bench/step_means.py --threads 1                 # tiny GPT-2
+    python bench/step_means.py --threads 2 --model gemma   # Gemma-3 270M + LoRA r = 16
+
+Every response runs to the horizon (``env.stop_at_eos = false``), so that every variant
+does the same work. Prints each variant's median step time and its ratio to the all-on step (> 1: that means
+saves time). Also times the finiteness check over the policy's parameters, the old way
+(``isfinite(p).all()`` per tensor, every parameter) against the new one (one float64
+sum per trained tensor, batched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from real_lm import build  # noqa: E402
+from vs_trl import ROOT, SHAPES, tokenmdp_step_times  # noqa: E402
+
+MEANS = {
+    "tokenmdp's GPT-2 forward and decoder": "policy.fast_path=false",
+    "inverse-CDF sampler": "train.sampler=multinomial",
+    "no reference forward when unread": "train.log_kl=true",
+    "log-probs from the sampling pass": "train.logprobs_from=rescore",
+}
+
+
+def finiteness_check_times(model_dir: Path, lora: dict | None, repeats: int = 5) -> tuple[float, float]:
+    from tokenmdp.plugin.ops import check_finite
+    from tokenmdp.policies.hf import HFCausalLMPolicy
+
+    policy = HFCausalLMPolicy.from_pretrained(model_dir, lora=lora)
+    params = dict(policy.named_parameters())
+    trained = {k: p for k, p in params.items() if p.requires_grad}
+
+    def old():
+        for p in params.values():
+            assert bool(torch.isfinite(p).all())
+
+    def new():
+        check_finite(trained, "the policy", 0)
+
+    times = {old: [], new: []}
+    for _ in range(repeats):
+        for f in (old, new):
+            started = time.perf_counter()
+            f()
+            times[f].append(time.perf_counter() - started)
+    return statistics.median(times[old]), statistics.median(times[new])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = SHAPES[args.model]
+    variants = {"all on": (), **{f"without {k}": (v,) for k, v in MEANS.items()}, "all off": tuple(MEANS.values())}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), model {args.model}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = build(tmp / "setup")
+        model_dir = files["model"] if args.model == "tiny" else args.gemma_dir
+        if args.model == "gemma" and not (model_dir / "config.json").is_file():
+            print(f"no model in {model_dir}: tokenmdp models fetch-gemma {model_dir}")
+            return 2
+        times = {name: [] for name in variants}
+        total = args.warmup + args.steps
+        for r in range(args.rounds):
+            names = list(variants)
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # each round starts elsewhere
+                extra = variants[name]
+                run = tmp / f"{r}-{len(times[name])}"
+                # every response runs to the horizon: the sampler changes the draws, and with
+                # them where responses would stop, so EOS would make the work differ
+                same_work = ("env.stop_at_eos=false", *extra)
+                times[name] += tokenmdp_step_times(model_dir, files["prompts"], shape, total, run, same_work)[
+                    args.warmup :
+                ]
+            print(f"round {r + 1} done", flush=True)
+        base = statistics.median(times["all on"])
+        print("| variant | median s/step | vs all on |\n|---|---|---|")
+        for name in variants:
+            median = statistics.median(times[name])
+            print(f"| {name} | {median:.3f} | {median / base:.2f} |")
+        old, new = finiteness_check_times(model_dir, shape["lora"])
+        print(
+            f"finiteness check of the policy after an update: {old * 1e3:.1f} ms (every parameter, isfinite) "
+            f"-> {new * 1e3:.1f} ms (trained parameters, batched float64 sums)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

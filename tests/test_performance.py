@@ -1,0 +1,343 @@
+"""The fast paths of a step (docs/performance.md) against the slow ones they replace:
+tokenmdp's own GPT-2 forward and KV-cached decoder against transformers', the reference
+scored only when read, the inverse-CDF sampler against the distribution it draws from,
+and the batched finiteness check. Speed is measured in bench/, never here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_real_lm import rows, text_files, train_text  # noqa: F401 (text_files is a fixture)
+
+from tokenmdp import NonFiniteError, devices
+from tokenmdp.plugin.batch import RolloutBatch
+from tokenmdp.plugin.ops import check_finite
+from tokenmdp.policies import fast_gpt2
+from tokenmdp.policies.hf import HFCausalLMPolicy
+from tokenmdp.train.rollout import _draw, generate
+
+GPT2 = {"model_type": "gpt2", "vocab_size": 96, "n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 128}
+
+
+def tiny_gpt2(**config) -> HFCausalLMPolicy:
+    policy = HFCausalLMPolicy.from_config({**GPT2, **config}, seed=0)
+    devices.disable_dropout(policy)
+    return policy.eval()
+
+
+def padded_prompts(rows_: int = 6, length: int = 7):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (rows_, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding of several lengths
+    mask[rows_ - 1, :1] = 0
+    return ids, mask
+
+
+def decoded_logits(policy, ids, mask, tokens):
+    """Logits after the prompt and after each of ``tokens`` ([B, T]), by start/advance."""
+    with torch.no_grad():
+        logits, state = policy.start(ids, mask)
+        out = [logits]
+        for t in range(tokens.shape[1]):
+            logits, state = policy.advance(state, tokens[:, t])
+            out.append(logits)
+    return torch.stack(out, 1)
+
+
+# --- tokenmdp's GPT-2 against transformers' -------------------------------------------------
+
+
+def test_the_fast_gpt2_is_used_only_where_it_is_the_library_model_exactly():
+    policy = tiny_gpt2()
+    assert policy.fast_decoder is not None
+    assert HFCausalLMPolicy.from_config(GPT2, fast_path=False).fast_decoder is None
+    lora = HFCausalLMPolicy.from_config(GPT2, lora={"r": 4, "alpha": 8})
+    assert lora.fast_decoder is None  # peft wraps the layers: the library runs them
+    dropout = HFCausalLMPolicy.from_config(GPT2).train()  # GPT-2's default dropout 0.1, in train mode
+    assert fast_gpt2.dropout_active(dropout.model) and dropout.fast_decoder is None
+    assert dropout.eval().fast_decoder is not None  # eval mode: nothing is dropped
+    assert not fast_gpt2.supports(HFCausalLMPolicy.from_config({**GPT2, "scale_attn_by_inverse_layer_idx": True}).model)
+
+
+def test_decoding_with_the_preallocated_cache_equals_the_library_and_a_full_forward():
+    policy = tiny_gpt2()
+    ids, mask = padded_prompts()
+    # 70 tokens: past the cache's initial room of 64, so it grows once on the way
+    tokens = torch.randint(3, 96, (ids.shape[0], 70), generator=torch.Generator().manual_seed(2))
+    fast = decoded_logits(policy, ids, mask, tokens)
+    policy.fast_path = False
+    library = decoded_logits(policy, ids, mask, tokens)
+    full = policy(torch.cat([ids, tokens], 1), torch.cat([mask, torch.ones_like(tokens)], 1))[:, ids.shape[1] - 1 :]
+    assert (fast - library).abs().max() < 1e-5
+    assert (fast - full).abs().max() < 1e-5
+
+
+def test_reindexing_the_fast_cache_repeats_rows_like_the_library_cache():
+    policy = tiny_gpt2()
+    ids, mask = padded_prompts(3)
+    index = torch.tensor([2, 0, 0, 1, 2])
+    step = torch.tensor([5, 6, 7, 8, 9])
+    results = []
+    for fast in (True, False):
+        policy.fast_path = fast
+        with torch.no_grad():
+            _, state = policy.start(ids, mask)
+            state = policy.reindex_state(state, index)
+            logits, _ = policy.advance(state, step)
+        results.append(logits)
+    assert results[0].shape == (5, 96)
+    assert (results[0] - results[1]).abs().max() < 1e-5
+
+
+def test_the_fast_forward_gives_the_library_logits_and_gradients():
+    policy = tiny_gpt2()
+    ids, mask = padded_prompts()
+    outputs, grads = [], []
+    for fast in (True, False):
+        policy.fast_path = fast
+        policy.zero_grad()
+        logits = policy(ids, mask)
+        logits[mask.bool()].log_softmax(-1)[:, :10].sum().backward()
+        outputs.append(logits.detach()[mask.bool()])
+        grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
+        kept = policy(ids, mask, logits_to_keep=3)
+        assert kept.shape == (ids.shape[0], 3, 96)
+        assert (kept - logits[:, -3:]).abs().max() < 1e-5
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-5
+    for name, grad in grads[1].items():
+        assert (grads[0][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, name
+
+
+def test_the_fast_decoder_under_bf16_autocast_stays_close_to_float32():
+    policy = tiny_gpt2()
+    ids, mask = padded_prompts()
+    tokens = torch.randint(3, 96, (ids.shape[0], 4), generator=torch.Generator().manual_seed(3))
+    exact = decoded_logits(policy, ids, mask, tokens)
+    policy.autocast_dtype = torch.bfloat16
+    low = decoded_logits(policy, ids, mask, tokens)
+    assert low.dtype == torch.float32 or low.dtype == torch.bfloat16
+    assert torch.isfinite(low).all()
+    assert (low.float() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_a_run_on_the_fast_path_matches_the_library_path(text_files, tmp_path):  # noqa: F811
+    """Same seed, same draws: the two paths differ by float rounding (~1e-7 in the logits).
+    Adam turns rounding in a near-zero gradient into a whole step of +-lr, so the runs
+    are compared at lr 1e-5, one optimizer step per batch: the metrics of both steps
+    agree to 1e-3 relative (1e-5 absolute), the stated tolerance."""
+    common = [
+        "algorithm.name=grpo",
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.samples_per_prompt=4",
+        "updater.epochs=1",
+        "updater.minibatches=1",
+        "updater.lr=1e-5",
+        # GRPO divides by a group's reward std (+1e-6): in a group of equal rewards, a KL
+        # term would make rounding noise of 1e-7 an advantage of 0.1
+        "estimator.kl_coef=0",
+    ]
+    fast = train_text(text_files, tmp_path / "fast", *common)
+    slow = train_text(text_files, tmp_path / "slow", *common, "policy.fast_path=false")
+    assert [r.keys() for r in fast] == [r.keys() for r in slow]
+    compared = 0
+    for a, b in zip(fast, slow):
+        for key, value in a.items():
+            if isinstance(value, float) and not key.startswith("time/"):
+                assert value == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+                compared += 1
+    assert compared > 10
+
+
+# --- the reference, scored only when read --------------------------------------------------
+
+
+class CountingScorer:
+    def __init__(self, value: torch.Tensor):
+        self.value, self.calls = value, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        return self.value[: batch.size]
+
+
+def lazy_batch(value):
+    b, t = value.shape
+    batch = RolloutBatch(
+        prompt_ids=torch.zeros(b, 2, dtype=torch.long),
+        prompt_mask=torch.ones(b, 2, dtype=torch.long),
+        response_ids=torch.zeros(b, t, dtype=torch.long),
+        response_mask=torch.ones(b, t),
+        rewards=torch.zeros(b, t),
+        prompt_index=torch.arange(b),
+        logprobs=torch.zeros(b, t),
+    )
+    scorer = CountingScorer(value)
+    batch.score_reference_lazily(scorer)
+    return batch, scorer
+
+
+def test_a_lazy_reference_is_scored_once_over_the_whole_batch_and_minibatches_read_its_rows():
+    value = torch.arange(12.0).view(4, 3)
+    batch, scorer = lazy_batch(value)
+    assert not batch.reference_scored and scorer.calls == 0
+    minibatch = batch.select(torch.tensor([3, 1]))
+    assert batch.to("cpu") is batch and scorer.calls == 0  # already there: the batch itself
+    assert torch.equal(minibatch.ref_logprobs, value[[3, 1]])  # scored over all 4 rows, then selected
+    assert scorer.calls == 1 and batch.reference_scored
+    assert torch.equal(batch.ref_logprobs, value) and torch.equal(batch.token_kl, -value)
+    assert scorer.calls == 1
+    given, _ = lazy_batch(value)
+    given.ref_logprobs = torch.ones(4, 3)  # setting it drops the scorer
+    assert torch.equal(given.ref_logprobs, torch.ones(4, 3))
+
+
+def test_a_step_that_reads_no_reference_never_runs_its_forward(text_files, tmp_path, monkeypatch):  # noqa: F811
+    from tokenmdp.train import trainer as trainer_module
+
+    scored = []
+    original = trainer_module.token_logprobs
+
+    def counting(model, batch, **kwargs):
+        scored.append(model)
+        return original(model, batch, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "token_logprobs", counting)
+    common = ["algorithm.name=grpo", "train.steps=2", "train.batch_size=8", "train.samples_per_prompt=4"]
+    quiet = train_text(text_files, tmp_path / "quiet", *common, "estimator.kl_coef=0", "train.log_kl=false")
+    quiet = [r for r in quiet if "rollout/response_length" in r]  # the training steps' rows
+    assert scored == []  # logprobs from the sampling pass, and no reference forward
+    assert all("objective/kl" not in r and "losses/kl" not in r for r in quiet)
+    logged = train_text(text_files, tmp_path / "logged", *common, "estimator.kl_coef=0")
+    logged = [r for r in logged if "rollout/response_length" in r]
+    assert len(quiet) == len(logged) == 2
+    assert len(scored) == 2 and all("objective/kl" in r and "losses/kl" in r for r in logged)
+    for a, b in zip(quiet, logged):  # the same training either way
+        assert a["rollout/reward_mean"] == b["rollout/reward_mean"]
+        assert a["losses/policy"] == b["losses/policy"]
+
+
+# --- the inverse-CDF sampler ------------------------------------------------------------------
+
+
+def test_the_inverse_cdf_sampler_draws_from_the_distribution_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.25, 0.0, 0.25], [0.1, 0.0, 0.0, 0.0, 0.9]])
+    draws = 40_000
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.stack([_draw(probs, generator, "inverse-cdf") for _ in range(draws)])  # [draws, 2]
+    for row in range(2):
+        counts = torch.bincount(drawn[:, row], minlength=5).double()
+        assert counts[probs[row] == 0].sum() == 0
+        # each frequency within 5 standard errors of its probability
+        p = probs[row].double()
+        se = (p * (1 - p) / draws).sqrt()
+        assert ((counts / draws - p).abs() <= 5 * se + 1e-12).all(), counts
+    again = torch.stack([_draw(probs, torch.Generator().manual_seed(0), "inverse-cdf") for _ in range(1)])
+    assert torch.equal(again[0], drawn[0])  # the same seed draws the same tokens
+
+
+def test_generation_with_either_sampler_respects_top_k():
+    policy = tiny_gpt2()
+    ids, mask = padded_prompts()
+    for sampler in ("multinomial", "inverse-cdf"):
+        generator = torch.Generator().manual_seed(0)
+        response, _ = generate(policy, ids, 5, None, generator, attention_mask=mask, top_k=1, sampler=sampler)
+        greedy, _ = generate(policy, ids, 5, None, generator, attention_mask=mask, top_k=1)
+        assert torch.equal(response, greedy)  # top-1 leaves one token of probability 1
+
+
+def test_train_sampler_auto_is_inverse_cdf_for_hf_models_and_multinomial_for_toys():
+    from tokenmdp.config import TrainConfig
+
+    assert TrainConfig().sampler_for("hf") == "inverse-cdf"
+    assert TrainConfig().sampler_for("gru") == "multinomial"
+    assert TrainConfig(sampler="multinomial").sampler_for("hf") == "multinomial"
+
+
+# --- the finiteness check ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_check_finite_names_the_entry_that_holds_a_nan_or_inf(dtype, bad):
+    values = {f"w{i}": torch.ones(3, 4, dtype=dtype) for i in range(5)}
+    check_finite(values, "the policy", 7)
+    values["w3"][1, 2] = bad
+    with pytest.raises(NonFiniteError, match=r"the policy produced a non-finite 'w3' at step 7"):
+        check_finite(values, "the policy", 7)
+
+
+def test_check_finite_does_not_mistake_large_finite_values_for_overflow():
+    huge = torch.full((1000,), torch.finfo(torch.float32).max)
+    check_finite({"huge": huge, "loss": 1.5}, "the updater", 1)
+    with pytest.raises(NonFiniteError, match="'loss'"):
+        check_finite({"huge": huge, "loss": math.nan}, "the updater", 1)
+
+
+# --- sampling as a backend ----------------------------------------------------------------
+
+
+class CountingSampler:
+    """An outside backend (hook ``tokenmdp_sampling_backends``) that counts its calls and
+    samples with the built-in decoder."""
+
+    calls: list[tuple[int, bool]] = []
+
+
+def counting_backend_plugin():
+    import types
+
+    from tokenmdp import SamplingBackend, generate_samples, hookimpl
+
+    class Counting(SamplingBackend):
+        name = "counting"
+
+        def sample(self, policy, prompt_ids, prompt_mask, horizon, eos_token, generator, params, return_logprobs=False):
+            CountingSampler.calls.append((prompt_ids.shape[0], return_logprobs))
+            return generate_samples(
+                policy, prompt_ids, prompt_mask, horizon, eos_token, generator, params, return_logprobs
+            )
+
+    module = types.ModuleType("counting_sampler")
+    module.tokenmdp_sampling_backends = hookimpl(lambda: [Counting])
+    return module
+
+
+def test_training_and_evaluation_sample_through_the_named_backend(text_files, tmp_path):  # noqa: F811
+    from test_real_lm import text_run
+
+    from tokenmdp.config import load_config
+    from tokenmdp.plugin.registry import plugin_manager
+    from tokenmdp.train.trainer import Trainer
+
+    CountingSampler.calls.clear()
+    common = ["algorithm.name=grpo", "train.steps=2", "train.batch_size=8", "train.samples_per_prompt=4"]
+    config = load_config(None, text_run(text_files, tmp_path / "counted", *common, "train.sampling_backend=counting"))
+    Trainer(config, pm=plugin_manager(extra_plugins=[counting_backend_plugin()])).train()
+    assert (8, True) in CountingSampler.calls  # the training batches, with the sampling pass's log-probs
+    assert any(not scored for _, scored in CountingSampler.calls)  # the sampled evaluation
+    counted = rows(tmp_path / "counted")
+    builtin = train_text(text_files, tmp_path / "builtin", *common)
+    assert len(counted) == len(builtin)
+    for a, b in zip(counted, builtin):  # the same decoder behind it: the same run
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == {
+            k: v for k, v in b.items() if not k.startswith("time/")
+        }
+
+
+def test_an_unknown_sampling_backend_is_one_line_naming_the_key_and_the_choices(text_files, tmp_path):  # noqa: F811
+    from test_real_lm import text_run
+
+    from tokenmdp import ConfigError
+    from tokenmdp.config import load_config
+    from tokenmdp.train.trainer import Trainer
+
+    config = load_config(
+        None, text_run(text_files, tmp_path / "r", "algorithm.name=grpo", "train.sampling_backend=vllm")
+    )
+    with pytest.raises(ConfigError, match=r"unknown train.sampling_backend 'vllm'; available: torch"):
+        Trainer(config)
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,169 @@
+"""A transformers GPT-2 run on its own weights without the library's layers of Python, for
+sampling (a preallocated KV cache) and for the scoring and training forwards.
+
+Sampling calls the model once per token. Through ``GPT2LMHeadModel.forward`` each call
+pays for output records, cache objects, mask building and a five-op GELU around a handful
+of small matrix products, and for a ``torch.cat`` of the growing cache. This module runs
+the same arithmetic on the model's own parameters (so gradients reach them as usual):
+keys and values are written into tensors allocated once per sampling pass, and the GELU
+is torch's fused ``gelu(approximate="tanh")``, the same function as GPT-2's ``gelu_new``
+to float rounding (2.4e-7). The logits equal the library's to float rounding (tested to
+1e-5, with left padding, in decoding and in full forwards with gradients);
+docs/performance.md has the speed.
+
+It is used only where it is exactly the library's model (:func:`supports`): a plain
+``GPT2LMHeadModel`` (no adapter) with the default attention settings, and no dropout
+active. Anything else runs through the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def supports(model) -> bool:
+    """Whether ``model`` is a GPT-2 this module reproduces exactly."""
+    config = getattr(model, "config", None)
+    return (
+        type(model).__name__ == "GPT2LMHeadModel"
+        and getattr(config, "scale_attn_weights", True)
+        and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
+        and not getattr(config, "reorder_and_upcast_attn", False)
+        and not getattr(config, "add_cross_attention", False)
+    )
+
+
+def dropout_active(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` now would drop anything (train mode and a p > 0)."""
+    return any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in model.modules())
+
+
+def _conv1d(module, x: Tensor) -> Tensor:
+    """transformers' ``Conv1D``: ``x @ weight + bias`` (weight stored as [in, out])."""
+    return torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), module.weight).view(*x.shape[:-1], -1)
+
+
+class Cache:
+    """Keys and values of every layer, ``[layers, B, heads, capacity, head_dim]``, the
+    boolean key mask ``[B, capacity]``, the filled length and each row's last position id."""
+
+    def __init__(self, keys: Tensor, values: Tensor, key_mask: Tensor, length: int, positions: Tensor):
+        self.keys, self.values, self.key_mask = keys, values, key_mask
+        self.length, self.positions = length, positions
+
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more tokens (doubling the capacity when it runs out)."""
+        if self.length + extra <= self.keys.shape[3]:
+            return
+        capacity = max(2 * self.keys.shape[3], self.length + extra)
+
+        def widened(t: Tensor, dim: int) -> Tensor:
+            shape = list(t.shape)
+            shape[dim] = capacity - shape[dim]
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        self.keys, self.values = widened(self.keys, 3), widened(self.values, 3)
+        self.key_mask = widened(self.key_mask, 1)
+
+    def select(self, index: Tensor) -> Cache:
+        """Rows ``index`` (repeats allowed), as a new cache."""
+        return Cache(
+            self.keys[:, index], self.values[:, index], self.key_mask[index], self.length, self.positions[index]
+        )
+
+
+class GPT2Decoder:
+    """``forward``, ``start`` and ``advance`` of a ``GPT2LMHeadModel``, on its parameters."""
+
+    #: Cache room allocated beyond the prompt at ``start`` (it doubles when outgrown).
+    initial_room = 64
+
+    def __init__(self, model):
+        self.model = model
+        self.transformer = model.transformer
+        config = model.config
+        self.heads = config.n_head
+        self.width = config.n_embd
+        self.head_dim = self.width // self.heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        fused = getattr(config, "activation_function", None) in _TANH_GELUS
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if fused else None
+
+    def _split_heads(self, x: Tensor) -> Tensor:  # [B, T, width] -> [B, heads, T, head_dim]
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def _blocks(self, x: Tensor, allowed: Tensor, cache: Cache | None = None) -> Tensor:
+        """Every block on ``x`` ([B, T, width]); ``allowed`` ([B, 1, T, keys]) says which
+        keys each query sees. With a cache, the T new keys/values are written at its end
+        and attention reads the whole filled cache."""
+        b, t = x.shape[:2]
+        at = cache.length if cache is not None else 0
+        for i, block in enumerate(self.transformer.h):
+            q, k, v = _conv1d(block.attn.c_attn, block.ln_1(x)).split(self.width, dim=2)
+            k, v = self._split_heads(k), self._split_heads(v)
+            if cache is not None:
+                cache.keys[i, :, :, at : at + t] = k
+                cache.values[i, :, :, at : at + t] = v
+                k, v = cache.keys[i, :, :, : at + t], cache.values[i, :, :, : at + t]
+            attended = F.scaled_dot_product_attention(
+                self._split_heads(q), k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, scale=self.scale
+            )
+            x = x + _conv1d(block.attn.c_proj, attended.transpose(1, 2).reshape(b, t, self.width))
+            hidden = _conv1d(block.mlp.c_fc, block.ln_2(x))
+            hidden = self.act(hidden) if self.act is not None else block.mlp.act(hidden)
+            x = x + _conv1d(block.mlp.c_proj, hidden)
+        return self.transformer.ln_f(x)
+
+    def _embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        return self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+
+    @staticmethod
+    def _prefix_attention(attention_mask: Tensor) -> Tensor:
+        """``[B, 1, L, L]``: causal, real keys only. A left-padding query sees only itself
+        (its output is never read, and a row with no key would be NaN, even in gradients)."""
+        length = attention_mask.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+        allowed = causal[None] & attention_mask.bool()[:, None, :]
+        allowed |= torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
+        return allowed[:, None]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
+        """``[B, L or logits_to_keep, vocab]`` logits of whole sequences (with gradients)."""
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        x = self._blocks(self._embed(input_ids, positions), self._prefix_attention(attention_mask))
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.model.lm_head(x)
+
+    @torch.no_grad()
+    def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Cache]:
+        """The prompt's last logits, and a cache holding the prompt."""
+        b, length = input_ids.shape
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        x = self._embed(input_ids, positions)
+        layers, capacity = len(self.transformer.h), length + self.initial_room
+        keys = x.new_zeros(layers, b, self.heads, capacity, self.head_dim)
+        key_mask = torch.zeros(b, capacity, dtype=torch.bool, device=x.device)
+        key_mask[:, :length] = attention_mask.bool()
+        cache = Cache(keys, torch.zeros_like(keys), key_mask, 0, positions[:, -1])
+        x = self._blocks(x, self._prefix_attention(attention_mask), cache)
+        cache.length = length
+        return self.model.lm_head(x[:, -1]), cache
+
+    @torch.no_grad()
+    def advance(self, cache: Cache, tokens: Tensor) -> tuple[Tensor, Cache]:
+        """Append ``tokens`` ([B]); the next logits. The cache is updated in place."""
+        cache.reserve(1)
+        cache.positions = cache.positions + 1
+        x = self._embed(tokens[:, None], cache.positions[:, None])
+        cache.key_mask[:, cache.length] = True
+        allowed = cache.key_mask[:, None, None, : cache.length + 1]
+        x = self._blocks(x, allowed, cache)
+        cache.length += 1
+        return self.model.lm_head(x[:, -1]), cache
