@@ -53,6 +53,7 @@ from .plugin.sampling import Samples, SamplingBackend, SamplingParams
 from .plugin.updaters import GradientOptions, GradientUpdater, MicroBatch, OptimizerOptions, entropy_of
 from .policies import GRUPolicy, TaskBasePolicy, TokenPolicy, build_policy
 from .text import TextTask
+from .train.export import export_run, load_exported
 from .train.preferences import PairBatch, load_pair_file, sample_pairs, sequence_rewards
 from .train.rollout import generate, generate_samples
 from .train.trainer import load_policy
@@ -106,10 +107,12 @@ __all__ = [
     "concat_batches",
     "distributed",
     "entropy_of",
+    "export_run",
     "generate",
     "generate_samples",
     "hookimpl",
     "hookspec",
+    "load_exported",
     "load_pair_file",
     "load_policy",
     "masked_correlation",

@@ -1,4 +1,4 @@
-"""``tokenmdp`` command line: train, solve, plugins, envs, options, compare, explain, models.
+"""``tokenmdp`` command line: train, solve, plugins, envs, options, export, compare, explain, models.
 
 User errors (bad config, unknown names, impossible compositions) print one line and
 exit with status 2; no traceback wall. Under torchrun (``torchrun --nproc_per_node=N -m
@@ -165,6 +165,14 @@ def cmd_options(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .train.export import export_run
+
+    out = export_run(args.run_dir, args.out, step=args.step, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} to {out}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .reports.compare import load_grid, run_grid
 
@@ -215,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     solve.set_defaults(fn=cmd_solve)
     sub.add_parser("plugins", help="list plugins and components with their source").set_defaults(fn=cmd_plugins)
     sub.add_parser("envs", help="list registered environments").set_defaults(fn=cmd_envs)
+    export = sub.add_parser(
+        "export", help="a run's policy as a transformers folder (safetensors; toy runs: weights + a loader)"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out", metavar="OUT")
+    export.add_argument("--step", type=int, help="the checkpoint at this step (default: the newest)")
+    export.add_argument("--merge-lora", action="store_true", help="a LoRA run: the merged model, not the adapter")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    export.set_defaults(fn=cmd_export)
     options = sub.add_parser(
         "options", help="every option of a config section, a recipe or a component, with its default and doc"
     )

@@ -43,6 +43,9 @@ class TokenTask:
     #: e.g. a bandit's single step) rather than as a time limit (``truncated``, the default:
     #: a response cut at ``horizon`` tokens).
     horizon_terminates = False
+    #: Whether the reward is paid on the finished response only (text tasks): then
+    #: :meth:`TokenVectorEnv.play` scores a whole batch with one :meth:`sequence_rewards`.
+    pays_on_finish = False
     #: Leading prompt columns kept in front of a conditioning prefix (1 for a pinned BOS).
     prefix_offset = 0
     #: The tokenizer of a text task; None for a toy task, whose tokens are plain ids.
@@ -406,6 +409,35 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         if given.min() < 0 or given.max() >= self.task.prompts.shape[0]:
             raise TokenMDPError(f"options.prompt_index must be in [0, {self.task.prompts.shape[0]})")
         return given
+
+    def play(self, actions: Tensor) -> Tensor:
+        """Step the envs (just reset) through every column of ``actions`` (``[num_envs, T]``)
+        until all are done; the ``[num_envs, T]`` rewards. The same as calling :meth:`step`
+        column by column, except that in an env without autoreset a task paid on the finished
+        response (``pays_on_finish``) scores the whole batch at the end with one
+        :meth:`TokenTask.sequence_rewards` call (a batch reward is called once, not once
+        per step at which some response ended)."""
+        rewards = torch.zeros(actions.shape)
+        # with autoreset a finished row restarts on the next step, so only a non-resetting
+        # env still holds every finished response at the end
+        still_held = self.metadata["autoreset_mode"] == AutoresetMode.DISABLED
+        deferred = self.compute_rewards and self.task.pays_on_finish and still_held
+        self.compute_rewards = not deferred and self.compute_rewards
+        try:
+            for t in range(actions.shape[1]):
+                if bool(self.done.all()):
+                    break
+                _, rewards[:, t], _, _, _ = self.step(actions[:, t])
+        finally:
+            self.compute_rewards = self.compute_rewards or deferred
+        if deferred:
+            finished = (self.done & (self.length > 0)).nonzero().squeeze(1)
+            if finished.numel():
+                lengths = self.length[finished]
+                mask = (torch.arange(self.task.horizon)[None] < lengths[:, None]).float()
+                values = self.task.sequence_rewards(self.prompt_index[finished], self.response[finished], mask)
+                rewards[finished, lengths - 1] = values.to(rewards.dtype)
+        return rewards
 
     def step(self, actions):
         given = actions

@@ -25,9 +25,7 @@ import copy
 import importlib
 import importlib.util
 import math
-import numbers
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,45 +34,145 @@ import torch
 from torch import Tensor
 
 from ..datafiles import json_line, numbered_lines
-from ..errors import ConfigError, RewardError, TokenMDPError
+from ..errors import ConfigError, TokenMDPError
 from ..mdp.env import TokenTask
+from .rewards import RewardSet
 from .tokenizers import TextTokenizer, load_tokenizer
 
 # --- prompts ----------------------------------------------------------------------------
 
 
-def read_prompts(path: str | Path, key: str = "env.prompts") -> list[str]:
-    """Prompts from a ``.jsonl`` file (each line a JSON string or an object with a
-    ``"prompt"`` string) or from a text file (one prompt per line; a literal ``\\n`` in a
-    line is a newline). Blank lines are skipped. Any malformed line is a ``ConfigError``
-    that quotes ``key``, the file and the line number, so nothing is ever trained (or
-    scored) on bad data."""
+#: Files read with ``datasets.load_dataset`` (by suffix), beside ``.txt``/``.jsonl`` read by line.
+DATASET_FILES = {".parquet": "parquet", ".csv": "csv"}
+
+
+def read_prompts(
+    path: str | Path, key: str = "env.prompts", prompt_key: str = "prompt", split: str | None = None
+) -> list[str | list[dict]]:
+    """The prompts of :func:`read_prompt_table` (without the other columns)."""
+    return read_prompt_table(path, key, prompt_key, split)[0]
+
+
+def read_prompt_table(
+    path: str | Path, key: str = "env.prompts", prompt_key: str = "prompt", split: str | None = None
+) -> tuple[list[str | list[dict]], dict[str, list]]:
+    """Prompts from a ``.jsonl``/``.json`` file (each line a JSON string or an object whose
+    ``prompt_key`` is a string or a conversation), a text file (one prompt per line; a
+    literal ``\\n`` in a line is a newline), a parquet or CSV file (``datasets.load_dataset``)
+    or a folder written by ``datasets.save_to_disk`` (its ``split`` of a ``DatasetDict``;
+    default ``train``, or the only one). A conversation is TRL's format: a list of
+    ``{"role", "content"}`` messages. Blank text lines are skipped. Any malformed row is a
+    ``ConfigError`` that quotes ``key``, the file and the line or row, so nothing is ever
+    trained (or scored) on bad data. Also returns the other columns (a JSON object's other
+    keys, a dataset's other columns; None where a row lacks one), which batch rewards
+    receive as keyword arguments, as TRL passes them."""
     if not isinstance(path, (str, Path)) or not str(path):
-        raise ConfigError(f"{key} is required: a .jsonl or text file of prompts")
-    jsonl = Path(path).suffix.lower() in (".jsonl", ".json")
-    prompts = []
+        raise ConfigError(f"{key} is required: a .jsonl, .txt, .parquet or .csv file of prompts, or a dataset folder")
+    suffix = Path(path).suffix.lower()
+    if Path(path).is_dir() or suffix in DATASET_FILES:
+        columns = _dataset_columns(Path(path), key, prompt_key, split)
+        rows = columns.pop(prompt_key)
+        prompts = [_checked_prompt(row, f"{key}: {str(path)!r} row {i}") for i, row in enumerate(rows, 1)]
+        return prompts, columns
+    if split is not None:
+        raise ConfigError(f"env.split = {split!r}, but {key} {str(path)!r} is a single file without splits")
+    jsonl = suffix in (".jsonl", ".json")
+    prompts, others = [], []
     for where, line in numbered_lines(path, f"{key}: file"):
         if jsonl:
             row = json_line(line, where)
+            others.append({k: v for k, v in row.items() if k != prompt_key} if isinstance(row, dict) else {})
             if isinstance(row, dict):
-                if "prompt" not in row:
-                    raise ConfigError(f'{where}: the object has no "prompt" key (keys: {", ".join(map(str, row))})')
-                row = row["prompt"]
-            if not isinstance(row, str):
-                raise ConfigError(
-                    f'{where}: a prompt must be a string or {{"prompt": string}} (got {type(row).__name__})'
-                )
-            text = row
+                if prompt_key not in row:
+                    raise ConfigError(
+                        f'{where}: the object has no "{prompt_key}" key (keys: {", ".join(map(str, row))}); '
+                        "env.prompt_key names the field"
+                    )
+                row = row[prompt_key]
+            prompts.append(_checked_prompt(row, where))
         else:
             if "\x00" in line:
                 raise ConfigError(f"{where}: holds a NUL character (binary data?)")
-            text = line.replace("\\n", "\n")
-        if not text.strip():
-            raise ConfigError(f"{where}: the prompt is empty")
-        prompts.append(text)
+            prompts.append(_checked_prompt(line.replace("\\n", "\n"), where))
     if not prompts:
         raise ConfigError(f"{key}: file {str(path)!r} holds no prompts")
-    return prompts
+    names = sorted({k for row in others for k in row})
+    return prompts, {name: [row.get(name) for row in others] for name in names}
+
+
+def _checked_prompt(row: Any, where: str) -> str | list[dict]:
+    """A prompt string or a conversation (TRL's list of ``{role, content}`` messages)."""
+    if isinstance(row, str):
+        if not row.strip():
+            raise ConfigError(f"{where}: the prompt is empty")
+        return row
+    if isinstance(row, list) and row and all(isinstance(m, dict) for m in row):
+        for m in row:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ConfigError(
+                    f'{where}: every message of a conversation needs a "role" and a "content" string (got {m!r})'
+                )
+        return [{"role": m["role"], "content": m["content"]} for m in row]
+    raise ConfigError(
+        f"{where}: a prompt must be a string or a conversation (a list of {{role, content}} messages); "
+        f"got {type(row).__name__}"
+    )
+
+
+def _empty_table(path: Path) -> bool:
+    """Whether ``path`` is a parquet file without rows or a CSV file without data lines."""
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        if path.suffix.lower() == ".csv":
+            return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) <= 1
+    except Exception:
+        return False
+    return False
+
+
+def _dataset_columns(path: Path, key: str, prompt_key: str, split: str | None) -> dict[str, list]:
+    """Every column of the local dataset at ``path`` (a ``save_to_disk`` folder, or a
+    parquet/CSV file), of its ``split``; it must have ``prompt_key`` and a row."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f'{key}: reading {str(path)!r} needs the datasets package: pip install "datasets"') from None
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one line per error on stderr, not a progress bar first
+    try:
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(DATASET_FILES[path.suffix.lower()], data_files=str(path))
+    except Exception as exc:
+        if _empty_table(path):  # datasets refuses an empty file with an obscure message
+            raise ConfigError(f"{key}: the dataset {str(path)!r} holds no rows") from None
+        raise ConfigError(f"{key}: could not read a dataset from {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    if isinstance(data, datasets.DatasetDict):
+        names = list(data)
+        chosen = split or ("train" if "train" in data else names[0] if len(names) == 1 else None)
+        if chosen not in data:
+            raise ConfigError(
+                f"env.split: {key} {str(path)!r} has the splits {', '.join(names)}"
+                + (f", not {split!r}" if split else "; name one")
+            )
+        data = data[chosen]
+    elif split is not None:
+        raise ConfigError(f"env.split = {split!r}, but {key} {str(path)!r} is one dataset without splits")
+    if prompt_key not in data.column_names:
+        raise ConfigError(
+            f"env.prompt_key: {key} {str(path)!r} has no column {prompt_key!r}; its columns: "
+            f"{', '.join(data.column_names)}"
+        )
+    if len(data) == 0:
+        raise ConfigError(f"{key}: the dataset {str(path)!r} holds no rows")
+    return {name: list(data[name]) for name in data.column_names}
 
 
 # --- rewards ----------------------------------------------------------------------------
@@ -178,7 +276,7 @@ class TextTask(TokenTask):
         self,
         prompts: str | None = None,
         tokenizer: str | None = None,
-        reward: str | None = None,
+        reward: str | list | None = None,
         horizon: int = 32,
         seed: int = 0,
         max_prompt_tokens: int = 256,
@@ -187,6 +285,10 @@ class TextTask(TokenTask):
         guide_separator: str = "\n",
         eval_prompts: str | list | None = None,
         reward_timeout: float | None = None,
+        prompt_key: str = "prompt",
+        split: str | None = None,
+        chat_template: bool | None = None,
+        reward_weights: list | None = None,
     ):
         tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
         eos = tok.eos_token_id if stop_at_eos else None
@@ -205,6 +307,15 @@ class TextTask(TokenTask):
         ):
             raise ConfigError(f"env.reward_timeout must be a number of seconds > 0, or unset (got {reward_timeout!r})")
         self.reward_timeout = reward_timeout
+        if not isinstance(prompt_key, str) or not prompt_key:
+            raise ConfigError(f"env.prompt_key must be a column name (got {prompt_key!r})")
+        if split is not None and not isinstance(split, str):
+            raise ConfigError(f"env.split must be a split name such as 'train' (got {split!r})")
+        if chat_template is not None and not isinstance(chat_template, bool):
+            raise ConfigError(f"env.chat_template must be true, false or unset (got {chat_template!r})")
+        if chat_template and not tok.has_chat_template:
+            raise ConfigError(f"env.chat_template = true, but tokenizer {tok.source!r} has no chat template")
+        self.prompt_key, self.split, self.chat_template = prompt_key, split, chat_template
         self.add_bos = tok.adds_bos if add_bos is None else add_bos
         if self.add_bos and tok.bos_token_id is None:
             raise ConfigError(f"env.add_bos = true, but tokenizer {tok.source!r} has no BOS token")
@@ -213,8 +324,11 @@ class TextTask(TokenTask):
         self.guide_separator = guide_separator
         self.prefix_offset = 1 if self.add_bos else 0
         self.max_prompt_tokens = max_prompt_tokens
-        self.reward_name = reward
-        self.reward_fn = resolve_callable(reward) if reward is not None else None
+        if reward_weights is not None and reward is None:
+            raise ConfigError("env.reward_weights is set, but env.reward is not")
+        #: ``env.reward`` (None: a reward-free task); see :mod:`.rewards`
+        self.rewards = RewardSet(reward, reward_weights, reward_timeout) if reward is not None else None
+        self.reward_name = self.rewards.name if self.rewards is not None else None
         self._set_prompts(prompts, "env.prompts")
         #: The task the sampled evaluator scores: the same task on ``eval_prompts`` (held
         #: out), or this task itself (its training prompts) when they are unset.
@@ -227,7 +341,16 @@ class TextTask(TokenTask):
     def _set_prompts(self, prompts: str | list, key: str) -> None:
         """Read (``key`` names them in errors), tokenize and lay out the prompt table."""
         self.prompts_path = str(prompts)
-        self.texts = read_prompts(prompts, key) if not isinstance(prompts, list) else list(prompts)
+        if isinstance(prompts, list):
+            given, self.prompt_columns = (
+                [_checked_prompt(p, f"{key}: prompt {i}") for i, p in enumerate(prompts, 1)],
+                {},
+            )
+        else:
+            given, self.prompt_columns = read_prompt_table(prompts, key, self.prompt_key, self.split)
+        #: each prompt as given: a string, or a conversation (a list of {role, content})
+        self.prompt_rows = given
+        self.texts = [self._prompt_text(row, f"{key}: prompt {i}") for i, row in enumerate(given, 1)]
         rows = []
         for lineno, text in enumerate(self.texts, 1):
             ids = self.tokenizer.encode(text)
@@ -244,6 +367,25 @@ class TextTask(TokenTask):
         self._row_of = {}
         for i, ids in enumerate(rows):
             self._row_of.setdefault(tuple(ids), i)
+
+    def _prompt_text(self, row: str | list[dict], where: str) -> str:
+        """The text the model reads for one prompt: a conversation through the tokenizer's
+        chat template (with the generation prompt), a string as it is, or with
+        ``env.chat_template = true`` as a one-message user conversation."""
+        if isinstance(row, str) and not self.chat_template:
+            return row
+        if self.chat_template is False:
+            raise ConfigError(
+                f"{where} is a conversation (a list of messages), but env.chat_template = false; "
+                "unset it (or set true) to apply the tokenizer's chat template"
+            )
+        if not self.tokenizer.has_chat_template:
+            raise ConfigError(
+                f"{where} is a conversation, but tokenizer {self.tokenizer.source!r} has no chat template; "
+                "use a tokenizer with one, or give the prompts as text"
+            )
+        messages = [{"role": "user", "content": row}] if isinstance(row, str) else row
+        return self.tokenizer.apply_chat_template(messages, strip_bos=self.add_bos)
 
     def lay_out_prompts(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Token-id prompts as the env lays them out: ``[BOS, pad..., prompt]`` (no BOS
@@ -274,7 +416,11 @@ class TextTask(TokenTask):
 
     @property
     def has_reward(self) -> bool:
-        return self.reward_fn is not None
+        return self.rewards is not None
+
+    #: The reward is paid on the finished response only: the vector env scores a whole
+    #: batch of finished responses in one call (``TokenVectorEnv.play``).
+    pays_on_finish = True
 
     def base_logits(self, prompt_index, prefix):
         raise TokenMDPError(
@@ -298,78 +444,61 @@ class TextTask(TokenTask):
         return self.texts[index]
 
     def completion_text(self, response) -> str:
+        return self.tokenizer.decode(self._completion_ids(response))
+
+    def score(self, prompt_index: int, response) -> float:
+        """The reward of one finished response."""
+        return self.score_responses([int(prompt_index)], [list(response)])[0]
+
+    def score_responses(self, prompt_index: list[int], responses: list[list[int]]) -> list[float]:
+        """The rewards of finished responses (token ids, EOS included or not) to the prompts
+        in rows ``prompt_index``: each reward of ``env.reward`` is called once for all of
+        them (a batch reward) or once per response."""
+        if self.rewards is None:
+            raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
+        ids = [self._completion_ids(r) for r in responses]
+        texts = [self.tokenizer.decode(i) for i in ids]
+        rows = [self.prompt_rows[i] for i in prompt_index]
+        chat = [not isinstance(row, str) for row in rows]
+        self.reward_calls += len(responses)
+        return self.rewards.score(
+            prompts=rows,
+            completions=[[{"role": "assistant", "content": t}] if c else t for t, c in zip(texts, chat)],
+            text_prompts=[self.texts[i] for i in prompt_index],
+            text_completions=texts,
+            indices=list(prompt_index),
+            ids=ids,
+            extra={name: [column[i] for i in prompt_index] for name, column in self.prompt_columns.items()},
+        )
+
+    def _completion_ids(self, response) -> list[int]:
         ids = [int(i) for i in response]
         if self.eos_token is not None and self.eos_token in ids:
             ids = ids[: ids.index(self.eos_token)]
-        return self.tokenizer.decode(ids)
-
-    def score(self, prompt_index: int, response) -> float:
-        """The reward of one finished response (one call of the reward callable)."""
-        if self.reward_fn is None:
-            raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
-        prompt, completion = self.prompt_text(int(prompt_index)), self.completion_text(response)
-        self.reward_calls += 1
-        where = f"on prompt {int(prompt_index)} (completion {completion[:60]!r})"
-        try:
-            value = self._call_reward(prompt, completion)
-        except (Exception, SystemExit) as exc:  # a reward that calls sys.exit() must not end the run as a success
-            raise RewardError(f"reward {self.reward_name!r} raised {where}: {type(exc).__name__}: {exc}") from exc
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise RewardError(
-                f"reward {self.reward_name!r} returned {value!r} ({type(value).__name__}) {where}; "
-                "rewards must be numbers (int or float)"
-            )
-        value = float(value)
-        if not math.isfinite(value):
-            raise RewardError(
-                f"reward {self.reward_name!r} returned {value} on prompt {int(prompt_index)}; "
-                "rewards must be finite numbers"
-            )
-        return value
-
-    def _call_reward(self, prompt: str, completion: str):
-        """The reward callable, bounded by ``env.reward_timeout`` seconds when set (the call
-        runs in a daemon thread; a call that does not return in time stops the run)."""
-        if self.reward_timeout is None:
-            return self.reward_fn(prompt, completion)
-        box: list = []
-
-        def call():
-            try:
-                box.append((True, self.reward_fn(prompt, completion)))
-            except BaseException as exc:  # handed back to the caller's thread
-                box.append((False, exc))
-
-        worker = threading.Thread(target=call, daemon=True, name="tokenmdp-reward")
-        worker.start()
-        worker.join(self.reward_timeout)
-        if not box:
-            raise TimeoutError(f"no answer within env.reward_timeout = {self.reward_timeout:g} s")
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
+        return ids
 
     def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:
         """The reward is paid on the action that ends the response (EOS, or the last allowed token)."""
         rewards = torch.zeros(actions.shape[0])
-        if self.reward_fn is None:
+        if self.rewards is None:
             return rewards
         t = prefix.shape[1]
         ends = torch.full_like(actions, t + 1 >= self.horizon, dtype=torch.bool)
         if self.eos_token is not None:
             ends |= actions == self.eos_token
-        for row in ends.nonzero().flatten().tolist():
-            rewards[row] = self.score(prompt_index[row], [*prefix[row].tolist(), int(actions[row])])
+        rows = ends.nonzero().flatten().tolist()
+        if rows:
+            responses = [[*prefix[row].tolist(), int(actions[row])] for row in rows]
+            values = self.score_responses([int(prompt_index[row]) for row in rows], responses)
+            rewards[rows] = torch.tensor(values, dtype=torch.float64).to(rewards.dtype)
         return rewards
 
     def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
         """``[N]`` float64 rewards of whole responses (0-padded, with their 0/1 mask)."""
-        out = torch.zeros(response.shape[0], dtype=torch.float64)
-        for i in range(response.shape[0]):
-            length = int(mask[i].sum())
-            out[i] = self.score(prompt_index[i], response[i, :length].tolist())
-        return out
+        lengths = mask.sum(1).long().tolist()
+        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
+        values = self.score_responses([int(i) for i in prompt_index], responses)
+        return torch.tensor(values, dtype=torch.float64)
 
     def describe(self) -> dict[str, Any]:
         return {

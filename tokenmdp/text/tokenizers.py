@@ -24,6 +24,8 @@ class TextTokenizer:
         eos: int | None,
         pad: int | None,
         adds_bos: bool,
+        chat: Callable[[list[dict]], str] | None = None,
+        bos_text: str | None = None,
     ):
         self.source = source
         self.vocab_size = vocab_size
@@ -31,6 +33,23 @@ class TextTokenizer:
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos, eos, pad
         #: Whether the tokenizer itself would put BOS in front of a text (Gemma, sentencepiece).
         self.adds_bos = adds_bos
+        self._chat, self._bos_text = chat, bos_text
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat is not None
+
+    def apply_chat_template(self, messages: list[dict], strip_bos: bool = True) -> str:
+        """``messages`` (TRL's conversational format: ``{"role", "content"}`` dicts) as the
+        text of a prompt, through the tokenizer's chat template with the generation prompt.
+        With ``strip_bos`` a leading BOS the template writes is dropped (for a task that
+        places BOS itself), so a prompt never starts with two."""
+        if self._chat is None:
+            raise ConfigError(f"env.chat_template: tokenizer {self.source!r} has no chat template")
+        text = self._chat(messages)
+        if strip_bos and self._bos_text and text.startswith(self._bos_text):
+            text = text[len(self._bos_text) :]
+        return text
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
@@ -91,6 +110,12 @@ def _hf_tokenizer(path: Path) -> TextTokenizer:
         eos=tok.eos_token_id,
         pad=tok.pad_token_id,
         adds_bos=adds_bos,
+        chat=(
+            (lambda messages: tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            if getattr(tok, "chat_template", None)
+            else None
+        ),
+        bos_text=tok.bos_token,
     )
 
 

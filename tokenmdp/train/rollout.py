@@ -182,11 +182,7 @@ def collect(
     drawn = sample(policy, obs["prompt"], prompt_mask, env.task.horizon, env.task.eos_token, generator, params, score)
     response, mask = drawn.response, drawn.mask
     actions = response.cpu()
-    rewards = torch.zeros(actions.shape)
-    for t in range(actions.shape[1]):
-        if bool(env.done.all()):
-            break
-        _, rewards[:, t], _, _, _ = env.step(actions[:, t])
+    rewards = env.play(actions)
     device = response.device
     return RolloutBatch(
         prompt_ids=obs["prompt"].to(device),

@@ -161,6 +161,8 @@ class Trainer:
         self.task = self.env.task
         self._check_text_setup(config)
         self.device = resolve_device(config.train.device)
+        if getattr(self.task, "rewards", None) is not None:
+            self.task.rewards.place(self.device)  # reward models score on the policy's device
         self.autocast_dtype = PRECISIONS[config.train.precision]
         kind = config.policy.get("kind", "gru")
         if self.autocast_dtype is not None and kind != "hf":
