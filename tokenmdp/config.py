@@ -47,9 +47,14 @@ def _optional_unit_interval(instance, attribute, value):
 
 @attrs.frozen
 class AlgorithmConfig:
+    #: A recipe (``tokenmdp plugins`` lists them, e.g. "grpo", "inverse-q"): its estimator,
+    #: advantage and updater with their default options.
     name: str | None = attrs.field(default=None, validator=_optional_str)
+    #: The trajectory estimator, replacing the recipe's (or composing without a recipe).
     estimator: str | None = attrs.field(default=None, validator=_optional_str)
+    #: The advantage constructor, replacing the recipe's.
     advantage: str | None = attrs.field(default=None, validator=_optional_str)
+    #: The policy updater, replacing the recipe's.
     updater: str | None = attrs.field(default=None, validator=_optional_str)
 
 
@@ -58,19 +63,25 @@ class ReferenceConfig:
     #: "sft": fine-tune a fresh policy network on the env's base distribution;
     #: "init": the untrained initial policy is the reference.
     init: str = attrs.field(default="sft", validator=one_of("sft", "init"))
+    #: Responses sampled from the env's base distribution for the reference's SFT.
     sft_samples: int = attrs.field(default=4096, validator=positive_int)
     #: Guide-tagged samples from the tilted distribution (METHOD.md section 5); 0 = none.
     tagged_samples: int = attrs.field(default=0, validator=non_negative_int)
     #: beta of the tilt ``pi_base * exp(R / tilt_beta)``; defaults to ``train.beta``.
     tilt_beta: float | None = attrs.field(default=None, validator=positive)
+    #: Passes over the SFT data.
     sft_epochs: int = attrs.field(default=8, validator=positive_int)
+    #: Responses per SFT optimizer step.
     sft_batch_size: int = attrs.field(default=256, validator=positive_int)
+    #: Adam learning rate of the SFT.
     sft_lr: float = attrs.field(default=3e-3, validator=positive)
 
 
 @attrs.frozen
 class TrainConfig:
+    #: Training steps; each samples one batch and updates the policy on it.
     steps: int = attrs.field(default=100, validator=positive_int)
+    #: Seeds everything: initialisation, the reference's SFT, every step's sampling.
     seed: int = attrs.field(default=0, validator=_seed)
     #: Responses per step (per rank under torchrun).
     batch_size: int = attrs.field(default=64, validator=positive_int)
@@ -111,7 +122,10 @@ class TrainConfig:
     #: solver's tree, SFT data, the policy, the batch's logits, the evaluation) stops the
     #: run with the estimate. Unset = 80% of this machine's memory.
     max_memory_gb: float | None = attrs.field(default=None, validator=positive)
+    #: beta of the objective ``E[R] - beta * KL(pi || pi_ref)``: the KL weight of the
+    #: estimators that default to it, and of the exact optimum every toy run is scored against.
     beta: float = attrs.field(default=1.0, validator=positive)
+    #: Sampling temperature (sampling only: stored log-probs are the policy's own).
     temperature: float = attrs.field(default=1.0, validator=positive)
     #: Sample only among the k most likely tokens (unset = all). Sampling only: the stored
     #: ``logprobs`` are the policy's own (temperature 1, unfiltered); docs/text.md.
@@ -121,10 +135,16 @@ class TrainConfig:
     #: Text envs (no exact solver): responses sampled, on fixed prompts and seed, to
     #: estimate ``true_reward`` and ``kl_ref`` at each evaluation; unset = ``batch_size``.
     eval_samples: int | None = attrs.field(default=None, validator=optional(positive_int))
+    #: Evaluate (exactly for toy envs, by sampling for text) every N steps, and at the end.
     eval_every: int = attrs.field(default=10, validator=positive_int)
     #: Stop at the first evaluation whose ``regret_frac`` is at or below this (toy envs).
     target_regret_frac: float | None = attrs.field(default=None, validator=non_negative)
+    #: Show a progress bar.
     progress: bool = attrs.field(default=True, validator=_boolean)
+    #: Every N steps, write up to 8 of the step's responses (prompt, completion, reward) to
+    #: ``completions.jsonl`` and hand them to the loggers (TensorBoard text, a wandb
+    #: table); 0 = never.
+    log_completions: int = attrs.field(default=0, validator=non_negative_int)
     #: Testing/debugging only: one process collects, per step, the concatenation of the
     #: ``batch_size`` sub-batches that ranks 0..N-1 of an N-process run would sample (same
     #: per-rank seeds), to compare against a real distributed run (docs/distributed.md).
@@ -146,10 +166,17 @@ class TrainConfig:
 
 @attrs.frozen
 class RunConfig:
+    #: The run directory: config.toml, metrics.jsonl, checkpoints, summary (docs/reliability.md).
     dir: str = attrs.field(default="runs/default", validator=_path)
+    #: Checkpoint every N steps (0 = only at the end, on Ctrl-C/SIGTERM, and at the target).
     checkpoint_every: int = attrs.field(default=0, validator=non_negative_int)
+    #: How many of the newest checkpoints to keep.
     keep_checkpoints: int = attrs.field(default=2, validator=positive_int)
+    #: Replace a finished run in ``dir`` (only files tokenmdp wrote are removed).
     overwrite: bool = attrs.field(default=False, validator=_boolean)
+    #: Log to Weights & Biases under this project (extra ``wandb``; ``WANDB_MODE=offline``
+    #: keeps it on this machine, under the run directory). Unset = no wandb.
+    wandb_project: str | None = attrs.field(default=None, validator=optional(attrs.validators.instance_of(str)))
 
 
 @attrs.frozen

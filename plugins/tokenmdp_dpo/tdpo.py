@@ -54,6 +54,8 @@ class TDPOUpdater(DPOUpdater):
 
     @attrs.frozen
     class Options(PairOptions):
+        #: Margin offset delta: "tdpo1": beta * (KL_l - KL_w); "tdpo2": alpha * beta * (KL_l - KL_w), KL_w
+        #: not differentiated (KL_w, KL_l: sequence KL(pi_ref || pi) of the chosen and rejected response).
         variant: str = attrs.field(default="tdpo2", validator=one_of("tdpo1", "tdpo2"))
         #: Weight of the KL term in TDPO2.
         alpha: float = attrs.field(default=0.5, validator=positive)

@@ -113,6 +113,7 @@ class SequenceCredit(AdvantageConstructor):
 
     @attrs.frozen
     class Options:
+        #: Whiten A_t: mean 0, std 1 over the batch's real tokens.
         whiten: bool = False
 
     def construct(self, batch, signals, ctx):

@@ -128,7 +128,9 @@ class LogRatio(AdvantageConstructor):
 
     @attrs.frozen
     class Options:
+        #: A_t: "token" (r_t itself) or "return" (sum_{k>=t} r_k, the reward-to-go).
         form: str = attrs.field(default="token", validator=one_of("token", "return"))
+        #: Whiten A_t: mean 0, std 1 over the batch's real tokens (token_rewards and returns are not).
         whiten: bool = False
         #: Clip each token reward to [-kappa, kappa]; unset = no clipping.
         kappa: float | None = attrs.field(default=None, validator=positive)
@@ -162,14 +164,22 @@ class ClippedPG(GradientUpdater):
 
     @attrs.frozen
     class Options(GradientOptions):
+        #: Adam learning rate (this updater's default).
         lr: float = attrs.field(default=3e-3, validator=positive)
+        #: Passes over each rollout (this updater's default).
         epochs: int = attrs.field(default=4, validator=positive_int)
+        #: Minibatches per pass, one Adam step each (this updater's default).
         minibatches: int = attrs.field(default=4, validator=positive_int)
+        #: Clip the ratio pi/pi_old to [1 - clip, 1 + clip] in the surrogate.
         clip: float = attrs.field(default=0.2, validator=positive)
+        #: KL penalty: "k1": -kl_coef * log(pi_old/pi_ref) added to each token's advantage; "k3":
+        #: kl_coef * (pi_ref/pi - 1 - log(pi_ref/pi)) added to the loss (GRPO style).
         kl_estimator: str = attrs.field(default="k1", validator=one_of("k1", "k3"))
         #: KL coefficient; unset = ``train.beta``; 0 = no penalty.
         kl_coef: float | None = attrs.field(default=None, validator=non_negative)
+        #: k1: subtract the KL summed over the suffix (k >= t) instead of the token's own.
         kl_returns: bool = False
+        #: Weight of the entropy bonus subtracted from the loss (0 = none).
         entropy_coef: float = attrs.field(default=0.0, validator=non_negative)
 
     def update(self, batch, signals, advantages, ctx):
@@ -228,8 +238,11 @@ class ReverseKL(GradientUpdater):
 
     @attrs.frozen
     class Options(GradientOptions):
+        #: Adam learning rate (this updater's default).
         lr: float = attrs.field(default=3e-3, validator=positive)
+        #: Passes over each rollout (this updater's default).
         epochs: int = attrs.field(default=4, validator=positive_int)
+        #: Minibatches per pass, one Adam step each (this updater's default).
         minibatches: int = attrs.field(default=4, validator=positive_int)
 
     def update(self, batch, signals, advantages, ctx):

@@ -155,12 +155,16 @@ class PPORewards(TrajectoryEstimator):
 
     @attrs.frozen
     class Options:
+        #: KL coefficient: "fixed" (stays at init_kl_coef) or "adaptive" (moved towards target; Ziegler et al.).
         kl_controller: str = attrs.field(default="fixed", validator=one_of("fixed", "adaptive"))
         #: Initial KL coefficient; unset = ``train.beta``.
         init_kl_coef: float | None = attrs.field(default=None, validator=non_negative)
         #: adaptive: the sequence KL to aim for, and the horizon (in responses) of the correction.
         target: float = attrs.field(default=6.0, validator=positive)
+        #: adaptive: each step, beta *= 1 + clip((KL - target) / target, -0.2, 0.2) * responses / horizon.
         horizon: float = attrs.field(default=10000.0, validator=positive)
+        #: V(s_t): "separate" (its own network, of the policy's kind) or "head" (a linear head on the
+        #: GRU policy's hidden states; the value loss also trains the policy's trunk).
         critic: str = attrs.field(default="separate", validator=one_of("separate", "head"))
         #: R_t: "env" (the environment's reward, as an oracle reward model) or "learned" (a
         #: Bradley-Terry reward model fitted on preference pairs before RL; reward_model.py).
@@ -168,12 +172,15 @@ class PPORewards(TrajectoryEstimator):
         #: reward="learned": pairs sampled from pi_ref and labelled by the task's reward, or a
         #: JSONL file of {prompt, chosen, rejected} (then reward_pairs is the number read).
         reward_pairs: int = attrs.field(default=4000, validator=positive_int)
+        #: reward="learned": JSONL file of {prompt, chosen, rejected}; unset = sample the pairs from pi_ref.
         reward_pairs_file: str | None = None
         #: Labels of sampled pairs: "bradley-terry" (y_1 preferred with probability
         #: sigmoid(R_1 - R_2), so r_phi learns R's scale) or "hard" (the higher R always wins:
         #: the ranking is right, but the fitted scale grows without bound and PPO over-optimises).
         reward_labels: str = attrs.field(default="bradley-terry", validator=one_of("bradley-terry", "hard"))
+        #: reward="learned": passes over the pairs (less 10% held out) when fitting the reward model.
         reward_epochs: int = attrs.field(default=3, validator=positive_int)
+        #: reward="learned": Adam learning rate of the reward model's fit.
         reward_lr: float = attrs.field(default=3e-3, validator=positive)
         #: critic="separate": hidden size of the value network; unset = the policy's.
         critic_hidden: int | None = attrs.field(default=None, validator=optional(positive_int))
@@ -280,7 +287,9 @@ class GAE(AdvantageConstructor):
 
     @attrs.frozen
     class Options:
+        #: Discount of the next state's value and of later rewards (1 = undiscounted).
         gamma: float = attrs.field(default=1.0, validator=probability)
+        #: GAE lambda: 0 = one-step TD error, 1 = Monte-Carlo return minus V(s_t).
         lam: float = attrs.field(default=0.95, validator=probability)
         #: Mean 0, std 1 over the batch's real tokens (the returns are never whitened).
         whiten: bool = True
@@ -312,12 +321,17 @@ class PPO(GradientUpdater):
         lr: float = attrs.field(default=1e-3, validator=positive)
         #: Learning rate of the critic's parameters; unset = ``lr``.
         vf_lr: float | None = attrs.field(default=None, validator=positive)
+        #: Passes over each rollout (this updater's default).
         epochs: int = attrs.field(default=4, validator=positive_int)
+        #: Minibatches per pass, one Adam step each (this updater's default).
         minibatches: int = attrs.field(default=4, validator=positive_int)
+        #: Clip the ratio pi/pi_old to [1 - clip, 1 + clip] in the surrogate.
         clip: float = attrs.field(default=0.2, validator=positive)
         #: Clip the new value to old +- vf_clip in the value loss; unset = no clipping.
         vf_clip: float | None = attrs.field(default=0.2, validator=positive)
+        #: Weight of the value loss in the total loss.
         vf_coef: float = attrs.field(default=0.5, validator=non_negative)
+        #: Weight of the entropy bonus subtracted from the loss (0 = none).
         entropy_coef: float = attrs.field(default=0.0, validator=non_negative)
         #: Stop this rollout's updates when a minibatch's approximate KL exceeds it; unset = never.
         target_kl: float | None = attrs.field(default=None, validator=positive)

@@ -46,7 +46,9 @@ class RewardToGo(AdvantageConstructor):
 
     @attrs.frozen
     class Options:
+        #: "position-mean": subtract the batch's mean return at each position t; "none": no baseline.
         baseline: str = attrs.field(default="position-mean", validator=one_of("position-mean", "none"))
+        #: Whiten A_t: mean 0, std 1 over the batch's real tokens (the returns are never whitened).
         whiten: bool = False
 
     def construct(self, batch, signals, ctx):
@@ -68,6 +70,7 @@ class PolicyGradient(GradientUpdater):
 
     @attrs.frozen
     class Options(GradientOptions):
+        #: Adam learning rate (this updater's default).
         lr: float = attrs.field(default=1e-2, validator=positive)
 
     def update(self, batch, signals, advantages, ctx):

@@ -50,6 +50,14 @@ def tokenmdp_on_step_end(run, step, metrics):
 
 
 @hookspec
+def tokenmdp_on_completions(run, step, completions):
+    """Called every ``train.log_completions`` steps, after ``tokenmdp_on_step_end``, with a
+    sample of that step's responses (also written to ``completions.jsonl``): a list of
+    ``{"prompt", "completion", "reward"}`` dicts (text for text tasks, token-id lists for
+    toy tasks; ``reward`` None for a reward-free run)."""
+
+
+@hookspec
 def tokenmdp_on_train_end(run, summary, outcome):
     """Called once when training ends, however it ends, if ``tokenmdp_on_train_start`` was
     called: ``outcome`` is ``"completed"`` (``summary`` is the final summary dict),

@@ -32,6 +32,7 @@ from .ops import zero_padding
 class OptimizerOptions:
     """Options of every gradient updater: Adam, clipping, the LR schedule, micro-batches."""
 
+    #: Adam learning rate (annealed when anneal_lr).
     lr: float = attrs.field(default=1e-3, validator=positive)
     #: Clip the global gradient norm to this value (0 = no clipping).
     max_grad_norm: float = attrs.field(default=1.0, validator=non_negative)
@@ -47,7 +48,9 @@ class OptimizerOptions:
 class GradientOptions(OptimizerOptions):
     """:class:`OptimizerOptions`, plus passes over each rollout and minibatches per pass."""
 
+    #: Passes over each rollout, each in a new shuffled order.
     epochs: int = attrs.field(default=1, validator=positive_int)
+    #: Minibatches each pass is split into, one optimizer step each (at most one per row).
     minibatches: int = attrs.field(default=1, validator=positive_int)
 
 

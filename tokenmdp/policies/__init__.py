@@ -45,6 +45,11 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
         fast_path = spec.get("fast_path", True)
         if not isinstance(fast_path, bool):
             raise ConfigError(f"policy.fast_path must be true or false (got {fast_path!r})")
+        if spec.get("path") == "python:object":
+            raise ConfigError(
+                "policy.path: this run's model was given to tokenmdp.train as a Python object; pass it again "
+                "(tokenmdp.train(..., model=model, resume=True)), or export the trained policy from Python"
+            )
         if "path" in spec:
             return HFCausalLMPolicy.from_pretrained(
                 spec["path"], vocab_size=task.vocab_size, lora=lora, fast_path=fast_path

@@ -41,6 +41,9 @@ class Reward:
 
         if isinstance(spec, str) and spec.startswith("hf:"):
             return cls(spec, weight, SequenceClassifierReward(spec[3:], spec), batched=True)
+        if callable(spec):  # a function given to tokenmdp.train
+            name = f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', type(spec).__name__)}"
+            return cls(name, weight, spec, batched=takes_batches(spec))
         fn = resolve_callable(spec)
         return cls(spec, weight, fn, batched=takes_batches(fn))
 
@@ -58,7 +61,7 @@ class RewardSet:
     """The rewards of ``env.reward`` with their weights; scores many responses at once."""
 
     def __init__(self, specs: str | Sequence[str], weights: Sequence[float] | None, timeout: float | None):
-        specs = [specs] if isinstance(specs, str) else list(specs)
+        specs = [specs] if isinstance(specs, str) or callable(specs) else list(specs)
         if not specs:
             raise ConfigError("env.reward: an empty list; name a reward, or leave env.reward unset")
         if weights is None:
@@ -74,7 +77,8 @@ class RewardSet:
             )
         self.rewards = [Reward.resolve(spec, float(w)) for spec, w in zip(specs, weights)]
         self.timeout = timeout
-        self.name = specs[0] if len(specs) == 1 else " + ".join(f"{w:g}*{s}" for s, w in zip(specs, weights))
+        names = [r.spec for r in self.rewards]
+        self.name = names[0] if len(names) == 1 else " + ".join(f"{w:g}*{s}" for s, w in zip(names, weights))
 
     def place(self, device: torch.device) -> None:
         """Score with reward models on ``device`` (the policy's)."""

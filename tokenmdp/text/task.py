@@ -338,16 +338,31 @@ class TextTask(TokenTask):
             self.eval_task._set_prompts(eval_prompts, "env.eval_prompts")
             self.eval_task.eval_task = self.eval_task
 
-    def _set_prompts(self, prompts: str | list, key: str) -> None:
-        """Read (``key`` names them in errors), tokenize and lay out the prompt table."""
-        self.prompts_path = str(prompts)
-        if isinstance(prompts, list):
+    def _set_prompts(self, prompts, key: str) -> None:
+        """Read (``key`` names them in errors), tokenize and lay out the prompt table.
+        ``prompts``: a path, a list of prompts or a ``datasets.Dataset``."""
+        self.prompts_path = str(prompts) if isinstance(prompts, (str, Path)) else f"<{type(prompts).__name__}>"
+        if hasattr(prompts, "column_names") and hasattr(prompts, "__getitem__"):  # a datasets.Dataset
+            if self.prompt_key not in prompts.column_names:
+                raise ConfigError(
+                    f"env.prompt_key: {key} (a Dataset) has no column {self.prompt_key!r}; its columns: "
+                    f"{', '.join(prompts.column_names)}"
+                )
+            if len(prompts) == 0:
+                raise ConfigError(f"{key}: the Dataset holds no rows")
+            columns = {name: list(prompts[name]) for name in prompts.column_names}
+            prompts = columns.pop(self.prompt_key)
+            given = [_checked_prompt(p, f"{key}: row {i}") for i, p in enumerate(prompts, 1)]
+            self.prompt_columns = columns
+        elif isinstance(prompts, list):
             given, self.prompt_columns = (
                 [_checked_prompt(p, f"{key}: prompt {i}") for i, p in enumerate(prompts, 1)],
                 {},
             )
         else:
             given, self.prompt_columns = read_prompt_table(prompts, key, self.prompt_key, self.split)
+        if not given:
+            raise ConfigError(f"{key}: no prompts")
         #: each prompt as given: a string, or a conversation (a list of {role, content})
         self.prompt_rows = given
         self.texts = [self._prompt_text(row, f"{key}: prompt {i}") for i, row in enumerate(given, 1)]

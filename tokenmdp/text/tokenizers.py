@@ -99,10 +99,15 @@ def _hf_tokenizer(path: Path) -> TextTokenizer:
         raise ConfigError(
             f"env.tokenizer: could not load a Hugging Face tokenizer from {str(path)!r}: {type(exc).__name__}: {exc}"
         ) from None
+    return hf_tokenizer_adapter(tok, str(path))
+
+
+def hf_tokenizer_adapter(tok, source: str = "a Python object") -> TextTokenizer:
+    """Wrap a loaded Hugging Face tokenizer (``AutoTokenizer.from_pretrained(...)``)."""
     probe = tok("a", add_special_tokens=True)["input_ids"]
     adds_bos = tok.bos_token_id is not None and bool(probe) and probe[0] == tok.bos_token_id
     return TextTokenizer(
-        str(path),
+        source,
         len(tok),
         encode=lambda text: tok.encode(text, add_special_tokens=False),
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
@@ -120,7 +125,10 @@ def _hf_tokenizer(path: Path) -> TextTokenizer:
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
-    """A sentencepiece ``.model`` file, or a directory a Hugging Face tokenizer loads from."""
+    """A sentencepiece ``.model`` file, a directory a Hugging Face tokenizer loads from, or
+    a loaded Hugging Face tokenizer (given to ``tokenmdp.train``)."""
+    if hasattr(path, "convert_ids_to_tokens") and hasattr(path, "decode"):
+        return hf_tokenizer_adapter(path)
     if not isinstance(path, (str, Path)) or not str(path):
         raise ConfigError(
             "env.tokenizer is required: a Hugging Face tokenizer directory or a sentencepiece .model file"

@@ -27,15 +27,34 @@ def split_reference(base: TokenPolicy) -> tuple[TokenPolicy, TokenPolicy]:
     """``(policy, reference)`` from the initial policy. Full fine-tuning changes every
     weight, so the policy is a copy (made before ``base`` is frozen); a LoRA policy is
     ``base`` itself, trained through its adapter."""
-    policy = base if base.reference_view() is not None else copy.deepcopy(base)
+    if base.reference_view() is not None:
+        return base, frozen_reference(base)
+    # every weight trains, also when base arrived frozen (a model object that was the
+    # reference of an earlier tokenmdp.train call in this process)
+    policy = copy.deepcopy(base).requires_grad_(True)
     return policy, frozen_reference(base)
 
 
-def initial_policy(config: Config, task, reference_file: Path | None = None) -> tuple[TokenPolicy, list[float]]:
-    """The network the run starts from, and its SFT losses: built from ``[policy]``, then
-    loaded from ``reference_file`` (a resumed run's reference.pt), or fine-tuned on the
-    task's base distribution (``reference.init = "sft"``), or left as initialised."""
-    base = build_policy(config.policy, task, seed=config.train.seed)
+def initial_policy(
+    config: Config, task, reference_file: Path | None = None, model=None
+) -> tuple[TokenPolicy, list[float]]:
+    """The network the run starts from, and its SFT losses: built from ``[policy]`` (or
+    around ``model``, a transformers causal LM given to ``tokenmdp.train``), then loaded
+    from ``reference_file`` (a resumed run's reference.pt), or fine-tuned on the task's
+    base distribution (``reference.init = "sft"``), or left as initialised."""
+    if model is not None:
+        from ..policies.hf import HFCausalLMPolicy
+
+        spec = config.policy
+        base = HFCausalLMPolicy(
+            model,
+            task.vocab_size,
+            lora=spec.get("lora"),
+            source="a Python object",
+            fast_path=spec.get("fast_path", True),
+        )
+    else:
+        base = build_policy(config.policy, task, seed=config.train.seed)
     shared = base.reference_view() is not None
     if shared and config.reference.init == "sft":
         raise ConfigError(

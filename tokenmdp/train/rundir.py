@@ -31,6 +31,7 @@ from ..errors import CheckpointError, ConfigError, RunDirInUse
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
+COMPLETIONS = "completions.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
 REFERENCE = "reference.pt"
@@ -40,7 +41,7 @@ MARKER = ".tokenmdp-run"
 LOCK = ".tokenmdp.lock"
 #: Files and folders of a run directory that tokenmdp writes (``compare.json``: compare's
 #: cache of a cell; ``explain/``: ``tokenmdp explain``'s default output).
-OWN_FILES = (CONFIG, REFERENCE, METRICS, SUMMARY, MARKER, LOCK, "compare.json")
+OWN_FILES = (CONFIG, REFERENCE, METRICS, COMPLETIONS, SUMMARY, MARKER, LOCK, "compare.json", "wandb_id.txt")
 OWN_FOLDERS = {
     CHECKPOINT_DIR: r"step_\d{8}\.pt(\.sha256)?",
     "tensorboard": r"events\.out\.tfevents\..*",
@@ -93,7 +94,7 @@ class RunDir:
         and the reference. Anything else in the folder is left as it is."""
         if self.path.exists():
             self.remove_stale_temp_files()
-            for name in (METRICS, SUMMARY, "compare.json"):
+            for name in (METRICS, COMPLETIONS, SUMMARY, "compare.json"):
                 (self.path / name).unlink(missing_ok=True)
             for folder, pattern in OWN_FOLDERS.items():
                 if (self.path / folder).is_dir():
@@ -255,12 +256,28 @@ class RunDir:
         return [row[key] if row[key] is not None else float("nan") for _, row in self.metric_lines() if key in row]
 
     def truncate_metrics(self, last_step: int) -> None:
-        """Drop metric lines written after the checkpoint a run resumes from (and a torn last line)."""
+        """Drop metric (and completion) lines written after the checkpoint a run resumes
+        from (and a torn last line)."""
         path = self.path / METRICS
-        if not path.exists():
-            return
-        keep = [line for line, row in self.metric_lines() if row["step"] <= last_step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+        if path.exists():
+            keep = [line for line, row in self.metric_lines() if row["step"] <= last_step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        completions = self.path / COMPLETIONS
+        if completions.exists():
+            kept = []
+            for line in completions.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= last_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # a torn last line
+            atomic_write_text(completions, "".join(line + "\n" for line in kept))
+
+    def append_completions(self, step: int, rows: list[dict]) -> None:
+        """One line of ``completions.jsonl`` per sampled response of ``step``."""
+        with open(self.path / COMPLETIONS, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps({"step": step, **row}) + "\n")
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import os
 import signal
@@ -115,8 +116,23 @@ def _task_parameters(task_cls: type) -> list[str]:
     return sorted(set(names))
 
 
-def make_vector_env(registry: Registry, config: Config, num_envs: int, compute_rewards: bool) -> TokenVectorEnv:
+#: The value a config holds for an input given as a Python object (``tokenmdp.train``).
+PYTHON_OBJECT = "python:object"
+
+
+def make_vector_env(
+    registry: Registry, config: Config, num_envs: int, compute_rewards: bool, objects: dict | None = None
+) -> TokenVectorEnv:
+    """The training env of ``config``; ``objects`` replace the ``[env]`` values that were
+    given as Python objects (``tokenmdp.train``: prompts, tokenizer, reward)."""
     spec = registry.env(config.env["id"])
+    kwargs = {**config.env_kwargs, **(objects or {})}
+    missing = sorted(k for k, v in kwargs.items() if v == PYTHON_OBJECT)
+    if missing:
+        raise ConfigError(
+            f"env.{missing[0]} was given to tokenmdp.train as a Python object; this run can only be "
+            "resumed from Python, with the same objects: tokenmdp.train(..., run_dir=RUN_DIR, resume=True)"
+        )
     if spec.vector_entry_point is None:
         raise ConfigError(f"env.id {spec.id!r} has no torch vector form; training needs one")
     try:
@@ -125,7 +141,7 @@ def make_vector_env(registry: Registry, config: Config, num_envs: int, compute_r
             num_envs=num_envs,
             autoreset_mode=AutoresetMode.DISABLED,
             compute_rewards=compute_rewards,
-            **config.env_kwargs,
+            **kwargs,
         )
     except TypeError as exc:
         valid = _task_parameters(getattr(spec.vector_entry_point, "task_cls", object))
@@ -143,8 +159,10 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 class Trainer:
-    def __init__(self, config: Config, pm=None, resume: bool = False):
+    def __init__(self, config: Config, pm=None, resume: bool = False, objects: dict | None = None):
         self.config = config
+        #: Inputs given as Python objects (``tokenmdp.train``): ``env`` values and ``model``.
+        self.objects = dict(objects or {})
         self.pm = pm if pm is not None else plugin_manager()
         self.registry = Registry(self.pm)
         self.registry.register_envs()
@@ -156,7 +174,11 @@ class Trainer:
         check_before_env(config)  # a huge batch would fail inside the env's allocation
         with code_barrier(config.run.dir):  # the run directory is data: no reward module from there
             self.env = make_vector_env(
-                self.registry, config, config.train.batch_size, compute_rewards=self.composition.needs_env_reward
+                self.registry,
+                config,
+                config.train.batch_size,
+                compute_rewards=self.composition.needs_env_reward,
+                objects=self.objects.get("env"),
             )
         self.task = self.env.task
         self._check_text_setup(config)
@@ -183,6 +205,7 @@ class Trainer:
         self.recent_credit: list[float] = []
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._stop = None  # set while train() runs: the stop request of SIGINT/SIGTERM
+        self._completions: list[dict] | None = None  # this step's sample, for train.log_completions
         t = config.train
         own_distribution = t.temperature == 1.0 and t.top_k is None and t.top_p is None
         wanted = t.logprobs_from == "sampling" or (t.logprobs_from == "auto" and config.policy.get("kind") == "hf")
@@ -196,6 +219,8 @@ class Trainer:
                 "unset it when launching with torchrun"
             )
         check_run_dir_value(config.run.dir)
+        if config.run.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ConfigError('run.wandb_project needs wandb: pip install "torch==2.13.0" -e ".[wandb]"')
         parent = next((p for p in [self.run_dir, *self.run_dir.absolute().parents] if p.exists()), None)
         if parent is not None and parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"run.dir {str(self.run_dir)!r}: {parent} is not writable, so the run could not be saved")
@@ -234,7 +259,7 @@ class Trainer:
             raise ConfigError(f"train.target_regret_frac needs an exact solver, which env {env_id} does not have")
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, overrides: list[str] = (), pm=None) -> Trainer:
+    def from_run_dir(cls, run_dir: str | Path, overrides: list[str] = (), pm=None, objects=None) -> Trainer:
         """Resume the run in ``run_dir`` (wherever it now lives); ``overrides`` may extend
         it, e.g. ``train.steps=500``."""
         path = Path(run_dir) / "config.toml"
@@ -250,14 +275,16 @@ class Trainer:
                 f"--resume can extend a run ({', '.join(sorted(RESUME_MAY_CHANGE))}), not change what it trains: "
                 f"{', '.join(fixed)} differ from {path}; start a new run for that"
             )
-        return cls(config, pm=pm, resume=True)
+        return cls(config, pm=pm, resume=True, objects=objects)
 
     # --- set-up -------------------------------------------------------------------
     def build_models(self) -> None:
         """The policy, its reference (on ``train.device``), the evaluator, ``ctx``, and each
         component's ``setup``."""
         cfg = self.config
-        base, self.sft_losses = initial_policy(cfg, self.task, self.run_dir / REFERENCE if self.resume else None)
+        base, self.sft_losses = initial_policy(
+            cfg, self.task, self.run_dir / REFERENCE if self.resume else None, model=self.objects.get("model")
+        )
         longest = self.task.prompts.shape[1] + self.task.horizon
         if base.max_positions is not None and longest > base.max_positions:
             raise ConfigError(
@@ -459,6 +486,9 @@ class Trainer:
             metrics["rollout/reward_mean"] = float(batch.sequence_rewards.mean())
         metrics.update(credit)
         metrics.update(update_metrics)
+        every = self.config.train.log_completions
+        if every and step % every == 0:
+            self._completions = self._completion_rows(batch)
         return distributed.reduce_metrics(metrics)
 
     @contextlib.contextmanager
@@ -549,7 +579,28 @@ class Trainer:
         return self.rundir.checkpoint_path(step)
 
     def _emit(self, run: Run, step: int, metrics: dict[str, Any]) -> None:
-        """The core writes the step's line of metrics.jsonl; then the loggers add theirs."""
+        """The core writes the step's line of metrics.jsonl (and its completions); then the
+        loggers add theirs."""
         metrics = {"step": step, **metrics}
         self.rundir.append_metrics(metrics)
         call_hook(self.pm, "tokenmdp_on_step_end", step=step, run=run, metrics=metrics)
+        rows, self._completions = self._completions, None
+        if rows:
+            self.rundir.append_completions(step, rows)
+            call_hook(self.pm, "tokenmdp_on_completions", step=step, run=run, completions=rows)
+
+    def _completion_rows(self, batch, limit: int = 8) -> list[dict]:
+        """Up to ``limit`` responses of ``batch``: prompt and completion as text (text tasks)
+        or token ids (toy tasks), and the response's reward (None if unobserved)."""
+        task, out = self.task, []
+        rewards = batch.sequence_rewards.tolist() if batch.rewards_observed else None
+        for i in range(min(limit, batch.size)):
+            length = int(batch.response_mask[i].sum())
+            response = batch.response_ids[i, :length].tolist()
+            index = int(batch.prompt_index[i])
+            if hasattr(task, "completion_text"):
+                prompt, completion = task.prompt_text(index), task.completion_text(response)
+            else:
+                prompt, completion = task.prompts[index].tolist(), response
+            out.append({"prompt": prompt, "completion": completion, "reward": rewards[i] if rewards else None})
+        return out
