@@ -257,3 +257,59 @@ def test_shipped_grids_plan_and_share_one_reference(name, cells, tmp_path):
         key = (c.reference, c.policy, c.env, c.train.seed, c.train.beta)
         references.setdefault((cell.env, cell.seed), set()).add(repr(key))
     assert all(len(keys) == 1 for keys in references.values())
+
+
+# --- parallel cells and the shared reference ---------------------------------------------
+
+
+def _results_without_wall_time(out: Path) -> list[dict]:
+    with open(out / "results.csv") as fh:
+        return [{k: v for k, v in row.items() if "wall" not in k} for row in csv.DictReader(fh)]
+
+
+def test_parallel_cells_give_the_serial_results(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count, so the serial cells compute the same floats
+    (tmp_path / "serial").mkdir()
+    (tmp_path / "parallel").mkdir()
+    try:
+        serial = write_grid(tmp_path / "serial" / "grid.toml", '["reinforce", "guide"]', GUIDE)
+        compare.run_grid(compare.load_grid(serial), progress=False, jobs=1)
+        parallel = write_grid(tmp_path / "parallel" / "grid.toml", '["reinforce", "guide"]', GUIDE)
+        compare.run_grid(compare.load_grid(parallel), progress=False, jobs=2)
+    finally:
+        torch.set_num_threads(before)
+    assert _results_without_wall_time(tmp_path / "serial" / "out") == _results_without_wall_time(
+        tmp_path / "parallel" / "out"
+    )
+    for cell in (tmp_path / "serial" / "out" / "cells").iterdir():
+        twin = tmp_path / "parallel" / "out" / "cells" / cell.name
+        assert (cell / "metrics.jsonl").read_text() == (twin / "metrics.jsonl").read_text(), cell.name
+
+
+def test_cells_with_one_reference_key_fine_tune_it_once_and_match_a_fresh_fine_tune(tmp_path, counting):
+    import torch
+
+    from tokenmdp.train.rundir import read_weights
+
+    grid = write_grid(tmp_path / "grid.toml", '["reinforce", "guide"]', GUIDE, shared=())
+    compare.run_grid(compare.load_grid(grid), progress=False)
+    cache = tmp_path / "out" / "references"
+    # reinforce and guide differ in their reference (guide adds tagged samples): two keys per seed
+    assert len(list(cache.glob("*.safetensors"))) == 6
+    cell = tmp_path / "out" / "cells" / "reinforce__Pattern__seed1"
+    config = compare.load_config(cell / "config.toml", [f"run.dir={tmp_path / 'fresh'}"])
+    Trainer(config).train()  # no cache: its own fine-tune
+    cached, fresh = read_weights(cell / "reference.pt"), read_weights(tmp_path / "fresh" / "reference.pt")
+    assert cached.keys() == fresh.keys() and all(torch.equal(cached[k], fresh[k]) for k in cached)
+    assert (cell / "metrics.jsonl").read_text() == (tmp_path / "fresh" / "metrics.jsonl").read_text()
+
+
+def test_the_cli_runs_cells_in_parallel_by_default_and_checks_jobs(tmp_path, capsys):
+    grid = write_grid(tmp_path / "grid.toml", '["reinforce"]')
+    assert cli.main(["compare", str(grid), "--jobs", "0"]) == 2
+    assert "--jobs and --threads must be at least 1" in capsys.readouterr().err
+    assert cli.main(["compare", str(grid), "--jobs", "2"]) == 0
+    assert len(list((tmp_path / "out" / "cells").glob("*/summary.json"))) == 3

@@ -154,3 +154,47 @@ def test_bad_datasets_and_chat_settings_are_one_line_errors(tokenizers, tmp_path
         with pytest.raises(ConfigError, match=message) as caught:
             task(**kwargs)
         assert "\n" not in str(caught.value)
+
+
+def test_a_text_guide_is_the_system_message_of_chat_prompts(tokenizers, tmp_path):
+    import datasets
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tokenmdp import RolloutBatch
+    from tokenmdp.plugin.batch import GuidedPrompts, response_logits
+    from tokenmdp.policies.hf import HFCausalLMPolicy
+
+    chat, _ = tokenizers
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    datasets.Dataset.from_dict({"prompt": conversations}).save_to_disk(tmp_path / "chat")
+    loaded = task(tmp_path / "chat", chat)
+    guided = loaded.encode_guide("kind answer")
+    assert isinstance(guided, GuidedPrompts) and guided.ids.shape[0] == len(PROMPTS)
+    row = guided.ids[2][guided.mask[2].bool()].tolist()
+    assert loaded.tokenizer.decode(row) == loaded.tokenizer.decode(
+        loaded.tokenizer.encode(f"<s><system> kind answer <user> {PROMPTS[2]} <assistant>")
+    )
+    # scoring with the guide = scoring the guided prompt itself
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(SPECIALS) + len(WORDS), n_positions=64)
+    torch.manual_seed(0)
+    policy = HFCausalLMPolicy(GPT2LMHeadModel(config)).eval()
+    index = torch.tensor([2, 5])
+    response = torch.tensor([[7, 8, 9], [10, 11, 12]])
+    batch = RolloutBatch(
+        prompt_ids=loaded.prompts[index],
+        prompt_mask=loaded.prompt_mask[index],
+        response_ids=response,
+        response_mask=torch.ones(2, 3),
+        rewards=torch.zeros(2, 3),
+        prompt_index=index,
+    )
+    with torch.no_grad():
+        via_guide = response_logits(policy, batch, prefix_ids=guided)
+        direct = response_logits(
+            policy,
+            RolloutBatch(guided.ids[index], guided.mask[index], response, torch.ones(2, 3), torch.zeros(2, 3), index),
+        )
+    assert torch.allclose(via_guide, direct, atol=1e-6)
+    plain = task(_jsonl(tmp_path, PROMPTS), chat)  # string prompts, no template: the guide stays a prefix
+    assert isinstance(plain.encode_guide("kind answer"), torch.Tensor)

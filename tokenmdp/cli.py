@@ -176,7 +176,10 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from .reports.compare import load_grid, run_grid
 
-    table, index = run_grid(load_grid(args.config, args.set, out=args.out))
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+    if jobs < 1 or args.threads < 1:
+        raise TokenMDPError("compare: --jobs and --threads must be at least 1")
+    table, index = run_grid(load_grid(args.config, args.set, out=args.out), jobs=jobs, threads=args.threads)
     print(table)
     print(f"index.html: {index}")
     return 0
@@ -247,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare.*/recipes.* edit the grid; run-config sections (train.steps=...) go to every cell",
     )
     compare.add_argument("--out", metavar="DIR", help="results folder (default: [compare] out)")
+    compare.add_argument(
+        "--jobs", type=int, metavar="N", help="cells run at once, in worker processes (default: this machine's cores)"
+    )
+    compare.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per worker (default 1)")
     compare.set_defaults(fn=cmd_compare)
     explain = sub.add_parser("explain", help="token heat maps: each estimator's credit beside the true A*")
     explain.add_argument("run_dir", metavar="RUN_DIR")

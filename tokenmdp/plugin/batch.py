@@ -13,6 +13,17 @@ from ..policies.base import TokenPolicy
 from .ops import at_least_float32
 
 
+@attrs.frozen
+class GuidedPrompts:
+    """A guide that rewrites each prompt instead of going in front of it (a chat prompt's
+    system message): the guided form of every prompt of the task, ``ids``/``mask``
+    ``[num_prompts, width]`` laid out as the env lays out prompts. Where a guide prefix
+    (ids) is accepted, this is too: each row's prompt is replaced by its guided form."""
+
+    ids: Tensor
+    mask: Tensor
+
+
 @attrs.define
 class RolloutBatch:
     """One step's responses. Per-token tensors are ``[batch, response_len]``;
@@ -145,10 +156,14 @@ def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor 
     optionally with a conditioning prefix in front of the prompt (one forward pass).
 
     The prefix goes after the first ``batch.prefix_offset`` prompt columns (a pinned BOS
-    of text prompts), else in front of everything. Models that can (HF causal LMs)
+    of text prompts), else in front of everything; a :class:`GuidedPrompts` replaces
+    each row's prompt by its guided form instead. Models that can (HF causal LMs)
     compute the output layer on the response positions only."""
     ids, mask = batch.prompt_ids, batch.prompt_mask
-    if prefix_ids is not None:
+    if isinstance(prefix_ids, GuidedPrompts):  # each prompt replaced by its guided form
+        index = batch.prompt_index.cpu()
+        ids, mask = prefix_ids.ids[index].to(ids.device), prefix_ids.mask[index].to(mask.device)
+    elif prefix_ids is not None:
         prefix_ids = prefix_ids.to(ids.device)
         prefix = prefix_ids.view(1, -1).expand(ids.shape[0], -1) if prefix_ids.dim() == 1 else prefix_ids
         k = batch.prefix_offset

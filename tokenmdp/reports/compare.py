@@ -39,6 +39,7 @@ from ..mdp.solver import solve, tree_logprobs
 from ..options import build, to_dict
 from ..plugin.composition import compose
 from ..plugin.registry import Registry, plugin_manager
+from ..train.models import cached_tagged_sft_tokens
 from ..train.rundir import atomic_write_text
 from ..train.sft import make_sft_data
 from ..train.trainer import (
@@ -240,13 +241,19 @@ def _differences(a: Config | None, b: Config) -> str:
     return ", ".join(s for s in SECTIONS if a.get(s) != b.get(s)) or "?"
 
 
+def reference_cache(cell: Cell) -> Path:
+    """The grid's folder of fine-tuned references (one per env, seed, policy and reference)."""
+    return cell.dir.parent.parent / "references"
+
+
 def run_cell(cell: Cell, pm) -> None:
     """Train one cell; one interrupted after a checkpoint continues from it, anything else
-    unfinished starts from scratch (``run.overwrite = true``)."""
+    unfinished starts from scratch (``run.overwrite = true``). Its reference comes from the
+    grid's cache when another cell fine-tuned the same one."""
     resume = latest_checkpoint(cell.dir) is not None and _recorded_config(cell) == cell.config
     (cell.dir / "compare.json").unlink(missing_ok=True)  # cached numbers of an older run of this cell
     try:
-        Trainer(cell.config, pm=pm, resume=resume).train()
+        Trainer(cell.config, pm=pm, resume=resume, reference_cache=reference_cache(cell)).train()
     except TrainingInterrupted:
         raise TrainingInterrupted(
             f"interrupted in cell {cell.dir.name}; rerun the same `tokenmdp compare` "
@@ -254,9 +261,13 @@ def run_cell(cell: Cell, pm) -> None:
         ) from None
 
 
-def run_grid(grid: Grid, pm=None, progress: bool = True) -> tuple[str, Path]:
+def run_grid(grid: Grid, pm=None, progress: bool = True, jobs: int = 1, threads: int = 1) -> tuple[str, Path]:
     """Run every unfinished cell, then (re)write the results folder; returns the Markdown
-    results table and the path of index.html."""
+    results table and the path of index.html. With ``jobs > 1`` the cells run in that
+    many worker processes with ``threads`` torch threads each (the installed plugins only:
+    a custom ``pm`` needs ``jobs = 1``)."""
+    if jobs > 1 and pm is not None:
+        raise ConfigError("compare --jobs > 1 runs the installed plugins in worker processes; use --jobs 1 here")
     pm = pm if pm is not None else plugin_manager()
     registry = Registry(pm)
     registry.register_envs()
@@ -265,12 +276,56 @@ def run_grid(grid: Grid, pm=None, progress: bool = True) -> tuple[str, Path]:
     with tqdm(
         total=len(cells), initial=len(cells) - len(todo), desc="compare", unit="cell", disable=not progress
     ) as bar:
-        for cell in todo:
+        if jobs > 1 and len(todo) > 1:
+            _run_in_workers(todo, min(jobs, len(todo)), threads, bar)
+        for cell in todo if jobs <= 1 or len(todo) <= 1 else []:
             bar.set_postfix_str(cell.dir.name)
             run_cell(cell, pm)
             bar.update()
     records = [cell_record(cell, registry) for cell in cells]
     return write_results(grid, records)
+
+
+def _worker_start(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_cell(cell: Cell) -> str:
+    """Train the cell, then compute its table extras (the exact frontier) here too, so the
+    parent only reads them (``compare.json``)."""
+    pm = plugin_manager()
+    run_cell(cell, pm)
+    registry = Registry(pm)
+    registry.register_envs()
+    _cell_extras(cell, registry)
+    return cell.dir.name
+
+
+def _run_in_workers(cells: list[Cell], jobs: int, threads: int, bar) -> None:
+    """The cells in ``jobs`` spawned processes. Ctrl-C reaches the workers too (one process
+    group): each checkpoints its cell and stops; cells not started are cancelled, finished
+    ones are kept, and a rerun continues."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_worker_start, initargs=(threads,)
+    )
+    futures = [pool.submit(_worker_cell, cell) for cell in cells]
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            bar.set_postfix_str(future.result())
+            bar.update()
+    except (KeyboardInterrupt, TrainingInterrupted):
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise TrainingInterrupted(
+            "interrupted; rerun the same `tokenmdp compare` command to resume the grid (finished cells are kept)"
+        ) from None
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 # --- one cell's numbers ---------------------------------------------------------------
@@ -315,7 +370,9 @@ def _cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
     task = make_vector_env(registry, config, 1, compute_rewards=True).task
     reference = load_reference(cell.dir, config, task)
     betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
-    extras = {"frontier": exact_frontier(task, reference, betas), "tagged_sft_tokens": tagged_sft_tokens(task, config)}
+    tagged = cached_tagged_sft_tokens(config, reference_cache(cell)) if config.reference.init == "sft" else None
+    tagged = tagged_sft_tokens(task, config) if tagged is None else tagged  # a cell fine-tuned before the cache
+    extras = {"frontier": exact_frontier(task, reference, betas), "tagged_sft_tokens": tagged}
     atomic_write_text(path, json.dumps(extras))  # a cache that is whole or absent
     return extras
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..datafiles import json_line, numbered_lines
 from ..errors import ConfigError, TokenMDPError
 from ..mdp.env import TokenTask
+from ..plugin.batch import GuidedPrompts
 from .rewards import RewardSet
 from .tokenizers import TextTokenizer, load_tokenizer
 
@@ -448,8 +449,31 @@ class TextTask(TokenTask):
             "reward table (and no exact solver)"
         )
 
-    def encode_guide(self, text: str) -> Tensor:
-        """Guide text -> the ids placed after BOS, in front of the prompt (scoring only)."""
+    def encode_guide(self, text: str) -> Tensor | GuidedPrompts:
+        """Guide text -> the ids placed after BOS, in front of the prompt (scoring only).
+        With chat prompts (a conversation, or ``env.chat_template = true``) the guide is
+        the conversation's system message instead: every prompt templated again with it
+        first, as :class:`GuidedPrompts`."""
+        if self.chat_template or any(not isinstance(row, str) for row in self.prompt_rows):
+            if not text.strip():
+                raise ConfigError(f"guide {text!r} is empty")
+            rows = []
+            for i, row in enumerate(self.prompt_rows, 1):
+                messages = [{"role": "user", "content": row}] if isinstance(row, str) else row
+                if messages[0]["role"] == "system":  # the guide joins the prompt's own system message
+                    guided = [{"role": "system", "content": f"{text}\n{messages[0]['content']}"}, *messages[1:]]
+                else:
+                    guided = [{"role": "system", "content": text}, *messages]
+                try:
+                    prompt = self.tokenizer.apply_chat_template(guided, strip_bos=self.add_bos)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"guide: the chat template of {self.tokenizer.source!r} refused a system message "
+                        f"(prompt {i}): {type(exc).__name__}: {exc}"
+                    ) from None
+                rows.append(self.tokenizer.encode(prompt))
+            ids, mask = self.lay_out_prompts(rows)
+            return GuidedPrompts(ids, mask)
         ids = self.tokenizer.encode(text + self.guide_separator)
         if not ids:
             raise ConfigError(f"guide {text!r} has no tokens")

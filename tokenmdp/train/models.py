@@ -4,6 +4,7 @@ every reader of a run directory (compare, explain, a teacher)."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -35,8 +36,67 @@ def split_reference(base: TokenPolicy) -> tuple[TokenPolicy, TokenPolicy]:
     return policy, frozen_reference(base)
 
 
+def reference_key(config: Config) -> str:
+    """What a fine-tuned reference depends on, as a short hash: the env, the policy, the
+    ``[reference]`` table, the seed and (for tagged samples' tilt) beta. Runs with the same
+    key fine-tune the same reference."""
+    import hashlib
+    import json
+
+    from ..options import to_dict
+
+    ref = config.reference
+    tilt = (ref.tilt_beta or config.train.beta) if ref.tagged_samples else None
+    what = {"env": config.env, "policy": config.policy, "reference": to_dict(ref), "seed": config.train.seed}
+    what["tilt"] = tilt
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _cached_sft(base: TokenPolicy, config: Config, task, cache_dir: Path) -> list[float]:
+    """Fine-tune ``base`` as :func:`initial_policy` does, or load the result of the same
+    fine-tune from ``cache_dir`` (safetensors weights, the SFT losses, the tagged tokens
+    and the global RNG state after it, so that what follows is as if it had run here). A
+    lock per key makes a second process wait for the first's fine-tune, then load it."""
+    import fcntl
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from .rundir import atomic_write_text
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = reference_key(config)
+    weights, meta = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if weights.is_file() and meta.is_file():
+            stored = load_file(str(weights))
+            torch.set_rng_state(stored.pop("__rng_state__"))
+            base.load_state_dict(stored)
+            return json.loads(meta.read_text())["losses"]
+        generator = torch.Generator().manual_seed(config.train.seed)
+        ref = config.reference
+        groups = make_sft_data(task, ref.sft_samples, ref.tagged_samples, ref.tilt_beta or config.train.beta, generator)
+        losses = supervised_finetune(base, groups, ref.sft_epochs, ref.sft_batch_size, ref.sft_lr, generator)
+        tagged = int(groups[-1][2].sum()) if ref.tagged_samples else 0
+        state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
+        tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
+        save_file({**state, "__rng_state__": torch.get_rng_state()}, str(tmp))
+        os.replace(tmp, weights)
+        atomic_write_text(meta, json.dumps({"losses": losses, "tagged_sft_tokens": tagged}))
+        return losses
+
+
+def cached_tagged_sft_tokens(config: Config, cache_dir: Path) -> int | None:
+    """The tagged SFT tokens the cached fine-tune of ``config`` recorded (None if none is cached)."""
+    import json
+
+    meta = cache_dir / f"{reference_key(config)}.json"
+    return json.loads(meta.read_text())["tagged_sft_tokens"] if meta.is_file() else None
+
+
 def initial_policy(
-    config: Config, task, reference_file: Path | None = None, model=None
+    config: Config, task, reference_file: Path | None = None, model=None, cache_dir: Path | None = None
 ) -> tuple[TokenPolicy, list[float]]:
     """The network the run starts from, and its SFT losses: built from ``[policy]`` (or
     around ``model``, a transformers causal LM given to ``tokenmdp.train``), then loaded
@@ -63,6 +123,8 @@ def initial_policy(
     losses: list[float] = []
     if reference_file is not None and reference_file.exists() and not shared:
         base.load_state_dict(read_weights(reference_file))
+    elif config.reference.init == "sft" and cache_dir is not None:
+        losses = _cached_sft(base, config, task, Path(cache_dir))
     elif config.reference.init == "sft":
         generator = torch.Generator().manual_seed(config.train.seed)
         ref = config.reference

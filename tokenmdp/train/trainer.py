@@ -159,8 +159,17 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 class Trainer:
-    def __init__(self, config: Config, pm=None, resume: bool = False, objects: dict | None = None):
+    def __init__(
+        self,
+        config: Config,
+        pm=None,
+        resume: bool = False,
+        objects: dict | None = None,
+        reference_cache: str | Path | None = None,
+    ):
         self.config = config
+        #: A folder of fine-tuned references shared by runs with the same key (compare's).
+        self.reference_cache = reference_cache
         #: Inputs given as Python objects (``tokenmdp.train``): ``env`` values and ``model``.
         self.objects = dict(objects or {})
         self.pm = pm if pm is not None else plugin_manager()
@@ -283,7 +292,11 @@ class Trainer:
         component's ``setup``."""
         cfg = self.config
         base, self.sft_losses = initial_policy(
-            cfg, self.task, self.run_dir / REFERENCE if self.resume else None, model=self.objects.get("model")
+            cfg,
+            self.task,
+            self.run_dir / REFERENCE if self.resume else None,
+            model=self.objects.get("model"),
+            cache_dir=self.reference_cache,
         )
         longest = self.task.prompts.shape[1] + self.task.horizon
         if base.max_positions is not None and longest > base.max_positions:
