@@ -15,7 +15,6 @@ sum per trained tensor, batched).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from real_lm import build  # noqa: E402
-from vs_trl import ROOT, SHAPES, tokenmdp_step_times  # noqa: E402
+from vs_trl import SHAPES, bench_arguments, bench_model, tokenmdp_step_times  # noqa: E402
 
 MEANS = {
     "tokenmdp's GPT-2 forward and decoder": "policy.fast_path=false",
@@ -63,14 +62,7 @@ def finiteness_check_times(model_dir: Path, lora: dict | None, repeats: int = 5)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
-    args = parser.parse_args()
+    args = bench_arguments(__doc__.splitlines()[0], rounds=6)
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.model]
     variants = {"all on": (), **{f"without {k}": (v,) for k, v in MEANS.items()}, "all off": tuple(MEANS.values())}
@@ -78,9 +70,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = build(tmp / "setup")
-        model_dir = files["model"] if args.model == "tiny" else args.gemma_dir
-        if args.model == "gemma" and not (model_dir / "config.json").is_file():
-            print(f"no model in {model_dir}: tokenmdp models fetch-gemma {model_dir}")
+        model_dir = bench_model(args.model, files, args.gemma_dir)
+        if model_dir is None:
             return 2
         times = {name: [] for name in variants}
         total = args.warmup + args.steps

@@ -38,6 +38,17 @@ sys.path.insert(0, str(HERE))
 from real_lm import TARGET, build, target_fraction, text_overrides  # noqa: E402
 
 
+def bench_model(model: str, files: dict, gemma_dir: Path) -> Path | None:
+    """The model folder of ``--model`` (the tiny GPT-2 built in ``files``, or Gemma's
+    folder), or None with a message when Gemma has not been fetched."""
+    if model == "tiny":
+        return files["model"]
+    if not (gemma_dir / "config.json").is_file():
+        print(f"no model in {gemma_dir}: tokenmdp models fetch-gemma {gemma_dir}")
+        return None
+    return gemma_dir
+
+
 def trl_reward(prompts, completions, **kwargs) -> list[float]:
     """TRL's reward signature: one call per batch."""
     return [target_fraction(p, c) for p, c in zip(prompts, completions)]
@@ -147,15 +158,20 @@ def tokenmdp_step_times(
     return times
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_arguments(description: str, rounds: int) -> argparse.Namespace:
+    """The command line both step benches take."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and framework")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
     parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = bench_arguments(__doc__.splitlines()[0], rounds=3)
     try:
         import trl
     except ImportError:
@@ -171,9 +187,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = build(tmp / "setup")
-        model_dir = files["model"] if args.model == "tiny" else args.gemma_dir
-        if args.model == "gemma" and not (model_dir / "config.json").is_file():
-            print(f"no model in {model_dir}: tokenmdp models fetch-gemma {model_dir}")
+        model_dir = bench_model(args.model, files, args.gemma_dir)
+        if model_dir is None:
             return 2
         assert len(TARGET) == 64
         trl_times, ours = [], []
