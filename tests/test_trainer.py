@@ -253,3 +253,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert metrics.read_text() == (tmp_path / "full/metrics.jsonl").read_text()
+
+
+def test_credit_scoring_against_a_star_can_be_switched_off(tmp_path):
+    from helpers import TINY
+
+    from tokenmdp.config import load_config
+    from tokenmdp.train.trainer import Trainer
+
+    on = Trainer(load_config(None, [*TINY, f"run.dir={tmp_path / 'on'}"]))
+    on.train()
+    off = Trainer(load_config(None, [*TINY, "train.score_credit=false", f"run.dir={tmp_path / 'off'}"]))
+    summary = off.train()
+    rows_on = [json.loads(x) for x in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    rows_off = [json.loads(x) for x in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert all("credit_corr" in r for r in rows_on if "rollout/response_length" in r)
+    assert not any("credit_corr" in r for r in rows_off)
+    assert summary.get("credit_corr") is None
+    # the training itself is the same
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("credit_corr", "time/"))}
+    assert [strip(r) for r in rows_on] == [strip(r) for r in rows_off]

@@ -477,7 +477,7 @@ class Trainer:
                 call_component(constructor, "construct", step, constructor.construct, batch, signals, ctx)
             )
             check_finite(advantages, f"advantage {constructor.name!r}", step)
-            credit = self.evaluator.credit(batch, signals, advantages)
+            credit = self.evaluator.credit(batch, signals, advantages) if self.config.train.score_credit else {}
         with (
             distributed.agreement(f"updater {updater.name!r} at step {step}"),
             distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"),
