@@ -341,3 +341,31 @@ def test_an_unknown_sampling_backend_is_one_line_naming_the_key_and_the_choices(
     with pytest.raises(ConfigError, match=r"unknown train.sampling_backend 'vllm'; available: torch"):
         Trainer(config)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_groups_shared_prompt_is_read_once_and_decodes_as_if_read_per_row():
+    policy = tiny_gpt2()
+    ids, mask = padded_prompts(3)
+    grouped_ids, grouped_mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)  # 3 groups of 4
+    calls = []
+    original = policy.start
+    policy.start = lambda i, m=None: calls.append(i.shape[0]) or original(i, m)
+    results = []
+    for groups in (4, 1):
+        generator = torch.Generator().manual_seed(0)
+        results.append(
+            generate(
+                policy,
+                grouped_ids,
+                6,
+                None,
+                generator,
+                attention_mask=grouped_mask,
+                return_logprobs=True,
+                prompt_groups=groups,
+            )
+        )
+    assert calls == [3, 12]  # the prompt pass on one row per group, then on every row
+    (r1, m1, lp1), (r2, m2, lp2) = results
+    assert torch.equal(r1, r2) and torch.equal(m1, m2)  # the same draws
+    assert (lp1 - lp2).abs().max() < 1e-5

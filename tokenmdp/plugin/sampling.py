@@ -22,6 +22,9 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     sampler: str = "multinomial"
+    #: G when every G consecutive rows share one prompt (``train.samples_per_prompt``), so
+    #: a backend may read each prompt once; 1 = no such structure.
+    prompt_groups: int = 1
 
 
 @attrs.frozen

@@ -12,6 +12,7 @@ from ..plugin.batch import RolloutBatch, concat_batches, response_logits, token_
 from ..plugin.ops import at_least_float32
 from ..plugin.sampling import Samples, SamplingBackend, SamplingParams
 from ..policies.base import TokenPolicy
+from ..policies.hf import HFCausalLMPolicy
 
 
 def filter_logits(
@@ -81,6 +82,7 @@ def generate(
     top_p: float | None = None,
     return_logprobs: bool = False,
     sampler: str = "multinomial",
+    prompt_groups: int = 1,
 ):
     """Sample ``[B, horizon]`` responses (0-padded after EOS) and their 0/1 mask.
 
@@ -89,7 +91,9 @@ def generate(
     sampling distribution only (:func:`filter_logits`). With ``return_logprobs`` also the
     ``[B, horizon]`` log-probs of the sampled tokens under the policy itself (temperature
     1, unfiltered; 0 on padding), read off the sampling pass's logits. ``sampler``: how
-    a token is drawn (:data:`SAMPLERS`)."""
+    a token is drawn (:data:`SAMPLERS`). With ``prompt_groups = G`` every G consecutive
+    rows hold the same prompt: the prompt is read once per group and its decoding state
+    repeated (``reindex_state``), instead of G times."""
     was_training = policy.training
     policy.eval()
     device = module_device(policy)
@@ -100,7 +104,14 @@ def generate(
     mask = torch.zeros(b, horizon, device=device)
     active = torch.ones(b, dtype=torch.bool, device=device)
     logprobs = torch.zeros(b, horizon, device=device) if return_logprobs else None
-    logits, state = policy.start(context_ids, attention_mask)
+    if prompt_groups > 1:
+        first = torch.arange(0, b, prompt_groups, device=device)
+        mask_first = None if attention_mask is None else attention_mask[first]
+        logits, state = policy.start(context_ids[first], mask_first)
+        repeat = torch.arange(first.numel(), device=device).repeat_interleave(prompt_groups)
+        logits, state = logits[repeat], policy.reindex_state(state, repeat)
+    else:
+        logits, state = policy.start(context_ids, attention_mask)
     for t in range(horizon):
         probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
         actions = torch.where(active, _draw(probs, generator, sampler), 0)
@@ -141,6 +152,7 @@ def generate_samples(
         top_p=params.top_p,
         return_logprobs=return_logprobs,
         sampler=params.sampler,
+        prompt_groups=params.prompt_groups,
     )
     return Samples(response, mask, logprobs[0] if logprobs else None)
 
@@ -177,7 +189,9 @@ def collect(
         options["samples_per_prompt"] = samples_per_prompt
     obs, info = env.reset(seed=seed, options=options or None)
     prompt_mask = obs["prompt_mask"].long() if "prompt_mask" in obs else torch.ones_like(obs["prompt"])
-    params = SamplingParams(temperature, top_k, top_p, sampler)
+    # HF models read a group's shared prompt once; the toy networks keep their exact numbers
+    groups = samples_per_prompt if isinstance(policy, HFCausalLMPolicy) else 1
+    params = SamplingParams(temperature, top_k, top_p, sampler, prompt_groups=groups)
     sample = backend.sample if backend is not None else generate_samples
     drawn = sample(policy, obs["prompt"], prompt_mask, env.task.horizon, env.task.eos_token, generator, params, score)
     response, mask = drawn.response, drawn.mask
