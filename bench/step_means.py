@@ -26,8 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from real_lm import build  # noqa: E402
-from vs_trl import SHAPES, bench_arguments, bench_model, tokenmdp_step_times  # noqa: E402
+from vs_trl import SHAPES, bench_arguments, bench_setup, tokenmdp_step_times  # noqa: E402
 
 MEANS = {
     "tokenmdp's GPT-2 forward and decoder": "policy.fast_path=false",
@@ -69,8 +68,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), model {args.model}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        files = build(tmp / "setup")
-        model_dir = bench_model(args.model, files, args.gemma_dir)
+        files, model_dir = bench_setup(args, tmp)
         if model_dir is None:
             return 2
         times = {name: [] for name in variants}

@@ -38,15 +38,17 @@ sys.path.insert(0, str(HERE))
 from real_lm import TARGET, build, target_fraction, text_overrides  # noqa: E402
 
 
-def bench_model(model: str, files: dict, gemma_dir: Path) -> Path | None:
-    """The model folder of ``--model`` (the tiny GPT-2 built in ``files``, or Gemma's
-    folder), or None with a message when Gemma has not been fetched."""
-    if model == "tiny":
-        return files["model"]
-    if not (gemma_dir / "config.json").is_file():
-        print(f"no model in {gemma_dir}: tokenmdp models fetch-gemma {gemma_dir}")
-        return None
-    return gemma_dir
+def bench_setup(args: argparse.Namespace, tmp: Path) -> tuple[dict, Path | None]:
+    """The prompt file and tiny GPT-2 written under ``tmp``, and the model folder of
+    ``--model`` (that GPT-2, or Gemma's folder); None with a message when Gemma has not
+    been fetched."""
+    files = build(tmp / "setup")
+    if args.model == "tiny":
+        return files, files["model"]
+    if not (args.gemma_dir / "config.json").is_file():
+        print(f"no model in {args.gemma_dir}: tokenmdp models fetch-gemma {args.gemma_dir}")
+        return files, None
+    return files, args.gemma_dir
 
 
 def trl_reward(prompts, completions, **kwargs) -> list[float]:
@@ -186,8 +188,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        files = build(tmp / "setup")
-        model_dir = bench_model(args.model, files, args.gemma_dir)
+        files, model_dir = bench_setup(args, tmp)
         if model_dir is None:
             return 2
         assert len(TARGET) == 64

@@ -32,3 +32,21 @@ def train_until_interrupted(trainer, at_step: int) -> None:
     trainer.train_step = crash
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
+
+
+def wait_until(done, timeout: float = 120.0, poll: float = 0.05) -> bool:
+    """Poll ``done()`` until it is true or ``timeout`` seconds pass; whether it became true.
+    (Subprocess tests wait on files another process writes.)"""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if done():
+            return True
+        time.sleep(poll)
+    return bool(done())
+
+
+def has_lines(path, n: int) -> bool:
+    """Whether the text file ``path`` exists and holds at least ``n`` lines."""
+    return path.exists() and len(path.read_text().splitlines()) >= n

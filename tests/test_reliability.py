@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, has_lines, wait_until
 
 from tokenmdp import CheckpointError, ConfigError
 from tokenmdp.cli import main
@@ -215,7 +215,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
-from helpers import TINY
+from helpers import TINY, has_lines, wait_until
 from tokenmdp.config import load_config
 from tokenmdp.train.trainer import Trainer
 Trainer(load_config(None, [*TINY, "train.steps=100000", "run.checkpoint_every=1", "run.dir=" + {run_dir!r}])).train()
@@ -226,16 +226,13 @@ def test_a_second_trainer_on_a_locked_run_directory_is_refused(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     run_dir = tmp_path / "busy"
     script = tmp_path / "long.py"
     script.write_text(LONG_RUN.format(tests=str(Path(__file__).parent), run_dir=str(run_dir)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_*.pt.sha256")):
-            time.sleep(0.05)
+        wait_until(lambda: bool(list((run_dir / "checkpoints").glob("step_*.pt.sha256"))))
         assert proc.poll() is None, proc.communicate()
         from tokenmdp import RunDirInUse
 
@@ -277,9 +274,7 @@ def test_sigterm_and_a_double_ctrl_c_stop_cleanly_with_a_checkpoint(tmp_path, si
     subprocess.run(_cli_run(tmp_path / "full"), check=True, capture_output=True)
     proc = subprocess.Popen(_cli_run(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "cut/metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
-        time.sleep(0.05)
+    wait_until(lambda: has_lines(metrics, 5))
     for name in signals:
         proc.send_signal(getattr(sig, name))
         time.sleep(0.005)

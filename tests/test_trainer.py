@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from helpers import TINY, train_until_interrupted
+from helpers import TINY, has_lines, train_until_interrupted, wait_until
 
 import tokenmdp
 from tokenmdp import ConfigError, NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
@@ -229,7 +229,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     def argv(run_dir, *extra):
         sets = [a for s in [*TINY, "train.steps=300", "train.eval_every=50"] for a in ("--set", s)]
@@ -238,9 +237,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path):
     subprocess.run(argv(tmp_path / "full"), check=True, capture_output=True)
     proc = subprocess.Popen(argv(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "cut/metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
-        time.sleep(0.05)
+    wait_until(lambda: has_lines(metrics, 5))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err

@@ -127,15 +127,9 @@ def _options_text(title: str, cls: type, overrides=None) -> list[str]:
 def options_text(name: str) -> str:
     """Every option of a config section, a recipe's three components or one component:
     type, default and doc comment (the attrs doc comments are the one source)."""
-    from . import config as config_module
+    from .config import OPTION_SECTIONS as sections
     from .plugin.registry import Registry, plugin_manager
 
-    sections = {
-        "algorithm": config_module.AlgorithmConfig,
-        "reference": config_module.ReferenceConfig,
-        "train": config_module.TrainConfig,
-        "run": config_module.RunConfig,
-    }
     if name in sections:
         return "\n".join(_options_text(f"[{name}]", sections[name]))
     registry = Registry(plugin_manager())

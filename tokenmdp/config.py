@@ -205,6 +205,9 @@ class Config:
 
 
 SECTIONS = [f.name for f in attrs.fields(Config)]
+#: The sections with a fixed set of options (attrs classes); the others are free tables
+#: that the env, the policy and the components read.
+OPTION_SECTIONS = {f.name: type(f.default) for f in attrs.fields(Config) if attrs.has(type(f.default))}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -43,6 +43,9 @@ class TokenTask:
     #: e.g. a bandit's single step) rather than as a time limit (``truncated``, the default:
     #: a response cut at ``horizon`` tokens).
     horizon_terminates = False
+    #: A text task's ``env.reward`` (``tokenmdp.text.rewards.RewardSet``); None on toy tasks,
+    #: whose rewards are tables.
+    rewards = None
     #: Whether the reward is paid on the finished response only (text tasks): then
     #: :meth:`TokenVectorEnv.play` scores a whole batch with one :meth:`sequence_rewards`.
     pays_on_finish = False

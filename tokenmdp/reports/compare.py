@@ -278,10 +278,11 @@ def run_grid(grid: Grid, pm=None, progress: bool = True, jobs: int = 1, threads:
     ) as bar:
         if jobs > 1 and len(todo) > 1:
             _run_in_workers(todo, min(jobs, len(todo)), threads, bar)
-        for cell in todo if jobs <= 1 or len(todo) <= 1 else []:
-            bar.set_postfix_str(cell.dir.name)
-            run_cell(cell, pm)
-            bar.update()
+        else:
+            for cell in todo:
+                bar.set_postfix_str(cell.dir.name)
+                run_cell(cell, pm)
+                bar.update()
     records = [cell_record(cell, registry) for cell in cells]
     return write_results(grid, records)
 

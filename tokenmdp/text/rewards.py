@@ -42,9 +42,9 @@ class Reward:
         if isinstance(spec, str) and spec.startswith("hf:"):
             return cls(spec, weight, SequenceClassifierReward(spec[3:], spec), batched=True)
         if callable(spec):  # a function given to tokenmdp.train
-            name = f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', type(spec).__name__)}"
-            return cls(name, weight, spec, batched=takes_batches(spec))
-        fn = resolve_callable(spec)
+            fn, spec = spec, f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', type(spec).__name__)}"
+        else:
+            fn = resolve_callable(spec)
         return cls(spec, weight, fn, batched=takes_batches(fn))
 
 
@@ -111,8 +111,8 @@ class RewardSet:
                 total[i] += reward.weight * v
         return total
 
-    def _one(self, reward: Reward, prompt, completion, index: int) -> float:
-        where = f"on prompt {index} (completion {_shown(completion)[:60]!r})"
+    def _one(self, reward: Reward, prompt: str, completion: str, index: int) -> float:
+        where = f"on prompt {index} (completion {completion[:60]!r})"
         value = self._call(reward, where, prompt, completion)
         return _checked(reward, value, where)
 
@@ -155,10 +155,6 @@ class RewardSet:
             raise
         except (Exception, SystemExit) as exc:  # a reward that calls sys.exit() must not end the run as a success
             raise RewardError(f"reward {reward.spec!r} raised {where}: {type(exc).__name__}: {exc}") from exc
-
-
-def _shown(completion) -> str:
-    return completion if isinstance(completion, str) else str(completion[-1].get("content", ""))
 
 
 def _checked(reward: Reward, value, where: str) -> float:

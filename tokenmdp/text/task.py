@@ -120,6 +120,11 @@ def _checked_prompt(row: Any, where: str) -> str | list[dict]:
     )
 
 
+def _as_messages(row: str | list[dict]) -> list[dict]:
+    """A prompt as a conversation: a string is one user message."""
+    return [{"role": "user", "content": row}] if isinstance(row, str) else row
+
+
 def _empty_table(path: Path) -> bool:
     """Whether ``path`` is a parquet file without rows or a CSV file without data lines."""
     try:
@@ -166,14 +171,19 @@ def _dataset_columns(path: Path, key: str, prompt_key: str, split: str | None) -
         data = data[chosen]
     elif split is not None:
         raise ConfigError(f"env.split = {split!r}, but {key} {str(path)!r} is one dataset without splits")
+    return _columns_of(data, prompt_key, key, repr(str(path)))
+
+
+def _columns_of(data, prompt_key: str, key: str, name: str) -> dict[str, list]:
+    """Every column of a ``datasets.Dataset``, which must have ``prompt_key`` and a row
+    (``key`` and ``name`` say which dataset in errors)."""
     if prompt_key not in data.column_names:
         raise ConfigError(
-            f"env.prompt_key: {key} {str(path)!r} has no column {prompt_key!r}; its columns: "
-            f"{', '.join(data.column_names)}"
+            f"env.prompt_key: {key} {name} has no column {prompt_key!r}; its columns: {', '.join(data.column_names)}"
         )
     if len(data) == 0:
-        raise ConfigError(f"{key}: the dataset {str(path)!r} holds no rows")
-    return {name: list(data[name]) for name in data.column_names}
+        raise ConfigError(f"{key}: the dataset {name} holds no rows")
+    return {column: list(data[column]) for column in data.column_names}
 
 
 # --- rewards ----------------------------------------------------------------------------
@@ -344,14 +354,7 @@ class TextTask(TokenTask):
         ``prompts``: a path, a list of prompts or a ``datasets.Dataset``."""
         self.prompts_path = str(prompts) if isinstance(prompts, (str, Path)) else f"<{type(prompts).__name__}>"
         if hasattr(prompts, "column_names") and hasattr(prompts, "__getitem__"):  # a datasets.Dataset
-            if self.prompt_key not in prompts.column_names:
-                raise ConfigError(
-                    f"env.prompt_key: {key} (a Dataset) has no column {self.prompt_key!r}; its columns: "
-                    f"{', '.join(prompts.column_names)}"
-                )
-            if len(prompts) == 0:
-                raise ConfigError(f"{key}: the Dataset holds no rows")
-            columns = {name: list(prompts[name]) for name in prompts.column_names}
+            columns = _columns_of(prompts, self.prompt_key, key, "(a Dataset)")
             prompts = columns.pop(self.prompt_key)
             given = [_checked_prompt(p, f"{key}: row {i}") for i, p in enumerate(prompts, 1)]
             self.prompt_columns = columns
@@ -400,8 +403,7 @@ class TextTask(TokenTask):
                 f"{where} is a conversation, but tokenizer {self.tokenizer.source!r} has no chat template; "
                 "use a tokenizer with one, or give the prompts as text"
             )
-        messages = [{"role": "user", "content": row}] if isinstance(row, str) else row
-        return self.tokenizer.apply_chat_template(messages, strip_bos=self.add_bos)
+        return self.tokenizer.apply_chat_template(_as_messages(row), strip_bos=self.add_bos)
 
     def lay_out_prompts(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Token-id prompts as the env lays them out: ``[BOS, pad..., prompt]`` (no BOS
@@ -459,7 +461,7 @@ class TextTask(TokenTask):
                 raise ConfigError(f"guide {text!r} is empty")
             rows = []
             for i, row in enumerate(self.prompt_rows, 1):
-                messages = [{"role": "user", "content": row}] if isinstance(row, str) else row
+                messages = _as_messages(row)
                 if messages[0]["role"] == "system":  # the guide joins the prompt's own system message
                     guided = [{"role": "system", "content": f"{text}\n{messages[0]['content']}"}, *messages[1:]]
                 else:

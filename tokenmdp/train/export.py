@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import ConfigError
-from ..policies import TOY_POLICIES, build_policy
-from .rundir import RunDir, read_checkpoint
+from ..policies import TOY_POLICIES
+from .models import load_policy
+from .rundir import RunDir
 
 TOY_FORMAT = "tokenmdp-toy-policy"
 TOY_CONFIG = "tokenmdp_policy.json"
@@ -34,7 +35,7 @@ def export_run(
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"export: {str(run_dir)!r} is not a run directory (no config.toml)")
     rundir = RunDir(run_dir)
-    steps = sorted(int(p.stem.split("_")[1]) for p in rundir.checkpoints.glob("step_*.pt"))
+    steps = rundir.checkpoint_steps()
     if not steps:
         raise ConfigError(
             f"export: {str(run_dir)!r} has no checkpoint (the run stopped before its first one); "
@@ -55,11 +56,8 @@ def export_run(
     registry = Registry(plugin_manager())
     registry.register_envs()
     task = make_vector_env(registry, config, 1, compute_rewards=False).task
-    policy = build_policy(config.policy, task, seed=config.train.seed)
     chosen = steps[-1] if step is None else step
-    state = read_checkpoint(rundir.checkpoint_path(chosen))
-    policy.load_checkpoint_state(state["policy"])
-    policy.eval()
+    policy = load_policy(run_dir, task, step=chosen).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -142,13 +142,15 @@ def load_reference(run_dir: str | Path, config: Config, task) -> TokenPolicy:
     return frozen_reference(base)
 
 
-def load_policy(path: str | Path, task) -> TokenPolicy:
-    """A trained policy from a run directory (its last checkpoint) or an HF model directory."""
+def load_policy(path: str | Path, task, step: int | None = None) -> TokenPolicy:
+    """A trained policy from a run directory (its checkpoint at ``step``, default the last)
+    or an HF model directory."""
     path = Path(path)
     if (path / "config.toml").is_file():
         config = load_config(path / "config.toml")
         policy = build_policy(config.policy, task, seed=config.train.seed)
-        checkpoint = RunDir(path).latest_checkpoint()
+        run = RunDir(path)
+        checkpoint = run.latest_checkpoint() if step is None else run.checkpoint_path(step)
         if checkpoint is None:
             raise ConfigError(f"{str(path)!r} is a run directory without checkpoints")
         policy.load_checkpoint_state(read_checkpoint(checkpoint)["policy"])

@@ -96,13 +96,7 @@ class RunDir:
             self.remove_stale_temp_files()
             for name in (METRICS, COMPLETIONS, SUMMARY, "compare.json"):
                 (self.path / name).unlink(missing_ok=True)
-            for folder, pattern in OWN_FOLDERS.items():
-                if (self.path / folder).is_dir():
-                    for f in (self.path / folder).iterdir():
-                        if f.is_file() and re.fullmatch(pattern, f.name):
-                            f.unlink()
-                    if not any((self.path / folder).iterdir()):
-                        (self.path / folder).rmdir()
+            self._remove_own_folder_files()
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / MARKER, json.dumps({"tokenmdp": "run directory", "version": 1}) + "\n")
         atomic_write_text(self.path / CONFIG, config_text)
@@ -123,6 +117,13 @@ class RunDir:
         self.remove_stale_temp_files()
         for name in OWN_FILES:
             (self.path / name).unlink(missing_ok=True)
+        self._remove_own_folder_files()
+        if remove_folder and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+    def _remove_own_folder_files(self) -> None:
+        """The files tokenmdp wrote in its own folders (checkpoints, TensorBoard, explain),
+        and each folder once it is empty; anything else in them stays."""
         for folder, pattern in OWN_FOLDERS.items():
             if (self.path / folder).is_dir():
                 for f in (self.path / folder).iterdir():
@@ -130,8 +131,10 @@ class RunDir:
                         f.unlink()
                 if not any((self.path / folder).iterdir()):
                     (self.path / folder).rmdir()
-        if remove_folder and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps that have a checkpoint, in order."""
+        return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("step_*.pt"))
 
     def remove_stale_temp_files(self) -> None:
         """Temporary files a killed tokenmdp process left behind (never under a final name;

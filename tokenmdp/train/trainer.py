@@ -76,6 +76,9 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
+_MISSING = object()  # a key one of two configs lacks
+
+
 def _flat(config: Config) -> dict:
     """``{"section.key": value}`` of a config (nested tables flattened)."""
     out = {}
@@ -192,7 +195,7 @@ class Trainer:
         self.task = self.env.task
         self._check_text_setup(config)
         self.device = resolve_device(config.train.device)
-        if getattr(self.task, "rewards", None) is not None:
+        if self.task.rewards is not None:
             self.task.rewards.place(self.device)  # reward models score on the policy's device
         self.autocast_dtype = PRECISIONS[config.train.precision]
         kind = config.policy.get("kind", "gru")
@@ -276,9 +279,9 @@ class Trainer:
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.toml there, so it is not a run directory")
         stored = load_config(path, [f"run.dir={Path(run_dir)}"])
         config = load_config(path, [*overrides, f"run.dir={Path(run_dir)}"])
-        changed = [key for key in _flat(config) if _flat(config)[key] != _flat(stored).get(key)]
-        changed += [key for key in _flat(stored) if key not in _flat(config)]
-        fixed = sorted(k for k in set(changed) if k not in RESUME_MAY_CHANGE)
+        now, before = _flat(config), _flat(stored)
+        changed = {key for key in now.keys() | before.keys() if now.get(key, _MISSING) != before.get(key, _MISSING)}
+        fixed = sorted(changed - RESUME_MAY_CHANGE)
         if fixed:
             raise ConfigError(
                 f"--resume can extend a run ({', '.join(sorted(RESUME_MAY_CHANGE))}), not change what it trains: "
@@ -611,7 +614,7 @@ class Trainer:
             length = int(batch.response_mask[i].sum())
             response = batch.response_ids[i, :length].tolist()
             index = int(batch.prompt_index[i])
-            if hasattr(task, "completion_text"):
+            if task.tokenizer is not None:  # a text task: the prompt and completion as text
                 prompt, completion = task.prompt_text(index), task.completion_text(response)
             else:
                 prompt, completion = task.prompts[index].tolist(), response
