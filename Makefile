@@ -8,9 +8,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
+# `import tokenmdp` writes the plugin catalog, so that even the first `tokenmdp --help`
+# runs without importing torch (docs/hooks.md).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[test,plots]" tests/fixtures/outside_plugin
+	$(BIN)/python -c "import tokenmdp"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,5 +1,15 @@
+import atexit
 import os
 import random
+import shutil
+import tempfile
+
+# The plugin catalog (tokenmdp/plugin/catalog.py) of this test session lives in a folder
+# of its own, set before tokenmdp is first imported: the suite never reads or writes the
+# user's ~/.cache, and subprocesses inherit the same folder.
+if "TOKENMDP_CACHE_DIR" not in os.environ:
+    os.environ["TOKENMDP_CACHE_DIR"] = tempfile.mkdtemp(prefix="tokenmdp-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TOKENMDP_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np
 import pytest

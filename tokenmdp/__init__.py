@@ -7,8 +7,10 @@ estimator, advantage constructor, updater or environment needs is importable fro
 implementation; docs/architecture.md draws them.
 """
 
-from . import _moved, distributed
-from .devices import module_device
+import importlib
+import warnings
+
+from . import _moved
 from .errors import (
     CheckpointError,
     CompositionError,
@@ -22,121 +24,96 @@ from .errors import (
     TokenMDPError,
     TrainingInterrupted,
 )
-from .mdp.env import TokenMDPEnv, TokenTask, TokenVectorEnv
-from .mdp.solver import Solution, solve, tree_logprobs
-from .options import non_negative, non_negative_int, one_of, optional, positive, positive_int, probability
-from .plugin.batch import RolloutBatch, concat_batches, response_logits, token_logprobs
-from .plugin.components import (
-    AdvantageConstructor,
-    Component,
-    CreditView,
-    EnvSpec,
-    NoOptions,
-    PolicyUpdater,
-    Recipe,
-    TrajectoryEstimator,
-)
-from .plugin.context import TrainContext
-from .plugin.hookspecs import hookspec
-from .plugin.ops import (
-    at_least_float32,
-    check_finite,
-    masked_correlation,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    suffix_sums,
-    zero_padding,
-)
-from .plugin.registry import Registry, hookimpl, plugin_manager
-from .plugin.sampling import Samples, SamplingBackend, SamplingParams
-from .plugin.updaters import GradientOptions, GradientUpdater, MicroBatch, OptimizerOptions, entropy_of
-from .policies import GRUPolicy, TaskBasePolicy, TokenPolicy, build_policy
-from .text import TextTask
-from .train.export import export_run, load_exported
-from .train.preferences import PairBatch, load_pair_file, sample_pairs, sequence_rewards
-from .train.rollout import generate, generate_samples
-from .train.trainer import load_policy
-
-_moved.install()
 
 __version__ = "0.1.0"
 
+#: public name -> the module it lives in. Imported on first use (PEP 562), so that
+#: ``import tokenmdp`` (and every ``tokenmdp`` command) does not import torch until a
+#: name that needs it is read; ``from tokenmdp import X`` works as usual.
+_LAZY = {
+    **dict.fromkeys(["module_device"], ".devices"),
+    **dict.fromkeys(["TokenMDPEnv", "TokenTask", "TokenVectorEnv"], ".mdp.env"),
+    **dict.fromkeys(["Solution", "solve", "tree_logprobs"], ".mdp.solver"),
+    **dict.fromkeys(
+        ["non_negative", "non_negative_int", "one_of", "optional", "positive", "positive_int", "probability"],
+        ".options",
+    ),
+    **dict.fromkeys(["RolloutBatch", "concat_batches", "response_logits", "token_logprobs"], ".plugin.batch"),
+    **dict.fromkeys(
+        [
+            "AdvantageConstructor",
+            "Component",
+            "CreditView",
+            "EnvSpec",
+            "NoOptions",
+            "PolicyUpdater",
+            "Recipe",
+            "TrajectoryEstimator",
+        ],
+        ".plugin.components",
+    ),
+    **dict.fromkeys(["TrainContext"], ".plugin.context"),
+    **dict.fromkeys(["hookspec"], ".plugin.hookspecs"),
+    **dict.fromkeys(
+        [
+            "at_least_float32",
+            "check_finite",
+            "masked_correlation",
+            "masked_mean",
+            "masked_sum",
+            "masked_whiten",
+            "suffix_sums",
+            "zero_padding",
+        ],
+        ".plugin.ops",
+    ),
+    **dict.fromkeys(["Registry", "hookimpl", "plugin_manager"], ".plugin.registry"),
+    **dict.fromkeys(["Samples", "SamplingBackend", "SamplingParams"], ".plugin.sampling"),
+    **dict.fromkeys(
+        ["GradientOptions", "GradientUpdater", "MicroBatch", "OptimizerOptions", "entropy_of"], ".plugin.updaters"
+    ),
+    **dict.fromkeys(["GRUPolicy", "TaskBasePolicy", "TokenPolicy", "build_policy"], ".policies"),
+    **dict.fromkeys(["TextTask"], ".text"),
+    **dict.fromkeys(["export_run", "load_exported"], ".train.export"),
+    **dict.fromkeys(["PairBatch", "load_pair_file", "sample_pairs", "sequence_rewards"], ".train.preferences"),
+    **dict.fromkeys(["generate", "generate_samples"], ".train.rollout"),
+    **dict.fromkeys(["load_policy"], ".train.trainer"),
+}
+#: public subpackages and modules, imported on first use like the names above
+_SUBMODULES = {"distributed", "mdp", "plugin", "policies", "reports", "text", "train"}
+
 __all__ = [
-    "AdvantageConstructor",
     "CheckpointError",
-    "Component",
-    "CreditView",
     "CompositionError",
     "ConfigError",
-    "EnvSpec",
-    "GRUPolicy",
-    "GradientOptions",
-    "GradientUpdater",
     "InvalidActionError",
-    "MicroBatch",
-    "NoOptions",
     "NonFiniteError",
-    "OptimizerOptions",
-    "PairBatch",
     "PluginError",
-    "PolicyUpdater",
     "RankFailure",
-    "Recipe",
-    "Registry",
     "RewardError",
     "RunDirInUse",
-    "RolloutBatch",
-    "Samples",
-    "SamplingBackend",
-    "SamplingParams",
-    "Solution",
-    "TaskBasePolicy",
-    "TextTask",
-    "TokenMDPEnv",
     "TokenMDPError",
-    "TokenPolicy",
-    "TokenTask",
-    "TokenVectorEnv",
-    "TrainContext",
     "TrainingInterrupted",
-    "TrajectoryEstimator",
-    "at_least_float32",
-    "build_policy",
-    "check_finite",
-    "concat_batches",
     "distributed",
-    "entropy_of",
-    "export_run",
-    "generate",
-    "generate_samples",
-    "hookimpl",
-    "hookspec",
-    "load_exported",
-    "load_pair_file",
-    "load_policy",
-    "masked_correlation",
-    "masked_mean",
-    "masked_sum",
-    "masked_whiten",
-    "module_device",
-    "non_negative",
-    "non_negative_int",
-    "one_of",
-    "optional",
-    "plugin_manager",
-    "positive",
-    "positive_int",
-    "probability",
-    "response_logits",
-    "sample_pairs",
-    "sequence_rewards",
-    "solve",
-    "suffix_sums",
-    "token_logprobs",
-    "tree_logprobs",
-    "zero_padding",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tokenmdp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # read once; later reads are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})
+
+
+_moved.install()
 
 
 def _register_gymnasium_envs() -> None:
@@ -145,10 +122,10 @@ def _register_gymnasium_envs() -> None:
     tokenmdp``, and ``gymnasium.register_envs(tokenmdp)`` is the documented no-op that
     keeps the import. Every installed plugin's envs are registered; a plugin that cannot
     be loaded is a warning here (``tokenmdp plugins`` names the error), not a failed import."""
-    import warnings
+    from .plugin.catalog import register_installed_envs
 
     try:
-        Registry(plugin_manager()).register_envs()
+        register_installed_envs()
     except TokenMDPError as exc:
         warnings.warn(f"tokenmdp: no envs registered with Gymnasium: {exc}", stacklevel=2)
 

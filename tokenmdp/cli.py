@@ -92,10 +92,9 @@ def cmd_solve(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from .plugin.registry import Registry, blocked_plugin_names, plugin_manager
+    from .plugin.catalog import blocked_plugin_names, installed
 
-    registry = Registry(plugin_manager())
-    print(_table([list(r) for r in registry.rows()], ["kind", "name", "plugin", "source"]))
+    print(_table(installed()["rows"], ["kind", "name", "plugin", "source"]))
     blocked = blocked_plugin_names()
     if blocked:
         print(f"blocked by TOKENMDP_DISABLE_PLUGINS: {', '.join(blocked)}")
@@ -103,10 +102,9 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_envs(args) -> int:
-    from .plugin.registry import Registry, plugin_manager
+    from .plugin.catalog import installed
 
-    registry = Registry(plugin_manager())
-    rows = [[e.obj.id, e.plugin, e.obj.description] for e in registry.envs.values()]
+    rows = [[e["id"], e["plugin"], e["description"]] for e in installed()["envs"]]
     print(_table(rows, ["id", "plugin", "description"]))
     return 0
 
@@ -280,7 +278,7 @@ def _rank() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .train.trainer import TrainingInterrupted
+    from .errors import TrainingInterrupted
 
     me = "tokenmdp" if _rank() == 0 else f"tokenmdp[rank {_rank()}]"
     try:

@@ -7,7 +7,6 @@ Built-in plugins and environments are loaded exactly like third-party ones. Set
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
@@ -18,6 +17,7 @@ import pluggy
 
 from ..errors import PluginError
 from . import hookspecs
+from .catalog import ENTRY_POINT_GROUP, InstalledEnv, blocked_plugin_names
 from .components import (
     METHOD_PARAMETERS,
     AdvantageConstructor,
@@ -30,8 +30,6 @@ from .components import (
 from .sampling import SamplingBackend
 
 PROJECT = "tokenmdp"
-ENTRY_POINT_GROUP = "tokenmdp"
-DISABLE_ENV_VAR = "TOKENMDP_DISABLE_PLUGINS"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -40,10 +38,6 @@ _COMPONENT_HOOKS = {
     "advantage": ("tokenmdp_advantage_constructors", AdvantageConstructor),
     "updater": ("tokenmdp_policy_updaters", PolicyUpdater),
 }
-
-
-def blocked_plugin_names() -> list[str]:
-    return [n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()]
 
 
 def plugin_manager(extra_plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
@@ -151,11 +145,15 @@ class Registry:
         return table[name]
 
     def register_envs(self) -> None:
-        """Register every env spec with Gymnasium (idempotent)."""
+        """Register every env spec with Gymnasium (idempotent). An id that ``import
+        tokenmdp`` registered from the catalog gets the plugin's own entry point, now
+        that the plugins are loaded."""
         for entry in self.envs.values():
             spec = entry.obj
-            if spec.id in gymnasium.registry:
+            known = gymnasium.registry.get(spec.id)
+            if known is not None and not isinstance(known.entry_point, InstalledEnv):
                 continue
+            gymnasium.registry.pop(spec.id, None)
             gymnasium.register(
                 id=spec.id,
                 entry_point=spec.entry_point,

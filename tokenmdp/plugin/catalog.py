@@ -1,0 +1,198 @@
+"""What the installed plugins contribute, remembered between processes.
+
+Loading the plugins imports them, and they import torch: about 2 s of every ``tokenmdp``
+command, and of ``import tokenmdp`` (which registers the plugins' envs with Gymnasium).
+The listings that need only names (``tokenmdp --help``, ``plugins``, ``envs`` and that
+registration) read them from a catalog instead: a JSON file written the first time the
+plugins are loaded, and valid while nothing it was built from changed. Its fingerprint
+covers the entry points of the group ``tokenmdp`` (names, targets, distributions and
+versions), the size and modification time of every ``.py`` file of each plugin's top-level
+package and of tokenmdp itself, ``TOKENMDP_DISABLE_PLUGINS``, the Python and the
+environment (``sys.prefix``). Any change rebuilds it on the next command, by loading the
+plugins as before. Plugins that fail to load are never catalogued: the error shows every
+time, until it is fixed.
+
+The file lives in ``$TOKENMDP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tokenmdp`` or
+``~/.cache/tokenmdp``), one per Python environment; ``TOKENMDP_CACHE_DIR=off`` turns the
+catalog off. A folder that cannot be written only costs the speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV_VAR = "TOKENMDP_CACHE_DIR"
+ENTRY_POINT_GROUP = "tokenmdp"
+DISABLE_ENV_VAR = "TOKENMDP_DISABLE_PLUGINS"
+_FORMAT = 1
+
+
+def blocked_plugin_names() -> list[str]:
+    """The entry-point names ``TOKENMDP_DISABLE_PLUGINS`` blocks."""
+    return [n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()]
+
+
+def cache_dir() -> Path | None:
+    """Where catalogs are kept; ``None`` when ``TOKENMDP_CACHE_DIR=off``."""
+    chosen = os.environ.get(CACHE_ENV_VAR)
+    if chosen:
+        return None if chosen.lower() == "off" else Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tokenmdp"
+
+
+def catalog_path() -> Path | None:
+    """This Python environment's catalog file."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    where = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:16]
+    return folder / f"plugins-{where}.json"
+
+
+def _package_files(module_name: str) -> list[tuple[str, int, int]]:
+    """(path, mtime_ns, size) of every .py file of a top-level module, without importing it."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return [("missing:" + module_name, 0, 0)]
+    if spec is None:
+        return [("missing:" + module_name, 0, 0)]
+    paths = []
+    for folder in spec.submodule_search_locations or ():
+        paths += sorted(str(p) for p in Path(folder).rglob("*.py"))
+    if not paths and spec.origin:
+        paths = [spec.origin]
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out.append((path, st.st_mtime_ns, st.st_size))
+    return out
+
+
+def fingerprint() -> str:
+    """A digest of everything the catalog is built from (see the module's doc)."""
+    parts: list[Any] = [_FORMAT, sys.version, os.path.realpath(sys.prefix), blocked_plugin_names()]
+    modules = {"tokenmdp"}
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        dist = ep.dist
+        parts.append([ep.name, ep.value, dist.name if dist else None, dist.version if dist else None])
+        modules.add(ep.value.split(":")[0].split(".")[0])
+    for module in sorted(modules):
+        parts.append([module, _package_files(module)])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _build(stamp: str) -> dict:
+    """Load the plugins (this imports them) and list what they contribute."""
+    from .registry import Registry, plugin_manager
+
+    registry = Registry(plugin_manager())
+    envs = []
+    for entry in registry.envs.values():
+        spec = entry.obj
+        kwargs = dict(spec.kwargs)
+        try:  # kept when it survives JSON unchanged; otherwise the entry point adds it
+            kwargs = kwargs if json.loads(json.dumps(kwargs)) == kwargs else {}
+        except (TypeError, ValueError):
+            kwargs = {}
+        envs.append(
+            {
+                "id": spec.id,
+                "plugin": entry.plugin,
+                "description": spec.description,
+                "kwargs": kwargs,
+                "vector": spec.vector_entry_point is not None,
+            }
+        )
+    return {"format": _FORMAT, "fingerprint": stamp, "rows": [list(r) for r in registry.rows()], "envs": envs}
+
+
+def _read(path: Path, stamp: str) -> dict | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or found.get("format") != _FORMAT or found.get("fingerprint") != stamp:
+        return None
+    return found
+
+
+def _write(path: Path, catalog: dict) -> None:
+    """Atomically (a reader sees the old file or the new one), and never an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(catalog, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def installed() -> dict:
+    """The catalog of the installed plugins: ``rows`` as ``tokenmdp plugins`` prints them
+    (kind, name, plugin, source) and ``envs`` (id, plugin, description). Read from the
+    cache when it is current; otherwise the plugins are loaded (a ``PluginError`` if one
+    cannot be) and the cache rewritten."""
+    path = catalog_path()
+    stamp = fingerprint() if path is not None else ""
+    found = _read(path, stamp) if path is not None else None
+    if found is None:
+        found = _build(stamp)
+        if path is not None:
+            _write(path, found)
+    return found
+
+
+class InstalledEnv:
+    """A Gymnasium entry point that loads the plugins only when an env is made: what
+    ``import tokenmdp`` registers from the catalog. The first env made this way (or the
+    trainer's ``Registry.register_envs``) replaces every such entry with the plugin's own
+    entry point, so the plugins are loaded once per process."""
+
+    def __init__(self, env_id: str, vector: bool = False):
+        self.env_id, self.vector = env_id, vector
+
+    def __call__(self, **kwargs):
+        from .registry import Registry, plugin_manager
+
+        registry = Registry(plugin_manager())
+        registry.register_envs()
+        spec = registry.env(self.env_id)
+        make = spec.vector_entry_point if self.vector else spec.entry_point
+        return make(**{**dict(spec.kwargs), **kwargs})
+
+    def __repr__(self) -> str:
+        return f"InstalledEnv({self.env_id!r}{', vector=True' if self.vector else ''})"
+
+
+def register_installed_envs() -> None:
+    """Register every installed plugin's envs with Gymnasium, from the catalog (idempotent)."""
+    import gymnasium
+
+    for env in installed()["envs"]:
+        if env["id"] in gymnasium.registry:
+            continue
+        gymnasium.register(
+            id=env["id"],
+            entry_point=InstalledEnv(env["id"]),
+            vector_entry_point=InstalledEnv(env["id"], vector=True) if env["vector"] else None,
+            kwargs=env["kwargs"],
+            disable_env_checker=True,
+        )
