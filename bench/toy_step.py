@@ -1,15 +1,33 @@
 """Toy training steps: tokenmdp's ``ppo``, ``inverse-q`` and ``dpo`` on their shipped
-configs, beside a hand-written PPO step of the same shape, interleaved, as ratios.
+configs, each beside a hand-written step with the same maths and network, interleaved, as
+ratios (tokenmdp ÷ hand-written).
 
     python bench/toy_step.py            # 1 thread, 5 rounds of 10 steps each
 
-The hand-written step (``HandPPO``) is what a CleanRL-style script would do on the same
-problem: the same GRU policy and separate GRU critic (hidden 96, V = 6, H = 5), 64
-responses sampled with the GRU's hidden state, the env's rewards (``TokenVectorEnv.play``),
-KL-penalised token rewards against the frozen reference (beta = 1), GAE (gamma 1,
-lambda 0.5, whitened), 4 epochs x 4 minibatches of the clipped loss plus a clipped value
-loss (0.5), gradient norm 1.0, Adam at 1e-3. It is a speed reference, not a test: it
-shares no code with the recipes but the env and the policy class.
+The hand-written steps are what a CleanRL-style script would do on the same problem, with
+the same networks (GRU, hidden 96, V = 6, H = 5) and torch.optim.Adam; they share no code
+with the recipes but the env and the policy class, and they log nothing:
+
+- ``HandPPO`` (configs/ppo.toml): 64 responses sampled with the GRU's hidden state, the
+  env's rewards (``TokenVectorEnv.play``), pi_old and pi_ref re-scored, KL-penalised token
+  rewards (beta = 1), a separate GRU critic, GAE (gamma 1, lambda 0.5, whitened), 4 epochs
+  x 4 minibatches of the clipped loss plus a clipped value loss (0.5), gradient norm 1.0,
+  Adam at 1e-3. ``HandPPO(critic="head")`` puts the value head on the policy's GRU (one
+  GRU pass per minibatch), beside tokenmdp's ``estimator.critic = "head"``.
+- ``HandDistill`` (configs/inverse_q_guide.toml, ``inverse-q-distill``): 64 responses, the
+  target pi_hat* = the reference with the guide token in front of the prompt, 4 x 4
+  minibatches of the full-vocabulary reverse KL over the visited states, Adam at 3e-3.
+- ``HandDPO`` (configs/dpo.toml): the same 8000 reward-labelled pairs from pi_ref, drawn
+  once, read 3 times in shuffled order over 100 steps (240 pairs a step, minibatches of
+  64): the sigmoid loss at beta 7 on sequence log-ratios, Adam at 1e-3. tokenmdp's step
+  also samples a 64-response rollout (its env tokens and its credit scoring against A*);
+  the hand-written step does not, so its ratio includes that.
+
+The tokenmdp and hand-written steps alternate step by step. The table also gives the time
+in the minibatch updates alone (tokenmdp's ``updater.update``, the hand-written
+``update``): forward and backward, clipping and Adam, the floor that any implementation of
+these maths with nn.GRU and torch.optim.Adam pays; the rest of a step is sampling and
+scoring.
 """
 
 from __future__ import annotations
@@ -25,40 +43,76 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"ppo": "ppo.toml", "inverse-q": "inverse_q_guide.toml", "dpo": "dpo.toml"}
+CONFIGS = {
+    "ppo": ("ppo.toml", []),
+    "ppo, critic = head": ("ppo.toml", ["estimator.critic=head"]),
+    "inverse-q (distill)": ("inverse_q_guide.toml", []),
+    "dpo": ("dpo.toml", []),
+}
 
 
 def tokenmdp_trainer(name: str, out: Path):
     from tokenmdp.config import load_config
     from tokenmdp.train.trainer import Trainer
 
-    overrides = ["train.progress=false", f"run.dir={out}", "run.overwrite=true", "train.eval_every=100000"]
-    trainer = Trainer(load_config(ROOT / "configs" / CONFIGS[name], overrides))
+    file, extra = CONFIGS[name]
+    overrides = ["train.progress=false", f"run.dir={out}", "run.overwrite=true", "train.eval_every=100000", *extra]
+    trainer = Trainer(load_config(ROOT / "configs" / file, overrides))
     trainer.build_models()
+    updater, clock = trainer.composition.updater, Clock()
+    updater.update = clock.timing(updater.update)  # the trainer looks the method up on the instance
     step = iter(range(1, 10**9))
-    return lambda: trainer.train_step(next(step))
+    return (lambda: trainer.train_step(next(step))), clock
 
 
-class HandPPO:
-    """One PPO step written out by hand (see the module docstring)."""
+class Clock:
+    """Seconds spent in a function (the updater's update, a hand-written step's updates)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timing(self, fn):
+        def timed(*args):
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
+class HandLoop:
+    """What every hand-written step shares: the env, a GRU policy and a frozen copy."""
+
+    def __init__(self, task, lr: float, seed: int = 0, batch: int = 64):
         from tokenmdp.mdp.env import TokenVectorEnv
         from tokenmdp.policies import GRUPolicy
-        from tokenmdp_envs import PatternTask
 
-        task = PatternTask(vocab_size=6, horizon=5, seed=0)
-        self.env = TokenVectorEnv(task, num_envs=64, autoreset_mode="Disabled")
+        self.task = task
+        self.env = TokenVectorEnv(task, num_envs=batch, autoreset_mode="Disabled")
         torch.manual_seed(seed)
         self.policy = GRUPolicy(task.input_vocab_size, task.vocab_size, hidden=96)
         self.reference = GRUPolicy(task.input_vocab_size, task.vocab_size, hidden=96).requires_grad_(False)
         self.reference.load_state_dict(self.policy.state_dict())
-        self.critic = GRUPolicy(task.input_vocab_size, 1, hidden=96)
-        params = [*self.policy.parameters(), *self.critic.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=1e-3)
-        self.params = params
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
+        self.lr = lr
+        self.clock = Clock()
+        self.update = self.clock.timing(self.update)
+
+    def step(self):
+        self.update(*self.collect())
+
+    def optimizer(self, *modules):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.adam = torch.optim.Adam(self.params, lr=self.lr)
+
+    def adam_step(self, loss):
+        self.adam.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.adam.step()
 
     @torch.no_grad()
     def sample(self):
@@ -67,27 +121,62 @@ class HandPPO:
         prompts = obs["prompt"]
         logits, h = self.policy.start(prompts)
         actions = []
-        for t in range(self.env.task.horizon):
+        for t in range(self.task.horizon):
             a = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator).squeeze(1)
             actions.append(a)
-            if t + 1 < self.env.task.horizon:
+            if t + 1 < self.task.horizon:
                 logits, h = self.policy.advance(h, a)
         actions = torch.stack(actions, 1)
-        rewards = self.env.play(actions)
-        return prompts, actions, rewards
+        return prompts, actions
+
+    @staticmethod
+    def response_logits(model, prompts, actions, prefix=0):
+        ids = torch.cat([prompts, actions], 1)
+        start = prefix + prompts.shape[1] - 1
+        return model(ids)[:, start : start + actions.shape[1]]
 
     def logprobs(self, model, prompts, actions):
-        ids = torch.cat([prompts, actions], 1)
-        logits = model(ids)[:, prompts.shape[1] - 1 : -1]
+        logits = self.response_logits(model, prompts, actions)
         return torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1), logits
 
-    def step(self):
-        prompts, actions, rewards = self.sample()
+    def minibatches(self, n: int, epochs: int = 4, count: int = 4):
+        for _ in range(epochs):
+            yield from torch.randperm(n, generator=self.generator).chunk(count)
+
+
+class HandPPO(HandLoop):
+    """One PPO step written out by hand (see the module docstring)."""
+
+    def __init__(self, critic: str = "separate", seed: int = 0):
+        from tokenmdp.policies import GRUPolicy
+        from tokenmdp_envs import PatternTask
+
+        super().__init__(PatternTask(vocab_size=6, horizon=5, seed=0), lr=1e-3, seed=seed)
+        self.shared = critic == "head"
+        if self.shared:
+            self.critic = torch.nn.Linear(96, 1)
+        else:
+            self.critic = GRUPolicy(self.task.input_vocab_size, 1, hidden=96)
+        self.optimizer(self.policy, self.critic)
+
+    def scores(self, prompts, actions):
+        """Policy log-probs and values at the response positions, from one GRU pass when shared."""
+        ids = torch.cat([prompts, actions], 1)
+        positions = slice(prompts.shape[1] - 1, ids.shape[1] - 1)
+        if self.shared:
+            hidden = self.policy.hidden_states(ids)[:, positions]
+            logits, values = self.policy.head(hidden), self.critic(hidden)[..., 0]
+        else:
+            logits, values = self.policy(ids)[:, positions], self.critic(ids)[:, positions, 0]
+        return torch.log_softmax(logits, -1).gather(-1, actions[..., None]).squeeze(-1), values
+
+    def collect(self):
+        prompts, actions = self.sample()
+        rewards = self.env.play(actions)
         with torch.no_grad():
-            old, _ = self.logprobs(self.policy, prompts, actions)
+            old, values = self.scores(prompts, actions)
             ref, _ = self.logprobs(self.reference, prompts, actions)
             token_rewards = rewards - (old - ref)
-            values = self.critic(torch.cat([prompts, actions], 1))[:, prompts.shape[1] - 1 : -1, 0]
             advantages, last = torch.zeros_like(values), torch.zeros(values.shape[0])
             for t in reversed(range(values.shape[1])):
                 next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros(values.shape[0])
@@ -96,52 +185,131 @@ class HandPPO:
                 advantages[:, t] = last
             returns = advantages + values
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        n = prompts.shape[0]
-        for _ in range(4):
-            order = torch.randperm(n, generator=self.generator)
-            for rows in order.chunk(4):
-                logp, _ = self.logprobs(self.policy, prompts[rows], actions[rows])
-                ratio = (logp - old[rows]).exp()
-                adv = advantages[rows]
-                policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
-                ids = torch.cat([prompts[rows], actions[rows]], 1)
-                v = self.critic(ids)[:, prompts.shape[1] - 1 : -1, 0]
-                clipped = values[rows] + (v - values[rows]).clamp(-0.2, 0.2)
-                value_loss = torch.max(
-                    F.mse_loss(v, returns[rows], reduction="none"), F.mse_loss(clipped, returns[rows], reduction="none")
-                ).mean()
-                loss = policy_loss + 0.5 * value_loss
-                self.optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-                self.optimizer.step()
+        return prompts, actions, old, values, advantages, returns
+
+    def update(self, prompts, actions, old, values, advantages, returns):
+        for rows in self.minibatches(prompts.shape[0]):
+            logp, v = self.scores(prompts[rows], actions[rows])
+            ratio = (logp - old[rows]).exp()
+            adv = advantages[rows]
+            policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+            clipped = values[rows] + (v - values[rows]).clamp(-0.2, 0.2)
+            value_loss = torch.max(
+                F.mse_loss(v, returns[rows], reduction="none"), F.mse_loss(clipped, returns[rows], reduction="none")
+            ).mean()
+            self.adam_step(policy_loss + 0.5 * value_loss)
+
+
+class HandDistill(HandLoop):
+    """One inverse-q-distill step written out by hand (see the module docstring)."""
+
+    def __init__(self, seed: int = 0):
+        from tokenmdp_envs import SumThresholdTask
+
+        super().__init__(SumThresholdTask(vocab_size=6, horizon=5, seed=0), lr=3e-3, seed=seed)
+        self.optimizer(self.policy)
+
+    def collect(self):
+        prompts, actions = self.sample()
+        with torch.no_grad():
+            guide = torch.full((prompts.shape[0], 1), self.task.guide_token, dtype=prompts.dtype)
+            guided = self.response_logits(self.reference, torch.cat([guide, prompts], 1), actions)
+            return prompts, actions, torch.log_softmax(guided, -1)
+
+    def update(self, prompts, actions, target):
+        for rows in self.minibatches(prompts.shape[0]):
+            logp = torch.log_softmax(self.response_logits(self.policy, prompts[rows], actions[rows]), -1)
+            self.adam_step((logp.exp() * (logp - target[rows])).sum(-1).mean())
+
+
+class HandDPO(HandLoop):
+    """One offline DPO step written out by hand (see the module docstring)."""
+
+    def __init__(self, seed: int = 0, num_pairs: int = 8000, epochs: int = 3, steps: int = 100):
+        from tokenmdp.train.preferences import sample_pairs
+        from tokenmdp_envs import PatternTask
+
+        super().__init__(PatternTask(vocab_size=6, horizon=5, seed=0), lr=1e-3, seed=seed)
+        self.optimizer(self.policy)
+        pairs, _ = sample_pairs(self.reference, self.task, num_pairs, torch.Generator().manual_seed(seed))
+        responses = pairs.responses()
+        self.prompts, self.responses, self.mask = responses.prompt_ids, responses.response_ids, responses.response_mask
+        self.num_pairs = num_pairs
+        order = torch.cat([torch.randperm(num_pairs, generator=self.generator) for _ in range(epochs)])
+        self.slices = order.chunk(steps)
+        self.k = 0
+
+    def sequence_logratio(self, rows):
+        ids = torch.cat([rows, rows + self.num_pairs])  # chosen rows, then their rejected
+        prompts, actions, mask = self.prompts[ids], self.responses[ids], self.mask[ids]
+        logp, _ = self.logprobs(self.policy, prompts, actions)
+        with torch.no_grad():
+            ref, _ = self.logprobs(self.reference, prompts, actions)
+        ratio = ((logp - ref) * mask).sum(-1)
+        return ratio[: len(rows)], ratio[len(rows) :]
+
+    def collect(self):
+        self.k += 1
+        return (self.slices[(self.k - 1) % len(self.slices)],)
+
+    def update(self, pairs):
+        for rows in pairs.split(64):
+            chosen, rejected = self.sequence_logratio(rows)
+            self.adam_step(-F.logsigmoid(7.0 * (chosen - rejected)).mean())
+
+
+HAND = {
+    "ppo": lambda: HandPPO(),
+    "ppo, critic = head": lambda: HandPPO(critic="head"),
+    "inverse-q (distill)": HandDistill,
+    "dpo": HandDPO,
+}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round and variant")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round, variant and side")
+    parser.add_argument("--only", action="append", choices=list(CONFIGS), help="these steps only (repeatable)")
     args = parser.parse_args()
+    names = args.only or list(CONFIGS)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {name: tokenmdp_trainer(name, Path(tmp) / name) for name in CONFIGS}
-        steps["hand-written ppo"] = HandPPO().step
-        for step in steps.values():  # warm-up
+        sides = {}
+        for name in names:
+            hand = HAND[name]()
+            sides[name, "tokenmdp"] = tokenmdp_trainer(name, Path(tmp) / name.replace(" ", ""))
+            sides[name, "hand"] = hand.step, hand.clock
+        for step, clock in sides.values():  # warm-up
             step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
+            clock.seconds = 0.0
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in sides}
         for _ in range(args.rounds):
-            for name, step in steps.items():
-                for _ in range(args.steps):
-                    started = time.perf_counter()
-                    step()
-                    times[name].append(time.perf_counter() - started)
-    hand = statistics.median(times["hand-written ppo"])
+            for name in names:
+                for _ in range(args.steps):  # tokenmdp and hand-written, step by step
+                    for side in ("tokenmdp", "hand"):
+                        step, _ = sides[name, side]
+                        started = time.perf_counter()
+                        step()
+                        times[name, side].append(time.perf_counter() - started)
+    timed = args.rounds * args.steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.rounds} rounds x {args.steps} steps")
-    print("| step | median s | / hand-written ppo |\n|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.4f} | {median / hand:.2f} |")
+    print(
+        "| step | tokenmdp s | hand-written s | tokenmdp / hand-written | updates only: tokenmdp s | hand-written s "
+        "| ratio |\n|---|---|---|---|---|---|---|"
+    )
+    for name in names:
+        ours, hand = statistics.median(times[name, "tokenmdp"]), statistics.median(times[name, "hand"])
+        our_updates, hand_updates = (sides[name, side][1].seconds / timed for side in ("tokenmdp", "hand"))
+        print(
+            f"| {name} | {ours:.4f} | {hand:.4f} | {ours / hand:.2f} | {our_updates:.4f} | {hand_updates:.4f} "
+            f"| {our_updates / hand_updates:.2f} |"
+        )
+    print(
+        "\nmedian seconds per step; 'updates only' is the mean time in the minibatch updates (the updater's "
+        "update(); the hand-written loop's update()), the floor of these maths with nn.GRU and Adam"
+    )
     return 0
 
 

@@ -240,6 +240,32 @@ def test_value_head_shares_the_gru_trunk(tmp_path):
         ).train()
 
 
+def test_a_shared_trunk_is_run_once_per_minibatch_with_the_same_scores_and_gradients(tmp_path):
+    trainer = Trainer(ppo_config(tmp_path, "estimator.critic=head"))
+    trainer.build_models()
+    head, policy, ctx = trainer.ctx.extras["critic"], trainer.policy, trainer.ctx
+    batch = tokenmdp.train.rollout.collect(policy, trainer.env, seed=0, generator=torch.Generator().manual_seed(0))
+    passes = []
+    policy.rnn.register_forward_hook(lambda *_: passes.append(1))
+
+    def scored(scores):
+        logp, logits, values = scores
+        policy.zero_grad()
+        head.zero_grad()
+        (logp.sum() + logits.square().sum() + values.square().sum()).backward()
+        grads = [p.grad.clone() for p in [*policy.parameters(), *head.parameters()]]
+        return [logp.detach(), logits.detach(), values.detach()], grads
+
+    one, one_grads = scored(head.score_with_policy(ctx, batch))
+    assert len(passes) == 1
+    apart, apart_grads = scored((*ctx.token_logprobs(policy, batch, return_logits=True), head(policy, batch)))
+    assert len(passes) == 3
+    for a, b in zip(one, apart):
+        assert torch.equal(a, b)  # the same forward
+    for a, b in zip(one_grads, apart_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # one backward through the trunk, not two
+
+
 def test_updater_without_a_shared_critic_is_a_clear_error(tmp_path):
     class ValuesWithoutCritic(tokenmdp.TrajectoryEstimator):
         name = "values-without-critic"

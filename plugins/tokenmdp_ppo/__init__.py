@@ -140,6 +140,22 @@ class ValueHead(nn.Module):
 
         return at_least_float32(response_logits(trunk_values, batch)[..., 0]) * batch.response_mask
 
+    def score_with_policy(self, ctx, batch) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log-probs, logits)`` of the policy and the values on ``batch``'s responses from
+        one pass of the shared trunk (the updater's minibatch forward: half the GRU work of
+        scoring the policy and the values apart)."""
+        policy, trunk = ctx.policy, {}
+
+        def logits_keeping_the_trunk(ids, mask=None):
+            trunk["hidden"] = policy.hidden_states(ids, mask)
+            return policy.head(trunk["hidden"])
+
+        logp, logits = ctx.token_logprobs(logits_keeping_the_trunk, batch, return_logits=True)
+        # the same response positions of the same pass: response_logits slices this "model"'s
+        # output exactly as it sliced the logits
+        values = response_logits(lambda ids, mask=None: self.head(trunk["hidden"]), batch)[..., 0]
+        return logp, logits, at_least_float32(values) * batch.response_mask
+
 
 # --- estimator: KL-penalised token rewards and values ------------------------------------
 
@@ -353,11 +369,17 @@ class PPO(GradientUpdater):
         returns = advantages["returns"].detach()
         old_values = signals["values"].detach()
 
+        def score(mb):
+            """The policy's log-probs and logits and the critic's values on minibatch ``mb``."""
+            if hasattr(self.critic, "score_with_policy"):  # ours: one trunk pass when shared
+                return self.critic.score_with_policy(ctx, mb)
+            return (*ctx.token_logprobs(ctx.policy, mb, return_logits=True), self.critic(ctx.policy, mb))
+
         def share(micro):
             mb, m, rows = micro.batch, micro.batch.response_mask, micro.rows
             mb_adv, mb_returns, mb_old_v = adv[rows], returns[rows], old_values[rows]
+            logp, logits, v = score(mb)
             # policy: clipped surrogate on the probability ratio pi / pi_old
-            logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
             log_ratio = (logp - mb.logprobs) * m
             ratio = log_ratio.exp()
             approx_kl = micro.token_mean((ratio - 1) - log_ratio, m).detach()  # k3 estimate of KL(pi_old || pi)
@@ -365,14 +387,15 @@ class PPO(GradientUpdater):
             pg_loss2 = -mb_adv * ratio.clamp(1 - o.clip, 1 + o.clip)
             pg_loss = micro.token_mean(torch.max(pg_loss1, pg_loss2), m)
             # value: squared error to the GAE returns, with the new value clipped around the old
-            v = self.critic(ctx.policy, mb)
             v_loss1 = (v - mb_returns) ** 2
             if o.vf_clip is None:
                 v_loss2 = v_loss1
             else:
                 v_loss2 = (mb_old_v + (v - mb_old_v).clamp(-o.vf_clip, o.vf_clip) - mb_returns) ** 2
             v_loss = 0.5 * micro.token_mean(torch.max(v_loss1, v_loss2), m)
-            entropy = micro.token_mean(entropy_of(logits), m)
+            # without a bonus the entropy is only logged: kept out of the graph, the backward
+            # pass has no log-softmax to run through for it (the gradients are the same)
+            entropy = micro.token_mean(entropy_of(logits if o.entropy_coef else logits.detach()), m)
             loss = pg_loss - o.entropy_coef * entropy + o.vf_coef * v_loss
             return loss, {
                 "policy/approxkl": approx_kl.item(),
