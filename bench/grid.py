@@ -54,6 +54,9 @@ def main() -> int:
         print(
             f"speed-up {serial_s / parallel_s:.2f}x; tables identical but wall seconds: {serial_rows == parallel_rows}"
         )
+        for serial, parallel in zip(serial_rows, parallel_rows):
+            if serial != parallel:  # what differs, cell by cell
+                print({k: (serial.get(k), parallel.get(k)) for k in serial if serial.get(k) != parallel.get(k)})
     return 0
 
 
