@@ -140,6 +140,19 @@ def test_without_a_writable_folder_the_catalog_is_only_slower(tmp_path, monkeypa
     assert catalog.installed()["envs"]
 
 
+def test_without_a_home_directory_there_is_no_catalog_and_no_error(monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("TOKENMDP_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(catalog.Path, "home", staticmethod(no_home))
+    assert catalog.cache_dir() is None
+    assert catalog.installed()["envs"]
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
+    assert catalog.cache_dir() == catalog.Path("/somewhere/tokenmdp")
+
+
 def test_registered_entry_points_load_the_plugins_on_first_use():
     gymnasium.registry.pop("tokenmdp/SumMod-v0", None)
     catalog.register_installed_envs()

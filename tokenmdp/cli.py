@@ -63,15 +63,12 @@ def cmd_train(args) -> int:
 def cmd_solve(args) -> int:
     from .config import load_config
     from .mdp.solver import solve
-    from .plugin.registry import Registry, plugin_manager
     from .policies import TaskBasePolicy
     from .train.budget import check_solver
-    from .train.trainer import make_vector_env
+    from .train.trainer import load_task
 
     config = load_config(args.config, args.set)
-    registry = Registry(plugin_manager())
-    registry.register_envs()
-    task = make_vector_env(registry, config, 1, compute_rewards=True).task
+    _, task = load_task(config)
     check_solver(config, task)
     started = time.perf_counter()
     solution = solve(task, TaskBasePolicy(task), config.train.beta)

@@ -41,11 +41,17 @@ def blocked_plugin_names() -> list[str]:
 
 
 def cache_dir() -> Path | None:
-    """Where catalogs are kept; ``None`` when ``TOKENMDP_CACHE_DIR=off``."""
+    """Where catalogs are kept; ``None`` when ``TOKENMDP_CACHE_DIR=off`` (or no folder can
+    be named: no variable set and no home directory)."""
     chosen = os.environ.get(CACHE_ENV_VAR)
     if chosen:
         return None if chosen.lower() == "off" else Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home directory (a bare container): no catalog, only slower
+            return None
     return Path(base) / "tokenmdp"
 
 

@@ -47,7 +47,7 @@ from ..train.trainer import (
     TrainingInterrupted,
     latest_checkpoint,
     load_reference,
-    make_vector_env,
+    load_task,
 )
 from .tables import markdown
 
@@ -368,7 +368,7 @@ def _cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
     config = cell.config
-    task = make_vector_env(registry, config, 1, compute_rewards=True).task
+    _, task = load_task(config, registry=registry)
     reference = load_reference(cell.dir, config, task)
     betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
     tagged = cached_tagged_sft_tokens(config, reference_cache(cell)) if config.reference.init == "sft" else None

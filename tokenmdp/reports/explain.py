@@ -41,10 +41,10 @@ from ..plugin.components import CreditView
 from ..plugin.composition import Composition, compose
 from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
-from ..plugin.registry import Registry, plugin_manager
+from ..plugin.registry import Registry
 from ..train.rollout import collect
 from ..train.rundir import read_checkpoint
-from ..train.trainer import latest_checkpoint, load_policy, load_reference, make_vector_env
+from ..train.trainer import latest_checkpoint, load_policy, load_reference, load_task, make_vector_env
 
 TRUE_ROW = "true A*"
 #: Bounds of ``--samples`` (one PNG each) and ``--group-size``.
@@ -79,9 +79,7 @@ def load_run(run_dir: str | Path):
             "explain reads the policy of the last checkpoint"
         )
     config = load_config(run_dir / "config.toml")
-    registry = Registry(plugin_manager())
-    registry.register_envs()
-    task = make_vector_env(registry, config, 1, compute_rewards=True).task
+    registry, task = load_task(config)
     if not task.exact:  # text envs: no prefix tree, so no A* to compare with
         raise ConfigError(f"explain: env {config.env['id']} has no exact solver; explain needs a toy env")
     policy = load_policy(run_dir, task).requires_grad_(False).eval()

@@ -50,12 +50,9 @@ def export_run(
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise ConfigError(f"export: {str(out)!r} is inside the run directory; choose a folder outside it")
     config = load_config(run_dir / "config.toml")
-    from ..plugin.registry import Registry, plugin_manager
-    from .trainer import make_vector_env
+    from .trainer import load_task
 
-    registry = Registry(plugin_manager())
-    registry.register_envs()
-    task = make_vector_env(registry, config, 1, compute_rewards=False).task
+    _, task = load_task(config, compute_rewards=False)
     chosen = steps[-1] if step is None else step
     policy = load_policy(run_dir, task, step=chosen).eval()
     out.parent.mkdir(parents=True, exist_ok=True)

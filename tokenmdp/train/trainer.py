@@ -154,6 +154,15 @@ def make_vector_env(
     return env
 
 
+def load_task(config: Config, compute_rewards: bool = True, registry: Registry | None = None):
+    """``(registry, task)`` of ``config``'s env, for the tools that read a run or a config
+    without training (``solve``, ``export``, ``explain``, compare's frontiers): the
+    installed plugins (or ``registry``), their envs registered, and a one-env instance's task."""
+    registry = registry if registry is not None else Registry(plugin_manager())
+    registry.register_envs()
+    return registry, make_vector_env(registry, config, 1, compute_rewards=compute_rewards).task
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """Each step's sampling seed depends only on (seed, step) (and the rank of a distributed
     run), so a resumed run replays exactly. Rank 0 uses the single-process seed."""
