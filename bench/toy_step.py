@@ -130,9 +130,9 @@ class HandLoop:
         return prompts, actions
 
     @staticmethod
-    def response_logits(model, prompts, actions, prefix=0):
+    def response_logits(model, prompts, actions):
         ids = torch.cat([prompts, actions], 1)
-        start = prefix + prompts.shape[1] - 1
+        start = prompts.shape[1] - 1
         return model(ids)[:, start : start + actions.shape[1]]
 
     def logprobs(self, model, prompts, actions):

@@ -296,9 +296,7 @@ def _worker_cell(cell: Cell) -> str:
     parent only reads them (``compare.json``)."""
     pm = plugin_manager()
     run_cell(cell, pm)
-    registry = Registry(pm)
-    registry.register_envs()
-    _cell_extras(cell, registry)
+    _cell_extras(cell, Registry(pm))  # registers the envs itself (load_task)
     return cell.dir.name
 
 
