@@ -1,18 +1,33 @@
 # The two README commands. Both build .venv from scratch when it is missing.
 # torch is pinned in the same pip command as everything else: an unpinned torch
 # (or a dependency resolving one first) would pull a multi-GB CUDA build.
+#
+# Every install of the README's set-up goes through constraints.txt, the lock: the exact
+# versions CI tested, so two fresh machines a month apart get the same packages.
+# pyproject.toml keeps compatible ranges for people who install tokenmdp as a library.
+# `make lock` refreshes the lock from a clean resolve; `make test-latest` runs the suite
+# against the newest releases without it (docs/testing.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := constraints.txt
+PIP    := pip install --quiet --disable-pip-version-check
+# What `make demo`/`make test` install (the lock also covers the gemma extra of the docs).
+PACKAGES := "torch==2.13.0" -e ".[test,plots]" tests/fixtures/outside_plugin
+LOCKED_PACKAGES := "torch==2.13.0" -e ".[test,plots,gemma]" tests/fixtures/outside_plugin
 
-.PHONY: demo test install clean
+.PHONY: demo test check install lock test-latest clean
 
+# The build backend first, from the lock, then everything else without build isolation,
+# so that the backend that builds tokenmdp is the locked one too (an isolated build would
+# take the newest setuptools every time).
 # `import tokenmdp` writes the plugin catalog, so that even the first `tokenmdp --help`
 # runs without importing torch (docs/hooks.md).
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[test,plots]" tests/fixtures/outside_plugin
+	$(BIN)/$(PIP) -c $(LOCK) setuptools
+	$(BIN)/$(PIP) -c $(LOCK) --no-build-isolation $(PACKAGES)
 	$(BIN)/python -c "import tokenmdp"
 	touch $(STAMP)
 
@@ -23,13 +38,44 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/tokenmdp compare configs/compare_demo.toml
 
-# The rules of the code first (seconds): ruff lint and format, the import contracts of
-# pyproject.toml (the core's layers; plugins and envs import only the tokenmdp namespace).
 test: $(STAMP)
+	$(MAKE) --no-print-directory check BIN=$(BIN)
+
+# The rules of the code first (seconds): ruff lint and format, the import contracts of
+# pyproject.toml (the core's layers; plugins and envs import only the tokenmdp namespace),
+# then the suite. BIN picks the environment (test-latest runs it on .venv-latest).
+check:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
+# A clean resolve of the newest releases pyproject.toml admits (torch stays pinned),
+# written as name==version lines: no index address, no local path. torch's local label
+# (+cpu) is dropped so the lock also fits a torch 2.13.0 taken from another source.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/$(PIP) --upgrade setuptools
+	.venv-lock/bin/$(PIP) --no-build-isolation $(LOCKED_PACKAGES)
+	{ echo "# The lock: exact versions for make demo, make test and CI (pip install -c $(LOCK))."; \
+	  echo "# Written by make lock on $$(date -u +%Y-%m-%d) with $$(.venv-lock/bin/python --version); do not edit."; \
+	  echo "# Refresh it as docs/testing.md says (make test-latest first)."; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable --disable-pip-version-check \
+	    | grep -v -e ' @ ' -e '^pip==' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+
+# The suite against the newest releases, in an environment of its own built without the
+# lock: an upgrade that breaks something is found here before the lock is moved. Not in CI.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/$(PIP) --upgrade setuptools
+	.venv-latest/bin/$(PIP) --upgrade --no-build-isolation $(PACKAGES)
+	.venv-latest/bin/pip list --disable-pip-version-check --format=freeze > .venv-latest/versions.txt
+	diff $(LOCK) .venv-latest/versions.txt | grep '^[<>] [^#]' || true
+	$(MAKE) --no-print-directory check BIN=.venv-latest/bin
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-latest .venv-lock runs

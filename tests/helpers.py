@@ -1,6 +1,9 @@
 """What several test files share (imported as ``helpers``; fixtures live in conftest.py)."""
 
+import math
+
 import pytest
+import torch
 
 #: A config small enough to train in a second or two.
 TINY = [
@@ -50,3 +53,17 @@ def wait_until(done, timeout: float = 120.0, poll: float = 0.05) -> bool:
 def has_lines(path, n: int) -> bool:
     """Whether the text file ``path`` exists and holds at least ``n`` lines."""
     return path.exists() and len(path.read_text().splitlines()) >= n
+
+
+def rounding_tolerance(expected: torch.Tensor, *, reduction: int, depth: int = 1, ulps: float = 4.0) -> float:
+    """The absolute tolerance for two computations of ``expected`` that are the same maths
+    but not the same code path (another kernel, another blocking, an adapter switched off
+    instead of absent), so that their floating-point additions happen in another order.
+
+    Each of ``depth`` sequential stages sums ``reduction`` products; a sum in another order
+    rounds differently at each addition, and those roundings add up like a random walk, so
+    the two results differ by about ``sqrt(depth * reduction)`` machine epsilons at the scale
+    of the largest value. ``ulps`` is the headroom for the walk's tails. Bit-equality is
+    asserted only where both sides are the same computation (see docs/testing.md)."""
+    eps = torch.finfo(expected.dtype).eps
+    return ulps * math.sqrt(depth * reduction) * eps * float(expected.abs().max())

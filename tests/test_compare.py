@@ -284,6 +284,8 @@ def test_parallel_cells_give_the_serial_results(tmp_path):
     assert _results_without_wall_time(tmp_path / "serial" / "out") == _results_without_wall_time(
         tmp_path / "parallel" / "out"
     )
+    # bit-equal: a worker process runs the same code with the same seeds and the same thread
+    # count (1) as the serial cell, so it makes the same floating-point operations in the same order
     for cell in (tmp_path / "serial" / "out" / "cells").iterdir():
         twin = tmp_path / "parallel" / "out" / "cells" / cell.name
         assert (cell / "metrics.jsonl").read_text() == (twin / "metrics.jsonl").read_text(), cell.name
@@ -303,6 +305,7 @@ def test_cells_with_one_reference_key_fine_tune_it_once_and_match_a_fresh_fine_t
     config = compare.load_config(cell / "config.toml", [f"run.dir={tmp_path / 'fresh'}"])
     Trainer(config).train()  # no cache: its own fine-tune
     cached, fresh = read_weights(cell / "reference.pt"), read_weights(tmp_path / "fresh" / "reference.pt")
+    # bit-equal: the cache holds the output of the same fine-tune (same code, seed and data)
     assert cached.keys() == fresh.keys() and all(torch.equal(cached[k], fresh[k]) for k in cached)
     assert (cell / "metrics.jsonl").read_text() == (tmp_path / "fresh" / "metrics.jsonl").read_text()
 

@@ -242,6 +242,7 @@ def test_simulated_batch_is_the_concatenation_of_the_rank_batches(tiny_config):
     one, both = single._collect(3), simulated._collect(3)
     assert both.size == 2 * one.size
     for name in ("prompt_ids", "response_ids", "response_mask", "rewards", "prompt_index"):
+        # bit-equal: rank 0's rows are drawn by the same code from the same seed
         assert torch.equal(getattr(both, name)[: one.size], getattr(one, name))  # rank 0's rows
     assert not torch.equal(both.response_ids[one.size :], one.response_ids)  # rank 1 has its own seed
 

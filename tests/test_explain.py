@@ -71,6 +71,7 @@ def test_true_row_is_the_solvers_a_star_on_the_sampled_tokens(run_dir, explained
     config, _, task, _, reference, _ = load_run(run_dir)
     solution = solve(task, reference, config.train.beta)
     b = explained.batch
+    # bit-equal: explain's true row is this very call (solver, reference and beta of the run)
     assert torch.equal(
         explained.credit[TRUE_ROW], solution.token_advantages(b.prompt_index, b.response_ids, b.response_mask)
     )

@@ -117,6 +117,8 @@ def test_a_toy_run_exports_safetensors_weights_a_config_and_a_loader(tmp_path):
     assert json.loads((out / "tokenmdp_policy.json").read_text())["format"] == "tokenmdp-toy-policy"
     policy = load_exported(out)
     ids = trainer.task.prompts[:3]
+    # bit-equal: the same network class with the same weights on the same input (only the
+    # file format differs)
     assert torch.equal(policy(ids), load_policy(tmp_path / "toy", trainer.task).eval()(ids))
     with pytest.raises(ConfigError, match="merge-lora.*toy network"):
         export_run(tmp_path / "toy", tmp_path / "merged", merge_lora=True)

@@ -119,6 +119,8 @@ def test_padding_garbage_that_is_not_finite_or_overflows_is_ignored(batch, bad_v
         garbage[r, c] = value
     clean_x = torch.where(mask.bool(), x, 0)
     dirty_x = with_garbage(x, mask, garbage)
+    # bit-equal: padding is replaced by exact zeros before any arithmetic, so both sides run
+    # the same operations on the same real values
     assert torch.equal(masked_whiten(clean_x, mask), masked_whiten(dirty_x, mask))
     assert torch.equal(suffix_sums(clean_x, mask), suffix_sums(dirty_x, mask))
     assert torch.equal(masked_mean(clean_x, mask), masked_mean(dirty_x, mask))
@@ -202,7 +204,7 @@ def test_suffix_sums_ignores_padding_garbage(batch):
     x, mask, garbage = batch
     clean = suffix_sums(torch.where(mask.bool(), x, 0), mask)
     dirty = suffix_sums(with_garbage(x, mask, garbage), mask)
-    assert torch.equal(clean, dirty)
+    assert torch.equal(clean, dirty)  # bit-equal: padding is zeroed before the sums
 
 
 def test_suffix_sums_small_example():

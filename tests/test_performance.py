@@ -186,6 +186,7 @@ def test_a_lazy_reference_is_scored_once_over_the_whole_batch_and_minibatches_re
     assert not batch.reference_scored and scorer.calls == 0
     minibatch = batch.select(torch.tensor([3, 1]))
     assert batch.to("cpu") is batch and scorer.calls == 0  # already there: the batch itself
+    # bit-equal: the scorer's own tensor, only indexed (no arithmetic)
     assert torch.equal(minibatch.ref_logprobs, value[[3, 1]])  # scored over all 4 rows, then selected
     assert scorer.calls == 1 and batch.reference_scored
     assert torch.equal(batch.ref_logprobs, value) and torch.equal(batch.token_kl, -value)
@@ -367,5 +368,7 @@ def test_a_groups_shared_prompt_is_read_once_and_decodes_as_if_read_per_row():
         )
     assert calls == [3, 12]  # the prompt pass on one row per group, then on every row
     (r1, m1, lp1), (r2, m2, lp2) = results
+    # the same draws: token ids, not floats; the two paths' probabilities differ by rounding,
+    # which could move a draw only if a uniform fell within ~1e-7 of a bucket edge (seeded)
     assert torch.equal(r1, r2) and torch.equal(m1, m2)  # the same draws
     assert (lp1 - lp2).abs().max() < 1e-5

@@ -97,7 +97,7 @@ def test_padding_garbage_never_changes_gae(seed, batch, length, gamma, lam, garb
         a = construct(*clean, gamma=gamma, lam=lam, whiten=whiten)
         b = construct(*dirty, gamma=gamma, lam=lam, whiten=whiten)
         for key in ("advantages", "returns"):
-            assert torch.equal(a[key], b[key]), key
+            assert torch.equal(a[key], b[key]), key  # bit-equal: padding is zeroed before any sum
             assert bool(torch.isfinite(b[key]).all())
             assert bool((b[key][clean[2] == 0] == 0).all())  # padding stays 0
 
@@ -261,6 +261,8 @@ def test_a_shared_trunk_is_run_once_per_minibatch_with_the_same_scores_and_gradi
     apart, apart_grads = scored((*ctx.token_logprobs(policy, batch, return_logits=True), head(policy, batch)))
     assert len(passes) == 3
     for a, b in zip(one, apart):
+        # bit-equal: both run the same modules on the same tensors (the shared pass keeps the
+        # trunk's output instead of recomputing it with the same operations)
         assert torch.equal(a, b)  # the same forward
     for a, b in zip(one_grads, apart_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # one backward through the trunk, not two

@@ -58,7 +58,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path):
     assert (tmp_path / "part/metrics.jsonl").read_text() == (tmp_path / "full/metrics.jsonl").read_text()
     a = torch.load(sorted((tmp_path / "full/checkpoints").glob("*.pt"))[-1], weights_only=False)["policy"]
     b = torch.load(sorted((tmp_path / "part/checkpoints").glob("*.pt"))[-1], weights_only=False)["policy"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-equal: a resume repeats the same computation
 
 
 def test_existing_run_dir_is_not_clobbered(tiny_config):
