@@ -59,6 +59,14 @@ def test_an_api_run_resumes_from_python_and_the_cli_says_how(tmp_path, capsys):
         resume=True,
     )
     assert again.summary["steps"] == 4
+    inputs = dict(
+        model=n["model"], tokenizer=n["tokenizer"], reward=n["kindness"], prompts=["the cat sat on", "a dog ran"]
+    )
+    # a config given with resume=True extends the run as --set does, or is refused naming the key
+    longer = tokenmdp.train({"train": {"steps": 5}}, run_dir=tmp_path / "run", resume=True, **inputs)
+    assert longer.summary["steps"] == 5
+    with pytest.raises(ConfigError, match=r"not change what it trains: algorithm.name differ"):
+        tokenmdp.train({"algorithm": {"name": "rloo"}}, run_dir=tmp_path / "run", resume=True, **inputs)
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

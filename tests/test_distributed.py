@@ -266,3 +266,69 @@ def test_world_size_without_torchrun_variables_is_a_clear_error(tiny_config, mon
         Trainer(tiny_config()).train()
     with pytest.raises(tokenmdp.ConfigError, match="simulate_world_size.*unset it when launching with torchrun"):
         Trainer(tiny_config("train.simulate_world_size=2"))
+
+
+KILL_RANK_SCRIPT = textwrap.dedent('''
+    """Under torchrun: the CLI trains on both ranks; rank {victim} is SIGKILLed at the start of
+    step 3, as the kernel's OOM killer or a lost node would. Each rank's stderr goes to a file."""
+    import json, os, signal, sys
+    rank = int(os.environ["RANK"])
+    err = os.open({out!r} + f"/rank{{rank}}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
+    import torch
+    torch.set_num_threads(1)
+    from tokenmdp.cli import main
+    from tokenmdp.train import trainer
+
+    original = trainer.Trainer.train_step
+
+    def train_step(self, step):
+        if step == 3 and rank == {victim}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, step)
+
+    trainer.Trainer.train_step = train_step
+    code = main(["train", *{cli_args!r}])
+    with open({out!r} + f"/rank{{rank}}.json", "w") as fh:
+        json.dump({{"code": code}}, fh)
+''')
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_rank_killed_mid_run_is_one_line_on_the_survivor_naming_it(tmp_path, victim):
+    """SIGKILL of one rank: the other ends with one line that names the dead rank and how to
+    resume, not a traceback blaming the plugin whose collective noticed; checkpoints are kept."""
+    import os
+
+    run_dir, survivor = tmp_path / "run", 1 - victim
+    cli_args = [
+        a for s in [*TINY, "train.steps=6", "run.checkpoint_every=1", f"run.dir={run_dir}"] for a in ("--set", s)
+    ]
+    script = tmp_path / "kill_rank.py"
+    script.write_text(KILL_RANK_SCRIPT.format(cli_args=cli_args, out=str(tmp_path), victim=victim))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENMDP_DIST_TIMEOUT": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode != 0  # torchrun reports the killed rank
+    assert json.loads((tmp_path / f"rank{survivor}.json").read_text()) == {"code": 2}
+    err = (tmp_path / f"rank{survivor}.err").read_text()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("tokenmdp")]
+    assert len(lines) == 1, err
+    me = "tokenmdp" if survivor == 0 else "tokenmdp[rank 1]"
+    assert lines[0].startswith(f"{me}: error: rank {victim} (of 2) is gone, so rank {survivor} stops too"), lines[0]
+    assert f"--resume {run_dir}" in lines[0] and "raised in" not in lines[0]
+    assert checkpoints_of(run_dir)[-1] == "step_00000002.pt"  # steps 1 and 2 were saved before the kill
+
+
+def test_a_collective_that_times_out_names_the_silent_rank_and_the_timeout(monkeypatch):
+    """A stopped rank (SIGSTOP, a hung node) answers nothing: the collective's timeout."""
+    monkeypatch.setattr(distributed, "_group", distributed.RankInfo(0, 2, 0, "gloo", False))
+    monkeypatch.setenv(distributed.TIMEOUT_ENV_VAR, "120")
+    with pytest.raises(tokenmdp.errors.RankLost, match=r"^rank 1 \(of 2\) did not answer within 120 s"):
+        with distributed.collective():
+            raise RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 120000ms for recv")
+    monkeypatch.setattr(distributed, "_group", distributed.RankInfo(2, 4, 0, "gloo", False))
+    with pytest.raises(tokenmdp.errors.RankLost, match=r"^one of ranks 0, 1, 3 \(of 4\) is gone, so rank 2"):
+        with distributed.collective():
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")

@@ -3,16 +3,22 @@ LoRA adapter, merged LoRA, toy), written whole or not at all, never pickled."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 from test_real_lm import rows, text_files, text_run, train_text  # noqa: F401 (text_files is a fixture)
 
 from tokenmdp import ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.train.export import export_run, load_exported
+from tokenmdp.train.export import MARKER, export_run, load_exported
 from tokenmdp.train.models import load_policy
 from tokenmdp.train.trainer import Trainer
 
@@ -113,7 +119,7 @@ def test_a_toy_run_exports_safetensors_weights_a_config_and_a_loader(tmp_path):
     trainer = Trainer(load_config("configs/demo.toml", overrides))
     trainer.train()
     out = export_run(tmp_path / "toy", tmp_path / "toy_export")
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "tokenmdp_policy.json", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "tokenmdp_policy.json", "README.md", MARKER}
     assert json.loads((out / "tokenmdp_policy.json").read_text())["format"] == "tokenmdp-toy-policy"
     policy = load_exported(out)
     ids = trainer.task.prompts[:3]
@@ -133,3 +139,172 @@ def test_the_export_command_writes_the_folder_and_errors_are_one_line(text_files
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--overwrite" in err
     assert main(["export", str(run), str(tmp_path / "out"), "--overwrite", "--step", "2"]) == 0
+
+
+# --- export deletes only what an export wrote ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A tiny trained toy run; tests copy it where they need it elsewhere."""
+    run_dir = tmp_path_factory.mktemp("toy") / "run"
+    Trainer(load_config(None, [*TINY, f"run.dir={run_dir}"])).train()
+    return run_dir
+
+
+def hidden_beside(folder) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("."))
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(["export", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    return err
+
+
+def test_overwrite_replaces_an_earlier_export_but_never_a_folder_of_your_own(toy_run, tmp_path, capsys):
+    out = export_run(toy_run, tmp_path / "model")
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["tokenmdp"] == "export" and set(marker["files"]) == {p.name for p in out.iterdir()} - {MARKER}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for flags in ([], ["--overwrite"]):
+        err = one_line_error(capsys, [toy_run, mine, *flags])
+        assert "holds files an export did not write (thesis.tex)" in err
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    (tmp_path / "empty").mkdir()
+    assert MARKER in {p.name for p in export_run(toy_run, tmp_path / "empty").iterdir()}  # an empty folder is fine
+    (out / "notes.txt").write_text("mine")  # a file of yours inside an export: the folder is not replaced
+    with pytest.raises(ConfigError, match=r"did not write \(notes.txt\)"):
+        export_run(toy_run, out, overwrite=True)
+    (out / "notes.txt").unlink()
+    export_run(toy_run, out, overwrite=True)
+    assert not hidden_beside(out)
+
+
+def test_export_never_replaces_a_folder_around_the_run_or_the_current_folder(toy_run, tmp_path, capsys, monkeypatch):
+    exp = tmp_path / "exp"
+    shutil.copytree(toy_run, exp / "run")
+    (exp / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert "is or contains the run directory" in one_line_error(capsys, [exp / "run", exp, "--overwrite"])
+    assert "is or contains the run directory" in one_line_error(capsys, [exp / "run", tmp_path, "--overwrite"])
+    assert "is inside the run directory" in one_line_error(capsys, [exp / "run", exp / "run" / "x"])
+    monkeypatch.chdir(exp)
+    assert "is or contains the run directory" in one_line_error(capsys, ["run", ".", "--overwrite"])
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    for out in (".", "..", "/"):
+        err = one_line_error(capsys, [exp / "run", out, "--overwrite"])
+        assert "contains the" in err  # the current folder, or the run directory too
+    assert "is or contains the current folder" in one_line_error(capsys, [exp / "run", ".", "--overwrite"])
+    # refused before anything was written
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [*before, Path("other")]
+
+
+def test_a_stale_hidden_folder_of_a_killed_export_is_removed(toy_run, tmp_path):
+    out = export_run(toy_run, tmp_path / "out")
+    card = (out / "README.md").read_text()
+    (tmp_path / ".out.export-99999999").mkdir()  # killed while writing (no such process)
+    (tmp_path / ".out.export-99999999" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".out.old-99999998").mkdir()  # killed while deleting the replaced export
+    (tmp_path / ".other.export-99999999").mkdir()  # another folder's: left alone
+    (tmp_path / ".out.export-notapid").mkdir()  # not tokenmdp's naming: left alone
+    alive = tmp_path / f".out.export-{os.getppid()}"  # a live process's: left alone
+    alive.mkdir()
+    export_run(toy_run, out, overwrite=True)
+    assert hidden_beside(out) == sorted([".other.export-99999999", ".out.export-notapid", alive.name])
+    assert (out / "README.md").read_text() == card
+    # killed between the two renames: no out, the previous export aside; it is put back
+    os.rename(out, tmp_path / ".out.old-99999999")
+    (tmp_path / ".out.export-99999999").mkdir()
+    with pytest.raises(ConfigError, match="exists and is not empty; pass --overwrite"):
+        export_run(toy_run, out)
+    assert (out / "README.md").read_text() == card
+    assert not (tmp_path / ".out.old-99999999").exists() and not (tmp_path / ".out.export-99999999").exists()
+
+
+def test_a_failed_swap_keeps_the_previous_export_and_leaves_nothing_hidden(toy_run, tmp_path, monkeypatch):
+    from tokenmdp.train import export
+
+    out = export_run(toy_run, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_rename = os.rename
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".out.export-"):  # the new folder's rename into place
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", failing)
+    with pytest.raises(ConfigError, match=r"could not write .*Input/output error\); the folder is unchanged"):
+        export_run(toy_run, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not hidden_beside(out)
+
+
+def test_a_link_or_an_unwritable_destination_is_one_line(toy_run, tmp_path, capsys, monkeypatch):
+    from tokenmdp.train import export
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(real)
+    assert "is a symbolic link" in one_line_error(capsys, [toy_run, tmp_path / "link", "--overwrite"])
+    assert (real / "keep.txt").exists() and (tmp_path / "link").is_symlink()
+    (tmp_path / "afile").write_text("x")
+    assert "afile is a file, not a folder" in one_line_error(capsys, [toy_run, tmp_path / "afile" / "model"])
+    monkeypatch.setattr(export.os, "access", lambda path, mode: False)
+    assert "is not writable" in one_line_error(capsys, [toy_run, tmp_path / "new" / "model"])
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_config_that_no_longer_fits_the_checkpoint_is_one_line(toy_run, tmp_path, capsys):
+    run = shutil.copytree(toy_run, tmp_path / "run")
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("hidden = 16", "hidden = 24"))
+    err = one_line_error(capsys, [run, tmp_path / "new" / "out"])
+    assert "does not fit the [policy] of" in err and "config.toml" in err and "size mismatch" in err
+    assert not (tmp_path / "new").exists()  # nothing left, not even the parent folder it made
+
+
+def test_export_resolves_no_reward_and_reads_no_prompt_file(text_files, tmp_path, monkeypatch):  # noqa: F811
+    run = trained(text_files, tmp_path / "run")
+    ran = tmp_path / "evil_ran"
+    (run / "evilreward.py").write_text(f"open({str(ran)!r}, 'w').close()\ndef f(p, c):\n    return 0.0\n")
+    monkeypatch.syspath_prepend(str(run))  # as if tokenmdp were started from inside it
+    config = run / "config.toml"
+    text = re.sub(r'(?m)^reward = ".*"$', 'reward = "evilreward:f"', config.read_text())
+    text = re.sub(r'(?m)^prompts = ".*"$', f'prompts = "{tmp_path / "gone.jsonl"}"', text)
+    assert "evilreward:f" in text and "gone.jsonl" in text
+    config.write_text(text)
+    out = export_run(run, tmp_path / "model")
+    assert (out / "model.safetensors").is_file() and not ran.exists()
+
+
+def test_a_sigkill_between_the_two_renames_is_undone_by_the_next_export(toy_run, tmp_path):
+    import subprocess
+    import sys
+
+    out = export_run(toy_run, tmp_path / "out")
+    card = (out / "README.md").read_text()
+    # a real process, killed right after the old export was renamed aside
+    script = (
+        "import os, signal\n"
+        "from tokenmdp.train import export\n"
+        "real = os.rename\n"
+        "def rename(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if '.old-' in str(dst):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "export.os.rename = rename\n"
+        f"export.export_run({str(toy_run)!r}, {str(out)!r}, overwrite=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    assert not out.exists() and {n.split("-")[0] for n in hidden_beside(out)} == {".out.export", ".out.old"}
+    export_run(toy_run, out, overwrite=True)
+    assert (out / "README.md").read_text() == card and not hidden_beside(out)

@@ -11,9 +11,10 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from tokenmdp import config as config_module
-from tokenmdp.cli import main, options_text
+from tokenmdp.cli import main
 from tokenmdp.options import option_docs
 from tokenmdp.plugin.registry import Registry, plugin_manager
+from tokenmdp.reports.option_pages import options_text
 
 SECTIONS = config_module.OPTION_SECTIONS
 
@@ -49,6 +50,21 @@ def test_options_of_a_section_and_of_a_component():
     assert "log_kl: bool = True" in train
     gae = options_text("gae")
     assert gae.startswith("[advantage] gae (plugin") and "lam" in gae
+
+
+def test_options_of_every_section_env_id_and_policy_kind():
+    env = options_text("env")
+    assert env.startswith("[env]:") and "[env] id = 'tokenmdp/Text-v0'" in env and "  horizon: int = 5" in env
+    for name in ("Text-v0", "tokenmdp/Text-v0"):
+        text = options_text(name)
+        assert text.startswith("[env] id = 'tokenmdp/Text-v0'") and "  reward_weights: list | None = None" in text
+    pattern = options_text("Pattern-v0")  # a toy task's own options and those it passes on to ToyTask
+    assert "  reward_scale: float = 1.0" in pattern and "  vocab_size: int = 6" in pattern
+    policy = options_text("policy")
+    for kind in ("gru", "mlp", "tabular", "transformer", "hf"):
+        assert f"[policy] kind = '{kind}'" in policy or f'[policy] kind = "{kind}"' in policy
+    assert options_text("hf").startswith('[policy] kind = "hf"') and "  lora: table = None" in options_text("hf")
+    assert "  hidden: int = 96" in options_text("gru")
 
 
 def test_an_unknown_name_lists_what_there_is(capsys):

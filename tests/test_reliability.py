@@ -281,7 +281,13 @@ def test_sigterm_and_a_double_ctrl_c_stop_cleanly_with_a_checkpoint(tmp_path, si
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + getattr(sig, signals[0]), err
     assert f"interrupted ({signals[0]})" in err and "checkpoint saved" in err
-    assert ("stopping after this step" in err) == (len(signals) == 2)
+    # the second signal is acknowledged while the run still goes; one that lands after the
+    # run has already stopped (its last step and checkpoint took under 5 ms) is ignored
+    # silently, so the ack line is not required, only that nothing else is printed
+    assert all(
+        line.startswith(("tokenmdp: interrupted", "tokenmdp: stopping after this step")) for line in err.splitlines()
+    )
+    assert len(err.splitlines()) <= len(signals) and ("stopping after this step" in err) <= (len(signals) == 2)
     rows = metrics.read_text().splitlines()
     assert sorted((tmp_path / "cut/checkpoints").glob("*.pt"))[-1].name == f"step_{len(rows) - 1:08d}.pt"
     resumed = subprocess.run(

@@ -33,6 +33,14 @@ def wrong_count(prompts, completions, **kwargs):
     return [1.0]
 
 
+def strings(completions, **kwargs):
+    return ["x"] * len(completions)
+
+
+def all_none(completions, **kwargs):
+    return [None] * len(completions)
+
+
 def not_finite(prompts, completions, **kwargs):
     return [math.nan] * len(prompts)
 
@@ -61,7 +69,7 @@ def test_a_trl_reward_is_called_once_per_batch_and_trains_like_the_per_response_
     batched = train_text(text_files, tmp_path / "batched", *GRPO, "env.reward=test_rewards:trl_length_reward")
     training_calls = [c for c in CALLS if c["n"] == 8]
     assert len(training_calls) == 2  # one call per step's batch of 8, with EOS ending rows at different steps
-    assert training_calls[0]["kwargs"] == ["completion_ids"]
+    assert training_calls[0]["kwargs"] == ["completion_ids", "log_extra", "log_metric", "trainer_state"]
     per_response = train_text(text_files, tmp_path / "per", *GRPO)
     drop = ("time/",)
     assert [{k: v for k, v in r.items() if not k.startswith(drop)} for r in batched] == [
@@ -155,6 +163,8 @@ def test_an_hf_reward_model_scores_prompt_and_completion_in_batches(reward_model
     "reward, message",
     [
         ("test_rewards:wrong_count", r"returned 1 values on a batch of 6 responses; a batch reward returns one"),
+        ("test_rewards:strings", r"returned 'x' \(str\) on a batch of 6 responses \(completion 0\); rewards must be"),
+        ("test_rewards:all_none", r"returned None on prompt \d+ \(completion .*\), and no other reward scored"),
         ("test_rewards:not_finite", r"returned nan on a batch of 6 responses \(completion 0\); rewards must be finite"),
     ],
 )
@@ -164,3 +174,133 @@ def test_bad_batch_values_stop_the_run_naming_the_reward(text_files, tmp_path, r
     with pytest.raises(RewardError, match=rf"reward '{reward}' {message}.*\(in the evaluation at step 0\)"):
         Trainer(config).train()
     assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+# --- TRL's reward convention, exactly ---------------------------------------------------------
+# Each reward below has a signature from TRL's documentation or of a function TRL ships
+# (trl.rewards), written here: TRL stays out of the default install.
+
+
+def docs_reward(completions, **kwargs):  # TRL docs: "def reward_func(completions, **kwargs)"
+    return [float(len(c)) for c in completions]
+
+
+def swapped(completions, prompts, **kwargs):  # any order works: TRL passes keywords
+    CALLS.append({"prompts": prompts, "completions": completions})
+    return [0.0] * len(completions)
+
+
+def keyword_only(*, completions, completion_ids, trainer_state, log_metric, log_extra, **kwargs):
+    CALLS.append({"step": trainer_state.global_step})
+    log_metric("length/mean", sum(len(i) for i in completion_ids) / len(completion_ids))
+    log_extra("length", [len(i) for i in completion_ids])
+    return [float(len(i)) for i in completion_ids]
+
+
+def think_format_reward(completions: list, **kwargs) -> list[float]:  # trl.rewards' shape
+    return [1.0 if c.startswith("<think>") else 0.0 for c in completions]
+
+
+class RepetitionPenalty:  # trl.rewards.get_repetition_penalty_reward returns such an object
+    def __init__(self, ngram_size: int):
+        self.ngram_size = ngram_size
+
+    def __call__(self, completion_ids: list[list[int]], **kwargs) -> list[float]:
+        return [-float(len(ids) - len(set(ids))) for ids in completion_ids]
+
+
+repetition_penalty = RepetitionPenalty(2)
+
+
+def with_ngram(completion_ids, ngram_size, **kwargs):
+    return [float(ngram_size)] * len(completion_ids)
+
+
+def only_on_cats(prompts, completions, **kwargs):  # None: this reward does not apply (TRL's multi-task rule)
+    return [1.0 if "cat" in p else None for p in prompts]
+
+
+def everywhere(prompts, completions, **kwargs):
+    return [10.0] * len(prompts)
+
+
+async def async_reward(completions, **kwargs):
+    import asyncio
+
+    await asyncio.sleep(0)
+    return [2.0] * len(completions)
+
+
+async def async_per_response(prompt, completion):
+    return 3.0
+
+
+def neither(x):
+    return 0.0
+
+
+def both(*args, **kwargs):
+    return 0.0
+
+
+def qa_task(tmp_path, text_files, reward, **kw):  # noqa: F811
+    data = tmp_path / "qa.jsonl"
+    qa = [{"prompt": p, "answer": a} for p, a in [("the cat", "yes"), ("a dog", "no"), ("the cat sat", "no")]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in qa))
+    return TextTask(prompts=str(data), tokenizer=str(text_files / "spm.model"), horizon=6, reward=reward, **kw)
+
+
+def test_every_signature_trl_accepts_is_called_with_keywords(text_files, tmp_path):  # noqa: F811
+    import functools
+
+    responses = [[5, 6, 5], [7], [8, 9]]
+    task = qa_task(tmp_path, text_files, "test_rewards:docs_reward")
+    texts = [task.completion_text(r) for r in responses]
+    assert task.score_responses([0, 1, 2], responses) == [float(len(t)) for t in texts]
+    CALLS.clear()
+    task = qa_task(tmp_path, text_files, "test_rewards:swapped")
+    task.score_responses([0, 1], responses[:2])
+    assert CALLS[0] == {"prompts": ["the cat", "a dog"], "completions": texts[:2]}  # not swapped
+    task = qa_task(tmp_path, text_files, "test_rewards:keyword_only")
+    task.rewards.state.global_step = 7
+    CALLS.clear()
+    assert task.score_responses([0, 1, 2], responses) == [3.0, 1.0, 2.0]
+    assert CALLS == [{"step": 7}]
+    metrics, columns = task.rewards.drain_logs()
+    assert metrics == {"length/mean": 2.0} and columns == {"length": [3, 1, 2]}
+    assert task.rewards.drain_logs() == ({}, {})  # drained
+    assert qa_task(tmp_path, text_files, "test_rewards:think_format_reward").score_responses([0], [[5]]) == [0.0]
+    penalty = qa_task(tmp_path, text_files, "test_rewards:repetition_penalty")
+    assert penalty.score_responses([0, 1], responses[:2]) == [-1.0, 0.0]
+    assert penalty.rewards.rewards[0].form == "trl"
+    partial = functools.partial(with_ngram, ngram_size=3)
+    assert qa_task(tmp_path, text_files, partial).score_responses([0], [[5]]) == [3.0]
+
+
+def test_async_rewards_are_awaited_together(text_files, tmp_path):  # noqa: F811
+    task = qa_task(
+        tmp_path, text_files, ["test_rewards:async_reward", "test_rewards:async_per_response"], reward_weights=[1, 10]
+    )
+    assert [r.form for r in task.rewards.rewards] == ["trl", "pair"]
+    assert task.score_responses([0, 1], [[5], [6]]) == [32.0, 32.0]
+
+
+def test_none_leaves_a_reward_out_of_the_weighted_sum_as_trl_does(text_files, tmp_path):  # noqa: F811
+    task = qa_task(
+        tmp_path, text_files, ["test_rewards:only_on_cats", "test_rewards:everywhere"], reward_weights=[2, 0.5]
+    )
+    assert task.score_responses([0, 1, 2], [[5], [6], [7]]) == [2 + 5.0, 5.0, 2 + 5.0]
+    alone = qa_task(tmp_path, text_files, "test_rewards:only_on_cats")
+    with pytest.raises(RewardError, match=r"'test_rewards:only_on_cats' returned None on prompt 1 .*no other reward"):
+        alone.score_responses([0, 1], [[5], [6]])
+
+
+def test_the_per_response_form_stays_and_the_forms_never_mix_silently(text_files, tmp_path):  # noqa: F811
+    task = qa_task(tmp_path, text_files, "test_rewards:short_reward")
+    assert task.rewards.rewards[0].form == "pair"
+    assert task.score_responses([0], [[5, 6]]) == [-float(len(task.completion_text([5, 6])))]
+    for name, fits in [("neither", "neither form"), ("both", "both forms")]:
+        with pytest.raises(ConfigError, match=rf"env.reward 'test_rewards:{name}': its signature .* fits {fits}"):
+            qa_task(tmp_path, text_files, f"test_rewards:{name}")
+    with pytest.raises(RewardError, match="cannot take TRL's keywords .*a column of the prompts"):
+        qa_task(tmp_path, text_files, "test_rewards:with_ngram").score_responses([0], [[5]])

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from .errors import TokenMDPError
+from .errors import RankLost, TokenMDPError
 from .reports.tables import markdown as _table
 
 
@@ -47,7 +47,10 @@ def cmd_train(args) -> int:
         trainer = Trainer.from_run_dir(args.resume, args.set)
     else:  # without a CONFIG.toml, the defaults plus --set overrides
         trainer = Trainer(load_config(args.config, args.set))
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except RankLost as exc:  # the exact command to continue, since the run directory is known here
+        raise RankLost(f"{exc}; resume with: torchrun ... -m tokenmdp train --resume {trainer.run_dir}") from None
     if _rank() != 0:  # under torchrun, rank 0 reports for everyone
         return 0
     c = summary
@@ -106,50 +109,9 @@ def cmd_envs(args) -> int:
     return 0
 
 
-def _options_text(title: str, cls: type, overrides=None) -> list[str]:
-    from .options import option_docs
-
-    lines = [title]
-    for option in option_docs(cls, overrides):
-        lines.append(f"  {option.name}: {option.type} = {option.default!r}")
-        if option.doc:
-            lines.append(f"      {option.doc}")
-    if len(lines) == 1:
-        lines.append("  (no options)")
-    return lines
-
-
-def options_text(name: str) -> str:
-    """Every option of a config section, a recipe's three components or one component:
-    type, default and doc comment (the attrs doc comments are the one source)."""
-    from .config import OPTION_SECTIONS as sections
-    from .plugin.registry import Registry, plugin_manager
-
-    if name in sections:
-        return "\n".join(_options_text(f"[{name}]", sections[name]))
-    registry = Registry(plugin_manager())
-    if name in registry.recipes:
-        recipe = registry.recipes[name].obj
-        lines = [
-            f"recipe {name!r}: estimator {recipe.estimator}, advantage {recipe.advantage}, updater {recipe.updater}"
-            f" (set them in [estimator], [advantage], [updater]; values shown are this recipe's defaults)"
-        ]
-        for kind in ("estimator", "advantage", "updater"):
-            cls = registry.component(kind, getattr(recipe, kind))
-            lines += ["", *_options_text(f"[{kind}] {cls.name}", cls.Options, recipe.options.get(kind))]
-        return "\n".join(lines)
-    found = [(kind, table[name]) for kind, table in registry.components.items() if name in table]
-    if not found:
-        components = sorted({n for table in registry.components.values() for n in table})
-        raise TokenMDPError(
-            f"options: unknown name {name!r}; valid: the sections {', '.join(sections)}, the recipes "
-            f"{', '.join(sorted(registry.recipes))}, or a component: {', '.join(components)}"
-        )
-    blocks = [_options_text(f"[{kind}] {name} (plugin {entry.plugin})", entry.obj.Options) for kind, entry in found]
-    return "\n\n".join("\n".join(block) for block in blocks)
-
-
 def cmd_options(args) -> int:
+    from .reports.option_pages import options_text
+
     print(options_text(args.name))
     return 0
 

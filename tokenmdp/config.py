@@ -24,6 +24,16 @@ def _optional_str(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be a non-empty string (got {value!r})")
 
 
+def _name(instance, attribute, value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{attribute.name} must be a non-empty string (got {value!r})")
+
+
+def _optional_name(instance, attribute, value):
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{attribute.name} must be a non-empty string or unset (got {value!r})")
+
+
 def _boolean(instance, attribute, value):
     if not isinstance(value, bool):
         raise ValueError(f"{attribute.name} must be true or false (got {value!r})")
@@ -108,7 +118,7 @@ class TrainConfig:
     logprobs_from: str = attrs.field(default="auto", validator=one_of("auto", "sampling", "rescore"))
     #: The plugin that samples responses (hook ``tokenmdp_sampling_backends``): "torch",
     #: the built-in decoder (see ``tokenmdp plugins`` for others).
-    sampling_backend: str = attrs.field(default="torch", validator=attrs.validators.instance_of(str))
+    sampling_backend: str = attrs.field(default="torch", validator=_name)
     #: How tokens are drawn: "multinomial" (``torch.multinomial``), "inverse-cdf" (one
     #: uniform per row in the cumulative distribution: the same distribution, other draws,
     #: 13x cheaper on the CPU at a vocabulary of 512), or "auto": inverse-cdf for HF
@@ -179,7 +189,7 @@ class RunConfig:
     overwrite: bool = attrs.field(default=False, validator=_boolean)
     #: Log to Weights & Biases under this project (extra ``wandb``; ``WANDB_MODE=offline``
     #: keeps it on this machine, under the run directory). Unset = no wandb.
-    wandb_project: str | None = attrs.field(default=None, validator=optional(attrs.validators.instance_of(str)))
+    wandb_project: str | None = attrs.field(default=None, validator=_optional_name)
 
 
 @attrs.frozen

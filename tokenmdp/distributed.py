@@ -30,6 +30,7 @@ import datetime
 import math
 import numbers
 import os
+import re
 import warnings
 import weakref
 import zlib
@@ -42,7 +43,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import errors
-from .errors import ConfigError, RankFailure, TokenMDPError
+from .errors import ConfigError, RankFailure, RankLost, TokenMDPError
 
 #: What torchrun sets for every worker.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -151,6 +152,36 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# --- talking to the other ranks ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def collective() -> Iterator[None]:
+    """Around every collective: a peer that died (SIGKILL, out of memory) or stopped
+    answering makes torch raise a gloo/NCCL error here, on every survivor, whatever the
+    survivor was doing. That is no plugin's fault, so it becomes one :class:`RankLost` line
+    naming the rank, which components and hooks pass through unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch's DistError family, and gloo's plain RuntimeErrors
+        raise RankLost(_lost_message(exc)) from None
+
+
+def _lost_message(exc: BaseException) -> str:
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    others = [r for r in range(world_size()) if r != rank()]
+    # with two ranks the peer is known; with more, gloo's message does not say which one
+    who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
+    if "timed out" in detail.lower() or "timeout" in detail.lower():
+        seconds = os.environ.get(TIMEOUT_ENV_VAR, "1800")
+        what = f"did not answer within {seconds} s ({TIMEOUT_ENV_VAR})"
+    else:
+        what = "is gone"
+    # gloo's "[.../pair.cc:537]" source location off, and its first sentence only
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", detail).split(". ")[0][:120]
+    return f"{who} (of {world_size()}) {what}, so rank {rank()} stops too ({detail}); the newest checkpoint is kept"
+
+
 # --- batch statistics over the global batch -------------------------------------------------
 
 
@@ -183,7 +214,8 @@ def all_sum(*tensors: Tensor) -> tuple[Tensor, ...]:
     import torch.distributed as dist
 
     flat = torch.cat([t.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for t in tensors])
-    dist.all_reduce(flat)
+    with collective():
+        dist.all_reduce(flat)
     out, offset = [], 0
     for t in tensors:
         total = flat[offset : offset + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype)
@@ -209,7 +241,8 @@ def any_rank(flag: bool) -> bool:
     import torch.distributed as dist
 
     t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with collective():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
@@ -220,7 +253,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with collective():
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -231,9 +265,10 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         return
     import torch.distributed as dist
 
-    for tensor in module.state_dict().values():
-        if isinstance(tensor, Tensor):
-            dist.broadcast(tensor.data, src=src)
+    with collective():
+        for tensor in module.state_dict().values():
+            if isinstance(tensor, Tensor):
+                dist.broadcast(tensor.data, src=src)
 
 
 @torch.no_grad()
@@ -249,7 +284,8 @@ def check_same_parameters(module: torch.nn.Module, where: str) -> None:
         return
     flat = torch.cat(params)
     both = torch.cat([flat, -flat])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    with collective():
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
     high, low = both[: flat.numel()], -both[flat.numel() :]
     spread = float((high - low).max())
     if not spread == 0.0:  # (NaN weights are caught after every update, before this)
@@ -273,7 +309,8 @@ def _average(params: list[Tensor]) -> None:
     import torch.distributed as dist
 
     has = torch.tensor([0.0 if p.grad is None else 1.0 for p in params])
-    dist.all_reduce(has)
+    with collective():
+        dist.all_reduce(has)
     live = [p for p, n in zip(params, has.tolist()) if n > 0]
     for p in live:
         if p.grad is None:  # this rank's loss did not reach it, another rank's did
@@ -283,7 +320,8 @@ def _average(params: list[Tensor]) -> None:
         by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
     for grads in by_kind.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        with collective():
+            dist.all_reduce(flat)
         flat /= world_size()
         offset = 0
         for g in grads:
@@ -354,12 +392,15 @@ def agreement(what: str) -> Iterator[None]:
     error: Exception | None = None
     try:
         yield
+    except RankLost:
+        raise  # nobody is left to agree with
     except Exception as exc:
         error = exc
     if not any_rank(error is not None):
         return
     reports: list[Any] = [None] * world_size()
-    dist.all_gather_object(reports, None if error is None else (type(error).__name__, str(error)))
+    with collective():
+        dist.all_gather_object(reports, None if error is None else (type(error).__name__, str(error)))
     if error is not None:
         raise error
     failed, (name, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
@@ -378,13 +419,16 @@ def reduce_metrics(metrics: dict[str, Any], sums: Iterable[str] = ("rollout/toke
     keys = [k for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)]
     digest = float(zlib.crc32("\n".join(keys).encode()))
     check = torch.tensor([digest, -digest], dtype=torch.float64)
-    dist.all_reduce(check, op=dist.ReduceOp.MAX)
+    with collective():
+        dist.all_reduce(check, op=dist.ReduceOp.MAX)
     if check[0].item() != -check[1].item():
         found: list[Any] = [None] * world_size()
-        dist.all_gather_object(found, keys)
+        with collective():
+            dist.all_gather_object(found, keys)
         raise TokenMDPError(f"ranks logged different metric keys: {found}")
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
+    with collective():
+        dist.all_reduce(values)
     out = dict(metrics)
     sums = set(sums)
     for key, total in zip(keys, values.tolist()):

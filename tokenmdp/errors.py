@@ -47,5 +47,10 @@ class RankFailure(TokenMDPError):
     """Another rank of a distributed run failed; this one stops at the same point."""
 
 
+class RankLost(TokenMDPError):
+    """Another rank of a distributed run died or stopped answering (a collective failed);
+    this one stops too, keeping its newest checkpoint."""
+
+
 class RunDirInUse(TokenMDPError):
     """Another tokenmdp process holds the run directory's lock."""

@@ -15,6 +15,12 @@ time, until it is fixed.
 The file lives in ``$TOKENMDP_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tokenmdp`` or
 ``~/.cache/tokenmdp``), one per Python environment; ``TOKENMDP_CACHE_DIR=off`` turns the
 catalog off. A folder that cannot be written only costs the speed.
+
+The file is a cache of names, never trusted for more: it holds only strings to list and,
+per env, whether the plugin gives it a vector form. What an env is built from (its entry
+point and its default kwargs) always comes from the plugin itself when the env is made.
+Anything but a regular file of at most ``MAX_BYTES`` whose every field has the expected
+type (a FIFO, a device, a symlink to one, a malformed or foreign file) is stale: rebuilt.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import stat
 import sys
 import tempfile
 from importlib import metadata
@@ -32,7 +40,13 @@ from typing import Any
 CACHE_ENV_VAR = "TOKENMDP_CACHE_DIR"
 ENTRY_POINT_GROUP = "tokenmdp"
 DISABLE_ENV_VAR = "TOKENMDP_DISABLE_PLUGINS"
-_FORMAT = 1
+#: 2: env entries no longer carry kwargs (the plugin's spec gives them when the env is made)
+_FORMAT = 2
+#: A catalog is a few kB; a bigger file is not one (and is never read whole into memory).
+MAX_BYTES = 1 << 20
+_ENV_KEYS = {"id", "plugin", "description", "vector"}
+#: What Gymnasium accepts as an env id ([namespace/]name[-vN]); anything else is not one.
+_ENV_ID = re.compile(r"(?:[\w:-]+/)?[\w:.-]+(?:-v\d+)?")
 
 
 def blocked_plugin_names() -> list[str]:
@@ -105,34 +119,69 @@ def _build(stamp: str) -> dict:
     from .registry import Registry, plugin_manager
 
     registry = Registry(plugin_manager())
-    envs = []
-    for entry in registry.envs.values():
-        spec = entry.obj
-        kwargs = dict(spec.kwargs)
-        try:  # kept when it survives JSON unchanged; otherwise the entry point adds it
-            kwargs = kwargs if json.loads(json.dumps(kwargs)) == kwargs else {}
-        except (TypeError, ValueError):
-            kwargs = {}
-        envs.append(
-            {
-                "id": spec.id,
-                "plugin": entry.plugin,
-                "description": spec.description,
-                "kwargs": kwargs,
-                "vector": spec.vector_entry_point is not None,
-            }
-        )
+    envs = [
+        {
+            "id": entry.obj.id,
+            "plugin": entry.plugin,
+            "description": entry.obj.description,
+            "vector": entry.obj.vector_entry_point is not None,
+        }
+        for entry in registry.envs.values()
+    ]
     return {"format": _FORMAT, "fingerprint": stamp, "rows": [list(r) for r in registry.rows()], "envs": envs}
 
 
 def _read(path: Path, stamp: str) -> dict | None:
+    """The catalog at ``path`` if it is current and well-formed, else None (rebuilt). Only
+    a regular file is opened, without blocking (a FIFO put there cannot hang every
+    command), and at most ``MAX_BYTES`` of it are read (nor can ``/dev/zero``)."""
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return None
-    if not isinstance(found, dict) or found.get("format") != _FORMAT or found.get("fingerprint") != stamp:
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped after the stat
+                return None
+            data = f.read(MAX_BYTES + 1)
+    except OSError:
         return None
-    return found
+    if len(data) > MAX_BYTES:
+        return None
+    try:
+        found = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep to parse
+        return None
+    return found if _well_formed(found, stamp) else None
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _well_formed(found: Any, stamp: str) -> bool:
+    """Every field of a catalog of this format and fingerprint, with the type it must have:
+    what reads the catalog (the listings, the Gymnasium registration) can then not fail."""
+    if not isinstance(found, dict) or set(found) != {"format", "fingerprint", "rows", "envs"}:
+        return False
+    if type(found["format"]) is not int or found["format"] != _FORMAT or found["fingerprint"] != stamp:
+        return False
+    rows, envs = found["rows"], found["envs"]
+    if not isinstance(rows, list) or not all(
+        isinstance(row, list) and len(row) == 4 and all(map(_is_str, row)) for row in rows
+    ):
+        return False
+    if not isinstance(envs, list) or not all(isinstance(env, dict) and set(env) == _ENV_KEYS for env in envs):
+        return False
+    ids = [env["id"] for env in envs]
+    return (
+        all(_is_str(i) and _ENV_ID.fullmatch(i) for i in ids)
+        and len(set(ids)) == len(ids)
+        and all(_is_str(env["plugin"]) and _is_str(env["description"]) for env in envs)
+        and all(type(env["vector"]) is bool for env in envs)
+    )
 
 
 def _write(path: Path, catalog: dict) -> None:
@@ -153,7 +202,7 @@ def _write(path: Path, catalog: dict) -> None:
 
 def installed() -> dict:
     """The catalog of the installed plugins: ``rows`` as ``tokenmdp plugins`` prints them
-    (kind, name, plugin, source) and ``envs`` (id, plugin, description). Read from the
+    (kind, name, plugin, source) and ``envs`` (id, plugin, description, vector). Read from the
     cache when it is current; otherwise the plugins are loaded (a ``PluginError`` if one
     cannot be) and the cache rewritten."""
     path = catalog_path()
@@ -180,7 +229,15 @@ class InstalledEnv:
 
         registry = Registry(plugin_manager())
         registry.register_envs()
+        # the plugin's spec, not the catalog, says what the env is built from: its entry
+        # point and its default kwargs (the catalog registered none), then the caller's
         spec = registry.env(self.env_id)
+        if self.vector and spec.vector_entry_point is None:
+            # the catalog said it has a vector form and the plugin gives none: Gymnasium's
+            # own vectorisation of the plugin's env, as make_vec does for such an env
+            import gymnasium
+
+            return gymnasium.make_vec(self.env_id, vectorization_mode="sync", **kwargs)
         make = spec.vector_entry_point if self.vector else spec.entry_point
         return make(**{**dict(spec.kwargs), **kwargs})
 
@@ -195,10 +252,12 @@ def register_installed_envs() -> None:
     for env in installed()["envs"]:
         if env["id"] in gymnasium.registry:
             continue
-        gymnasium.register(
-            id=env["id"],
-            entry_point=InstalledEnv(env["id"]),
-            vector_entry_point=InstalledEnv(env["id"], vector=True) if env["vector"] else None,
-            kwargs=env["kwargs"],
-            disable_env_checker=True,
-        )
+        try:
+            gymnasium.register(
+                id=env["id"],
+                entry_point=InstalledEnv(env["id"]),
+                vector_entry_point=InstalledEnv(env["id"], vector=True) if env["vector"] else None,
+                disable_env_checker=True,
+            )
+        except gymnasium.error.Error:  # an id Gymnasium refuses next to one it has: the plugin's own
+            continue  # registration (Registry.register_envs) reports it once the plugins are loaded

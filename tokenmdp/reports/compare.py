@@ -15,16 +15,24 @@ A grid file::
     set = ["updater.lr=1e-3"]               # overrides for this recipe only, after the shared ones
 
 Cell (recipe, env, seed) trains in ``<out>/cells/<recipe>__<Env>__seed<k>/``. Its
-``summary.json`` marks it finished, so a rerun skips it: the grid resumes.
+``summary.json`` marks it finished, so a rerun skips it: the grid resumes. One ``tokenmdp
+compare`` at a time uses an ``out`` folder (a lock, ``<out>/.tokenmdp-compare.lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import html
 import json
+import math
+import os
 import re
+import signal
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +42,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import SECTIONS, Config, load_config, merge, parse_override, read_toml
-from ..errors import ConfigError
+from ..errors import ConfigError, RunDirInUse
 from ..mdp.solver import solve, tree_logprobs
 from ..options import build, to_dict
 from ..plugin.composition import compose
 from ..plugin.registry import Registry, plugin_manager
-from ..train.models import cached_tagged_sft_tokens
+from ..policies import build_policy
+from ..train import rundir
+from ..train.models import reference_key
 from ..train.rundir import atomic_write_text
 from ..train.sft import make_sft_data
 from ..train.trainer import (
@@ -73,6 +83,8 @@ COLUMNS = [
     ("wall_seconds", "wall s"),
 ]
 PLOTS = {"regret_vs_tokens.png": "Regret against environment tokens", "reward_kl_frontier.png": "Reward-KL frontier"}
+#: In ``out``: held (``fcntl.flock``) by the one ``tokenmdp compare`` that uses the folder.
+LOCK = ".tokenmdp-compare.lock"
 
 
 def _strings(instance, attribute, value):
@@ -246,12 +258,163 @@ def reference_cache(cell: Cell) -> Path:
     return cell.dir.parent.parent / "references"
 
 
+def _reference_files(cell: Cell) -> tuple[Path, Path] | None:
+    """``(KEY.safetensors, KEY.json)`` of the cell's entry in the reference cache (as
+    ``train/models.py`` writes them), or None when its reference is not fine-tuned."""
+    if cell.config.reference.init != "sft":
+        return None
+    key = reference_key(cell.config)
+    return reference_cache(cell) / f"{key}.safetensors", reference_cache(cell) / f"{key}.json"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _meta_problem(data: bytes) -> str | None:
+    """What is wrong with a ``KEY.json`` (the SFT losses and the tagged-SFT tokens), or None."""
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError):
+        return "is not JSON"
+    if not isinstance(meta, dict) or set(meta) != {"losses", "tagged_sft_tokens"}:
+        return "does not hold exactly losses and tagged_sft_tokens"
+    losses, tagged = meta["losses"], meta["tagged_sft_tokens"]
+    if not isinstance(losses, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in losses
+    ):
+        return "has losses that are not a list of finite numbers"
+    if isinstance(tagged, bool) or not isinstance(tagged, int) or tagged < 0:
+        return "has a tagged_sft_tokens that is not a count"
+    return None
+
+
+def _policy_shapes(cell: Cell, registry: Registry) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight of the cell's initial policy, which a cached reference
+    must have: the policy built on the meta device (no memory, no init), the RNG kept."""
+    _, task = load_task(cell.config, compute_rewards=False, registry=registry)
+    with torch.random.fork_rng(devices=[]):  # build_policy seeds the global generator
+        try:
+            with torch.device("meta"):
+                base = build_policy(cell.config.policy, task, seed=cell.config.train.seed)
+        except Exception:  # a model that cannot be built on the meta device: built for real
+            base = build_policy(cell.config.policy, task, seed=cell.config.train.seed)
+    return {name: tuple(t.shape) for name, t in base.state_dict().items()}
+
+
+def _reference_problem(cell: Cell, weights: Path, meta: Path, registry: Registry) -> str | None:
+    """Why the cached reference cannot be used, or None when it is whole. Whole means: both
+    files regular, their ``.sha256`` files match (when they exist), the metadata well-formed,
+    and the weights load (from the bytes just hashed), are finite, and have the shapes of
+    the cell's policy, plus the RNG state after the fine-tune. An entry without checksums
+    (just written by a fine-tune, or by an older tokenmdp) that is whole gets them here."""
+    import safetensors.torch
+
+    data = {}
+    for path in (weights, meta):
+        if path.is_symlink() or not path.is_file():
+            return f"is incomplete ({path.name} is missing or not a regular file)"
+        try:
+            data[path] = path.read_bytes()
+        except OSError as exc:
+            return f"cannot be read ({path.name}: {exc.strerror or exc})"
+    checksums = {path: rundir.checksum_path(path) for path in data}
+    sealed = all(c.is_file() for c in checksums.values())
+    if sealed:
+        for path, checksum in checksums.items():
+            try:
+                expected = checksum.read_text().strip()
+            except (OSError, ValueError):
+                expected = None
+            if expected != _sha256(data[path]):
+                return f"is corrupt ({path.name} does not match {checksum.name})"
+    problem = _meta_problem(data[meta])
+    if problem is not None:
+        return f"has damaged metadata ({meta.name} {problem})"
+    try:
+        stored = safetensors.torch.load(data[weights])
+    except Exception as exc:  # truncated, empty, not safetensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"cannot be loaded ({weights.name}: {type(exc).__name__}: {first})"
+    rng = stored.pop("__rng_state__", None)
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        return f"is not a fine-tuned reference ({weights.name} lacks the RNG state after the fine-tune)"
+    bad = [name for name, t in stored.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        return f"holds non-finite weights ({bad[0]}, ...)"
+    found, expected_shapes = {k: tuple(t.shape) for k, t in stored.items()}, _policy_shapes(cell, registry)
+    if found != expected_shapes:
+        name = next((k for k in expected_shapes if found.get(k) != expected_shapes[k]), None)
+        name = name if name is not None else next(k for k in found if k not in expected_shapes)
+        return (
+            f"does not fit the cell's policy ({name}: {found.get(name, 'missing')} where the policy has "
+            f"{expected_shapes.get(name, 'no such weight')})"
+        )
+    if not sealed:  # whole: from now on any change to it is detected
+        for path, checksum in checksums.items():
+            atomic_write_text(checksum, _sha256(data[path]) + "\n")
+    return None
+
+
+def check_cached_reference(cell: Cell, pm) -> None:
+    """Make the cell's entry in the reference cache whole or absent: a damaged, truncated,
+    empty, non-finite, wrong-shaped or corrupt-metadata one is removed with a one-line note,
+    so that the cell's trainer fine-tunes it again (and a whole one gets its checksums).
+    Under the cache's lock per key, so a fine-tune of the same key in another worker is
+    waited for, never read half-written."""
+    import fcntl
+
+    files = _reference_files(cell)
+    if files is None:
+        return
+    weights, meta = files
+    related = [weights, meta, *(rundir.checksum_path(p) for p in files)]
+    if not any(os.path.lexists(p) for p in related):
+        return
+    with open(weights.parent / f"{weights.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.lexists(weights) and not os.path.lexists(meta):
+            problem = "is incomplete (only checksums left)"
+        else:
+            problem = _reference_problem(cell, weights, meta, Registry(pm))
+        if problem is None:
+            return
+        print(f"tokenmdp: cached reference {weights} {problem}; fine-tuning it again", file=sys.stderr)
+        for path in related:
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)  # an empty folder in a file's place; one with files in it is an error
+                elif os.path.lexists(path):
+                    os.unlink(path)
+            except OSError as exc:  # a folder in its place, no permission: the fine-tune could not replace it
+                raise ConfigError(f"cached reference {path} cannot be removed: {exc.strerror or exc}") from None
+
+
+def _cached_tagged_sft_tokens(cell: Cell) -> int | None:
+    """The tagged-SFT tokens the cell's cached fine-tune recorded, when its metadata is
+    whole (checksum and form); None otherwise (they are then recounted, exactly)."""
+    files = _reference_files(cell)
+    if files is None:
+        return None
+    meta = files[1]
+    try:
+        data = meta.read_bytes() if meta.is_file() and not meta.is_symlink() else None
+        checksum = rundir.checksum_path(meta).read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if data is None or checksum != _sha256(data) or _meta_problem(data) is not None:
+        return None
+    return json.loads(data)["tagged_sft_tokens"]
+
+
 def run_cell(cell: Cell, pm) -> None:
     """Train one cell; one interrupted after a checkpoint continues from it, anything else
     unfinished starts from scratch (``run.overwrite = true``). Its reference comes from the
-    grid's cache when another cell fine-tuned the same one."""
+    grid's cache when another cell fine-tuned the same one (checked first; a damaged one is
+    fine-tuned again), and the entry gets its checksums once the cell ends."""
     resume = latest_checkpoint(cell.dir) is not None and _recorded_config(cell) == cell.config
     (cell.dir / "compare.json").unlink(missing_ok=True)  # cached numbers of an older run of this cell
+    check_cached_reference(cell, pm)
     try:
         Trainer(cell.config, pm=pm, resume=resume, reference_cache=reference_cache(cell)).train()
     except TrainingInterrupted:
@@ -259,72 +422,191 @@ def run_cell(cell: Cell, pm) -> None:
             f"interrupted in cell {cell.dir.name}; rerun the same `tokenmdp compare` "
             "command to resume the grid (finished cells are kept)"
         ) from None
+    check_cached_reference(cell, pm)  # the checksums of an entry this cell's fine-tune wrote
+
+
+@contextlib.contextmanager
+def _locked_out(out: Path):
+    """Hold ``out``'s lock (``fcntl.flock`` on ``.tokenmdp-compare.lock``) while the block
+    runs: a second ``tokenmdp compare`` on the same folder is a one-line error naming the
+    holder, instead of two processes rewriting the same cells and results. The operating
+    system releases the lock however the process ends."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")
+    except OSError as exc:
+        raise ConfigError(f"compare out {str(out)!r} cannot be used: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirInUse(
+            f"compare out {str(out)!r} is in use by {holder}; wait for it to finish, or use another --out"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"tokenmdp compare pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def run_grid(grid: Grid, pm=None, progress: bool = True, jobs: int = 1, threads: int = 1) -> tuple[str, Path]:
     """Run every unfinished cell, then (re)write the results folder; returns the Markdown
     results table and the path of index.html. With ``jobs > 1`` the cells run in that
     many worker processes with ``threads`` torch threads each (the installed plugins only:
-    a custom ``pm`` needs ``jobs = 1``)."""
+    a custom ``pm`` needs ``jobs = 1``). The progress bar shows on a terminal only."""
     if jobs > 1 and pm is not None:
         raise ConfigError("compare --jobs > 1 runs the installed plugins in worker processes; use --jobs 1 here")
+    if grid.out.exists() and not grid.out.is_dir():
+        raise ConfigError(f"compare out {str(grid.out)!r} is a file, not a folder; name a folder for the results")
     pm = pm if pm is not None else plugin_manager()
     registry = Registry(pm)
     registry.register_envs()
-    cells = plan_cells(grid, registry)
-    todo = [c for c in cells if not c.finished]
-    with tqdm(
-        total=len(cells), initial=len(cells) - len(todo), desc="compare", unit="cell", disable=not progress
-    ) as bar:
-        if jobs > 1 and len(todo) > 1:
-            _run_in_workers(todo, min(jobs, len(todo)), threads, bar)
-        else:
-            for cell in todo:
-                bar.set_postfix_str(cell.dir.name)
-                run_cell(cell, pm)
-                bar.update()
-    records = [cell_record(cell, registry) for cell in cells]
-    return write_results(grid, records)
+    plan_cells(grid, registry)  # a bad grid fails before the folder is made
+    with _locked_out(grid.out):
+        cells = plan_cells(grid, registry)  # again under the lock: which cells another run finished
+        todo = [c for c in cells if not c.finished]
+        with tqdm(
+            total=len(cells),
+            initial=len(cells) - len(todo),
+            desc="compare",
+            unit="cell",
+            disable=None if progress else True,  # None: only on a terminal, not in a log
+        ) as bar:
+            if jobs > 1 and len(todo) > 1:
+                _run_in_workers(todo, min(jobs, len(todo)), threads, bar)
+            else:
+                for cell in todo:
+                    bar.set_postfix_str(cell.dir.name)
+                    run_cell(cell, pm)
+                    bar.update()
+        records = [cell_record(cell, registry) for cell in cells]
+        return write_results(grid, records)
 
 
-def _worker_start(threads: int) -> None:
+# --- worker processes ---------------------------------------------------------------------
+
+#: In a worker process: the grid's stop request (set by the parent on Ctrl-C), whether
+#: this process saw SIGINT, and whether a cell is being set up or run here.
+_stop = None
+_interrupted = False
+_in_cell = False
+
+
+def _worker_start(threads: int, stop) -> None:
+    global _stop
+    _stop = stop
+    # SIGINT reaches the whole process group. A worker waiting for its next cell only notes
+    # it (no KeyboardInterrupt traceback from the pool's machinery); a cell being set up
+    # stops there; a cell training gets the trainer's own handler (checkpoint, then stop).
+    signal.signal(signal.SIGINT, _worker_interrupted)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while it spawned us
     torch.set_num_threads(threads)
 
 
-def _worker_cell(cell: Cell) -> str:
+def _worker_interrupted(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    if _in_cell:
+        raise KeyboardInterrupt
+
+
+def _worker_cell(cell: Cell) -> str | None:
     """Train the cell, then compute its table extras (the exact frontier) here too, so the
-    parent only reads them (``compare.json``)."""
-    pm = plugin_manager()
-    run_cell(cell, pm)
-    _cell_extras(cell, Registry(pm))  # registers the envs itself (load_task)
+    parent only reads them (``compare.json``). None: the grid is stopping, so the cell
+    was not started (or was stopped before its run began)."""
+    global _in_cell, _interrupted
+    if _interrupted or (_stop is not None and _stop.is_set()):
+        return None
+    try:
+        _in_cell = True
+        pm = plugin_manager()
+        run_cell(cell, pm)
+        _cell_extras(cell, Registry(pm))  # registers the envs itself (load_task)
+    except KeyboardInterrupt:
+        return None
+    except TrainingInterrupted:
+        _interrupted = True  # its trainer took the Ctrl-C: no next cell starts here either
+        raise
+    finally:
+        _in_cell = False
     return cell.dir.name
 
 
 def _run_in_workers(cells: list[Cell], jobs: int, threads: int, bar) -> None:
     """The cells in ``jobs`` spawned processes. Ctrl-C reaches the workers too (one process
-    group): each checkpoints its cell and stops; cells not started are cancelled, finished
-    ones are kept, and a rerun continues."""
+    group): each cell training checkpoints and stops, as a run does; cells not started are
+    cancelled (the pool's queue, and a stop request for those already handed to a worker);
+    finished ones are kept, and a rerun continues."""
     import concurrent.futures
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_worker_start, initargs=(threads,)
-    )
-    futures = [pool.submit(_worker_cell, cell) for cell in cells]
+    stop = context.Event()
+    main = threading.current_thread() is threading.main_thread()
+    # The workers start with SIGINT blocked (a spawned process inherits the mask) until
+    # their initializer installs their handler: a Ctrl-C while they import torch is held
+    # until then, never a traceback. Here it is held until the pool is set up.
+    # The mask alone is not enough: another thread of this process (tqdm's monitor) may take
+    # the signal, and Python then raises KeyboardInterrupt in this thread anyway, possibly in
+    # the middle of starting a worker that the pool has not registered yet (so it is never
+    # joined, and it fails unpickling after this process has exited). So the handler only
+    # notes a Ctrl-C until every worker is started, and it is raised right after.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
+    pool = None
     try:
+        try:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=jobs, mp_context=context, initializer=_worker_start, initargs=(threads, stop)
+            )
+            futures = [pool.submit(_worker_cell, cell) for cell in cells]
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C held meanwhile arrives now
+        if held:
+            raise KeyboardInterrupt
         for future in concurrent.futures.as_completed(futures):
-            bar.set_postfix_str(future.result())
+            name = future.result()
+            if name is None:  # a worker saw Ctrl-C first
+                raise KeyboardInterrupt
+            bar.set_postfix_str(name)
             bar.update()
     except (KeyboardInterrupt, TrainingInterrupted):
-        pool.shutdown(wait=True, cancel_futures=True)
+        _stop_pool(pool, stop, main)
         raise TrainingInterrupted(
             "interrupted; rerun the same `tokenmdp compare` command to resume the grid (finished cells are kept)"
         ) from None
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _stop_pool(pool, stop, main)
         raise
     pool.shutdown(wait=True)
+
+
+def _stop_pool(pool, stop, main: bool) -> None:
+    """Cancel every cell not started and wait for those in flight to stop (each saves a
+    checkpoint). Meanwhile this process ignores SIGINT: the workers get a repeated Ctrl-C
+    themselves (the trainer's second and third press), and this one must not leave them."""
+    stop.set()
+    if pool is None:
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 # --- one cell's numbers ---------------------------------------------------------------
@@ -369,7 +651,7 @@ def _cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
     _, task = load_task(config, registry=registry)
     reference = load_reference(cell.dir, config, task)
     betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
-    tagged = cached_tagged_sft_tokens(config, reference_cache(cell)) if config.reference.init == "sft" else None
+    tagged = _cached_tagged_sft_tokens(cell)
     tagged = tagged_sft_tokens(task, config) if tagged is None else tagged  # a cell fine-tuned before the cache
     extras = {"frontier": exact_frontier(task, reference, betas), "tagged_sft_tokens": tagged}
     atomic_write_text(path, json.dumps(extras))  # a cache that is whole or absent

@@ -42,6 +42,7 @@ from ..plugin.composition import Composition, compose
 from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
 from ..plugin.registry import Registry
+from ..text.task import code_barrier
 from ..train.rollout import collect
 from ..train.rundir import read_checkpoint
 from ..train.trainer import latest_checkpoint, load_policy, load_reference, load_task, make_vector_env
@@ -79,7 +80,8 @@ def load_run(run_dir: str | Path):
             "explain reads the policy of the last checkpoint"
         )
     config = load_config(run_dir / "config.toml")
-    registry, task = load_task(config)
+    with code_barrier(run_dir):  # where the run now lives (its config names where it was made)
+        registry, task = load_task(config)
     if not task.exact:  # text envs: no prefix tree, so no A* to compare with
         raise ConfigError(f"explain: env {config.env['id']} has no exact solver; explain needs a toy env")
     policy = load_policy(run_dir, task).requires_grad_(False).eval()
@@ -209,7 +211,8 @@ def explain(
     solution = solve(task, reference, config.train.beta)
     n_prompts = task.prompts.shape[0]
     prompt_index = (torch.arange(samples) % n_prompts).repeat_interleave(group_size)
-    env = make_vector_env(registry, config, len(prompt_index), compute_rewards=True)
+    with code_barrier(run_dir):
+        env = make_vector_env(registry, config, len(prompt_index), compute_rewards=True)
     batch, generator = sample(policy, reference, env, prompt_index, seed, group_size)
     # explain is one step of each estimator: train.steps = 1 keeps step-budgeted set-ups tiny
     one_step = attrs.evolve(config, train=attrs.evolve(config.train, steps=1))

@@ -1,64 +1,133 @@
-"""``env.reward`` of a text task: one or several rewards, each of three kinds, weighted.
+"""``env.reward`` of a text task: one or several rewards, each of three forms, weighted.
 
-- ``module:function`` taking ``(prompt, completion) -> float``: called once per response;
-- ``module:function`` written for TRL's ``GRPOTrainer``, ``(prompts, completions, **kwargs)
-  -> list[float]`` (its first parameter is named ``prompts`` or it has a ``completions``
-  parameter): called once for all the responses that are scored together, with TRL's
-  keyword arguments (``completion_ids``, the prompts' other dataset columns);
+- **TRL's form**: a function (or callable object, ``functools.partial``, ``async def``)
+  written for TRL's ``GRPOTrainer``, called once for all the responses scored together,
+  exactly as TRL 1.16 calls it: keywords only, ``prompts=``, ``completions=``,
+  ``completion_ids=``, every other dataset column of the prompts, ``trainer_state=`` (an
+  object with ``global_step`` and ``max_steps``), ``log_extra=(column, values)`` (adds a
+  column to the logged completions) and ``log_metric=(name, value)`` (adds a scalar to the
+  step's metrics). It returns one number or ``None`` per completion. A function has this
+  form when it names one of those keywords (``completions``, ``completion_ids``, ...) or
+  takes only ``**kwargs``.
+- **tokenmdp's per-response form**: ``(prompt, completion) -> float``, two positional
+  parameters named anything else (``prompt``, ``text``, ...), called once per response.
 - ``hf:DIR``: a local ``AutoModelForSequenceClassification`` with one output, scoring
   ``prompt + completion`` in batches on the policy's device.
 
-A batch's reward is ``sum_i w_i r_i`` (``env.reward_weights``, default 1 each). A reward
-that raises, calls ``sys.exit()``, takes longer than ``env.reward_timeout``, or returns
-anything but finite numbers (one per response) stops the run with a ``RewardError`` that
-names it.
+A signature that fits neither form, or both (``(*args, **kwargs)``), is a one-line error
+that shows both. A batch's reward is ``sum_i w_i r_i`` (``env.reward_weights``, default 1
+each) over the rewards that did not return ``None`` for that completion, as TRL's weighted
+``nansum``; a completion for which every reward returned ``None`` stops the run (TRL warns
+and gives it no advantage; here it is a one-line error naming the completion). Async
+rewards of one batch run concurrently (``asyncio.gather``), as TRL runs them. A reward
+that raises, calls ``sys.exit()`` or ``os._exit()``, takes longer than
+``env.reward_timeout``, or returns anything but finite numbers and ``None`` (one per
+response) stops the run with a ``RewardError`` that names it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import math
 import numbers
+import os
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from ..errors import ConfigError, RewardError
+
+#: The keywords TRL's GRPOTrainer passes to every reward function (besides dataset columns).
+TRL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+FORMS = (
+    "TRL's form, keywords only: def reward(completions, **kwargs) -> list[float | None] "
+    "(also prompts=, completion_ids=, dataset columns, trainer_state=, log_extra=, log_metric=); "
+    "or tokenmdp's per-response form: def reward(prompt, completion) -> float"
+)
+
+
+@attrs.define
+class RewardState:
+    """What TRL's ``trainer_state`` offers a reward: the training step being scored (0 for
+    the reference's evaluation) and the run's last step."""
+
+    global_step: int = 0
+    max_steps: int = 0
+
+
+def reward_form(fn: Callable, spec: str) -> str:
+    """``"trl"`` or ``"pair"`` (see the module's docstring); anything else is a ConfigError."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"env.reward {spec!r}: its signature cannot be read; write it in one of the forms: {FORMS}"
+        ) from None
+    kinds = inspect.Parameter
+    named = [p for p in params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+    required = [p for p in named if p.default is kinds.empty]
+    var_keyword = any(p.kind is kinds.VAR_KEYWORD for p in params)
+    if any(p.name in TRL_KEYWORDS for p in named):
+        # TRL calls with keywords only, so a positional-only parameter never receives a value,
+        # and without **kwargs every keyword TRL passes must be a parameter
+        positional_only = [p.name for p in required if p.kind is kinds.POSITIONAL_ONLY]
+        missing = [k for k in TRL_KEYWORDS if k not in {p.name for p in named}]
+        if positional_only or (missing and not var_keyword):
+            why = (
+                f"positional-only {', '.join(positional_only)}"
+                if positional_only
+                else f"no **kwargs for {', '.join(missing)}"
+            )
+            raise ConfigError(
+                f"env.reward {spec!r}: a TRL-style reward with {why}; write it in one of the forms: {FORMS}"
+            )
+        return "trl"
+    positional = [p for p in named if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind is kinds.VAR_POSITIONAL for p in params)
+    pair = (
+        (len(positional) >= 2 or var_positional)
+        and sum(p in required for p in positional) <= 2
+        and not any(p.kind is kinds.KEYWORD_ONLY for p in required)
+    )
+    trl = var_keyword and not required
+    if pair != trl:
+        return "pair" if pair else "trl"
+    fits = "both forms" if pair else "neither form"
+    raise ConfigError(f"env.reward {spec!r}: its signature {inspect.signature(fn)} fits {fits}; write it as {FORMS}")
 
 
 class Reward:
     """One entry of ``env.reward``."""
 
-    def __init__(self, spec: str, weight: float, fn: Callable, batched: bool):
-        self.spec, self.weight, self.fn, self.batched = spec, weight, fn, batched
+    def __init__(self, spec: str, weight: float, fn: Callable, form: str):
+        self.spec, self.weight, self.fn, self.form = spec, weight, fn, form
 
     @classmethod
     def resolve(cls, spec: Any, weight: float) -> Reward:
         from .task import resolve_callable
 
         if isinstance(spec, str) and spec.startswith("hf:"):
-            return cls(spec, weight, SequenceClassifierReward(spec[3:], spec), batched=True)
+            return cls(spec, weight, SequenceClassifierReward(spec[3:], spec), form="trl")
         if callable(spec):  # a function given to tokenmdp.train
             fn, spec = spec, f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', type(spec).__name__)}"
         else:
             fn = resolve_callable(spec)
-        return cls(spec, weight, fn, batched=takes_batches(fn))
-
-
-def takes_batches(fn: Callable) -> bool:
-    """Whether ``fn`` has TRL's reward signature ``(prompts, completions, **kwargs)``."""
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return False
-    return bool(params) and (params[0] == "prompts" or "completions" in params)
+        return cls(spec, weight, fn, form=reward_form(fn, spec))
 
 
 class RewardSet:
-    """The rewards of ``env.reward`` with their weights; scores many responses at once."""
+    """The rewards of ``env.reward`` with their weights; scores many responses at once.
+
+    ``state`` is what rewards receive as ``trainer_state``; ``drain_logs`` hands over what
+    they logged through ``log_metric`` and ``log_extra`` since the last call."""
 
     def __init__(self, specs: str | Sequence[str], weights: Sequence[float] | None, timeout: float | None):
         specs = [specs] if isinstance(specs, str) or callable(specs) else list(specs)
@@ -77,6 +146,9 @@ class RewardSet:
             )
         self.rewards = [Reward.resolve(spec, float(w)) for spec, w in zip(specs, weights)]
         self.timeout = timeout
+        self.state = RewardState()
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._columns: dict[str, list] = defaultdict(list)
         names = [r.spec for r in self.rewards]
         self.name = names[0] if len(names) == 1 else " + ".join(f"{w:g}*{s}" for s, w in zip(names, weights))
 
@@ -85,6 +157,21 @@ class RewardSet:
         for reward in self.rewards:
             if isinstance(reward.fn, SequenceClassifierReward):
                 reward.fn.device = torch.device(device)
+
+    def drain_logs(self) -> tuple[dict[str, float], dict[str, list]]:
+        """What rewards logged since the last call: each ``log_metric`` name's mean (as TRL
+        averages them over a logging step) and each ``log_extra`` column's values."""
+        metrics = {name: sum(values) / len(values) for name, values in self._metrics.items() if values}
+        columns = dict(self._columns)
+        self._metrics.clear()
+        self._columns.clear()
+        return metrics, columns
+
+    def _log_metric(self, name: str, value: float) -> None:
+        self._metrics[str(name)].append(float(value))
+
+    def _log_extra(self, column: str, values: list) -> None:
+        self._columns[str(column)].extend(values)
 
     def score(
         self,
@@ -96,74 +183,208 @@ class RewardSet:
         ids: list[list[int]],
         extra: dict,
     ) -> list[float]:
-        """The weighted reward of each response. A batch reward receives ``prompts`` and
+        """The weighted reward of each response. A TRL-form reward receives ``prompts`` and
         ``completions`` as TRL gives them (strings, or conversations for chat prompts),
-        ``completion_ids`` and ``extra`` (the prompts' other dataset columns) as keywords;
-        a per-response reward receives the texts (a chat prompt after its template).
-        ``indices`` are the prompts' rows, for messages."""
-        total = [0.0] * len(prompts)
+        ``completion_ids``, ``extra`` (the prompts' other dataset columns) and TRL's
+        ``trainer_state``, ``log_extra`` and ``log_metric``, all as keywords; a per-response
+        reward receives the texts (a chat prompt after its template). ``indices`` are the
+        prompts' rows, for messages."""
+        n = len(prompts)
+        batch = f"on a batch of {n} responses"
+        outputs: list[Any] = []
         for reward in self.rewards:
-            if reward.batched:
-                values = self._batch(reward, prompts, completions, ids, extra)
+            if reward.form == "trl":
+                keywords = dict(
+                    prompts=prompts,
+                    completions=completions,
+                    completion_ids=ids,
+                    **extra,
+                    trainer_state=self.state,
+                    log_extra=self._log_extra,
+                    log_metric=self._log_metric,
+                )
+                outputs.append(self._call(reward, batch, lambda r=reward, k=keywords: r.fn(**k)))
             else:
-                values = [self._one(reward, p, c, i) for p, c, i in zip(text_prompts, text_completions, indices)]
+                outputs.append(
+                    [
+                        self._call(reward, _where(i, c), lambda r=reward, p=p, c=c: r.fn(p, c))
+                        for p, c, i in zip(text_prompts, text_completions, indices)
+                    ]
+                )
+        outputs = self._await_all(outputs)
+        total: list[float | None] = [None] * n
+        for reward, out in zip(self.rewards, outputs):
+            if reward.form == "trl":
+                values = _batch_values(reward, out, n, batch)
+            else:
+                values = [_checked(reward, v, _where(i, c)) for v, i, c in zip(out, indices, text_completions)]
             for i, v in enumerate(values):
-                total[i] += reward.weight * v
-        return total
+                if v is not None:  # TRL's nansum: a reward that does not apply is left out
+                    total[i] = (total[i] or 0.0) + reward.weight * v
+        for i, value in enumerate(total):
+            if value is None:
+                raise RewardError(
+                    f"reward {self.name!r} returned None {_where(indices[i], text_completions[i])}, and no other "
+                    "reward scored that completion; None means 'does not apply', and one reward must apply"
+                )
+        return total  # type: ignore[return-value]
 
-    def _one(self, reward: Reward, prompt: str, completion: str, index: int) -> float:
-        where = f"on prompt {index} (completion {completion[:60]!r})"
-        value = self._call(reward, where, prompt, completion)
-        return _checked(reward, value, where)
+    def _call(self, reward: Reward, where: str, call: Callable[[], Any]) -> Any:
+        """``call()`` with ``os._exit`` refused, bounded by ``env.reward_timeout`` seconds
+        when set (it then runs in a daemon thread; a call that does not return in time stops
+        the run). Awaitables come back as they are; :meth:`_await_all` runs them."""
+        with exit_refused(reward.spec, where):
+            return _bounded(reward, where, call, self.timeout)
 
-    def _batch(self, reward: Reward, prompts, completions, ids, extra) -> list[float]:
-        where = f"on a batch of {len(prompts)} responses"
-        values = self._call(reward, where, prompts, completions, completion_ids=ids, **extra)
-        if isinstance(values, torch.Tensor):
-            values = values.tolist()
-        if not isinstance(values, (list, tuple)) or len(values) != len(prompts):
-            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)[:60]
-            raise RewardError(
-                f"reward {reward.spec!r} returned {got} {where}; a batch reward returns one number per completion"
-            )
-        return [_checked(reward, v, f"{where} (completion {i})") for i, v in enumerate(values)]
+    def _await_all(self, outputs: list[Any]) -> list[Any]:
+        """Run every awaitable among ``outputs`` (an async reward's batch, or each response
+        of an async per-response reward) concurrently in one event loop, as TRL gathers its
+        async rewards, on a thread of its own (so a caller's running loop is no obstacle)."""
+        pending = []
+        for k, out in enumerate(outputs):
+            if inspect.isawaitable(out):
+                pending.append((k, None, out))
+            elif isinstance(out, list):
+                pending += [(k, j, v) for j, v in enumerate(out) if inspect.isawaitable(v)]
+        if not pending:
+            return outputs
 
-    def _call(self, reward: Reward, where: str, *args, **kwargs):
-        """The call, bounded by ``env.reward_timeout`` seconds when set (it runs in a daemon
-        thread; a call that does not return in time stops the run)."""
+        async def named(k, awaitable):
+            try:
+                return await awaitable
+            except BaseException as exc:  # which reward failed, for the message
+                raise _Failed(self.rewards[k], exc) from exc
+
+        async def gather():
+            return await asyncio.gather(*(named(k, a) for k, _, a in pending))
+
+        first = self.rewards[pending[0][0]]
         try:
-            if self.timeout is None:
-                return reward.fn(*args, **kwargs)
-            box: list = []
-
-            def call():
-                try:
-                    box.append((True, reward.fn(*args, **kwargs)))
-                except BaseException as exc:  # handed back to the caller's thread
-                    box.append((False, exc))
-
-            worker = threading.Thread(target=call, daemon=True, name="tokenmdp-reward")
-            worker.start()
-            worker.join(self.timeout)
-            if not box:
-                raise TimeoutError(f"no answer within env.reward_timeout = {self.timeout:g} s")
-            ok, value = box[0]
-            if not ok:
-                raise value
-            return value
-        except RewardError:
+            with exit_refused(first.spec if len(self.rewards) == 1 else self.name, "while awaiting async rewards"):
+                results = _bounded(first, "while awaiting async rewards", lambda: _run_loop(gather()), self.timeout)
+        except RewardError as exc:
+            failed = exc.__cause__
+            if isinstance(failed, _Failed):
+                raise RewardError(
+                    f"reward {failed.reward.spec!r} raised while awaited: {type(failed.error).__name__}: {failed.error}"
+                ) from failed.error
             raise
-        except (Exception, SystemExit) as exc:  # a reward that calls sys.exit() must not end the run as a success
-            raise RewardError(f"reward {reward.spec!r} raised {where}: {type(exc).__name__}: {exc}") from exc
+        for (k, j, _), value in zip(pending, results):
+            if j is None:
+                outputs[k] = value
+            else:
+                outputs[k][j] = value
+        return outputs
 
 
-def _checked(reward: Reward, value, where: str) -> float:
+class _Failed(Exception):
+    def __init__(self, reward: Reward, error: BaseException):
+        super().__init__(str(error))
+        self.reward, self.error = reward, error
+
+
+def _run_loop(coroutine) -> Any:
+    box: list = []
+
+    def run():
+        try:
+            box.append((True, asyncio.run(coroutine)))
+        except BaseException as exc:
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True, name="tokenmdp-async-rewards")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _bounded(reward: Reward, where: str, call: Callable[[], Any], timeout: float | None) -> Any:
+    try:
+        if timeout is None:
+            return call()
+        box: list = []
+
+        def run():
+            try:
+                box.append((True, call()))
+            except BaseException as exc:  # handed back to the caller's thread
+                box.append((False, exc))
+
+        worker = threading.Thread(target=run, daemon=True, name="tokenmdp-reward")
+        worker.start()
+        worker.join(timeout)
+        if not box:
+            raise TimeoutError(f"no answer within env.reward_timeout = {timeout:g} s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+    except RewardError:
+        raise
+    except _Failed as exc:
+        raise RewardError(str(exc)) from exc
+    except (Exception, SystemExit) as exc:  # a reward that calls sys.exit() must not end the run as a success
+        if isinstance(exc, TypeError) and reward.form == "trl" and "argument" in str(exc):
+            # e.g. a parameter named after a dataset column the prompts do not have
+            raise RewardError(
+                f"reward {reward.spec!r} cannot take TRL's keywords {where}: {exc} "
+                "(a required parameter must be one of TRL's keywords or a column of the prompts)"
+            ) from exc
+        raise RewardError(f"reward {reward.spec!r} raised {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def _where(index: int, completion: str) -> str:
+    return f"on prompt {index} (completion {completion[:60]!r})"
+
+
+def _batch_values(reward: Reward, values: Any, n: int, where: str) -> list[float | None]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)[:60]
+        raise RewardError(
+            f"reward {reward.spec!r} returned {got} {where}; a batch reward returns one number (or None) per completion"
+        )
+    return [_checked(reward, v, f"{where} (completion {i})") for i, v in enumerate(values)]
+
+
+@contextlib.contextmanager
+def exit_refused(spec: str, where: str):
+    """While a reward runs, ``os._exit`` raises a :class:`RewardError` instead of ending the
+    process. ``os._exit`` skips every ``finally``, so a reward calling ``os._exit(0)`` would
+    otherwise end the run with status 0 and no message. Only this process is guarded: a
+    child it forks (multiprocessing) must still be able to leave through ``os._exit``.
+    Not covered (docs/reliability.md): ``posix._exit`` or an ``_exit`` bound before the call,
+    a C extension calling ``exit()``, and a call still running after ``env.reward_timeout``."""
+    real, owner = os._exit, os.getpid()
+
+    def refuse(status: int) -> None:
+        if os.getpid() != owner:
+            real(status)
+        raise RewardError(
+            f"reward {spec!r} called os._exit({status}) {where}; a reward returns a number and never ends the process"
+        )
+
+    os._exit = refuse
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
+def _checked(reward: Reward, value, where: str) -> float | None:
+    """A finite float, or None (this reward does not apply to that completion, as in TRL)."""
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RewardError(
             f"reward {reward.spec!r} returned {value!r} ({type(value).__name__}) {where}; "
-            "rewards must be numbers (int or float)"
+            "rewards must be numbers (int or float) or None"
         )
     value = float(value)
     if not math.isfinite(value):

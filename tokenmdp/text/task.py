@@ -23,9 +23,10 @@ import contextlib
 import contextvars
 import copy
 import importlib
-import importlib.util
+import importlib.machinery
 import math
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def _checked_prompt(row: Any, where: str) -> str | list[dict]:
     if isinstance(row, str):
         if not row.strip():
             raise ConfigError(f"{where}: the prompt is empty")
+        _check_unicode(row, where)
         return row
     if isinstance(row, list) and row and all(isinstance(m, dict) for m in row):
         for m in row:
@@ -113,11 +115,23 @@ def _checked_prompt(row: Any, where: str) -> str | list[dict]:
                 raise ConfigError(
                     f'{where}: every message of a conversation needs a "role" and a "content" string (got {m!r})'
                 )
+            _check_unicode(m["content"], where)
         return [{"role": m["role"], "content": m["content"]} for m in row]
     raise ConfigError(
         f"{where}: a prompt must be a string or a conversation (a list of {{role, content}} messages); "
         f"got {type(row).__name__}"
     )
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """A lone surrogate (JSON's ``"\\ud800"``) is not text: no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"{where}: holds a lone surrogate ({text[exc.start]!r} at character {exc.start + 1}), which is not "
+            "valid Unicode text"
+        ) from None
 
 
 def _as_messages(row: str | list[dict]) -> list[dict]:
@@ -195,8 +209,9 @@ _BARRIERS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("to
 
 @contextlib.contextmanager
 def code_barrier(folder: str | Path):
-    """While held, :func:`resolve_callable` refuses a module whose file lies in ``folder``
-    (the trainer holds it for its run directory, which is data, not code)."""
+    """While held, :func:`resolve_callable` refuses a module found in ``folder``, and any
+    module the import of its module would load from there (the trainer, ``explain`` and
+    every tool that makes a run's env hold it for the run directory, which is data)."""
     token = _BARRIERS.set((*_BARRIERS.get(), Path(folder).resolve()))
     try:
         yield
@@ -204,32 +219,111 @@ def code_barrier(folder: str | Path):
         _BARRIERS.reset(token)
 
 
-def _check_barriers(module_name: str, spec: str, what: str) -> None:
+def _barrier_of(location: str | None) -> Path | None:
+    """The barrier folder ``location`` (a file or a package folder) lies in, if any."""
+    if not location:
+        return None
     try:
-        found = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):
-        return  # import_module reports it
-    origin = Path(found.origin).resolve() if found is not None and found.origin else None
-    for folder in _BARRIERS.get():
-        if origin is not None and origin.is_relative_to(folder):
+        resolved = Path(location).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return next((f for f in _BARRIERS.get() if resolved == f or resolved.is_relative_to(f)), None)
+
+
+def _locations(found) -> list[str]:
+    """Where a module spec (or an imported module) lives: its file, and a package's folders."""
+    if isinstance(found, importlib.machinery.ModuleSpec):
+        origin = found.origin if found.has_location else None
+        return [origin, *(found.submodule_search_locations or [])]
+    return [getattr(found, "__file__", None), *(getattr(found, "__path__", None) or [])]
+
+
+def _refuse_inside_barrier(found, name: str, spec: str, what: str, via: str = "") -> None:
+    for location in _locations(found):
+        folder = _barrier_of(location)
+        if folder is not None:
             raise ConfigError(
-                f"{what} {spec!r}: module {module_name!r} is {origin}, inside the run directory {folder}; "
+                f"{what} {spec!r}: module {name!r}{via} is {location}, inside the run directory {folder}; "
                 "tokenmdp never imports code from a run directory (it is data): move the module elsewhere"
             )
+
+
+def _find_spec(name: str, path) -> importlib.machinery.ModuleSpec | None:
+    """The spec the import system would use for ``name`` (a submodule: under its parent's
+    ``path``), found by asking each finder of ``sys.meta_path`` (PathFinder among them);
+    finders locate modules without running them."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None or isinstance(finder, _BarrierFinder):
+            continue
+        try:
+            found = find(name, path)
+        except (ImportError, ValueError):
+            return None
+        if found is not None:
+            return found
+    return None
+
+
+def _check_barriers(module_name: str, spec: str, what: str) -> None:
+    """Refuse ``module_name`` if it, or a package above it, lies in a barrier folder,
+    before anything is imported: the dotted name is walked part by part (a package's
+    ``__init__`` is code too), each part found where the import system would find it (the
+    search path, then the parent package's folders); a part already imported is checked by
+    its ``__file__`` and ``__path__``."""
+    if not _BARRIERS.get():
+        return
+    parts = module_name.split(".")
+    path = None  # sys.path for the top-level package
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        found = sys.modules.get(name)
+        if found is None:
+            found = _find_spec(name, path)
+            if found is None:
+                return  # not importable: import_module reports it
+            path = found.submodule_search_locations
+        else:
+            path = getattr(found, "__path__", None)
+        _refuse_inside_barrier(found, name, spec, what)
+        if path is None and i < len(parts) - 1:
+            return  # a module, not a package, with a dotted name under it: import_module reports it
+
+
+class _BarrierFinder:
+    """On ``sys.meta_path`` while a named module is imported: any module that import pulls
+    in (``import helper`` inside the reward module) is refused if it lies in a barrier
+    folder, before it runs."""
+
+    def __init__(self, spec: str, what: str):
+        self.spec, self.what = spec, what
+
+    def find_spec(self, name, path=None, target=None):
+        found = _find_spec(name, path)
+        if found is not None:
+            _refuse_inside_barrier(found, name, self.spec, self.what, via=" (imported by it)")
+        return found
 
 
 def resolve_callable(spec: str, what: str = "env.reward") -> Callable:
     """``module:function`` (dots allowed after the colon) -> the callable. The module is
     imported, so the config that names it is as trusted as code; a module inside a run
-    directory (:func:`code_barrier`) is refused before it is imported."""
+    directory (:func:`code_barrier`), or a package above it there, is refused before
+    anything is imported, and so is any module its import would load from there."""
     if not isinstance(spec, str) or not re.fullmatch(r"[\w.]+:[\w.]+", spec):
         raise ConfigError(f"{what} must be 'module:function' (got {spec!r})")
     module_name, attr = spec.split(":")
     _check_barriers(module_name, spec, what)
+    guard = _BarrierFinder(spec, what) if _BARRIERS.get() else None
+    if guard is not None:
+        sys.meta_path.insert(0, guard)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{what} {spec!r}: cannot import module {module_name!r}: {exc}") from None
+    finally:
+        if guard is not None:
+            sys.meta_path.remove(guard)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
@@ -272,6 +366,27 @@ def lexicon_score(prompt: str, completion: str) -> float:
 
 
 # --- the task ---------------------------------------------------------------------------
+
+
+def _is_reward(value: Any) -> bool:
+    """``env.reward``: a ``module:function`` (or ``hf:DIR``) string, a callable
+    (``tokenmdp.train``), or a list of them (checked one by one when resolved)."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, str) or callable(v) for v in value)
+    return isinstance(value, str) or callable(value)
+
+
+def _check_prompt_source(value: Any, key: str) -> None:
+    """A prompt file or dataset folder (a path string), or, from Python, a list of prompts
+    or a ``datasets.Dataset``."""
+    if value is None:
+        raise ConfigError(f"{key} is required: a .jsonl, .txt, .parquet or .csv file of prompts, or a dataset folder")
+    dataset = hasattr(value, "column_names") and hasattr(value, "__getitem__")
+    if not (isinstance(value, (str, Path, list)) or dataset) or isinstance(value, str) and not value.strip():
+        raise ConfigError(
+            f"{key} must be a path string: a .jsonl, .txt, .parquet or .csv file of prompts, or a dataset "
+            f"folder (got {value!r})"
+        )
 
 
 class TextTask(TokenTask):
@@ -337,6 +452,8 @@ class TextTask(TokenTask):
         self.max_prompt_tokens = max_prompt_tokens
         if reward_weights is not None and reward is None:
             raise ConfigError("env.reward_weights is set, but env.reward is not")
+        if reward is not None and not _is_reward(reward):
+            raise ConfigError(f"env.reward must be 'module:function' or a list of them (got {reward!r})")
         #: ``env.reward`` (None: a reward-free task); see :mod:`.rewards`
         self.rewards = RewardSet(reward, reward_weights, reward_timeout) if reward is not None else None
         self.reward_name = self.rewards.name if self.rewards is not None else None
@@ -352,6 +469,7 @@ class TextTask(TokenTask):
     def _set_prompts(self, prompts, key: str) -> None:
         """Read (``key`` names them in errors), tokenize and lay out the prompt table.
         ``prompts``: a path, a list of prompts or a ``datasets.Dataset``."""
+        _check_prompt_source(prompts, key)
         self.prompts_path = str(prompts) if isinstance(prompts, (str, Path)) else f"<{type(prompts).__name__}>"
         if hasattr(prompts, "column_names") and hasattr(prompts, "__getitem__"):  # a datasets.Dataset
             columns = _columns_of(prompts, self.prompt_key, key, "(a Dataset)")

@@ -6,6 +6,7 @@ kernel with no message after minutes of work."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -35,13 +36,21 @@ def budget_bytes(config) -> float:
 def _budget_text(config) -> str:
     if config.train.max_memory_gb is not None:
         return f"train.max_memory_gb = {config.train.max_memory_gb:g}"
-    return f"train.max_memory_gb (unset: {DEFAULT_SHARE:.0%} of this machine's {machine_memory() / GB:.1f} GB)"
+    total = machine_memory()
+    if not total:
+        return "train.max_memory_gb (unset, and this machine's memory is unknown)"
+    return f"train.max_memory_gb (unset: {DEFAULT_SHARE:.0%} of this machine's {total / GB:.1f} GB)"
 
 
 def _check(parts: dict[str, float], config) -> None:
     total, limit = sum(parts.values()), budget_bytes(config)
+    what, size = max(parts.items(), key=lambda kv: kv[1])
+    if math.isinf(total):  # an estimate that saturated: refused even without a budget
+        raise ConfigError(
+            f"this run needs more memory than {_budget_text(config)} allows (the estimate overflows); "
+            f"the largest part is {what}: more than the budget"
+        )
     if total > limit:
-        what, size = max(parts.items(), key=lambda kv: kv[1])
         raise ConfigError(
             f"this run needs about {total / GB:.3g} GB of memory, over {_budget_text(config)}; "
             f"the largest part is {what}: {size / GB:.3g} GB"
@@ -67,8 +76,12 @@ def solver_bytes(num_prompts: int, vocab: int, horizon: int, state_width: int = 
     """The exact solver over the prefix tree: float64 tables of every depth (rewards, Q, V,
     the reference's, pi*'s and an evaluated policy's log-probs, temporaries), and the
     decoding states of the deepest level."""
-    entries = num_prompts * sum(float(vocab) ** t for t in range(1, horizon + 1))
-    deepest = num_prompts * float(vocab) ** max(horizon - 1, 0)
+    v = float(vocab)
+    try:  # sum_{t=1..H} V^t in closed form: a huge horizon costs no loop
+        entries = num_prompts * (horizon if vocab == 1 else v * (v**horizon - 1) / (v - 1))
+        deepest = num_prompts * v ** max(horizon - 1, 0)
+    except OverflowError:  # vocab^horizon past a float (4^1000): more than any budget
+        return math.inf
     return entries * 8 * 8 + deepest * (vocab + 3 * state_width) * 8
 
 

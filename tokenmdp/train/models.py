@@ -58,11 +58,12 @@ def _cached_sft(base: TokenPolicy, config: Config, task, cache_dir: Path) -> lis
     and the global RNG state after it, so that what follows is as if it had run here). A
     lock per key makes a second process wait for the first's fine-tune, then load it."""
     import fcntl
+    import hashlib
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from .rundir import atomic_write_text
+    from .rundir import atomic_write_text, checksum_path
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = reference_key(config)
@@ -82,8 +83,13 @@ def _cached_sft(base: TokenPolicy, config: Config, task, cache_dir: Path) -> lis
         state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
         tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
         save_file({**state, "__rng_state__": torch.get_rng_state()}, str(tmp))
+        # each file's checksum before the file takes its name, as for checkpoints: a cached
+        # reference never lacks one (compare verifies them before a cell reads the cache)
+        atomic_write_text(checksum_path(weights), hashlib.sha256(tmp.read_bytes()).hexdigest() + "\n")
         os.replace(tmp, weights)
-        atomic_write_text(meta, json.dumps({"losses": losses, "tagged_sft_tokens": tagged}))
+        text = json.dumps({"losses": losses, "tagged_sft_tokens": tagged})
+        atomic_write_text(checksum_path(meta), hashlib.sha256(text.encode()).hexdigest() + "\n")
+        atomic_write_text(meta, text)
         return losses
 
 

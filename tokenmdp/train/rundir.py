@@ -10,6 +10,10 @@
 Every file is written atomically (a temporary name, fsync, rename), so a crash never
 leaves half a file under a final name. Only rank 0 of a distributed run calls the writing
 methods.
+
+A folder is tokenmdp's only when it holds the ``.tokenmdp-run`` marker: in a folder without
+it, every file is the user's whatever its name (a ``config.toml`` of their own included), so
+tokenmdp never rewrites or deletes it, ``run.overwrite`` or not.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,47 +72,97 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINT_DIR
 
+    def is_marked(self) -> bool:
+        """Whether tokenmdp started a run here (the folder holds the ``.tokenmdp-run`` marker)."""
+        return (self.path / MARKER).is_file()
+
     def holds_run(self) -> bool:
-        return (self.path / METRICS).exists()
+        """Whether the folder holds a run worth keeping: tokenmdp's, with a checkpoint or a
+        summary. A marked folder with neither (a run killed before its first checkpoint)
+        has nothing to resume, so a fresh run simply replaces its files."""
+        return self.is_marked() and (self.latest_checkpoint() is not None or (self.path / SUMMARY).is_file())
 
     # --- a fresh run -----------------------------------------------------------------
     def foreign(self) -> list[str]:
-        """What is in the folder that tokenmdp did not write (relative paths, sorted)."""
+        """What is in the folder that tokenmdp did not write (relative paths, sorted). In a
+        folder without the marker that is everything, whatever the names (only the lock
+        file, which a run takes before it writes the marker, is tokenmdp's)."""
         if not self.path.is_dir():
             return []
         found = []
+        marked = self.is_marked()
         for entry in sorted(self.path.iterdir()):
-            if entry.name in OWN_FILES and entry.is_file() or _is_own_temp(entry):
+            if entry.name in (LOCK, MARKER) and entry.is_file() or _is_temp_of(entry, (MARKER,)):
+                continue
+            if marked and (entry.name in OWN_FILES and entry.is_file() or _is_own_temp(entry)):
                 continue
             pattern = OWN_FOLDERS.get(entry.name)
             if pattern is not None and entry.is_dir():
                 found += [
                     f"{entry.name}/{f.name}"
                     for f in sorted(entry.iterdir())
-                    if not (f.is_file() and (re.fullmatch(pattern, f.name) or _is_own_temp(f)))
+                    if not (marked and f.is_file() and (re.fullmatch(pattern, f.name) or _is_own_temp(f)))
                 ]
                 continue
             found.append(entry.name + ("/" if entry.is_dir() else ""))
         return found
 
+    def clashes(self) -> list[str]:
+        """Files of a folder without the marker under names a run writes (``config.toml``,
+        ``metrics.jsonl``, ``checkpoints/step_*.pt``, ...): a run there would replace the
+        user's files, so it is refused, ``run.overwrite`` or not."""
+        if not self.path.is_dir() or self.is_marked():
+            return []
+        found = []
+        for entry in sorted(self.path.iterdir()):
+            pattern = OWN_FOLDERS.get(entry.name)
+            if entry.name == LOCK and entry.is_file() or _is_temp_of(entry, (MARKER,)):
+                continue
+            if entry.name in OWN_FILES or pattern is not None and not entry.is_dir() or _is_own_temp(entry):
+                found.append(entry.name + ("/" if entry.is_dir() else ""))
+            elif pattern is not None:
+                found += [
+                    f"{entry.name}/{f.name}"
+                    for f in sorted(entry.iterdir())
+                    if re.fullmatch(pattern, f.name) or _is_own_temp(f)
+                ]
+        return found
+
+    def _write_marker(self) -> None:
+        atomic_write_text(self.path / MARKER, json.dumps({"tokenmdp": "run directory", "version": 1}) + "\n")
+
+    def claim(self) -> None:
+        """Write the marker, so that the folder is tokenmdp's from the start of a fresh run
+        (a run killed at any point after this can be rerun without ``overwrite``). Refused
+        where a file of the user's has a name the run writes."""
+        clashes = self.clashes()
+        if clashes:
+            raise ConfigError(clash_message(self.path, clashes))
+        self._write_marker()
+
     def start_fresh(self, config_text: str, reference_state: dict) -> None:
         """Remove what an earlier run left, only files tokenmdp writes (metrics, summary,
         checkpoints, TensorBoard events, explain pages), then write the marker, the config
-        and the reference. Anything else in the folder is left as it is."""
-        if self.path.exists():
+        and the reference. Anything else in the folder is left as it is; in a folder without
+        the marker nothing is removed (and a file under a name the run writes refuses it)."""
+        if not self.is_marked():
+            self.claim()
+        else:
             self.remove_stale_temp_files()
             for name in (METRICS, COMPLETIONS, SUMMARY, "compare.json"):
                 (self.path / name).unlink(missing_ok=True)
             self._remove_own_folder_files()
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / MARKER, json.dumps({"tokenmdp": "run directory", "version": 1}) + "\n")
         atomic_write_text(self.path / CONFIG, config_text)
         atomic_save(reference_state, self.path / REFERENCE)
 
     def record_resume(self, config_text: str, reference_state: dict) -> None:
         """A resumed run's config.toml holds its ``--set`` overrides (so a later plain
         resume continues the same run), and a deleted reference.pt is written again (the
-        reference is rebuilt exactly: the same seed, the same SFT)."""
+        reference is rebuilt exactly: the same seed, the same SFT). A run made before the
+        marker existed is adopted (its checkpoint shows it is tokenmdp's)."""
+        if not self.is_marked():
+            self._write_marker()
         atomic_write_text(self.path / CONFIG, config_text)
         if not (self.path / REFERENCE).exists():
             atomic_save(reference_state, self.path / REFERENCE)
@@ -113,7 +170,13 @@ class RunDir:
     def discard(self, remove_folder: bool) -> None:
         """Undo a run that failed before its first checkpoint: remove every file tokenmdp
         wrote there (so the folder can be rerun without ``overwrite``) and, when the run
-        created the folder, the folder itself if nothing else is left in it."""
+        created the folder, the folder itself if nothing else is left in it. A folder without
+        the marker holds nothing of tokenmdp's but the lock file."""
+        if not self.is_marked():
+            (self.path / LOCK).unlink(missing_ok=True)
+            if remove_folder and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()
+            return
         self.remove_stale_temp_files()
         for name in OWN_FILES:
             (self.path / name).unlink(missing_ok=True)
@@ -188,12 +251,12 @@ class RunDir:
         path = self.checkpoint_path(step)
 
         def write_checksum(written: Path) -> None:  # before the rename: a checkpoint never lacks one
-            atomic_write_text(_checksum_path(path), hashlib.sha256(written.read_bytes()).hexdigest() + "\n")
+            atomic_write_text(checksum_path(path), hashlib.sha256(written.read_bytes()).hexdigest() + "\n")
 
         atomic_save(state, path, before_rename=write_checksum)
         for old in sorted(self.checkpoints.glob("step_*.pt"))[:-keep]:
             old.unlink()
-            _checksum_path(old).unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
         return path
 
     def load_latest_checkpoint(self) -> dict:
@@ -203,7 +266,7 @@ class RunDir:
         self.remove_stale_temp_files()
         found = sorted(self.checkpoints.glob("step_*.pt"))
         if not found:
-            raise ConfigError(f"--resume {str(self.path)!r}: no checkpoint to resume from")
+            raise ConfigError(self.no_checkpoint_message())
         for path in reversed(found):
             try:
                 state = read_checkpoint(path)
@@ -215,6 +278,15 @@ class RunDir:
             self.truncate_metrics(state["step"])
             return state
         raise CheckpointError(f"--resume {str(self.path)!r}: every checkpoint in {self.checkpoints} is corrupt")
+
+    def no_checkpoint_message(self) -> str:
+        where = str(self.path)
+        if not self.is_marked():
+            return f"--resume {where!r}: no checkpoint to resume from, and no {MARKER} marker: not a tokenmdp run"
+        return (
+            f"--resume {where!r}: no checkpoint to resume from (the run stopped before its first one); start it "
+            f"again, which replaces its files: tokenmdp train {where}/config.toml --set run.dir={where}"
+        )
 
     # --- metrics.jsonl ------------------------------------------------------------------
     def open_metrics(self) -> None:
@@ -233,24 +305,34 @@ class RunDir:
 
     def metric_lines(self) -> list[tuple[str, dict]]:
         """``(line, row)`` of every line of ``metrics.jsonl``. A torn last line (a crash in
-        the middle of writing it) is dropped with a message; a bad line anywhere else is a
-        one-line error naming it."""
+        the middle of writing it) is dropped with a message; a bad line anywhere else (not
+        JSON, or not an object with an integer ``step``) is a one-line error naming it."""
         path = self.path / METRICS
         if not path.exists():
             return []
-        lines = [line for line in path.read_text().splitlines() if line]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} cannot be read: {exc}") from None
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
         out = []
-        for number, line in enumerate(lines, 1):
+        for k, (number, line) in enumerate(lines, 1):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                if number == len(lines):
+                if k == len(lines):
                     print(
                         f"tokenmdp: {path} ends in a torn line (a crash while it was written); it is dropped",
                         file=sys.stderr,
                     )
                     break
                 raise CheckpointError(f"{path} line {number} is not JSON; the file is damaged") from None
+            step = row.get("step") if isinstance(row, dict) else None
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                got = "an object without an integer step" if isinstance(row, dict) else f"a JSON {_json_kind(row)}"
+                raise CheckpointError(
+                    f'{path} line {number} is {got}, not a metrics row (an object with "step"); the file is damaged'
+                )
             out.append((line, row))
         return out
 
@@ -260,11 +342,21 @@ class RunDir:
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop metric (and completion) lines written after the checkpoint a run resumes
-        from (and a torn last line)."""
+        from (and a torn last line). Every step up to the checkpoint's must have its row
+        (step 0 is the evaluation before training): a deleted or shortened file is a one-line
+        error, never a resumed run with a silent hole in its metrics."""
         path = self.path / METRICS
+        rows = [(line, row) for line, row in self.metric_lines() if row["step"] <= last_step]
+        present = {row["step"] for _, row in rows}
+        missing = [step for step in range(last_step + 1) if step not in present]
+        if missing:
+            state = "is missing" if not path.exists() else f"lacks {len(missing)} of its {last_step + 1} rows"
+            raise CheckpointError(
+                f"{path} {state} (steps {_ranges(missing)}; the checkpoint is at step {last_step}); restore the "
+                "file, or start the run again with --set run.overwrite=true"
+            )
         if path.exists():
-            keep = [line for line, row in self.metric_lines() if row["step"] <= last_step]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
+            atomic_write_text(path, "".join(line + "\n" for line, _ in rows))
         completions = self.path / COMPLETIONS
         if completions.exists():
             kept = []
@@ -284,6 +376,35 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2))
+
+
+def clash_message(path: Path, clashes: list[str]) -> str:
+    shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+    return (
+        f"run.dir {str(path)!r} holds {shown}, which tokenmdp did not write (the folder has no {MARKER} marker); "
+        "a run there would replace them, which tokenmdp never does, run.overwrite or not: use another run.dir"
+    )
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _ranges(steps: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"`` (at most four ranges, then "...")."""
+    spans: list[list[int]] = []
+    for step in steps:
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    text = [f"{a}-{b}" if b > a else str(a) for a, b in spans[:4]]
+    return ", ".join(text) + (", ..." if len(spans) > 4 else "")
+
+
+def _is_temp_of(path: Path, names: tuple[str, ...]) -> bool:
+    found = _TEMP.fullmatch(path.name)
+    return bool(found) and found.group(1) in names and path.is_file()
 
 
 def _is_own_temp(path: Path) -> bool:
@@ -312,7 +433,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return RunDir(run_dir).latest_checkpoint()
 
 
-def _checksum_path(path: Path) -> Path:
+def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
@@ -327,7 +448,7 @@ def read_checkpoint(path: str | Path) -> dict:
         data = path.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from None
-    checksum = _checksum_path(path)
+    checksum = checksum_path(path)
     if checksum.is_file() and checksum.read_text().strip() != hashlib.sha256(data).hexdigest():
         raise CheckpointError(f"checkpoint {path} is corrupt: its sha256 does not match {checksum.name}")
     try:
@@ -370,13 +491,56 @@ def _temp_name(path: Path) -> Path:
 
 
 def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
-    reason = f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror else str(exc)
+    # torch.save's writer reports a failed write of the file (ENOSPC) as its own RuntimeError
+    # ("unexpected pos ..."); the OSError behind it, when there is one, is the reason to give
+    cause = _caused_by(exc, OSError)
+    if cause is not None and cause.strerror:
+        reason = f"{cause.strerror} (errno {cause.errno})"
+    elif isinstance(exc, RuntimeError):
+        said = (str(exc).strip() or type(exc).__name__).splitlines()[-1][:120]
+        reason = f"the write failed{_free_space(path.parent)} (torch: {said})"
+    else:
+        reason = str(exc)
     kept = (
         f"the existing {path.name} is unchanged"
         if path.exists()
         else f"nothing was written there; the other files in {path.parent} are unchanged"
     )
     return CheckpointError(f"could not write {path}: {reason}; {kept}")
+
+
+def _free_space(folder: Path) -> str:
+    """The hint of a write that failed without saying why: the free space, where it can be read."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "; is the disk full?"
+    return f"; is the disk full? ({free:,} bytes free there)"
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """SIGINT/SIGTERM wait until the block ends, then take effect. A KeyboardInterrupt raised
+    inside torch.save's writer (a third Ctrl-C aborts the run) would end the process with
+    ``std::terminate`` instead of an exception, so the abort comes once the file is whole
+    (and its temporary file is then removed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in held:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def _remove_quietly(tmp: Path) -> None:
@@ -395,7 +559,7 @@ def atomic_save(obj: Any, path: Path, before_rename=None) -> None:
     tmp = _temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
+        with _stop_signals_held(), open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -403,9 +567,18 @@ def atomic_save(obj: Any, path: Path, before_rename=None) -> None:
             before_rename(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
+        if _caused_by(exc, KeyboardInterrupt):  # torch.save's writer wraps a Ctrl-C in its RuntimeError
+            raise KeyboardInterrupt from None
         raise _write_failed(path, exc) from exc
     finally:
         _remove_quietly(tmp)
+
+
+def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc``'s chain of context (``exc`` included)."""
+    while exc is not None and not isinstance(exc, kind):
+        exc = exc.__context__
+    return exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -42,10 +42,10 @@ from ..text.task import code_barrier
 from .budget import check_before_env, check_run
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .guards import call_component, call_hook
-from .interrupts import deferred_interrupt
+from .interrupts import STOP_SIGNALS, deferred_interrupt
 from .models import initial_policy, load_policy, load_reference, split_reference
 from .rollout import collect, sampling_generator
-from .rundir import CHECKPOINT_DIR, REFERENCE, RunDir, check_run_dir_value, latest_checkpoint
+from .rundir import CHECKPOINT_DIR, REFERENCE, RunDir, check_run_dir_value, clash_message, latest_checkpoint
 from .summary import run_summary
 
 __all__ = [
@@ -77,6 +77,10 @@ RESUME_MAY_CHANGE = frozenset(
 
 
 _MISSING = object()  # a key one of two configs lacks
+
+#: Seconds after a run stopped on a signal during which more stop signals are ignored (the
+#: rest of the same burst: three Ctrl-C within milliseconds).
+STOP_BURST_SECONDS = 3.0
 
 
 def _flat(config: Config) -> dict:
@@ -139,13 +143,16 @@ def make_vector_env(
     if spec.vector_entry_point is None:
         raise ConfigError(f"env.id {spec.id!r} has no torch vector form; training needs one")
     try:
-        env = gymnasium.make_vec(
-            spec.id,
-            num_envs=num_envs,
-            autoreset_mode=AutoresetMode.DISABLED,
-            compute_rewards=compute_rewards,
-            **kwargs,
-        )
+        # the run directory is data: no reward module from there, for whoever makes the env
+        # (training, resuming, compare's cells, export, explain)
+        with code_barrier(config.run.dir):
+            env = gymnasium.make_vec(
+                spec.id,
+                num_envs=num_envs,
+                autoreset_mode=AutoresetMode.DISABLED,
+                compute_rewards=compute_rewards,
+                **kwargs,
+            )
     except TypeError as exc:
         valid = _task_parameters(getattr(spec.vector_entry_point, "task_cls", object))
         raise ConfigError(f"[env] ({spec.id}): {exc}; valid options: {', '.join(valid)}") from None
@@ -193,14 +200,13 @@ class Trainer:
         except PluginError as exc:
             raise ConfigError(str(exc)) from None
         check_before_env(config)  # a huge batch would fail inside the env's allocation
-        with code_barrier(config.run.dir):  # the run directory is data: no reward module from there
-            self.env = make_vector_env(
-                self.registry,
-                config,
-                config.train.batch_size,
-                compute_rewards=self.composition.needs_env_reward,
-                objects=self.objects.get("env"),
-            )
+        self.env = make_vector_env(
+            self.registry,
+            config,
+            config.train.batch_size,
+            compute_rewards=self.composition.needs_env_reward,
+            objects=self.objects.get("env"),
+        )
         self.task = self.env.task
         self._check_text_setup(config)
         self.device = resolve_device(config.train.device)
@@ -247,17 +253,32 @@ class Trainer:
             raise ConfigError(f"run.dir {str(self.run_dir)!r}: {parent} is not writable, so the run could not be saved")
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"run.dir {str(self.run_dir)!r} is a file, not a folder; name a folder for the run")
-        foreign = [] if resume or config.run.overwrite else self.rundir.foreign()
-        if foreign and not self.rundir.holds_run():
+        if resume:
+            if self.rundir.latest_checkpoint() is None:
+                raise ConfigError(self.rundir.no_checkpoint_message())
+        else:
+            self._check_fresh_run_dir(config.run.overwrite)
+
+    def _check_fresh_run_dir(self, overwrite: bool) -> None:
+        """A fresh run needs a folder with nothing to lose: new, empty, or tokenmdp's own
+        (the marker) without a run worth keeping; ``run.overwrite`` replaces such a run. In a
+        folder without the marker every file is the user's: a name the run would write is
+        refused even with ``run.overwrite``, and any other file needs it."""
+        where = str(self.run_dir)
+        if self.rundir.holds_run() and not overwrite:
+            raise ConfigError(
+                f"run.dir {where!r} already holds a run; use --resume {self.run_dir}, "
+                "--set run.overwrite=true, or another run.dir"
+            )
+        clashes = self.rundir.clashes()
+        if clashes:
+            raise ConfigError(clash_message(self.run_dir, clashes))
+        foreign = [] if overwrite else self.rundir.foreign()
+        if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise ConfigError(
-                f"run.dir {str(self.run_dir)!r} holds files tokenmdp did not write ({shown}); use an empty or new "
-                "folder, or --set run.overwrite=true (which still removes only tokenmdp's own files)"
-            )
-        if not resume and self.rundir.holds_run() and not config.run.overwrite:
-            raise ConfigError(
-                f"run.dir {str(self.run_dir)!r} already holds a run; use --resume {self.run_dir}, "
-                "--set run.overwrite=true, or another run.dir"
+                f"run.dir {where!r} holds files tokenmdp did not write ({shown}); use an empty or new "
+                "folder, or --set run.overwrite=true (which never removes or rewrites a file tokenmdp did not write)"
             )
 
     def _check_text_setup(self, config: Config) -> None:
@@ -360,11 +381,18 @@ class Trainer:
         joined = distributed.init()
         main = distributed.is_main()
         created = not self.run_dir.exists()
+        self._stop = None
         try:
             # signals are deferred for the whole run, teardown included: a second Ctrl-C while
             # the last step is saved cannot cut the run short
-            with self.rundir.locked() if main else contextlib.nullcontext(), deferred_interrupt() as self._stop:
+            with (
+                self._quiet_after_a_stop(),
+                self.rundir.locked() if main else contextlib.nullcontext(),
+                deferred_interrupt() as self._stop,
+            ):
                 try:
+                    if main and not self.resume:
+                        self.rundir.claim()  # the folder is tokenmdp's from now on: rerunnable however it ends
                     return self._train()
                 except BaseException:
                     if main and not self.resume and self.rundir.latest_checkpoint() is None:
@@ -373,6 +401,46 @@ class Trainer:
         finally:
             if joined is not None:
                 distributed.shutdown()
+
+    @contextlib.contextmanager
+    def _quiet_after_a_stop(self, seconds: float = STOP_BURST_SECONDS):
+        """Once a run has stopped on SIGINT/SIGTERM (saved, or aborted by a third signal), the
+        rest of the same burst of signals can arrive after the run's own handler is gone, and
+        Python's default one would raise KeyboardInterrupt wherever the process then is: a
+        traceback while the CLI prints the resume command, or at exit. Stop signals that
+        arrive within ``seconds`` of the end of such a run are ignored; later ones reach the
+        previous handlers as before. After a run that no signal stopped, nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        deadline: list[float] = []
+
+        def absorbed() -> bool:
+            stopped = self._stop is not None and self._stop.is_set()
+            return stopped and (not deadline or time.monotonic() < deadline[0])
+
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        previous = {s: h for s, h in previous.items() if h is not None}  # None: not set from Python
+
+        def handler(signum, frame):
+            if absorbed():
+                return
+            signal.signal(signum, previous[signum])  # the burst is over: the previous handler again
+            if callable(previous[signum]):
+                previous[signum](signum, frame)
+            elif previous[signum] == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            if self._stop is not None and self._stop.is_set():
+                deadline.append(time.monotonic() + seconds)
+            else:
+                for s, h in previous.items():
+                    signal.signal(s, h)
 
     def _train(self) -> dict[str, Any]:
         self.build_models()
