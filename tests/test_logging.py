@@ -90,3 +90,23 @@ def test_plugins_receive_the_sample_through_tokenmdp_on_completions(text_files, 
     Trainer(config, pm=plugin_manager(extra_plugins=[plugin])).train()
     assert [step for step, _ in seen] == [3]
     assert seen[0][1] == [{k: v for k, v in line.items() if k != "step"} for line in completion_lines(tmp_path / "run")]
+
+
+def test_the_progress_bar_shows_the_reward_and_the_kl_as_trl_does():
+    import io
+    import types
+
+    import tokenmdp_loggers
+    from tqdm import tqdm
+
+    out = io.StringIO()
+    bar = tqdm(total=3, file=out, mininterval=0)
+    board = types.SimpleNamespace(add_scalar=lambda *a: None)
+    run = types.SimpleNamespace(
+        start_step=0, resources={"tokenmdp_loggers": {"tensorboard": board, "wandb": None, "progress": bar}}
+    )
+    metrics = {"step": 1, "rollout/reward_mean": 0.51234, "objective/kl": 0.0123, "losses/policy": 2.0}
+    tokenmdp_loggers.tokenmdp_on_step_end(run=run, step=1, metrics=metrics)
+    bar.refresh()
+    assert "reward=0.512" in out.getvalue() and "kl_batch=0.0123" in out.getvalue()
+    assert "losses" not in out.getvalue()

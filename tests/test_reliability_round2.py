@@ -317,6 +317,11 @@ def test_a_lone_surrogate_in_a_prompt_file_names_the_file_and_line(text_setup, t
     assert main(text_train(text_setup, tmp_path / "run", f"env.prompts={prompts}")) == 2
     err = one_line(capsys.readouterr().err)
     assert f"env.prompts: file {str(prompts)!r} line 2: holds a lone surrogate" in err
+    text = tmp_path / "prompts.txt"  # the same surrogate as (invalid) UTF-8 bytes in a text file
+    text.write_bytes(b"a kind\nthe cat\nthe \xed\xa0\x80 dog\n")
+    assert main(text_train(text_setup, tmp_path / "run", f"env.prompts={text}")) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{str(text)!r} line 3 is not UTF-8 text (invalid continuation byte: byte 0xed)" in err, err
 
 
 class FillsUp:

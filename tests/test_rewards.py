@@ -304,3 +304,25 @@ def test_the_per_response_form_stays_and_the_forms_never_mix_silently(text_files
             qa_task(tmp_path, text_files, f"test_rewards:{name}")
     with pytest.raises(RewardError, match="cannot take TRL's keywords .*a column of the prompts"):
         qa_task(tmp_path, text_files, "test_rewards:with_ngram").score_responses([0], [[5]])
+
+
+def logging_reward(completions, completion_ids, trainer_state, log_metric, log_extra, **kwargs):
+    CALLS.append({"step": trainer_state.global_step, "max_steps": trainer_state.max_steps, "n": len(completions)})
+    log_metric("reward/length", float(sum(len(i) for i in completion_ids)) / len(completion_ids))
+    log_extra("tokens", [len(i) for i in completion_ids])
+    return [float(len(i)) for i in completion_ids]
+
+
+def test_a_run_gives_rewards_trl_state_and_logs_what_they_log(text_files, tmp_path):  # noqa: F811
+    CALLS.clear()
+    metrics = train_text(
+        text_files, tmp_path / "run", *GRPO, "env.reward=test_rewards:logging_reward", "train.log_completions=1"
+    )
+    training = [c for c in CALLS if c["n"] == 8]
+    assert [(c["step"], c["max_steps"]) for c in training] == [(1, 2), (2, 2)]
+    # the step's mean, as TRL averages log_metric over a logging step; not the evaluation's calls
+    for row in metrics[1:]:
+        assert row["reward/length"] == pytest.approx(row["rollout/reward_mean"], rel=1e-6)  # reward = length
+    assert "reward/length" not in metrics[0]  # step 0 is the evaluation alone
+    lines = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert lines and all(line["tokens"] == line["reward"] for line in lines)  # log_extra's column, row by row

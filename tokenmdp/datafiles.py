@@ -17,10 +17,16 @@ def numbered_lines(path: str | Path, what: str) -> Iterator[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} not found")
+    data = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: {exc}") from None
+        # the line of the first bad byte, so the message points at it (bytes such as an
+        # encoded lone surrogate, \xed\xa0\x80, are not UTF-8)
+        lineno = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} {str(path)!r} line {lineno} is not UTF-8 text ({exc.reason}: byte {data[exc.start]:#04x})"
+        ) from None
     for lineno, line in enumerate(lines, 1):
         if line.strip():
             yield f"{what} {str(path)!r} line {lineno}", line

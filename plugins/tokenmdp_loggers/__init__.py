@@ -78,8 +78,19 @@ def tokenmdp_on_step_end(run, step, metrics):
         res["wandb"].log(logged, step=step)
     if step > run.start_step:
         res["progress"].update(1)
-    if "regret_frac" in metrics:
-        res["progress"].set_postfix(regret_frac=f"{metrics['regret_frac']:.3f}")
+    shown = {key: metrics[key] for key in PROGRESS_KEYS if isinstance(metrics.get(key), (int, float))}
+    if shown:
+        res["progress"].set_postfix({PROGRESS_KEYS[k]: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+
+
+#: What the progress bar shows of a step's metrics (when logged), and under which name:
+#: the reward and the KL as TRL's bar shows them, and the exact regret of toy runs.
+PROGRESS_KEYS = {
+    "rollout/reward_mean": "reward",
+    "kl_ref": "kl",
+    "objective/kl": "kl_batch",
+    "regret_frac": "regret_frac",
+}
 
 
 @hookimpl

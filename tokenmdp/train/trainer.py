@@ -540,7 +540,12 @@ class Trainer:
         """collect -> estimate -> construct -> update, for one batch of responses."""
         ctx = self.ctx
         ctx.step = step
+        rewards = self.task.rewards  # env.reward of a text task; None elsewhere
+        if rewards is not None:  # TRL's trainer_state, and what rewards log for this step only
+            rewards.state.global_step, rewards.state.max_steps = step, self.config.train.steps
+            rewards.drain_logs()  # logged while the evaluation scored: not this step's
         batch = self._collect(step)
+        reward_metrics, reward_columns = rewards.drain_logs() if rewards is not None else ({}, {})
         with torch.no_grad():
             if batch.logprobs is None:  # not read off the sampling pass (train.logprobs_from)
                 batch.logprobs = token_logprobs(self.policy, batch)
@@ -579,9 +584,16 @@ class Trainer:
             metrics["rollout/reward_mean"] = float(batch.sequence_rewards.mean())
         metrics.update(credit)
         metrics.update(update_metrics)
+        clash = sorted(set(reward_metrics) & set(metrics))
+        if clash:
+            raise RewardError(
+                f"a reward logged {', '.join(clash)} through log_metric at step {step}, a name tokenmdp logs "
+                "itself; give the metric another name"
+            )
+        metrics.update(reward_metrics)
         every = self.config.train.log_completions
         if every and step % every == 0:
-            self._completions = self._completion_rows(batch)
+            self._completions = self._completion_rows(batch, reward_columns)
         return distributed.reduce_metrics(metrics)
 
     @contextlib.contextmanager
@@ -682,10 +694,12 @@ class Trainer:
             self.rundir.append_completions(step, rows)
             call_hook(self.pm, "tokenmdp_on_completions", step=step, run=run, completions=rows)
 
-    def _completion_rows(self, batch, limit: int = 8) -> list[dict]:
+    def _completion_rows(self, batch, columns: dict | None = None, limit: int = 8) -> list[dict]:
         """Up to ``limit`` responses of ``batch``: prompt and completion as text (text tasks)
-        or token ids (toy tasks), and the response's reward (None if unobserved)."""
+        or token ids (toy tasks), the response's reward (None if unobserved), and the
+        ``columns`` rewards added with ``log_extra`` (those with one value per response)."""
         task, out = self.task, []
+        columns = {name: values for name, values in (columns or {}).items() if len(values) == batch.size}
         rewards = batch.sequence_rewards.tolist() if batch.rewards_observed else None
         for i in range(min(limit, batch.size)):
             length = int(batch.response_mask[i].sum())
@@ -695,5 +709,6 @@ class Trainer:
                 prompt, completion = task.prompt_text(index), task.completion_text(response)
             else:
                 prompt, completion = task.prompts[index].tolist(), response
-            out.append({"prompt": prompt, "completion": completion, "reward": rewards[i] if rewards else None})
+            row = {"prompt": prompt, "completion": completion, "reward": rewards[i] if rewards else None}
+            out.append({**{name: values[i] for name, values in columns.items()}, **row})
         return out
