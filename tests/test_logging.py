@@ -96,8 +96,9 @@ def test_the_progress_bar_shows_the_reward_and_the_kl_as_trl_does():
     import io
     import types
 
-    import tokenmdp_loggers
     from tqdm import tqdm
+
+    import tokenmdp_loggers
 
     out = io.StringIO()
     bar = tqdm(total=3, file=out, mininterval=0)
