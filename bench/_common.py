@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tokenmdp.config import load_config
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 
 #: 64 responses of 5 tokens: the full-size toy target of issues 3 and 4.
 TOKENS_PER_STEP = 64 * 5

@@ -42,7 +42,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     config = load_config(
         None,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 def score_model(model, reference, task, samples: int, seed: int, prefix=None, guide_prefix=None):
     from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
-    from tokenmdp.train.rollout import generate
+    from tokenmdp.training.rollout import generate
 
     n = len(task.texts) * samples
     index = torch.arange(len(task.texts)).repeat_interleave(samples)
@@ -90,7 +90,7 @@ def main() -> int:
     from tokenmdp.config import load_config
     from tokenmdp.text import TextTask
     from tokenmdp.text.gemma import fetch_gemma
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     config = load_config(args.config, args.set)
     model_dir = Path(config.policy["path"])

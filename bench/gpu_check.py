@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_lm import build, text_overrides  # noqa: E402
 
 from tokenmdp.config import load_config  # noqa: E402
-from tokenmdp.train.trainer import Trainer  # noqa: E402
+from tokenmdp.training.trainer import Trainer  # noqa: E402
 
 RECIPES = {
     "grpo": ["algorithm.name=grpo"],

@@ -39,7 +39,7 @@ def one_setting(root: Path, micro: int, device: str) -> dict:
     from real_lm import build, text_overrides
 
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     files = build(root / "setup", n_prompts=256, n_embd=256)
     overrides = [

@@ -43,7 +43,7 @@ def main() -> int:
 
     from tokenmdp.config import load_config
     from tokenmdp.text.bridge import build_bridge
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     scale = (
         dict(num_untagged=1000, num_tagged=1000, epochs=3, batch_size=64, n_layer=1, n_embd=48, lr=2e-2)

@@ -58,7 +58,7 @@ def gemma_setup(path: Path):
 
 def measure(task, policy, batch: int, new_tokens: int) -> tuple[float, float]:
     from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
-    from tokenmdp.train.rollout import generate
+    from tokenmdp.training.rollout import generate
 
     index = torch.arange(batch) % len(task.texts)
     ids, mask = task.prompts[index], task.prompt_mask[index]

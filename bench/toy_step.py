@@ -53,7 +53,7 @@ CONFIGS = {
 
 def tokenmdp_trainer(name: str, out: Path):
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     file, extra = CONFIGS[name]
     overrides = ["train.progress=false", f"run.dir={out}", "run.overwrite=true", "train.eval_every=100000", *extra]
@@ -226,7 +226,7 @@ class HandDPO(HandLoop):
     """One offline DPO step written out by hand (see the module docstring)."""
 
     def __init__(self, seed: int = 0, num_pairs: int = 8000, epochs: int = 3, steps: int = 100):
-        from tokenmdp.train.preferences import sample_pairs
+        from tokenmdp.training.preferences import sample_pairs
         from tokenmdp_envs import PatternTask
 
         super().__init__(PatternTask(vocab_size=6, horizon=5, seed=0), lr=1e-3, seed=seed)

@@ -128,7 +128,7 @@ def tokenmdp_step_times(
     model_dir: Path, prompts_file: Path, shape: dict, steps: int, out: Path, extra: tuple[str, ...] = ()
 ) -> list[float]:
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     files = {"model": model_dir, "prompts": prompts_file}
     lora = [f"policy.lora={{r = {shape['lora']['r']}, alpha = {shape['lora']['alpha']}}}"] if shape["lora"] else []

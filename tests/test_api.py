@@ -96,3 +96,20 @@ def test_prompts_as_a_dataset_and_bad_inputs(tmp_path):
         tokenmdp.train(config, prompts=[], run_dir=tmp_path / "empty", **common)
     with pytest.raises(ConfigError, match="config must be a TOML path, a dict of sections or a Config"):
         tokenmdp.train(42, prompts=["the cat"], **common)
+
+
+def test_tokenmdp_train_is_a_plain_function_with_its_signature_and_docstring():
+    import importlib
+    import inspect
+    import pydoc
+
+    from tokenmdp.training.api import train
+
+    assert tokenmdp.train is train and inspect.isfunction(tokenmdp.train)
+    params = inspect.signature(tokenmdp.train).parameters
+    assert list(params)[:5] == ["config", "model", "tokenizer", "reward", "prompts"]
+    assert "resume" in params and params["model"].kind is inspect.Parameter.KEYWORD_ONLY
+    page = pydoc.render_doc(tokenmdp.train, renderer=pydoc.plaintext)
+    assert "train(config" in page and "Train, from a config" in page
+    importlib.import_module("tokenmdp.training.trainer")  # importing the package must not shadow the function
+    assert tokenmdp.train is train

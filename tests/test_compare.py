@@ -12,7 +12,7 @@ import pytest
 from tokenmdp import ConfigError, TokenMDPError, cli
 from tokenmdp.reports import compare
 from tokenmdp.reports.plots import png_data_uri
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,7 @@ def test_parallel_cells_give_the_serial_results(tmp_path):
 def test_cells_with_one_reference_key_fine_tune_it_once_and_match_a_fresh_fine_tune(tmp_path, counting):
     import torch
 
-    from tokenmdp.train.rundir import read_weights
+    from tokenmdp.training.rundir import read_weights
 
     grid = write_grid(tmp_path / "grid.toml", '["reinforce", "guide"]', GUIDE, shared=())
     compare.run_grid(compare.load_grid(grid), progress=False)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tokenmdp import cli
 from tokenmdp.plugin.registry import Registry, plugin_manager
 from tokenmdp.reports import compare
-from tokenmdp.train.rundir import RunDir
+from tokenmdp.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 from tokenmdp import ConfigError
 from tokenmdp.config import load_config
 from tokenmdp.text.task import TextTask
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 
 WORDS = "the cat dog sat ran on in a mat park kind answer helps words".split()
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<system>", "<assistant>"]

@@ -23,7 +23,7 @@ from helpers import TINY
 import tokenmdp
 from tokenmdp import distributed
 from tokenmdp.config import load_config
-from tokenmdp.train.trainer import Trainer, step_seed
+from tokenmdp.training.trainer import Trainer, step_seed
 
 STEPS = 3
 DDP = [*TINY, f"train.steps={STEPS}", "train.eval_every=1", "advantage.whiten=true", "run.checkpoint_every=1"]
@@ -44,7 +44,7 @@ TWO_RANKS_SCRIPT = textwrap.dedent('''
     from tokenmdp.cli import main
     from tokenmdp.config import load_config
     from tokenmdp.plugin.registry import plugin_manager
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
     from tokenmdp_reinforce import PolicyGradient
 
     rank = int(os.environ["RANK"])
@@ -278,7 +278,7 @@ KILL_RANK_SCRIPT = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     from tokenmdp.cli import main
-    from tokenmdp.train import trainer
+    from tokenmdp.training import trainer
 
     original = trainer.Trainer.train_step
 

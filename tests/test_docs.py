@@ -97,7 +97,7 @@ SHORT_RUN = [
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     run_dir = tmp_path_factory.mktemp("docs_run") / "run"
     config = load_config(ROOT / "configs" / "demo.toml", [*SHORT_RUN, f"run.dir={run_dir}"])

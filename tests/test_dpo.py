@@ -16,8 +16,8 @@ import tokenmdp
 from tokenmdp.config import load_config
 from tokenmdp.mdp.env import TokenMDPEnv, TokenTask
 from tokenmdp.plugin.batch import token_logprobs
-from tokenmdp.train.preferences import load_pair_file
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.preferences import load_pair_file
+from tokenmdp.training.trainer import Trainer
 from tokenmdp_dpo import dpo_loss, sequence_kl, sequence_logratio, sequence_rewards, tdpo_loss
 from tokenmdp_dpo.components import score_pairs
 

@@ -18,9 +18,9 @@ from test_real_lm import rows, text_files, text_run, train_text  # noqa: F401 (t
 from tokenmdp import ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.train.export import MARKER, export_run, load_exported
-from tokenmdp.train.models import load_policy
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.export import MARKER, export_run, load_exported
+from tokenmdp.training.models import load_policy
+from tokenmdp.training.trainer import Trainer
 
 STEPS = ["algorithm.name=grpo", "train.steps=2", "train.batch_size=8", "train.samples_per_prompt=4"]
 
@@ -228,7 +228,7 @@ def test_a_stale_hidden_folder_of_a_killed_export_is_removed(toy_run, tmp_path):
 
 
 def test_a_failed_swap_keeps_the_previous_export_and_leaves_nothing_hidden(toy_run, tmp_path, monkeypatch):
-    from tokenmdp.train import export
+    from tokenmdp.training import export
 
     out = export_run(toy_run, tmp_path / "out")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -247,7 +247,7 @@ def test_a_failed_swap_keeps_the_previous_export_and_leaves_nothing_hidden(toy_r
 
 
 def test_a_link_or_an_unwritable_destination_is_one_line(toy_run, tmp_path, capsys, monkeypatch):
-    from tokenmdp.train import export
+    from tokenmdp.training import export
 
     real = tmp_path / "real"
     real.mkdir()
@@ -294,7 +294,7 @@ def test_a_sigkill_between_the_two_renames_is_undone_by_the_next_export(toy_run,
     # a real process, killed right after the old export was renamed aside
     script = (
         "import os, signal\n"
-        "from tokenmdp.train import export\n"
+        "from tokenmdp.training import export\n"
         "real = os.rename\n"
         "def rename(src, dst):\n"
         "    real(src, dst)\n"

@@ -27,7 +27,7 @@ from tokenmdp import CheckpointError, NonFiniteError, PluginError, TokenMDPError
 from tokenmdp.cli import main
 from tokenmdp.config import dump_config, load_config
 from tokenmdp.plugin.registry import plugin_manager
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 from tokenmdp_reinforce import PolicyGradient
 
 TESTS = Path(__file__).resolve().parent
@@ -61,7 +61,7 @@ KILLED_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     from helpers import TINY
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     real_save = torch.save
 
@@ -425,14 +425,14 @@ _REGISTRY = []
 def test_trainer_construction_gives_a_trainer_or_a_clean_error(tmp_path_factory, sets):
     from unittest import mock
 
-    import tokenmdp.train.trainer
+    import tokenmdp.training.trainer
 
     if not _REGISTRY:  # collecting the plugins' registrations is the slow part, and always the same
         _REGISTRY.append(tokenmdp.Registry(plugin_manager()))
     run_dir = tmp_path_factory.mktemp("fuzz") / "run"
     try:  # a fuzzed run.dir comes after (and wins over) the temporary one
         config = load_config(None, [*TINY, f"run.dir={run_dir}", *sets])
-        with mock.patch.object(tokenmdp.train.trainer, "Registry", lambda pm: _REGISTRY[0]):
+        with mock.patch.object(tokenmdp.training.trainer, "Registry", lambda pm: _REGISTRY[0]):
             trainer = Trainer(config, pm=_REGISTRY[0].pm)
     except TokenMDPError:
         return

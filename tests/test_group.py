@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmdp.config import load_config
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 from tokenmdp_group import GRPO, RLOO, SequenceCredit
 
 

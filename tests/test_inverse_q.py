@@ -11,8 +11,8 @@ from tokenmdp.mdp.env import TokenTask
 from tokenmdp.mdp.solver import prefix_index, solve, tree_logprobs
 from tokenmdp.plugin.batch import token_logprobs
 from tokenmdp.policies import GRUPolicy
-from tokenmdp.train.rollout import collect
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.rollout import collect
+from tokenmdp.training.trainer import Trainer
 from tokenmdp_envs import PatternTask
 
 

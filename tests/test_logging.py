@@ -10,7 +10,7 @@ from test_real_lm import text_files, text_run, train_text  # noqa: F401 (text_fi
 
 from tokenmdp import ConfigError
 from tokenmdp.config import load_config
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 
 GRPO = ["algorithm.name=grpo", "train.steps=4", "train.batch_size=8", "train.samples_per_prompt=4"]
 

@@ -16,7 +16,7 @@ from tokenmdp.plugin.batch import RolloutBatch
 from tokenmdp.plugin.ops import check_finite
 from tokenmdp.policies import fast_gpt2
 from tokenmdp.policies.hf import HFCausalLMPolicy
-from tokenmdp.train.rollout import _draw, generate
+from tokenmdp.training.rollout import _draw, generate
 
 GPT2 = {"model_type": "gpt2", "vocab_size": 96, "n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 128}
 
@@ -197,7 +197,7 @@ def test_a_lazy_reference_is_scored_once_over_the_whole_batch_and_minibatches_re
 
 
 def test_a_step_that_reads_no_reference_never_runs_its_forward(text_files, tmp_path, monkeypatch):  # noqa: F811
-    from tokenmdp.train import trainer as trainer_module
+    from tokenmdp.training import trainer as trainer_module
 
     scored = []
     original = trainer_module.token_logprobs
@@ -312,7 +312,7 @@ def test_training_and_evaluation_sample_through_the_named_backend(text_files, tm
 
     from tokenmdp.config import load_config
     from tokenmdp.plugin.registry import plugin_manager
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     CountingSampler.calls.clear()
     common = ["algorithm.name=grpo", "train.steps=2", "train.batch_size=8", "train.samples_per_prompt=4"]
@@ -334,7 +334,7 @@ def test_an_unknown_sampling_backend_is_one_line_naming_the_key_and_the_choices(
 
     from tokenmdp import ConfigError
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     config = load_config(
         None, text_run(text_files, tmp_path / "r", "algorithm.name=grpo", "train.sampling_backend=vllm")

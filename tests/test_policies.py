@@ -8,7 +8,7 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
 from tokenmdp.policies import TOY_POLICIES, TaskBasePolicy, build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
-from tokenmdp.train.sft import make_sft_data, supervised_finetune
+from tokenmdp.training.sft import make_sft_data, supervised_finetune
 from tokenmdp_envs import PatternTask, SumModTask
 
 CORPUS = [

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenmdp
-import tokenmdp.train.rollout
+import tokenmdp.training.rollout
 from tokenmdp import CompositionError, ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
 from tokenmdp.plugin.ops import suffix_sums
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 from tokenmdp_ppo import GAE, KLController, PPORewards, gae
 
 
@@ -166,9 +166,11 @@ def test_token_rewards_use_the_controllers_beta(tmp_path):
     trainer.build_models()
     estimator = trainer.composition.estimator
     gen = torch.Generator().manual_seed(0)
-    batch = tokenmdp.train.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
-    batch.logprobs = tokenmdp.train.rollout.token_logprobs(trainer.policy, batch).detach() + 0.1 * batch.response_mask
-    batch.ref_logprobs = tokenmdp.train.rollout.token_logprobs(trainer.reference, batch).detach()
+    batch = tokenmdp.training.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
+    batch.logprobs = (
+        tokenmdp.training.rollout.token_logprobs(trainer.policy, batch).detach() + 0.1 * batch.response_mask
+    )
+    batch.ref_logprobs = tokenmdp.training.rollout.token_logprobs(trainer.reference, batch).detach()
     signals = estimator.estimate(batch, trainer.ctx)
     kl = (batch.logprobs - batch.ref_logprobs) * batch.response_mask
     assert torch.allclose(signals["token_rewards"], batch.rewards - 0.25 * kl)
@@ -227,7 +229,7 @@ def test_value_head_shares_the_gru_trunk(tmp_path):
     head = trainer.ctx.extras["critic"]
     assert set(head.state_dict()) == {"head.weight", "head.bias"}  # the trunk is the policy's
     gen = torch.Generator().manual_seed(0)
-    batch = tokenmdp.train.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
+    batch = tokenmdp.training.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
     head(trainer.policy, batch).sum().backward()
     assert trainer.policy.rnn.weight_hh_l0.grad.abs().sum() > 0  # value loss reaches the trunk
     trainer.policy.zero_grad()
@@ -244,7 +246,7 @@ def test_a_shared_trunk_is_run_once_per_minibatch_with_the_same_scores_and_gradi
     trainer = Trainer(ppo_config(tmp_path, "estimator.critic=head"))
     trainer.build_models()
     head, policy, ctx = trainer.ctx.extras["critic"], trainer.policy, trainer.ctx
-    batch = tokenmdp.train.rollout.collect(policy, trainer.env, seed=0, generator=torch.Generator().manual_seed(0))
+    batch = tokenmdp.training.rollout.collect(policy, trainer.env, seed=0, generator=torch.Generator().manual_seed(0))
     passes = []
     policy.rnn.register_forward_hook(lambda *_: passes.append(1))
 
@@ -375,7 +377,7 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
     """A Bradley-Terry fit on oracle-labelled pairs from pi_ref orders unseen pairs as the
     task's reward does, far above chance."""
     from tokenmdp.policies import TaskBasePolicy
-    from tokenmdp.train.preferences import sample_pairs
+    from tokenmdp.training.preferences import sample_pairs
     from tokenmdp_ppo import ValueNetwork
     from tokenmdp_ppo.reward_model import pair_margins, train_reward_model
 

@@ -17,7 +17,7 @@ from tokenmdp.config import load_config
 from tokenmdp.mdp.env import TokenVectorEnv
 from tokenmdp.plugin.batch import RolloutBatch, concat_batches
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 from tokenmdp_envs import PatternTask
 
 WORDS = "the cat dog sat ran on in a mat park kind answer helps words cost nothing tokens are actions".split()

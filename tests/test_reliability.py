@@ -16,8 +16,8 @@ from helpers import TINY, has_lines, wait_until
 from tokenmdp import CheckpointError, ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.train.rundir import read_checkpoint
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.rundir import read_checkpoint
+from tokenmdp.training.trainer import Trainer
 
 
 class Payload:
@@ -217,7 +217,7 @@ import torch
 torch.set_num_threads(1)
 from helpers import TINY, has_lines, wait_until
 from tokenmdp.config import load_config
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 Trainer(load_config(None, [*TINY, "train.steps=100000", "run.checkpoint_every=1", "run.dir=" + {run_dir!r}])).train()
 """
 
@@ -269,7 +269,7 @@ def test_sigterm_and_a_double_ctrl_c_stop_cleanly_with_a_checkpoint(tmp_path, si
     import subprocess
     import time
 
-    import tokenmdp.train.rundir  # noqa: F401
+    import tokenmdp.training.rundir  # noqa: F401
 
     subprocess.run(_cli_run(tmp_path / "full"), check=True, capture_output=True)
     proc = subprocess.Popen(_cli_run(tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -314,7 +314,7 @@ def test_a_read_only_file_system_reports_the_real_error(tmp_path, monkeypatch):
     reaches the user is still the write's own, naming the file."""
     import errno
 
-    from tokenmdp.train import rundir
+    from tokenmdp.training import rundir
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -544,7 +544,7 @@ def test_resume_extends_a_run_and_records_it_but_never_changes_what_it_trains(tm
 
 
 def test_an_unwritable_parent_is_refused_before_anything_is_built(tmp_path, monkeypatch):
-    import tokenmdp.train.trainer as trainer_module
+    import tokenmdp.training.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module.os, "access", lambda path, mode: False)
     with pytest.raises(ConfigError, match="is not writable, so the run could not be saved"):

@@ -22,9 +22,9 @@ from test_reliability import text_setup, text_train  # noqa: F401 (a fixture)
 from tokenmdp import CheckpointError, ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.train import rundir
-from tokenmdp.train.rundir import RunDir
-from tokenmdp.train.trainer import Trainer, load_task
+from tokenmdp.training import rundir
+from tokenmdp.training.rundir import RunDir
+from tokenmdp.training.trainer import Trainer, load_task
 
 TESTS = str(Path(__file__).parent)
 
@@ -269,7 +269,7 @@ def test_a_damaged_metrics_file_is_never_resumed_silently(finished, capsys, dama
 
 
 def test_a_horizon_past_any_memory_is_one_line(tmp_path, capsys, monkeypatch):
-    from tokenmdp.train import budget
+    from tokenmdp.training import budget
 
     run_dir = tmp_path / "run"
     assert main(["train", *sets(*TINY, f"run.dir={run_dir}", "env.horizon=1000")]) == 2
@@ -375,7 +375,7 @@ import torch
 torch.set_num_threads(1)
 from helpers import TINY
 from tokenmdp.cli import main
-from tokenmdp.train import rundir
+from tokenmdp.training import rundir
 
 class Signalling:
     # three Ctrl-C inside torch.save's writer callback: the abort must wait for the write
@@ -408,7 +408,7 @@ import torch
 torch.set_num_threads(1)
 from helpers import TINY
 from tokenmdp.cli import main
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 
 step = Trainer.train_step
 def train_step(self, n):

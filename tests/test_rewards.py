@@ -14,7 +14,7 @@ from test_real_lm import length_reward, rows, text_files, text_run, train_text  
 from tokenmdp import ConfigError, RewardError
 from tokenmdp.config import load_config
 from tokenmdp.text.task import TextTask
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 
 CALLS: list[dict] = []
 

@@ -12,7 +12,7 @@ from tokenmdp.mdp.env import TokenMDPEnv, TokenVectorEnv
 from tokenmdp.mdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
 from tokenmdp.plugin.batch import token_logprobs
 from tokenmdp.policies import GRUPolicy, MLPPolicy, TabularPolicy, TaskBasePolicy, TransformerPolicy
-from tokenmdp.train.rollout import collect, generate
+from tokenmdp.training.rollout import collect, generate
 from tokenmdp_envs import BanditTask, ForbiddenTask, PatternTask, SumModTask
 
 TASKS = {"Pattern": PatternTask, "SumMod": SumModTask, "Forbidden": ForbiddenTask, "Bandit": BanditTask}

@@ -24,9 +24,9 @@ from tokenmdp.plugin.registry import Registry, plugin_manager
 from tokenmdp.policies import build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
 from tokenmdp.text import TextTask, lexicon_score, load_tokenizer, read_prompts
-from tokenmdp.train.preferences import load_pair_file
-from tokenmdp.train.rollout import filter_logits, generate
-from tokenmdp.train.trainer import Trainer, load_policy, load_reference
+from tokenmdp.training.preferences import load_pair_file
+from tokenmdp.training.rollout import filter_logits, generate
+from tokenmdp.training.trainer import Trainer, load_policy, load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [

@@ -10,7 +10,7 @@ from helpers import TINY, has_lines, train_until_interrupted, wait_until
 import tokenmdp
 from tokenmdp import ConfigError, NonFiniteError, PluginError, TrajectoryEstimator, hookimpl
 from tokenmdp.plugin.registry import plugin_manager
-from tokenmdp.train.trainer import Trainer
+from tokenmdp.training.trainer import Trainer
 
 
 def read_metrics(run_dir):
@@ -256,7 +256,7 @@ def test_credit_scoring_against_a_star_can_be_switched_off(tmp_path):
     from helpers import TINY
 
     from tokenmdp.config import load_config
-    from tokenmdp.train.trainer import Trainer
+    from tokenmdp.training.trainer import Trainer
 
     on = Trainer(load_config(None, [*TINY, f"run.dir={tmp_path / 'on'}"]))
     on.train()

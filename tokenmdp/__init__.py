@@ -74,13 +74,14 @@ _LAZY = {
     ),
     **dict.fromkeys(["GRUPolicy", "TaskBasePolicy", "TokenPolicy", "build_policy"], ".policies"),
     **dict.fromkeys(["TextTask"], ".text"),
-    **dict.fromkeys(["export_run", "load_exported"], ".train.export"),
-    **dict.fromkeys(["PairBatch", "load_pair_file", "sample_pairs", "sequence_rewards"], ".train.preferences"),
-    **dict.fromkeys(["generate", "generate_samples"], ".train.rollout"),
-    **dict.fromkeys(["load_policy"], ".train.trainer"),
+    **dict.fromkeys(["export_run", "load_exported"], ".training.export"),
+    **dict.fromkeys(["PairBatch", "load_pair_file", "sample_pairs", "sequence_rewards"], ".training.preferences"),
+    **dict.fromkeys(["generate", "generate_samples"], ".training.rollout"),
+    **dict.fromkeys(["load_policy"], ".training.trainer"),
+    **dict.fromkeys(["train", "TrainResult"], ".training.api"),
 }
 #: public subpackages and modules, imported on first use like the names above
-_SUBMODULES = {"distributed", "mdp", "plugin", "policies", "reports", "text", "train"}
+_SUBMODULES = {"distributed", "mdp", "plugin", "policies", "reports", "text", "training"}
 
 __all__ = [
     "CheckpointError",

@@ -36,7 +36,7 @@ def results_table(summary: dict) -> str:
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train.trainer import Trainer
+    from .training.trainer import Trainer
 
     if args.resume and args.config:
         raise TokenMDPError(
@@ -67,8 +67,8 @@ def cmd_solve(args) -> int:
     from .config import load_config
     from .mdp.solver import solve
     from .policies import TaskBasePolicy
-    from .train.budget import check_solver
-    from .train.trainer import load_task
+    from .training.budget import check_solver
+    from .training.trainer import load_task
 
     config = load_config(args.config, args.set)
     _, task = load_task(config)
@@ -117,7 +117,7 @@ def cmd_options(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .train.export import export_run
+    from .training.export import export_run
 
     out = export_run(args.run_dir, args.out, step=args.step, merge_lora=args.merge_lora, overwrite=args.overwrite)
     print(f"exported {args.run_dir} to {out}")

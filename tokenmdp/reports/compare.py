@@ -48,11 +48,11 @@ from ..options import build, to_dict
 from ..plugin.composition import compose
 from ..plugin.registry import Registry, plugin_manager
 from ..policies import build_policy
-from ..train import rundir
-from ..train.models import reference_key
-from ..train.rundir import atomic_write_text
-from ..train.sft import make_sft_data
-from ..train.trainer import (
+from ..training import rundir
+from ..training.models import reference_key
+from ..training.rundir import atomic_write_text
+from ..training.sft import make_sft_data
+from ..training.trainer import (
     Trainer,
     TrainingInterrupted,
     latest_checkpoint,
@@ -260,7 +260,7 @@ def reference_cache(cell: Cell) -> Path:
 
 def _reference_files(cell: Cell) -> tuple[Path, Path] | None:
     """``(KEY.safetensors, KEY.json)`` of the cell's entry in the reference cache (as
-    ``train/models.py`` writes them), or None when its reference is not fine-tuned."""
+    ``training/models.py`` writes them), or None when its reference is not fine-tuned."""
     if cell.config.reference.init != "sft":
         return None
     key = reference_key(cell.config)

@@ -43,9 +43,9 @@ from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
 from ..plugin.registry import Registry
 from ..text.task import code_barrier
-from ..train.rollout import collect
-from ..train.rundir import read_checkpoint
-from ..train.trainer import latest_checkpoint, load_policy, load_reference, load_task, make_vector_env
+from ..training.rollout import collect
+from ..training.rundir import read_checkpoint
+from ..training.trainer import latest_checkpoint, load_policy, load_reference, load_task, make_vector_env
 
 TRUE_ROW = "true A*"
 #: Bounds of ``--samples`` (one PNG each) and ``--group-size``.

@@ -1,0 +1,2 @@
+"""Training: the loop (``trainer``), sampling (``rollout``), evaluation, the reference's SFT,
+preference pairs, export, and ``api`` (the function ``tokenmdp.train``)."""
