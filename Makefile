@@ -74,8 +74,26 @@ test-latest:
 	.venv-latest/bin/$(PIP) --upgrade setuptools
 	.venv-latest/bin/$(PIP) --upgrade --no-build-isolation $(PACKAGES)
 	.venv-latest/bin/pip list --disable-pip-version-check --format=freeze > .venv-latest/versions.txt
-	diff $(LOCK) .venv-latest/versions.txt | grep '^[<>] [^#]' || true
+	.venv-latest/bin/python -c "$$LOCK_DIFF" $(LOCK) .venv-latest/versions.txt
 	$(MAKE) --no-print-directory check BIN=.venv-latest/bin
+
+# Which installed versions differ from the lock (names normalised as pip does; torch's +cpu
+# label ignored), for test-latest's report.
+define LOCK_DIFF
+import re, sys
+def read(path):
+    pins = {}
+    for line in open(path):
+        if "==" in line and not line.startswith("#"):
+            name, version = line.strip().split("==", 1)
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.split("+")[0]
+    return pins
+lock, now = read(sys.argv[1]), read(sys.argv[2])
+changed = [f"  {n}: {lock[n]} -> {now[n]}" for n in sorted(lock.keys() & now.keys()) if lock[n] != now[n]]
+new = [f"  {n}=={now[n]} (not in the lock)" for n in sorted(now.keys() - lock.keys()) if n not in ("pip", "tokenmdp", "tokenmdp-outside-advantage")]
+print("newest releases against the lock:", *(changed + new or ["  the same versions"]), sep="\n")
+endef
+export LOCK_DIFF
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock runs

@@ -5,6 +5,18 @@ import math
 import pytest
 import torch
 
+#: The tests' tiny GPT-2 (2 layers, width 32; vocabulary 48, BOS 1, EOS 2).
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "vocab_size": 48,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_embd": 32,
+    "n_positions": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 #: A config small enough to train in a second or two.
 TINY = [
     "algorithm.name=reinforce",

@@ -249,7 +249,7 @@ def test_a_wrong_vector_flag_still_builds_the_plugins_env(tmp_path):
     _edit(path, lambda found: [e.update(vector=True) for e in found["envs"] if e["id"] == "tokenmdp/Plain-v0"])
     code = """
         import gymnasium, tokenmdp
-        from tokenmdp.plugin.catalog import InstalledEnv
+        from tokenmdp.plugin.entry_points import InstalledEnv
         assert isinstance(gymnasium.spec("tokenmdp/Plain-v0").vector_entry_point, InstalledEnv)  # the file's claim
         vec = gymnasium.make_vec("tokenmdp/Plain-v0", num_envs=2, vocab_size=3)
         print(type(vec).__name__, vec.num_envs, vec.envs[0].unwrapped.task.vocab_size)

@@ -19,26 +19,12 @@ import pytest
 import torch
 from helpers import wait_until
 from safetensors.torch import load_file, save_file
+from test_compare import ROOT, TINY
 
 from tokenmdp import cli
 from tokenmdp.plugin.registry import Registry, plugin_manager
 from tokenmdp.reports import compare
 from tokenmdp.training.rundir import RunDir
-
-ROOT = Path(__file__).resolve().parents[1]
-
-#: Every cell: a few steps of a tiny GRU on V=4, H=3 (about a second each).
-TINY = [
-    "env.vocab_size=4",
-    "env.horizon=3",
-    "policy.kind=gru",
-    "policy.hidden=16",
-    "reference.sft_samples=256",
-    "reference.sft_epochs=2",
-    "train.steps=4",
-    "train.batch_size=16",
-    "train.eval_every=2",
-]
 
 
 def write_grid(path: Path, settings=TINY, seeds="[0, 1, 2]") -> Path:

@@ -105,7 +105,7 @@ def test_a_grpo_run_trains_on_a_conversational_dataset(tokenizers, tmp_path):
         "env.id=tokenmdp/Text-v0",
         f"env.prompts={tmp_path / 'chat'}",
         f"env.tokenizer={chat}",
-        "env.reward=tokenmdp.text.task:lexicon_score",
+        "env.reward=tokenmdp.text:lexicon_score",
         "env.horizon=4",
         "policy.kind=hf",
         f"policy.path={tmp_path / 'model'}",

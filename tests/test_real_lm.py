@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, TINY_GPT2
 
 from tokenmdp import ConfigError, devices
 from tokenmdp.cli import main
@@ -40,19 +40,7 @@ def text_files(tmp_path_factory):
     (root / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TRAIN_PROMPTS))
     (root / "held_out.txt").write_text("".join(p + "\n" for p in HELD_OUT))
     # GPT-2's default dropout (0.1 on residuals, embeddings and attention), as a pretrained GPT-2 has
-    model = HFCausalLMPolicy.from_config(
-        {
-            "model_type": "gpt2",
-            "vocab_size": 48,
-            "n_layer": 2,
-            "n_head": 2,
-            "n_embd": 32,
-            "n_positions": 64,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
-        seed=0,
-    )
+    model = HFCausalLMPolicy.from_config(TINY_GPT2, seed=0)
     assert model.model.config.resid_pdrop == model.model.config.attn_pdrop == 0.1
     model.model.save_pretrained(root / "gpt2")
     return root

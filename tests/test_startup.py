@@ -11,7 +11,7 @@ import textwrap
 
 import gymnasium
 
-from tokenmdp.plugin import catalog
+from tokenmdp.plugin import catalog, entry_points
 from tokenmdp.plugin.registry import Registry, plugin_manager
 
 HEAVY = ("torch", "matplotlib", "transformers", "tensorboard", "datasets")
@@ -157,10 +157,10 @@ def test_registered_entry_points_load_the_plugins_on_first_use():
     gymnasium.registry.pop("tokenmdp/SumMod-v0", None)
     catalog.register_installed_envs()
     deferred = gymnasium.spec("tokenmdp/SumMod-v0")
-    assert isinstance(deferred.entry_point, catalog.InstalledEnv)
+    assert isinstance(deferred.entry_point, entry_points.InstalledEnv)
     env = gymnasium.make("tokenmdp/SumMod-v0", vocab_size=3, horizon=2)
     assert env.unwrapped.task.vocab_size == 3
     # the first env made replaced the deferred entries with the plugins' own
-    assert not isinstance(gymnasium.spec("tokenmdp/SumMod-v0").entry_point, catalog.InstalledEnv)
+    assert not isinstance(gymnasium.spec("tokenmdp/SumMod-v0").entry_point, entry_points.InstalledEnv)
     vec = gymnasium.make_vec("tokenmdp/SumMod-v0", num_envs=2, vocab_size=3, horizon=2)
     assert vec.num_envs == 2

@@ -9,6 +9,7 @@ printed by every rank, prefixed with its rank past rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -92,7 +93,8 @@ def cmd_solve(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from .plugin.catalog import blocked_plugin_names, installed
+    from .plugin.catalog import installed
+    from .plugin.entry_points import blocked_plugin_names
 
     print(_table(installed()["rows"], ["kind", "name", "plugin", "source"]))
     blocked = blocked_plugin_names()
@@ -235,13 +237,38 @@ def _rank() -> int:
         return 0
 
 
+@contextlib.contextmanager
+def _start_folder_importable():
+    """Modules in the folder tokenmdp was started in import, as under ``python -m tokenmdp``
+    (``env.reward = "myrewards:f"`` beside the config): a console script's search path starts
+    at its own folder (``.venv/bin``), not the current one. The folder goes last, so a file
+    there never shadows a package tokenmdp imports, and only while the command runs (``main``
+    is also called in-process). The run directory stays barred from imports all the same
+    (``text.callables.code_barrier``)."""
+    try:
+        here = os.getcwd()
+    except OSError:  # the current folder was deleted: nothing to import from it
+        yield
+        return
+    if "" in sys.path or here in sys.path:
+        yield
+        return
+    sys.path.append(here)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(here)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import TrainingInterrupted
 
     me = "tokenmdp" if _rank() == 0 else f"tokenmdp[rank {_rank()}]"
     try:
-        return args.fn(args)
+        with _start_folder_importable():
+            return args.fn(args)
     except TrainingInterrupted as exc:
         # the run is saved: a signal still arriving now must not turn this into a traceback
         main_thread = threading.current_thread() is threading.main_thread()

@@ -50,6 +50,17 @@ def _seed(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be below 2**63 (got {value!r})")
 
 
+def _strings(value):
+    """A TOML array (a list) as the tuple a frozen config holds."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _stop_strings(instance, attribute, value):
+    if not isinstance(value, tuple) or not all(isinstance(s, str) and s for s in value):
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ValueError(f'{attribute.name} must be a list of non-empty strings, e.g. ["\\n\\n"] (got {shown!r})')
+
+
 def _optional_unit_interval(instance, attribute, value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
         raise ValueError(f"{attribute.name} must be in (0, 1] or unset (got {value!r})")
@@ -162,6 +173,17 @@ class TrainConfig:
     #: ``batch_size`` sub-batches that ranks 0..N-1 of an N-process run would sample (same
     #: per-rank seeds), to compare against a real distributed run (docs/distributed.md).
     simulate_world_size: int | None = attrs.field(default=None, validator=optional(positive_int))
+    #: Gradient checkpointing: the updater's forward keeps only each transformer block's
+    #: input and recomputes the rest in the backward pass (transformers'
+    #: ``gradient_checkpointing_enable``, non-reentrant; with LoRA too): less memory, a
+    #: slower update, the same gradients. HF policies only; the fast GPT-2 path then serves
+    #: sampling and scoring, and the training forward goes through the library's.
+    gradient_checkpointing: bool = attrs.field(default=False, validator=_boolean)
+    #: Text tasks: a response ends, as at EOS, after the token that makes its decoded
+    #: completion contain one of these strings, which stays in the completion (as with
+    #: transformers' ``stop_strings``); in training and evaluation. Empty = EOS and
+    #: ``env.horizon`` only.
+    stop_strings: tuple[str, ...] = attrs.field(default=(), converter=_strings, validator=_stop_strings)
 
     def sampler_for(self, policy_kind: str | None) -> str:
         """The sampler ``train.sampler`` names for a policy of ``policy_kind``."""

@@ -37,9 +37,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .entry_points import ENTRY_POINT_GROUP, InstalledEnv, blocked_plugin_names
+
 CACHE_ENV_VAR = "TOKENMDP_CACHE_DIR"
-ENTRY_POINT_GROUP = "tokenmdp"
-DISABLE_ENV_VAR = "TOKENMDP_DISABLE_PLUGINS"
 #: 2: env entries no longer carry kwargs (the plugin's spec gives them when the env is made)
 _FORMAT = 2
 #: A catalog is a few kB; a bigger file is not one (and is never read whole into memory).
@@ -47,11 +47,6 @@ MAX_BYTES = 1 << 20
 _ENV_KEYS = {"id", "plugin", "description", "vector"}
 #: What Gymnasium accepts as an env id ([namespace/]name[-vN]); anything else is not one.
 _ENV_ID = re.compile(r"(?:[\w:-]+/)?[\w:.-]+(?:-v\d+)?")
-
-
-def blocked_plugin_names() -> list[str]:
-    """The entry-point names ``TOKENMDP_DISABLE_PLUGINS`` blocks."""
-    return [n.strip() for n in os.environ.get(DISABLE_ENV_VAR, "").split(",") if n.strip()]
 
 
 def cache_dir() -> Path | None:
@@ -215,34 +210,24 @@ def installed() -> dict:
     return found
 
 
-class InstalledEnv:
-    """A Gymnasium entry point that loads the plugins only when an env is made: what
-    ``import tokenmdp`` registers from the catalog. The first env made this way (or the
-    trainer's ``Registry.register_envs``) replaces every such entry with the plugin's own
-    entry point, so the plugins are loaded once per process."""
+def _make_with_plugins(env_id: str, vector: bool, kwargs: dict):
+    """What an :class:`InstalledEnv` entry point does when an env is made: load the plugins,
+    register their envs (replacing every catalog entry), and build the env from the
+    plugin's own spec: its entry point and default kwargs (the catalog registered none),
+    then the caller's."""
+    from .registry import Registry, plugin_manager
 
-    def __init__(self, env_id: str, vector: bool = False):
-        self.env_id, self.vector = env_id, vector
+    registry = Registry(plugin_manager())
+    registry.register_envs()
+    spec = registry.env(env_id)
+    if vector and spec.vector_entry_point is None:
+        # the catalog said it has a vector form and the plugin gives none: Gymnasium's
+        # own vectorisation of the plugin's env, as make_vec does for such an env
+        import gymnasium
 
-    def __call__(self, **kwargs):
-        from .registry import Registry, plugin_manager
-
-        registry = Registry(plugin_manager())
-        registry.register_envs()
-        # the plugin's spec, not the catalog, says what the env is built from: its entry
-        # point and its default kwargs (the catalog registered none), then the caller's
-        spec = registry.env(self.env_id)
-        if self.vector and spec.vector_entry_point is None:
-            # the catalog said it has a vector form and the plugin gives none: Gymnasium's
-            # own vectorisation of the plugin's env, as make_vec does for such an env
-            import gymnasium
-
-            return gymnasium.make_vec(self.env_id, vectorization_mode="sync", **kwargs)
-        make = spec.vector_entry_point if self.vector else spec.entry_point
-        return make(**{**dict(spec.kwargs), **kwargs})
-
-    def __repr__(self) -> str:
-        return f"InstalledEnv({self.env_id!r}{', vector=True' if self.vector else ''})"
+        return gymnasium.make_vec(env_id, vectorization_mode="sync", **kwargs)
+    make = spec.vector_entry_point if vector else spec.entry_point
+    return make(**{**dict(spec.kwargs), **kwargs})
 
 
 def register_installed_envs() -> None:
@@ -255,8 +240,8 @@ def register_installed_envs() -> None:
         try:
             gymnasium.register(
                 id=env["id"],
-                entry_point=InstalledEnv(env["id"]),
-                vector_entry_point=InstalledEnv(env["id"], vector=True) if env["vector"] else None,
+                entry_point=InstalledEnv(env["id"], _make_with_plugins),
+                vector_entry_point=InstalledEnv(env["id"], _make_with_plugins, vector=True) if env["vector"] else None,
                 disable_env_checker=True,
             )
         except gymnasium.error.Error:  # an id Gymnasium refuses next to one it has: the plugin's own

@@ -17,7 +17,6 @@ import pluggy
 
 from ..errors import PluginError
 from . import hookspecs
-from .catalog import ENTRY_POINT_GROUP, InstalledEnv, blocked_plugin_names
 from .components import (
     METHOD_PARAMETERS,
     AdvantageConstructor,
@@ -27,6 +26,7 @@ from .components import (
     Recipe,
     TrajectoryEstimator,
 )
+from .entry_points import ENTRY_POINT_GROUP, InstalledEnv, blocked_plugin_names
 from .sampling import SamplingBackend
 
 PROJECT = "tokenmdp"

@@ -47,8 +47,10 @@ def build_policy(spec: dict, task, seed: int) -> TokenPolicy:
             raise ConfigError(f"policy.fast_path must be true or false (got {fast_path!r})")
         if spec.get("path") == "python:object":
             raise ConfigError(
-                "policy.path: this run's model was given to tokenmdp.train as a Python object; pass it again "
-                "(tokenmdp.train(..., model=model, resume=True)), or export the trained policy from Python"
+                "policy.path: this run's model was given to tokenmdp.train as a Python object that the run did "
+                "not save (a peft model, or a run from before runs saved it in RUN/base_model), so this run "
+                "directory cannot rebuild it; to resume, pass the model again: tokenmdp.train(..., model=model, "
+                "resume=True); to keep the trained policy, save it from Python: result.model.save_pretrained(DIR)"
             )
         if "path" in spec:
             return HFCausalLMPolicy.from_pretrained(

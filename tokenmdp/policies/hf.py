@@ -42,6 +42,8 @@ class HFCausalLMPolicy(TokenPolicy):
         super().__init__()
         self.source = source
         self.fast_path = fast_path
+        #: :meth:`enable_gradient_checkpointing` was called (``train.gradient_checkpointing``)
+        self.gradient_checkpointing = False
         if self.vocab_size_of(model) is None:
             raise TokenMDPError(f"model {source or type(model).__name__} has no vocab_size in its config")
         model_vocab = self.vocab_size_of(model)
@@ -193,12 +195,35 @@ class HFCausalLMPolicy(TokenPolicy):
         input); the output layer is skipped."""
         return self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every transformer block in training forwards (``train.gradient_checkpointing``):
+        the library's own, non-reentrant (``use_reentrant=False``: the recomputation needs no
+        input that requires grad, so a LoRA model's frozen embeddings are fine; the
+        input-grad hook is added anyway, as TRL does for peft models). Only the library's
+        forward checkpoints, so :attr:`fast_decoder` steps aside for gradient forwards in
+        train mode; sampling and no-grad scoring keep the fast path."""
+        model = self.model.get_base_model() if self.has_adapter else self.model
+        kwargs = {"use_reentrant": False}
+        try:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: the old name warns
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        except ValueError as exc:  # a model without checkpointable layers
+            raise TokenMDPError(f"train.gradient_checkpointing: {exc}") from None
+        if self.has_adapter and getattr(model, "_require_grads_hook", None) is None:
+            model.enable_input_require_grads()
+        self.gradient_checkpointing = True
+
     @property
     def fast_decoder(self) -> fast_gpt2.GPT2Decoder | None:
         """:mod:`.fast_gpt2` on this model where it reproduces it exactly (a plain GPT-2
-        without an adapter, ``policy.fast_path`` on, no dropout active), else None."""
+        without an adapter, ``policy.fast_path`` on, no dropout active, and no gradient
+        checkpointing to do), else None."""
         if not self.fast_path or self.has_adapter or not fast_gpt2.supports(self.model):
             return None
+        if self.gradient_checkpointing and self.model.training and torch.is_grad_enabled():
+            return None  # a training forward: the library's checkpoints its blocks, the fast path cannot
         if fast_gpt2.dropout_active(self.model):
             return None
         return fast_gpt2.GPT2Decoder(self.model)

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import SECTIONS, Config, load_config, merge, parse_override, read_toml
-from ..errors import ConfigError, RunDirInUse
+from ..errors import ConfigError
 from ..mdp.solver import solve, tree_logprobs
 from ..options import build, to_dict
 from ..plugin.composition import compose
@@ -50,7 +50,7 @@ from ..plugin.registry import Registry, plugin_manager
 from ..policies import build_policy
 from ..training import rundir
 from ..training.models import reference_key
-from ..training.rundir import atomic_write_text
+from ..training.rundir import absolute_paths, atomic_write_text, exclusive_lock
 from ..training.sft import make_sft_data
 from ..training.trainer import (
     Trainer,
@@ -225,7 +225,9 @@ def plan_cells(grid: Grid, registry: Registry) -> list[Cell]:
                         "whose supervision the table reports"
                     )
                 compose(registry, config)  # an unknown recipe lists the registered ones
-                cells.append(Cell(label, env_id, seed, config))
+                # the paths the cell records (absolute, as every run records them), so that a
+                # finished cell's config.toml compares equal to its plan from any folder
+                cells.append(Cell(label, env_id, seed, absolute_paths(config)[0]))
     for cell in cells:
         recorded = _recorded_config(cell)
         if cell.finished and recorded != cell.config:
@@ -431,31 +433,13 @@ def _locked_out(out: Path):
     runs: a second ``tokenmdp compare`` on the same folder is a one-line error naming the
     holder, instead of two processes rewriting the same cells and results. The operating
     system releases the lock however the process ends."""
-    import fcntl
-
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK, "a+")
+        open(out / LOCK, "a").close()
     except OSError as exc:
         raise ConfigError(f"compare out {str(out)!r} cannot be used: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RunDirInUse(
-            f"compare out {str(out)!r} is in use by {holder}; wait for it to finish, or use another --out"
-        ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"tokenmdp compare pid {os.getpid()}")
-        handle.flush()
+    with exclusive_lock(out / LOCK, "tokenmdp compare", f"compare out {str(out)!r}", "use another --out"):
         yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def run_grid(grid: Grid, pm=None, progress: bool = True, jobs: int = 1, threads: int = 1) -> tuple[str, Path]:

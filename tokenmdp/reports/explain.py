@@ -42,7 +42,7 @@ from ..plugin.composition import Composition, compose
 from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
 from ..plugin.registry import Registry
-from ..text.task import code_barrier
+from ..text.callables import code_barrier
 from ..training.rollout import collect
 from ..training.rundir import read_checkpoint
 from ..training.trainer import latest_checkpoint, load_policy, load_reference, load_task, make_vector_env

@@ -2,14 +2,9 @@
 callables and :class:`TextTask`; the toy-to-text bridge and Gemma-3 270M from pip live in
 :mod:`tokenmdp.text.bridge` and :mod:`tokenmdp.text.gemma`."""
 
-from .task import (
-    NEGATIVE_WORDS,
-    POSITIVE_WORDS,
-    TextTask,
-    lexicon_score,
-    read_prompts,
-    resolve_callable,
-)
+from .callables import resolve_callable
+from .lexicon import NEGATIVE_WORDS, POSITIVE_WORDS, lexicon_score
+from .task import TextTask, read_prompts
 from .tokenizers import TextTokenizer, load_tokenizer, sentencepiece_adapter
 
 __all__ = [

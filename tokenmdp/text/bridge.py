@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..plugin.batch import response_nll
-from .task import NEGATIVE_WORDS, POSITIVE_WORDS, TextTask, lexicon_score
+from .lexicon import NEGATIVE_WORDS, POSITIVE_WORDS, lexicon_score
+from .task import TextTask
 from .tokenizers import sentencepiece_adapter
 
 GUIDE = "answer kindly"

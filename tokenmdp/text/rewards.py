@@ -43,6 +43,7 @@ import attrs
 import torch
 
 from ..errors import ConfigError, RewardError
+from .callables import resolve_callable
 
 #: The keywords TRL's GRPOTrainer passes to every reward function (besides dataset columns).
 TRL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
@@ -112,8 +113,6 @@ class Reward:
 
     @classmethod
     def resolve(cls, spec: Any, weight: float) -> Reward:
-        from .task import resolve_callable
-
         if isinstance(spec, str) and spec.startswith("hf:"):
             return cls(spec, weight, SequenceClassifierReward(spec[3:], spec), form="trl")
         if callable(spec):  # a function given to tokenmdp.train

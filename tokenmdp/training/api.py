@@ -5,8 +5,11 @@ function, a list or ``datasets.Dataset`` of prompts), as short as TRL's::
                             reward=my_reward, prompts=["Write a haiku.", ...])
     result.model.save_pretrained("tuned")
 
-Objects never go into ``config.toml`` (it records ``"python:object"`` in their place), so a
-run started this way is resumed from Python, with the same objects (``resume=True``).
+Objects are never pickled into ``config.toml``. A model and a tokenizer are saved in the
+run directory (``save_pretrained`` into ``base_model/`` and ``tokenizer/``) and recorded by
+path, so ``tokenmdp export`` needs no objects; prompts and a reward function are recorded as
+``"python:object"``, so a run started this way is resumed from Python, with the same objects
+(``resume=True``).
 """
 
 from __future__ import annotations

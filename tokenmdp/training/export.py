@@ -7,7 +7,10 @@ weights in safetensors with ``tokenmdp_policy.json`` (its ``[policy]`` table and
 read back by :func:`load_exported`. Nothing is pickled.
 
 Export scores nothing: it resolves no reward (imports no reward module) and reads no
-prompt file, only the run directory, the policy's weights and the tokenizer.
+prompt file, only the run directory, the policy's weights and the tokenizer (and, for an
+HF run, the model folder ``policy.path`` names: the architecture, and a LoRA run's base).
+The run records those paths absolute, so export works from any folder; a LoRA adapter's
+``adapter_config.json`` names its base by that absolute path.
 
 Export deletes only what an earlier export wrote. Every export folder holds a
 ``.tokenmdp-export`` marker listing its files; ``overwrite`` replaces a folder only when it
@@ -31,7 +34,7 @@ from ..config import load_config
 from ..errors import CheckpointError, ConfigError, TokenMDPError
 from ..policies import TOY_POLICIES
 from .models import load_policy
-from .rundir import RunDir
+from .rundir import PYTHON_OBJECT, RunDir, check_recorded_paths
 
 TOY_FORMAT = "tokenmdp-toy-policy"
 TOY_CONFIG = "tokenmdp_policy.json"
@@ -65,6 +68,8 @@ def export_run(
     hf = config.policy.get("kind") == "hf"
     if merge_lora and not hf:
         raise ConfigError("export --merge-lora: this run's policy is a toy network, with no LoRA adapter")
+    if hf:
+        _check_inputs(config, run_dir)
     _recover(target)
     _check_contents(out, target, overwrite)
     tmp, created = _make_hidden(out, target)
@@ -74,7 +79,8 @@ def export_run(
         policy = _load_checked(run_dir, task, chosen, rundir.checkpoint_path(chosen)).eval()
         try:
             what = _write_hf(policy, task, config, tmp, merge_lora) if hf else _write_toy(policy, task, config, tmp)
-            (tmp / "README.md").write_text(_model_card(run_dir, config, chosen, what, target), encoding="utf-8")
+            card = _model_card(run_dir, config, chosen, what, target, _load_snippet(config, tmp, target.name))
+            (tmp / "README.md").write_text(card, encoding="utf-8")
             files = sorted(p.name for p in tmp.iterdir())
             (tmp / MARKER).write_text(json.dumps({"tokenmdp": "export", "version": 1, "files": files}) + "\n")
             _swap_in(tmp, target)
@@ -90,6 +96,34 @@ def export_run(
                 folder.rmdir()
         raise
     return out
+
+
+def _check_inputs(config, run_dir: Path) -> None:
+    """What an HF export reads besides the checkpoint: the model folder (``policy.path``: the
+    architecture, and a LoRA run's base weights) and the tokenizer. Each one missing is a
+    one-line error saying what is lacking, before anything is written."""
+    where = run_dir / "config.toml"
+    if config.policy.get("path") == PYTHON_OBJECT:
+        raise ConfigError(
+            f"export: {str(run_dir)!r} holds no base model: its model was given to tokenmdp.train as an object "
+            "that was not saved with the run (a peft model, or a run from before runs saved it in RUN/base_model), "
+            "and export needs the model's folder for its architecture; save the trained model from Python "
+            "instead: result.model.save_pretrained(OUT)"
+        )
+    if config.env.get("tokenizer") == PYTHON_OBJECT:
+        raise ConfigError(
+            f"export: {str(run_dir)!r} holds no tokenizer: it was given to tokenmdp.train as an object without "
+            "save_pretrained (or before runs saved it in RUN/tokenizer), and an export carries its tokenizer; "
+            "save the trained model from Python instead: result.model.save_pretrained(OUT)"
+        )
+    check_recorded_paths(config, f"export {str(run_dir)!r}", only={"policy.path", "env.tokenizer"})
+    for key, value in (("policy.path", config.policy.get("path")), ("env.tokenizer", config.env.get("tokenizer"))):
+        if isinstance(value, str) and not os.path.isabs(value) and not os.path.exists(value):
+            raise ConfigError(
+                f"export: {key} = {value!r} in {where} is relative to the folder the run was started in (it was "
+                f"recorded before runs recorded absolute paths) and does not exist from {os.getcwd()}; run export "
+                "from that folder, or write the absolute path into config.toml"
+            )
 
 
 def _checked_destination(run_dir: Path, out: Path) -> Path:
@@ -232,7 +266,8 @@ def _task_for_export(config, run_dir: Path):
     Another env is built as ``load_task`` builds it, without rewards and with the run
     directory barred from imports (it is data)."""
     from ..plugin.registry import Registry, plugin_manager
-    from ..text.task import TextTask, code_barrier
+    from ..text.callables import code_barrier
+    from ..text.task import TextTask
     from .trainer import PYTHON_OBJECT, load_task
 
     registry = Registry(plugin_manager())
@@ -246,8 +281,8 @@ def _task_for_export(config, run_dir: Path):
     missing = sorted(k for k, v in kwargs.items() if v == PYTHON_OBJECT)
     if missing:
         raise ConfigError(
-            f"export: env.{missing[0]} was given to tokenmdp.train as a Python object; export the policy from "
-            "Python instead"
+            f"export: {str(run_dir)!r} lacks env.{missing[0]}: it was given to tokenmdp.train as a Python object "
+            "the run could not save; save the trained model from Python instead: result.model.save_pretrained(OUT)"
         )
 
     class Unprompted(task_cls):
@@ -286,26 +321,42 @@ def _write_hf(policy, task, config, folder: Path, merge_lora: bool) -> str:
     from transformers import GenerationConfig
 
     model = policy.model
+    adapter = policy.has_adapter and not merge_lora
+    # the adapter's base, by a path that resolves from any folder (the run records it absolute;
+    # an older run's relative one resolved here, where _check_inputs found it)
+    base = os.path.abspath(config.policy["path"]) if adapter else None
     if policy.has_adapter and merge_lora:
         model = model.merge_and_unload()
         what = "the merged model (base + LoRA adapter)"
-    elif policy.has_adapter:
-        what = "the LoRA adapter (peft); the base model is " + repr(config.policy.get("path"))
+    elif adapter:
+        what = f"the LoRA adapter (peft); its base model is {base!r}"
     else:
         what = "the whole model"
-    model.save_pretrained(folder)  # safetensors
-    if not policy.has_adapter or merge_lora:
-        t = config.train
-        sampling = {"top_k": t.top_k, "top_p": t.top_p}  # the run's sampling settings, where set
-        GenerationConfig(
-            bos_token_id=task.bos_token,
-            eos_token_id=task.eos_token,
-            pad_token_id=getattr(task, "pad_token", None),
-            do_sample=True,
-            temperature=t.temperature,
-            max_new_tokens=task.horizon,
-            **{k: v for k, v in sampling.items() if v is not None},
-        ).save_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the command prints one line, not a progress bar
+    try:
+        model.save_pretrained(folder)  # safetensors
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if adapter:  # peft writes the base's name_or_path as it was loaded (possibly relative)
+        adapter_config = folder / "adapter_config.json"
+        fields = json.loads(adapter_config.read_text(encoding="utf-8"))
+        fields["base_model_name_or_path"] = base
+        adapter_config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    t = config.train
+    sampling = {"top_k": t.top_k, "top_p": t.top_p}  # the run's sampling settings, where set
+    GenerationConfig(
+        bos_token_id=task.bos_token,
+        eos_token_id=task.eos_token,
+        pad_token_id=getattr(task, "pad_token", None),
+        do_sample=True,
+        temperature=t.temperature,
+        max_new_tokens=task.horizon,
+        **{k: v for k, v in sampling.items() if v is not None},
+    ).save_pretrained(folder)
     tokenizer = config.env.get("tokenizer")
     if tokenizer is not None and Path(tokenizer).is_dir():
         from transformers import AutoTokenizer
@@ -349,7 +400,35 @@ def load_exported(folder: str | Path):
     return policy.eval()
 
 
-def _model_card(run_dir: Path, config, step: int, what: str, folder: Path) -> str:
+def _load_snippet(config, folder: Path, name: str) -> str:
+    """The model card's Python that loads the export ``folder`` (named ``name``): the model
+    (a LoRA adapter on its base, named by its absolute path) and its tokenizer."""
+    quoted = json.dumps(name)
+    if config.policy.get("kind") != "hf":
+        return f"from tokenmdp import load_exported\n\npolicy = load_exported({quoted})"
+    imports, lines = ["from transformers import AutoModelForCausalLM"], []
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        imports.insert(0, "from peft import PeftModel")
+        lines += [
+            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})  # the run's base model",
+            f"model = PeftModel.from_pretrained(base, {quoted})",
+        ]
+    else:
+        lines.append(f"model = AutoModelForCausalLM.from_pretrained({quoted})")
+    if (folder / "tokenizer_config.json").is_file():
+        imports.append("from transformers import AutoTokenizer")
+        lines.append(f"tokenizer = AutoTokenizer.from_pretrained({quoted})")
+    elif (folder / "tokenizer.model").is_file():
+        imports.insert(0, "import sentencepiece")
+        lines.append(
+            f"tokenizer = sentencepiece.SentencePieceProcessor(model_file={json.dumps(name + '/tokenizer.model')})"
+        )
+    return "\n".join([*imports, "", *lines])
+
+
+def _model_card(run_dir: Path, config, step: int, what: str, folder: Path, load: str) -> str:
     from importlib import metadata
 
     try:
@@ -369,11 +448,6 @@ def _model_card(run_dir: Path, config, step: int, what: str, folder: Path) -> st
         for k, v in summary.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps",)
     ]
-    load = (
-        f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{folder.name}")'
-        if config.policy.get("kind") == "hf"
-        else f'from tokenmdp import load_exported\npolicy = load_exported("{folder.name}")'
-    )
     config_text = (run_dir / "config.toml").read_text(encoding="utf-8")
     lines = [
         "---",
@@ -387,6 +461,8 @@ def _model_card(run_dir: Path, config, step: int, what: str, folder: Path) -> st
         f"exported from step {step} of the run. This folder holds {what}.",
         "",
         "## Load",
+        "",
+        f"From the folder that holds `{folder.name}/`:",
         "",
         "```python",
         load,

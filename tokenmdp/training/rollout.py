@@ -1,5 +1,5 @@
-"""Sampling responses: the sampling distribution, batched (KV-cached) generation, and one
-step's batch collected through the vector environment."""
+"""Sampling responses: the sampling distribution, batched (KV-cached) generation, stop
+strings, and one step's batch collected through the vector environment."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..devices import module_device
+from ..errors import ConfigError
 from ..mdp.env import TokenVectorEnv
 from ..plugin.batch import RolloutBatch, concat_batches, response_logits, token_logprobs  # noqa: F401 (old home)
 from ..plugin.ops import at_least_float32
@@ -69,6 +70,38 @@ def _draw(probs: Tensor, generator: torch.Generator, sampler: str = "multinomial
     return drawn.squeeze(1).to(probs.device)
 
 
+class StopStrings:
+    """``train.stop_strings`` of a text task: a row ends after the token that makes its
+    decoded completion contain one of ``strings``, and that token stays (transformers'
+    ``stop_strings``, which also stop *after* the token that completes a string).
+
+    Rows are checked after every token, so a string is found at the token that completes
+    it; only the last :attr:`window` tokens are decoded (a whole completion per token
+    would be quadratic in its length)."""
+
+    #: Tokens decoded ahead of those a string can span: the first tokens of a window may
+    #: decode unlike in context (a dropped leading space, half a UTF-8 character).
+    context = 16
+
+    def __init__(self, strings, tokenizer):
+        self.strings = tuple(strings)
+        self.decode = tokenizer.decode
+        # a token decodes to at least one byte (bar specials: the context covers a few), so a
+        # string of n bytes spans at most n tokens
+        self.window = max(len(s.encode("utf-8")) for s in self.strings) + self.context
+
+    def found(self, response: Tensor, rows: Tensor) -> Tensor:
+        """``[B]`` bool: which of ``rows`` (``[B]`` bool) have a stop string in their
+        completion so far, ``response`` (``[B, t]``, no padding in those rows)."""
+        hit = torch.zeros_like(rows)
+        index = rows.nonzero().squeeze(1)
+        if index.numel() == 0:
+            return hit
+        texts = [self.decode(ids) for ids in response[index, -self.window :].tolist()]  # one copy off the device
+        hit[index] = torch.tensor([any(s in text for s in self.strings) for text in texts], device=hit.device)
+        return hit
+
+
 @torch.no_grad()
 def generate(
     policy: TokenPolicy,
@@ -83,6 +116,7 @@ def generate(
     return_logprobs: bool = False,
     sampler: str = "multinomial",
     prompt_groups: int = 1,
+    stop: StopStrings | None = None,
 ):
     """Sample ``[B, horizon]`` responses (0-padded after EOS) and their 0/1 mask.
 
@@ -93,7 +127,8 @@ def generate(
     1, unfiltered; 0 on padding), read off the sampling pass's logits. ``sampler``: how
     a token is drawn (:data:`SAMPLERS`). With ``prompt_groups = G`` every G consecutive
     rows hold the same prompt: the prompt is read once per group and its decoding state
-    repeated (``reindex_state``), instead of G times."""
+    repeated (``reindex_state``), instead of G times. ``stop``: rows also end after the
+    token that completes a stop string (:class:`StopStrings`)."""
     was_training = policy.training
     policy.eval()
     device = module_device(policy)
@@ -122,6 +157,8 @@ def generate(
             logprobs[:, t] = own * mask[:, t]
         if eos_token is not None:
             active = active & (actions != eos_token)
+        if stop is not None:
+            active = active & ~stop.found(response[:, : t + 1], active)
         if t + 1 == horizon or not bool(active.any()):
             break
         logits, state = policy.advance(state, actions)
@@ -138,6 +175,7 @@ def generate_samples(
     generator: torch.Generator,
     params: SamplingParams,
     return_logprobs: bool = False,
+    stop: StopStrings | None = None,
 ) -> Samples:
     """:func:`generate` behind the :class:`SamplingBackend` signature (the ``torch`` backend)."""
     response, mask, *logprobs = generate(
@@ -153,8 +191,50 @@ def generate_samples(
         return_logprobs=return_logprobs,
         sampler=params.sampler,
         prompt_groups=params.prompt_groups,
+        stop=stop,
     )
     return Samples(response, mask, logprobs[0] if logprobs else None)
+
+
+class StopStringSampling(SamplingBackend):
+    """The ``torch`` backend with ``train.stop_strings``: :func:`generate` ending rows at
+    the strings too. The trainer's collection and its sampled evaluation both sample
+    through it, so both stop."""
+
+    name = "torch"
+
+    def __init__(self, config, stop: StopStrings):
+        super().__init__(config)
+        self.stop = stop
+
+    def sample(self, policy, prompt_ids, prompt_mask, horizon, eos_token, generator, params, return_logprobs=False):
+        return generate_samples(
+            policy, prompt_ids, prompt_mask, horizon, eos_token, generator, params, return_logprobs, self.stop
+        )
+
+
+def with_stop_strings(backend: SamplingBackend, config, task) -> SamplingBackend:
+    """``backend``, ending responses at ``config.train.stop_strings`` as well when there are
+    any; a task or backend that cannot is a ConfigError naming the key."""
+    strings = config.train.stop_strings
+    if not strings:
+        return backend
+    if task.tokenizer is None:
+        raise ConfigError(
+            f"train.stop_strings needs a text task, whose tokenizer decodes the completions; env {config.env['id']!r} "
+            "has token ids only: unset train.stop_strings"
+        )
+    if task.eos_token is None:
+        raise ConfigError(
+            "train.stop_strings ends a response as EOS does, so it needs the task's EOS token: "
+            "set env.stop_at_eos = true, or unset train.stop_strings"
+        )
+    if backend.name != "torch":
+        raise ConfigError(
+            f"train.stop_strings: sampling backend {backend.name!r} does not stop at strings; "
+            'use train.sampling_backend = "torch" or unset train.stop_strings'
+        )
+    return StopStringSampling(backend.config, StopStrings(strings, task.tokenizer))
 
 
 @torch.no_grad()
@@ -196,7 +276,18 @@ def collect(
     drawn = sample(policy, obs["prompt"], prompt_mask, env.task.horizon, env.task.eos_token, generator, params, score)
     response, mask = drawn.response, drawn.mask
     actions = response.cpu()
+    rows, lengths = _stopped_early(actions, mask.cpu(), env.task)
+    if rows is not None:
+        # The env ends a response at EOS or at the horizon only, so a row a stop string ended
+        # is played with EOS after it: the env scores the response it would score at EOS
+        # (a text task's completion leaves EOS out) and pays on the EOS, which is padding
+        # here, so that reward moves onto the row's last token.
+        actions = actions.clone()
+        actions[rows, lengths] = env.task.eos_token
     rewards = env.play(actions)
+    if rows is not None:
+        rewards[rows, lengths - 1] += rewards[rows, lengths]
+        rewards[rows, lengths] = 0.0
     device = response.device
     return RolloutBatch(
         prompt_ids=obs["prompt"].to(device),
@@ -210,3 +301,17 @@ def collect(
         group_index=info["group_index"].to(device) if "group_index" in info else None,
         logprobs=drawn.logprobs if score else None,
     )
+
+
+def _stopped_early(actions: Tensor, mask: Tensor, task) -> tuple[Tensor | None, Tensor | None]:
+    """The rows that ended before the horizon without EOS (by a stop string), and their
+    lengths; ``(None, None)`` when there are none."""
+    if task.eos_token is None:
+        return None, None
+    lengths = mask.sum(1).long()
+    last = actions.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    early = (lengths > 0) & (lengths < actions.shape[1]) & (last != task.eos_token)
+    if not bool(early.any()):
+        return None, None
+    rows = early.nonzero().squeeze(1)
+    return rows, lengths[rows]

@@ -1,7 +1,9 @@
 """A run directory: what tokenmdp writes there, and reads back on resume.
 
-    config.toml          the resolved config
+    config.toml          the resolved config; the paths it names are absolute (see below)
     reference.pt         the reference model's state_dict (empty for LoRA runs)
+    base_model/          a run of ``tokenmdp.train(model=...)``: the model as given (save_pretrained)
+    tokenizer/           ... and ``tokenizer=...``: the tokenizer as given (save_pretrained)
     metrics.jsonl        one JSON object per step, written by the core (loggers only add outputs)
     checkpoints/         step_XXXXXXXX.pt, the newest ``run.keep_checkpoints``
     summary.json         at the end
@@ -14,6 +16,11 @@ methods.
 A folder is tokenmdp's only when it holds the ``.tokenmdp-run`` marker: in a folder without
 it, every file is the user's whatever its name (a ``config.toml`` of their own included), so
 tokenmdp never rewrites or deletes it, ``run.overwrite`` or not.
+
+A run directory works from any folder: the paths its config names (``env.prompts``,
+``env.tokenizer``, ``policy.path``, ...: :data:`PATH_KEYS`) are resolved once, from the folder
+the run starts in, and ``config.toml`` records them absolute, with the values as typed in its
+leading comments (:func:`absolute_paths`, :func:`config_header`).
 """
 
 from __future__ import annotations
@@ -54,6 +61,16 @@ OWN_FOLDERS = {
     "tensorboard": r"events\.out\.tfevents\..*",
     "explain": r"(response_\d+\.png|index\.html)",
 }
+#: Folders a run of ``tokenmdp.train`` writes for the objects it was given (the model, the
+#: tokenizer), so that the run can be resumed and exported without them: the files
+#: ``save_pretrained`` writes there. In a marked folder they are tokenmdp's, as OWN_FOLDERS'
+#: are; in a folder without the marker an existing one refuses a run that would save there
+#: (``RunDir.saves``).
+SAVED_FOLDERS = {
+    "base_model": r"(config|generation_config)\.json|model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?",
+    "tokenizer": r"[\w.-]+\.(json|txt|model|jinja)",
+}
+BASE_MODEL, TOKENIZER = SAVED_FOLDERS
 #: Temporary files of an atomic write that a killed process left behind.
 _TEMP = re.compile(r"\.(.+)\.tmp-\d+")
 
@@ -64,6 +81,9 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._metrics = None  # the open metrics.jsonl while a run writes it
+        #: The folders of SAVED_FOLDERS this run writes (objects given to tokenmdp.train): in a
+        #: folder without the marker, an existing one is the user's, so the run is refused.
+        self.saves: tuple[str, ...] = ()
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -94,9 +114,9 @@ class RunDir:
         for entry in sorted(self.path.iterdir()):
             if entry.name in (LOCK, MARKER) and entry.is_file() or _is_temp_of(entry, (MARKER,)):
                 continue
-            if marked and (entry.name in OWN_FILES and entry.is_file() or _is_own_temp(entry)):
+            if marked and (entry.name in OWN_FILES and entry.is_file() or _is_own_temp(entry) or _is_saved_temp(entry)):
                 continue
-            pattern = OWN_FOLDERS.get(entry.name)
+            pattern = OWN_FOLDERS.get(entry.name) or SAVED_FOLDERS.get(entry.name)
             if pattern is not None and entry.is_dir():
                 found += [
                     f"{entry.name}/{f.name}"
@@ -126,6 +146,8 @@ class RunDir:
                     for f in sorted(entry.iterdir())
                     if re.fullmatch(pattern, f.name) or _is_own_temp(f)
                 ]
+            elif entry.name in self.saves:  # the run would put the given model/tokenizer there
+                found.append(entry.name + ("/" if entry.is_dir() else ""))
         return found
 
     def _write_marker(self) -> None:
@@ -140,21 +162,47 @@ class RunDir:
             raise ConfigError(clash_message(self.path, clashes))
         self._write_marker()
 
-    def start_fresh(self, config_text: str, reference_state: dict) -> None:
+    def start_fresh(self, config_text: str, reference_state: dict, staged: dict[str, Path] | None = None) -> None:
         """Remove what an earlier run left, only files tokenmdp writes (metrics, summary,
-        checkpoints, TensorBoard events, explain pages), then write the marker, the config
-        and the reference. Anything else in the folder is left as it is; in a folder without
-        the marker nothing is removed (and a file under a name the run writes refuses it)."""
+        checkpoints, TensorBoard events, explain pages, saved models and tokenizers), then
+        write the marker, the config and the reference, and move the ``staged`` folders
+        (:meth:`stage`: the objects given to ``tokenmdp.train``) into place. Anything else in
+        the folder is left as it is; in a folder without the marker nothing is removed (and a
+        file under a name the run writes refuses it)."""
+        staged = dict(staged or {})
         if not self.is_marked():
             self.claim()
         else:
-            self.remove_stale_temp_files()
+            self.remove_stale_temp_files(keep=set(staged.values()))
             for name in (METRICS, COMPLETIONS, SUMMARY, "compare.json"):
                 (self.path / name).unlink(missing_ok=True)
             self._remove_own_folder_files()
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        for name, folder in staged.items():
+            try:
+                os.replace(folder, self.path / name)
+            except OSError as exc:
+                raise _write_failed(self.path / name, exc) from exc
         atomic_write_text(self.path / CONFIG, config_text)
         atomic_save(reference_state, self.path / REFERENCE)
+
+    def stage(self, name: str, write) -> Path:
+        """Write folder ``name`` of SAVED_FOLDERS under a temporary name (``write(folder)``,
+        e.g. a model's ``save_pretrained``); :meth:`start_fresh` moves it into place, so it is
+        there whole or not at all. Staged before the run builds its models (peft wraps a
+        given model in place)."""
+        tmp = _temp_name(self.path / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            write(tmp)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_failed(self.path / name, exc) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp
 
     def record_resume(self, config_text: str, reference_state: dict) -> None:
         """A resumed run's config.toml holds its ``--set`` overrides (so a later plain
@@ -163,7 +211,8 @@ class RunDir:
         marker existed is adopted (its checkpoint shows it is tokenmdp's)."""
         if not self.is_marked():
             self._write_marker()
-        atomic_write_text(self.path / CONFIG, config_text)
+        # the comments the run started with (how its paths were typed) stay on top
+        atomic_write_text(self.path / CONFIG, _leading_comments(self.path / CONFIG) + config_text)
         if not (self.path / REFERENCE).exists():
             atomic_save(reference_state, self.path / REFERENCE)
 
@@ -185,9 +234,10 @@ class RunDir:
             self.path.rmdir()
 
     def _remove_own_folder_files(self) -> None:
-        """The files tokenmdp wrote in its own folders (checkpoints, TensorBoard, explain),
-        and each folder once it is empty; anything else in them stays."""
-        for folder, pattern in OWN_FOLDERS.items():
+        """The files tokenmdp wrote in its own folders (checkpoints, TensorBoard, explain,
+        a given model or tokenizer), and each folder once it is empty; anything else in them
+        stays."""
+        for folder, pattern in {**OWN_FOLDERS, **SAVED_FOLDERS}.items():
             if (self.path / folder).is_dir():
                 for f in (self.path / folder).iterdir():
                     if f.is_file() and re.fullmatch(pattern, f.name):
@@ -199,14 +249,18 @@ class RunDir:
         """The steps that have a checkpoint, in order."""
         return sorted(int(p.stem.split("_")[1]) for p in self.checkpoints.glob("step_*.pt"))
 
-    def remove_stale_temp_files(self) -> None:
+    def remove_stale_temp_files(self, keep: set[Path] = frozenset()) -> None:
         """Temporary files a killed tokenmdp process left behind (never under a final name;
-        only names tokenmdp's atomic writes use)."""
+        only names tokenmdp's atomic writes use), and folders it staged; not those in ``keep``."""
         for folder in (self.path, self.checkpoints):
             if folder.is_dir():
                 for stale in folder.iterdir():
+                    if stale in keep:
+                        continue
                     if _is_own_temp(stale):
                         stale.unlink(missing_ok=True)
+                    elif _is_saved_temp(stale):
+                        shutil.rmtree(stale, ignore_errors=True)
 
     @contextlib.contextmanager
     def locked(self):
@@ -214,28 +268,9 @@ class RunDir:
         while the block runs: a second trainer, resume or compare cell on it is a one-line
         error. The operating system releases the lock when the process ends, however it
         ends, so a lock file left by a killed process is stale and simply taken over."""
-        import fcntl
-
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise RunDirInUse(
-                f"run.dir {str(self.path)!r} is in use by {holder}; wait for it to finish, or use another run.dir"
-            ) from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"tokenmdp pid {os.getpid()}")
-            handle.flush()
+        with exclusive_lock(self.path / LOCK, "tokenmdp", f"run.dir {str(self.path)!r}", "use another run.dir"):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
 
     # --- checkpoints ------------------------------------------------------------------
     def checkpoint_path(self, step: int) -> Path:
@@ -407,6 +442,12 @@ def _is_temp_of(path: Path, names: tuple[str, ...]) -> bool:
     return bool(found) and found.group(1) in names and path.is_file()
 
 
+def _is_saved_temp(path: Path) -> bool:
+    """A folder :meth:`RunDir.stage` was writing."""
+    found = _TEMP.fullmatch(path.name)
+    return bool(found) and found.group(1) in SAVED_FOLDERS and path.is_dir() and not path.is_symlink()
+
+
 def _is_own_temp(path: Path) -> bool:
     found = _TEMP.fullmatch(path.name)
     return (
@@ -481,6 +522,134 @@ def _tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     if isinstance(tree, dict):
         return [pair for k, v in tree.items() for pair in _tensors(v, f"{prefix}.{k}" if prefix else str(k))]
     return []
+
+
+# --- paths a config names ---------------------------------------------------------------------
+
+#: The value a config holds for an input given to ``tokenmdp.train`` as a Python object.
+PYTHON_OBJECT = "python:object"
+#: Options of the component sections that name a file or folder: the built-in components'
+#: (preference-pairs' ``path``, conditional-optimal's ``teacher``, ppo-rewards'
+#: ``reward_pairs_file``), and options of the same names of any other component.
+COMPONENT_PATH_KEYS = ("path", "teacher", "reward_pairs_file")
+#: The config keys that name files or folders. ``env.reward`` names one only in an ``hf:DIR``
+#: entry (it is one entry or a list of them); ``module:function`` entries are code, not paths.
+PATH_KEYS = {
+    "env": ("prompts", "eval_prompts", "tokenizer", "reward"),
+    "policy": ("path",),
+    **{section: COMPONENT_PATH_KEYS for section in ("estimator", "advantage", "updater")},
+}
+_REWARD_FOLDER = "# reward module folder: "
+
+
+def _map_paths(config, change) -> tuple[Any, dict[str, Any]]:
+    """``config`` with each path of :data:`PATH_KEYS` replaced by ``change(key, path)``, and
+    ``{key: value as it was}`` of the keys that changed. Placeholders of objects and values
+    that are not strings (a config error reported elsewhere) are left alone."""
+    import attrs
+
+    def one(key: str, value: Any) -> Any:
+        if not isinstance(value, str) or not value or value == PYTHON_OBJECT:
+            return value
+        if key == "env.reward":
+            return "hf:" + change(key, value[3:]) if value.startswith("hf:") and value[3:] else value
+        return change(key, value)
+
+    sections, typed = {}, {}
+    for section, keys in PATH_KEYS.items():
+        table = dict(getattr(config, section))
+        for name in keys:
+            if name not in table:
+                continue
+            key, value = f"{section}.{name}", table[name]
+            new = [one(key, v) for v in value] if isinstance(value, list) and key == "env.reward" else one(key, value)
+            if new != value:
+                table[name], typed[key] = new, value
+        sections[section] = table
+    return (attrs.evolve(config, **sections) if typed else config), typed
+
+
+def absolute_paths(config, base: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """The config a run records: every relative path of :data:`PATH_KEYS` that exists from
+    ``base`` (default: the current folder, where the run starts) made absolute, so that the
+    run directory works from any folder later; and ``{key: value as typed}`` of those it
+    changed. A relative path that does not exist stays as typed: the run then stops with the
+    error of the option that reads it (or the option is not a path after all)."""
+    base = os.path.abspath(base if base is not None else os.getcwd())
+
+    def absolute(key: str, path: str) -> str:
+        if os.path.isabs(path) or not os.path.exists(os.path.join(base, path)):
+            return path
+        # abspath, not resolve: a symlinked folder stays the link the user named
+        return os.path.abspath(os.path.join(base, path))
+
+    return _map_paths(config, absolute)
+
+
+def path_values(config) -> list[tuple[str, str]]:
+    """``(key, path)`` of every path :data:`PATH_KEYS` finds in ``config``."""
+    found: list[tuple[str, str]] = []
+    _map_paths(config, lambda key, path: found.append((key, path)) or path)
+    return found
+
+
+def check_recorded_paths(config, what: str, skip: set[str] = frozenset(), only: set[str] | None = None) -> None:
+    """Every absolute path ``config`` names (of the keys in ``only``, default all) must still
+    exist (the keys in ``skip`` are given otherwise, e.g. as objects); else a one-line error
+    naming the key and the path. Relative paths (runs recorded before paths were made
+    absolute) are left to the option's own check."""
+    for key, path in path_values(config):
+        if key in skip or only is not None and key not in only:
+            continue
+        if os.path.isabs(path) and not os.path.exists(path):
+            raise ConfigError(
+                f"{what}: {key} = {path!r}, recorded when the run started, no longer exists; put it back there "
+                "(a run always reads the same files)"
+            )
+
+
+def config_header(started_in: str, typed: dict[str, Any], notes: list[str] = (), reward_folders=()) -> str:
+    """The comments on top of a run's ``config.toml``: where the run started, the paths as
+    typed there, what the run saved for the objects it was given, and the folders its reward
+    modules were imported from (:func:`recorded_reward_folders`). Empty when there is nothing
+    to say."""
+    if not (typed or notes or reward_folders):
+        return ""
+    lines = [
+        f"# Recorded by tokenmdp; the run started in {json.dumps(started_in)}. Paths below are absolute",
+        "# (relative ones were resolved from there), so this run directory works from any folder.",
+        *(f"# as typed: {key} = {json.dumps(value)}" for key, value in typed.items()),
+        *(f"# {note}" for note in notes),
+        *(_REWARD_FOLDER + json.dumps(str(folder)) for folder in reward_folders),
+    ]
+    return "\n".join(lines) + "\n\n"
+
+
+def recorded_reward_folders(run_dir: str | Path) -> list[Path]:
+    """The folders the run's ``module:function`` rewards were imported from when it started
+    (from :func:`config_header`'s comments), so that a resume from another folder finds them."""
+    folders = []
+    for line in _leading_comments(Path(run_dir) / CONFIG).splitlines():
+        if line.startswith(_REWARD_FOLDER):
+            try:
+                folders.append(Path(json.loads(line[len(_REWARD_FOLDER) :])))
+            except (ValueError, TypeError):
+                continue
+    return folders
+
+
+def _leading_comments(path: Path) -> str:
+    """The comment lines on top of the file at ``path`` (with the blank line after them), or ""."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines) + "\n\n" if lines else ""
 
 
 # --- atomic writes ---------------------------------------------------------------------------
@@ -591,3 +760,31 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise _write_failed(path, exc) from exc
     finally:
         _remove_quietly(tmp)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, who: str, what: str, instead: str):
+    """Hold an exclusive ``fcntl.flock`` on the file ``path`` while the block runs, with
+    ``"<who> pid N"`` written in it; a second holder gets a one-line :class:`RunDirInUse`
+    that names the first (``"<what> is in use by ...; wait for it to finish, or <instead>"``).
+    The operating system releases the lock when the process ends, however it ends, so a
+    lock file a killed process left behind is simply taken over."""
+    import fcntl
+
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunDirInUse(f"{what} is in use by {holder}; wait for it to finish, or {instead}") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{who} pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

@@ -38,14 +38,28 @@ from ..plugin.context import TrainContext
 from ..plugin.ops import check_finite
 from ..plugin.registry import Registry, plugin_manager
 from ..policies.base import place
-from ..text.task import code_barrier
+from ..text.callables import code_barrier
 from .budget import check_before_env, check_run
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .guards import call_component, call_hook
 from .interrupts import STOP_SIGNALS, deferred_interrupt
 from .models import initial_policy, load_policy, load_reference, split_reference
-from .rollout import collect, sampling_generator
-from .rundir import CHECKPOINT_DIR, REFERENCE, RunDir, check_run_dir_value, clash_message, latest_checkpoint
+from .rollout import collect, sampling_generator, with_stop_strings
+from .rundir import (
+    BASE_MODEL,
+    CHECKPOINT_DIR,
+    PYTHON_OBJECT,
+    REFERENCE,
+    TOKENIZER,
+    RunDir,
+    absolute_paths,
+    check_recorded_paths,
+    check_run_dir_value,
+    clash_message,
+    config_header,
+    latest_checkpoint,
+    recorded_reward_folders,
+)
 from .summary import run_summary
 
 __all__ = [
@@ -123,8 +137,72 @@ def _task_parameters(task_cls: type) -> list[str]:
     return sorted(set(names))
 
 
-#: The value a config holds for an input given as a Python object (``tokenmdp.train``).
-PYTHON_OBJECT = "python:object"
+def _given_keys(objects: dict) -> set[str]:
+    """The config keys whose values ``objects`` (``tokenmdp.train``'s) give."""
+    keys = {f"env.{key}" for key in objects.get("env") or {}}
+    return keys | ({"policy.path"} if objects.get("model") is not None else set())
+
+
+def _saveable(obj) -> bool:
+    """A transformers model or tokenizer, which ``save_pretrained`` writes to a folder."""
+    return obj is not None and callable(getattr(obj, "save_pretrained", None))
+
+
+def _save_quietly(obj, folder: Path) -> None:
+    """``obj.save_pretrained(folder)`` without transformers' progress bar (stderr stays for errors)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        obj.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _reward_entries(config: Config) -> list[str]:
+    """The ``module:function`` entries of ``env.reward`` (not ``hf:DIR``, not objects)."""
+    reward = config.env.get("reward")
+    entries = reward if isinstance(reward, list) else [reward]
+    return [e for e in entries if isinstance(e, str) and ":" in e and not e.startswith(("hf:", PYTHON_OBJECT))]
+
+
+def _reward_module_folders(config: Config) -> list[str]:
+    """The folders the run's reward modules were imported from (their top-level module's
+    place on the search path): ``config.toml`` records them for a resume from another folder."""
+    import sys
+
+    folders = []
+    for entry in _reward_entries(config):
+        module = sys.modules.get(entry.split(":")[0].split(".")[0])
+        where = getattr(module, "__file__", None)
+        if where is None:
+            continue
+        folder = Path(where).parent.parent if Path(where).name == "__init__.py" else Path(where).parent
+        if str(folder.absolute()) not in folders:
+            folders.append(str(folder.absolute()))
+    return folders
+
+
+def _find_reward_modules(run_dir: str | Path, config: Config, given: set[str]) -> None:
+    """A resume from another folder imports the run's reward modules from where they were
+    imported when it started (recorded in ``config.toml``), as that start did: the folder goes
+    last on the search path, only when the module is not found otherwise. The run directory
+    itself stays barred (``code_barrier``)."""
+    import sys
+
+    if "env.reward" in given:
+        return
+    for entry in _reward_entries(config):
+        top = entry.split(":")[0].split(".")[0]
+        if top in sys.modules or importlib.util.find_spec(top) is not None:
+            continue
+        for folder in recorded_reward_folders(run_dir):
+            if (folder / f"{top}.py").is_file() or (folder / top).is_dir():
+                if str(folder) not in sys.path:
+                    sys.path.append(str(folder))
+                break
 
 
 def make_vector_env(
@@ -186,11 +264,20 @@ class Trainer:
         objects: dict | None = None,
         reference_cache: str | Path | None = None,
     ):
+        #: Inputs given as Python objects (``tokenmdp.train``): ``env`` values and ``model``.
+        self.objects = dict(objects or {})
+        #: What a fresh run saves for the objects it was given (folder name -> object), and
+        #: where they are staged until the run directory is prepared.
+        self._saving, self._staged, self._header = {}, {}, None
+        # A run directory works from any folder: a fresh run records the paths it names
+        # absolute; a resumed one first checks that they are all still there.
+        if resume:
+            check_recorded_paths(config, f"--resume {str(config.run.dir)!r}", skip=_given_keys(self.objects))
+        else:
+            config = self._recorded(config)
         self.config = config
         #: A folder of fine-tuned references shared by runs with the same key (compare's).
         self.reference_cache = reference_cache
-        #: Inputs given as Python objects (``tokenmdp.train``): ``env`` values and ``model``.
-        self.objects = dict(objects or {})
         self.pm = pm if pm is not None else plugin_manager()
         self.registry = Registry(self.pm)
         self.registry.register_envs()
@@ -209,6 +296,7 @@ class Trainer:
         )
         self.task = self.env.task
         self._check_text_setup(config)
+        self.sampling = with_stop_strings(self.sampling, config, self.task)  # training and evaluation
         self.device = resolve_device(config.train.device)
         if self.task.rewards is not None:
             self.task.rewards.place(self.device)  # reward models score on the policy's device
@@ -219,11 +307,14 @@ class Trainer:
                 f"train.precision = {config.train.precision!r} applies to HF models (policy.kind = "
                 f'"hf"); policy.kind = {kind!r} trains in "fp32"'
             )
+        if config.train.gradient_checkpointing and kind != "hf":
+            raise ConfigError(f'train.gradient_checkpointing applies to HF models (policy.kind = "hf"), not {kind!r}')
         for component in self.composition.components:
             component.check(config, self.task)
         check_run(config, self.task)  # before the solver, the SFT data and the models are built
         self.run_dir = Path(config.run.dir)
         self.rundir = RunDir(self.run_dir)
+        self.rundir.saves = tuple(self._saving)
         self.resume = resume
         # Built by build_models(); the loop's state, set by train().
         self.policy = self.reference = self.evaluator = self.ctx = None
@@ -258,6 +349,57 @@ class Trainer:
                 raise ConfigError(self.rundir.no_checkpoint_message())
         else:
             self._check_fresh_run_dir(config.run.overwrite)
+
+    def _recorded(self, config: Config) -> Config:
+        """A fresh run's config as ``config.toml`` records it: the paths it names absolute
+        (resolved from the folder the run starts in), and a model or tokenizer given as an
+        object named by the folder the run saves it to (``RUN/base_model``, ``RUN/tokenizer``:
+        ``save_pretrained``), so that ``export`` and ``--resume`` from the command line need
+        no objects. An object that cannot be saved stays ``"python:object"``."""
+        started_in = os.getcwd()
+        config, typed = absolute_paths(config, started_in)
+        root = Path(config.run.dir).absolute()
+        notes = []
+        model, tokenizer = self.objects.get("model"), (self.objects.get("env") or {}).get("tokenizer")
+        # a peft model (or one peft wrapped in an earlier run) would save its adapter only
+        if config.policy.get("path") == PYTHON_OBJECT and _saveable(model) and not getattr(model, "peft_config", None):
+            self._saving[BASE_MODEL] = model
+            config = attrs.evolve(config, policy={**config.policy, "path": str(root / BASE_MODEL)})
+            notes.append(f"policy.path: the model given to tokenmdp.train, saved in {BASE_MODEL}/ (save_pretrained)")
+        if config.env.get("tokenizer") == PYTHON_OBJECT and _saveable(tokenizer):
+            self._saving[TOKENIZER] = tokenizer
+            config = attrs.evolve(config, env={**config.env, "tokenizer": str(root / TOKENIZER)})
+            notes.append(f"env.tokenizer: the tokenizer given to tokenmdp.train, saved in {TOKENIZER}/")
+        self._header = (started_in, typed, notes)
+        return config
+
+    def _config_text(self) -> str:
+        """``config.toml`` of a fresh run: the config, under comments that say where the run
+        started, how its paths were typed, and where its reward modules were imported from."""
+        started_in, typed, notes = self._header or (os.getcwd(), {}, [])
+        folders = _reward_module_folders(self.config)
+        return config_header(started_in, typed, notes, folders) + dump_config(self.config)
+
+    def _stage_given_objects(self) -> dict[str, Path]:
+        """Save the objects the run records as folders of its own (:meth:`_recorded`) under
+        temporary names; the run directory's preparation moves them into place. Done before
+        the models are built: with ``policy.lora``, peft wraps the given model in place."""
+        if self.resume or not distributed.is_main():
+            return {}
+        staged = {}
+        for name, obj in self._saving.items():
+            try:
+                staged[name] = self.rundir.stage(name, functools.partial(_save_quietly, obj))
+            except (ConfigError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # save_pretrained refused (what was staged goes with the failed run)
+                what = "model" if name == BASE_MODEL else "tokenizer"
+                raise ConfigError(
+                    f"could not save the {what} given to tokenmdp.train into {self.run_dir / name} "
+                    f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                    "export and --resume from the command line need it"
+                ) from None
+        return staged
 
     def _check_fresh_run_dir(self, overwrite: bool) -> None:
         """A fresh run needs a folder with nothing to lose: new, empty, or tokenmdp's own
@@ -309,6 +451,17 @@ class Trainer:
             raise ConfigError(f"--resume {str(run_dir)!r}: no config.toml there, so it is not a run directory")
         stored = load_config(path, [f"run.dir={Path(run_dir)}"])
         config = load_config(path, [*overrides, f"run.dir={Path(run_dir)}"])
+        # Paths compare as the files they name: a path typed relative to this folder (an
+        # override, or a run recorded before paths were absolute) is the same file.
+        stored, config = absolute_paths(stored)[0], absolute_paths(config)[0]
+        # An input given as an object again (tokenmdp.train(..., resume=True)) keeps the folder
+        # the run saved it to, which config.toml goes on naming.
+        given = _given_keys(objects or {})
+        for key in sorted(given):
+            section, name = key.split(".")
+            table, recorded = dict(getattr(config, section)), getattr(stored, section).get(name)
+            if table.get(name) == PYTHON_OBJECT and recorded is not None:
+                config = attrs.evolve(config, **{section: {**table, name: recorded}})
         now, before = _flat(config), _flat(stored)
         changed = {key for key in now.keys() | before.keys() if now.get(key, _MISSING) != before.get(key, _MISSING)}
         fixed = sorted(changed - RESUME_MAY_CHANGE)
@@ -317,6 +470,7 @@ class Trainer:
                 f"--resume can extend a run ({', '.join(sorted(RESUME_MAY_CHANGE))}), not change what it trains: "
                 f"{', '.join(fixed)} differ from {path}; start a new run for that"
             )
+        _find_reward_modules(run_dir, config, given)
         return cls(config, pm=pm, resume=True, objects=objects)
 
     # --- set-up -------------------------------------------------------------------
@@ -343,6 +497,8 @@ class Trainer:
         # The policy is in eval mode (no dropout) everywhere but the updater's forward;
         # train.disable_dropout (default) turns its dropout off there too.
         self.policy = place(policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
+        if cfg.train.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
         self.exact = self.task.exact
         if self.exact:
             self.evaluator = ExactEvaluator(self.task, self.reference, cfg.train.beta)
@@ -443,6 +599,7 @@ class Trainer:
                     signal.signal(s, h)
 
     def _train(self) -> dict[str, Any]:
+        self._staged = self._stage_given_objects()
         self.build_models()
         cfg = self.config
         main = distributed.is_main()
@@ -662,7 +819,7 @@ class Trainer:
             return state["step"], state["env_tokens"]
         with distributed.agreement("preparing the run directory"):
             if main:
-                self.rundir.start_fresh(dump_config(self.config), self.reference_state())
+                self.rundir.start_fresh(self._config_text(), self.reference_state(), staged=self._staged)
         return 0, 0
 
     def reference_state(self) -> dict:
