@@ -113,3 +113,8 @@ def test_a_one_step_bandit_terminates():
     env.reset(seed=0)
     _, _, terminated, truncated, _ = env.step(0)
     assert (terminated, truncated) == (True, False)
+
+
+def test_the_wandb_option_says_where_wandb_keeps_its_files():
+    run = options_text("run")
+    assert "$WANDB_DIR/wandb" in run and "./wandb" in run and "under the run directory" not in run

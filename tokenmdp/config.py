@@ -210,7 +210,9 @@ class RunConfig:
     #: Replace a finished run in ``dir`` (only files tokenmdp wrote are removed).
     overwrite: bool = attrs.field(default=False, validator=_boolean)
     #: Log to Weights & Biases under this project (extra ``wandb``; ``WANDB_MODE=offline``
-    #: keeps it on this machine, under the run directory). Unset = no wandb.
+    #: keeps it on this machine, in wandb's own folder: ``$WANDB_DIR/wandb``, else ``./wandb``
+    #: of the folder the run started in; the run directory keeps only ``wandb_id.txt``).
+    #: Unset = no wandb.
     wandb_project: str | None = attrs.field(default=None, validator=_optional_name)
 
 
