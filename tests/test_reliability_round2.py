@@ -472,3 +472,27 @@ def test_three_ctrl_c_within_10_ms_end_in_one_line(tmp_path):
         assert proc.returncode == 130, err
         lines = [line for line in err.splitlines() if "stopping after this step" not in line]
         assert len(lines) == 1 and lines[0].startswith("tokenmdp: interrupted"), err
+
+
+def test_an_abort_that_lands_in_a_finalizer_is_sent_again_after_it(monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside ``__del__`` (tqdm's, under load) is printed as
+    "Exception ignored" and lost: the third signal is re-sent instead, then aborts."""
+    import signal
+    import types
+
+    from tokenmdp.training import interrupts
+
+    sent = []
+    monkeypatch.setattr(
+        interrupts.threading, "Timer", lambda delay, fn, args: types.SimpleNamespace(start=lambda: sent.append(args))
+    )
+    in_finalizer = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="__del__"))
+    with interrupts.deferred_interrupt() as flag:
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)
+        handler(signal.SIGINT, None)
+        assert flag.is_set() and "stopping after this step" in capsys.readouterr().err
+        handler(signal.SIGINT, in_finalizer)  # no exception inside the finalizer
+        assert sent == [(os.getpid(), signal.SIGINT)]
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)  # the re-sent signal, outside it

@@ -6,6 +6,7 @@ only acknowledged (so two Ctrl-C in a row still end with a checkpoint); a third 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -39,6 +40,10 @@ def deferred_interrupt():
                 "tokenmdp: stopping after this step and its checkpoint (signal again to abort without saving)",
                 file=sys.stderr,
             )
+        elif frame is not None and frame.f_code.co_name == "__del__":
+            # A KeyboardInterrupt raised inside a finalizer (tqdm's __del__, say) is printed
+            # as "Exception ignored" and lost; send the signal again once the finalizer is done.
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
         else:
             raise KeyboardInterrupt
 
