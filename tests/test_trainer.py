@@ -270,3 +270,13 @@ def test_credit_scoring_against_a_star_can_be_switched_off(tmp_path):
     # the training itself is the same
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("credit_corr", "time/"))}
     assert [strip(r) for r in rows_on] == [strip(r) for r in rows_off]
+
+
+def test_a_micro_batch_that_splits_nothing_is_a_warning(tiny_config):
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"micro_batch_size = 16 is a whole minibatch .*splits nothing"):
+        Trainer(tiny_config("updater.micro_batch_size=16"))  # TINY: batches of 16, one minibatch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(tiny_config("updater.micro_batch_size=8", "run.overwrite=true"))  # splits in two: no warning

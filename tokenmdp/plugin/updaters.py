@@ -21,6 +21,7 @@ minibatch and every loss is computed exactly as without micro-batches.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
@@ -197,6 +198,14 @@ class GradientUpdater(PolicyUpdater):
             raise ConfigError(
                 f"updater.micro_batch_size = {micro} is larger than a minibatch of updater "
                 f"{self.name!r} ({largest} rows); choose 1..{largest}, or unset it"
+            )
+        if largest is not None and micro == largest and largest > 1:
+            # legal, and the same numbers, but it saves no memory: say so rather than let the
+            # user believe the step is split
+            warnings.warn(
+                f"updater.micro_batch_size = {micro} is a whole minibatch of updater {self.name!r} "
+                f"({largest} rows), so it splits nothing; lower it (1..{largest - 1}) to save memory, or unset it",
+                stacklevel=2,
             )
 
     def largest_minibatch(self, config) -> int | None:
