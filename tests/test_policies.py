@@ -3,6 +3,7 @@ harmless for HF models, sentencepiece tokenizers train locally, SFT learns the b
 
 import pytest
 import torch
+from helpers import TINY_GPT2
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
@@ -23,16 +24,7 @@ CORPUS = [
 
 def tiny_gpt2(vocab):
     return HFCausalLMPolicy.from_config(
-        {
-            "model_type": "gpt2",
-            "vocab_size": vocab,
-            "n_layer": 2,
-            "n_head": 2,
-            "n_embd": 32,
-            "n_positions": 64,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
+        {**TINY_GPT2, "vocab_size": vocab},
         seed=0,
     )
 

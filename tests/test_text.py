@@ -13,7 +13,7 @@ import gymnasium
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
-from helpers import rounding_tolerance, train_until_interrupted
+from helpers import TINY_GPT2, rounding_tolerance, train_until_interrupted
 
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
@@ -65,14 +65,8 @@ def prompt_file(tmp_path_factory) -> Path:
 
 def tiny_gpt2(vocab: int, **kw) -> HFCausalLMPolicy:
     config = {
-        "model_type": "gpt2",
+        **TINY_GPT2,
         "vocab_size": vocab,
-        "n_layer": 2,
-        "n_head": 2,
-        "n_embd": 32,
-        "n_positions": 64,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
