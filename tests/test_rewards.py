@@ -231,6 +231,10 @@ async def async_reward(completions, **kwargs):
     return [2.0] * len(completions)
 
 
+async def async_failing(completions, **kwargs):
+    raise ValueError("boom")
+
+
 async def async_per_response(prompt, completion):
     return 3.0
 
@@ -283,6 +287,11 @@ def test_async_rewards_are_awaited_together(text_files, tmp_path):  # noqa: F811
     )
     assert [r.form for r in task.rewards.rewards] == ["trl", "pair"]
     assert task.score_responses([0, 1], [[5], [6]]) == [32.0, 32.0]
+    failing = qa_task(tmp_path, text_files, ["test_rewards:async_reward", "test_rewards:async_failing"])
+    with pytest.raises(
+        RewardError, match=r"^reward 'test_rewards:async_failing' raised while awaited: ValueError: boom"
+    ):
+        failing.score_responses([0], [[5]])
 
 
 def test_none_leaves_a_reward_out_of_the_weighted_sum_as_trl_does(text_files, tmp_path):  # noqa: F811

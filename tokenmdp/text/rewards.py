@@ -258,16 +258,15 @@ class RewardSet:
             return await asyncio.gather(*(named(k, a) for k, _, a in pending))
 
         first = self.rewards[pending[0][0]]
+        # the loop runs on a thread of its own, so that a caller's running loop is no obstacle
+        run = lambda: _in_thread(lambda: asyncio.run(gather()), None, "tokenmdp-async-rewards")
         try:
             with exit_refused(first.spec if len(self.rewards) == 1 else self.name, "while awaiting async rewards"):
-                results = _bounded(first, "while awaiting async rewards", lambda: _run_loop(gather()), self.timeout)
-        except RewardError as exc:
-            failed = exc.__cause__
-            if isinstance(failed, _Failed):
-                raise RewardError(
-                    f"reward {failed.reward.spec!r} raised while awaited: {type(failed.error).__name__}: {failed.error}"
-                ) from failed.error
-            raise
+                results = _bounded(first, "while awaiting async rewards", run, self.timeout)
+        except _Failed as failed:
+            raise RewardError(
+                f"reward {failed.reward.spec!r} raised while awaited: {type(failed.error).__name__}: {failed.error}"
+            ) from failed.error
         for (k, j, _), value in zip(pending, results):
             if j is None:
                 outputs[k] = value
@@ -282,18 +281,23 @@ class _Failed(Exception):
         self.reward, self.error = reward, error
 
 
-def _run_loop(coroutine) -> Any:
+def _in_thread(call: Callable[[], Any], timeout: float | None, name: str) -> Any:
+    """``call()`` on a daemon thread, its result or exception handed back to this thread; a
+    call still running after ``timeout`` seconds is a TimeoutError here (it goes on in its
+    thread until the process exits: docs/reliability.md)."""
     box: list = []
 
     def run():
         try:
-            box.append((True, asyncio.run(coroutine)))
-        except BaseException as exc:
+            box.append((True, call()))
+        except BaseException as exc:  # handed back to the caller's thread
             box.append((False, exc))
 
-    thread = threading.Thread(target=run, daemon=True, name="tokenmdp-async-rewards")
-    thread.start()
-    thread.join()
+    worker = threading.Thread(target=run, daemon=True, name=name)
+    worker.start()
+    worker.join(timeout)
+    if not box:
+        raise TimeoutError(f"no answer within env.reward_timeout = {timeout:g} s")
     ok, value = box[0]
     if not ok:
         raise value
@@ -301,30 +305,12 @@ def _run_loop(coroutine) -> Any:
 
 
 def _bounded(reward: Reward, where: str, call: Callable[[], Any], timeout: float | None) -> Any:
+    """``call()``, bounded by ``timeout``; what it raises becomes a RewardError naming
+    ``reward`` (an async reward's own failure, :class:`_Failed`, passes through to be named)."""
     try:
-        if timeout is None:
-            return call()
-        box: list = []
-
-        def run():
-            try:
-                box.append((True, call()))
-            except BaseException as exc:  # handed back to the caller's thread
-                box.append((False, exc))
-
-        worker = threading.Thread(target=run, daemon=True, name="tokenmdp-reward")
-        worker.start()
-        worker.join(timeout)
-        if not box:
-            raise TimeoutError(f"no answer within env.reward_timeout = {timeout:g} s")
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-    except RewardError:
+        return call() if timeout is None else _in_thread(call, timeout, "tokenmdp-reward")
+    except (RewardError, _Failed):
         raise
-    except _Failed as exc:
-        raise RewardError(str(exc)) from exc
     except (Exception, SystemExit) as exc:  # a reward that calls sys.exit() must not end the run as a success
         if isinstance(exc, TypeError) and reward.form == "trl" and "argument" in str(exc):
             # e.g. a parameter named after a dataset column the prompts do not have
