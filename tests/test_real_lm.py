@@ -283,6 +283,8 @@ def test_bf16_runs_on_the_cpu_finite_and_close_to_fp32(text_files, tmp_path):
             "train.eval_every=2",
             "train.eval_samples=16",
             "updater.lr=3e-2",
+            "updater.epochs=4",  # the plain defaults this test was measured with (not the LM ones)
+            "updater.minibatches=4",
             *extra,
         )
 

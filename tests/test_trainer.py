@@ -3,6 +3,7 @@
 import json
 import types
 
+import attrs
 import pytest
 import torch
 from helpers import TINY, has_lines, train_until_interrupted, wait_until
@@ -35,9 +36,11 @@ def test_run_directory_contents(tiny_config, tmp_path):
     assert rows[-1]["regret"] == pytest.approx(rows[-1]["kl_to_optimal"], rel=1e-9, abs=1e-12)
     assert summary["regret"] == pytest.approx(rows[-1]["regret"])
     assert json.loads((run / "summary.json").read_text())["env_tokens"] == 192
-    # the resolved config round-trips
+    # the resolved config round-trips: the config as given, with train.beta (unset) resolved
     again = tokenmdp.config.load_config(run / "config.toml")
-    assert again == tiny_config()
+    given = tiny_config()
+    assert given.train.beta is None and again.train.beta == 1.0
+    assert again == attrs.evolve(given, train=attrs.evolve(given.train, beta=1.0))
 
 
 def test_same_seed_same_metrics(tiny_config, tmp_path):

@@ -45,6 +45,8 @@ _LAZY = {
             "Component",
             "CreditView",
             "EnvSpec",
+            "LM_LR",
+            "LORA_LR",
             "NoOptions",
             "PolicyUpdater",
             "Recipe",

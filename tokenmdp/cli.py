@@ -67,12 +67,14 @@ def cmd_train(args) -> int:
 def cmd_solve(args) -> int:
     from .config import load_config
     from .mdp.solver import solve
+    from .plugin.composition import with_recipe_defaults
     from .policies import TaskBasePolicy
     from .training.budget import check_solver
     from .training.trainer import load_task
 
     config = load_config(args.config, args.set)
-    _, task = load_task(config)
+    registry, task = load_task(config)
+    config = with_recipe_defaults(registry, config)[0]  # train.beta, when the config leaves it to the recipe
     check_solver(config, task)
     started = time.perf_counter()
     solution = solve(task, TaskBasePolicy(task), config.train.beta)

@@ -145,7 +145,10 @@ class TrainConfig:
     max_memory_gb: float | None = attrs.field(default=None, validator=positive)
     #: beta of the objective ``E[R] - beta * KL(pi || pi_ref)``: the KL weight of the
     #: estimators that default to it, and of the exact optimum every toy run is scored against.
-    beta: float = attrs.field(default=1.0, validator=positive)
+    #: Unset = the recipe's: 1.0 for the toy policies; for an HF policy the recipe's LM
+    #: default (grpo 0.04, rloo/ppo 0.05, dpo 0.1: ``tokenmdp options RECIPE``), recorded in
+    #: the run's ``config.toml``.
+    beta: float | None = attrs.field(default=None, validator=positive)
     #: Sampling temperature (sampling only: stored log-probs are the policy's own).
     temperature: float = attrs.field(default=1.0, validator=positive)
     #: Sample only among the k most likely tokens (unset = all). Sampling only: the stored

@@ -42,7 +42,7 @@ estimator fails at start-up.
 
 from __future__ import annotations
 
-from tokenmdp import CreditView, Recipe, hookimpl, load_pair_file, sample_pairs, sequence_rewards
+from tokenmdp import LM_LR, LORA_LR, CreditView, Recipe, hookimpl, load_pair_file, sample_pairs, sequence_rewards
 
 from .components import DPOUpdater, ImplicitReward, PairBatch, PreferencePairs
 from .losses import dpo_loss, sequence_logratio
@@ -81,7 +81,14 @@ def tokenmdp_policy_updaters():
 
 @hookimpl
 def tokenmdp_algorithms():
-    common = dict(estimator=PreferencePairs.name, advantage=ImplicitReward.name, supervision="pairs")
+    common = dict(
+        estimator=PreferencePairs.name,
+        advantage=ImplicitReward.name,
+        supervision="pairs",
+        # TRL's DPOConfig: beta 0.1, in the loss and in the objective the run is scored by
+        lm_options={"updater": {"lr": LM_LR, "beta": 0.1}, "train": {"beta": 0.1}},
+        lora_options={"updater": {"lr": LORA_LR}},
+    )
     return [
         Recipe(
             name="dpo",

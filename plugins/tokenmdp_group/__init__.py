@@ -30,6 +30,8 @@ import attrs
 import torch
 
 from tokenmdp import (
+    LM_LR,
+    LORA_LR,
     AdvantageConstructor,
     ConfigError,
     CreditView,
@@ -133,6 +135,11 @@ def tokenmdp_advantage_constructors():
     return [SequenceCredit]
 
 
+#: TRL's KL weights: RLOOConfig's, and GRPOConfig's before TRL 0.19 (now 0, which drops the
+#: reference; tokenmdp's objective always keeps a KL term).
+LM_BETA = {"rloo": 0.05, "grpo": 0.04}
+
+
 @hookimpl
 def tokenmdp_algorithms():
     updater = {"kl_coef": 0.0}  # the KL is in the sequence reward
@@ -145,6 +152,10 @@ def tokenmdp_algorithms():
             options={"updater": updater},
             description=(cls.__doc__ or "").strip(),
             supervision="reward",
+            # TRL's GRPOConfig/RLOOConfig: one optimizer step per generation batch
+            # (num_iterations = 1), KL weight 0.04 (GRPO before TRL 0.19) and 0.05 (RLOO)
+            lm_options={"updater": {"lr": LM_LR, "epochs": 1, "minibatches": 1}, "train": {"beta": LM_BETA[cls.name]}},
+            lora_options={"updater": {"lr": LORA_LR}},
         )
         for cls in (RLOO, GRPO)
     ]

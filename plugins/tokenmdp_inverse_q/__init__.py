@@ -20,6 +20,8 @@ import attrs
 import torch
 
 from tokenmdp import (
+    LM_LR,
+    LORA_LR,
     AdvantageConstructor,
     ConfigError,
     CreditView,
@@ -286,7 +288,14 @@ def tokenmdp_policy_updaters():
 
 @hookimpl
 def tokenmdp_algorithms():
-    common = dict(estimator=ConditionalOptimal.name, advantage=LogRatio.name, supervision="none")
+    common = dict(
+        estimator=ConditionalOptimal.name,
+        advantage=LogRatio.name,
+        supervision="none",
+        # one update per batch, as the reward recipes on an LM; train.beta stays the paper's 1
+        lm_options={"updater": {"lr": LM_LR, "epochs": 1, "minibatches": 1}},
+        lora_options={"updater": {"lr": LORA_LR}},
+    )
     return [
         Recipe(
             name="inverse-q",

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from tokenmdp import (
+    LM_LR,
+    LORA_LR,
     AdvantageConstructor,
     ConfigError,
     CreditView,
@@ -452,25 +454,31 @@ def tokenmdp_policy_updaters():
     return [PPO]
 
 
+#: TRL's PPOConfig on a pretrained LM: 4 PPO epochs over one minibatch, value-loss weight 0.1,
+#: KL weight 0.05 (the learning rate: tokenmdp's LM_LR, see its comment).
+LM_OPTIONS = {"updater": {"lr": LM_LR, "epochs": 4, "minibatches": 1, "vf_coef": 0.1}, "train": {"beta": 0.05}}
+LORA_OPTIONS = {"updater": {"lr": LORA_LR}}
+
+
 @hookimpl
 def tokenmdp_algorithms():
+    common = dict(estimator=PPORewards.name, advantage=GAE.name, updater=PPO.name)
+    lm = dict(lm_options=LM_OPTIONS, lora_options=LORA_OPTIONS)
     return [
         Recipe(
             name="ppo",
-            estimator=PPORewards.name,
-            advantage=GAE.name,
-            updater=PPO.name,
             description="PPO: KL-penalised token rewards, a learned critic, GAE, clipped surrogate and value loss",
             supervision="reward",
+            **common,
+            **lm,
         ),
         Recipe(
             name="ppo-rm",
-            estimator=PPORewards.name,
-            advantage=GAE.name,
-            updater=PPO.name,
             options={"estimator": {"reward": "learned"}},
             description="PPO on a reward model fitted to preference pairs (RLHF); the env reward is never read",
             supervision="pairs",
+            **common,
+            **lm,
         ),
     ]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import attrs
 
 from tokenmdp import (
+    LM_LR,
+    LORA_LR,
     AdvantageConstructor,
     GradientOptions,
     GradientUpdater,
@@ -115,5 +117,8 @@ def tokenmdp_algorithms():
             updater=PolicyGradient.name,
             description="REINFORCE with a k1 KL penalty to the reference (reference example)",
             supervision="reward",
+            # a pretrained LM: one update per batch at an LM's learning rate, KL weight 0.05
+            lm_options={"updater": {"lr": LM_LR, "epochs": 1, "minibatches": 1}, "train": {"beta": 0.05}},
+            lora_options={"updater": {"lr": LORA_LR}},
         )
     ]

@@ -107,18 +107,66 @@ METHOD_PARAMETERS = {
 }
 
 
+#: The learning rate of the built-in recipes' ``lm_options``: a pretrained LM fine-tuned in
+#: full (TRL's trainers default to 1e-6..3e-6, tuned for models of a billion parameters and
+#: more), and a LoRA adapter's, 10x as PEFT's and TRL's LoRA examples take.
+LM_LR = 1e-5
+LORA_LR = 1e-4
+
+#: The sections a recipe gives defaults for, and the only ``[train]`` key among them (the
+#: objective's KL weight; the rest of ``[train]`` is the run's, not the algorithm's).
+RECIPE_SECTIONS = ("estimator", "advantage", "updater", "train")
+RECIPE_TRAIN_KEYS = ("beta",)
+
+
+def _recipe_options(instance, attribute, value):
+    for section, options in value.items():
+        if section not in RECIPE_SECTIONS:
+            raise ValueError(
+                f"recipe {instance.name!r}: {attribute.name} section {section!r} is not one of "
+                f"{', '.join(RECIPE_SECTIONS)}"
+            )
+        extra = sorted(set(options) - set(RECIPE_TRAIN_KEYS)) if section == "train" else []
+        if extra:
+            raise ValueError(
+                f"recipe {instance.name!r}: {attribute.name}['train'] may only set {', '.join(RECIPE_TRAIN_KEYS)} "
+                f"(got {', '.join(extra)})"
+            )
+
+
 @attrs.frozen
 class Recipe:
-    """A named algorithm: which estimator, advantage and updater, with default options."""
+    """A named algorithm: which estimator, advantage and updater, with default options.
+
+    ``options`` are the defaults for every policy; a pretrained language model
+    (``policy.kind = "hf"``) takes ``lm_options`` over them, and one training a LoRA adapter
+    ``lora_options`` over those: a real LM does not survive the learning rates and update
+    counts that suit the toy networks (docs/text.md, "Defaults for real LMs")."""
 
     name: str
     estimator: str
     advantage: str
     updater: str
-    options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, validator=_recipe_options)
     description: str = ""
     #: What supervision the recipe consumes: "reward", "pairs" or "none".
     supervision: str = "reward"
+    #: Defaults for HF policies, over ``options``, by section ("estimator", "advantage",
+    #: "updater", and "train" for ``beta`` only).
+    lm_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, validator=_recipe_options)
+    #: Defaults for HF policies with ``policy.lora``, over ``lm_options``.
+    lora_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, validator=_recipe_options)
+
+    def lm_defaults_for(self, policy: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The LM defaults (``lm_options``, with LoRA's over them) for a ``[policy]`` table,
+        by section; none for a toy policy."""
+        if policy.get("kind") != "hf":
+            return {}
+        merged: dict[str, dict[str, Any]] = {}
+        for layer in [self.lm_options, self.lora_options] if policy.get("lora") else [self.lm_options]:
+            for section, options in layer.items():
+                merged.setdefault(section, {}).update(options)
+        return merged
 
 
 @attrs.frozen

@@ -15,6 +15,8 @@ from .components import BATCH_SIGNALS, Component
 from .registry import Registry
 
 KINDS = ("estimator", "advantage", "updater")
+#: ``train.beta`` when neither the config nor its recipe sets it.
+DEFAULT_BETA = 1.0
 
 
 @attrs.frozen
@@ -54,6 +56,49 @@ def compose(registry: Registry, config: Config) -> Composition:
         parts[kind] = cls(options)
     check_signals(parts)
     return Composition(**parts, recipe=recipe.name if recipe else None)
+
+
+def with_recipe_defaults(registry: Registry, config: Config) -> tuple[Config, dict[str, object]]:
+    """``config`` as a fresh run records it: its recipe's LM defaults (an HF policy's:
+    ``Recipe.lm_options``, LoRA's over them) written into the sections that do not set them,
+    and ``train.beta`` resolved (unset: the recipe's, else 1.0). Also returns the LM values
+    written, as ``{"section.key": value}``, for the start-up line.
+
+    The LM values go into the config rather than into :func:`compose`, so that ``config.toml``
+    says what the run trained with and a resume never picks up defaults that changed since."""
+    algo = config.algorithm
+    recipe = registry.recipe(algo.name) if algo.name else None
+    lm = recipe.lm_defaults_for(config.policy) if recipe else {}
+    applied: dict[str, object] = {}
+    changes = {}
+    for kind in KINDS:
+        if getattr(algo, kind) not in (None, getattr(recipe, kind, None)):
+            continue  # the recipe's defaults are for its own component, not a replacement
+        table = dict(getattr(config, kind))
+        for key, value in lm.get(kind, {}).items():
+            if key not in table:
+                table[key] = applied[f"{kind}.{key}"] = value
+        changes[kind] = table
+    beta = config.train.beta
+    if beta is None:
+        beta = lm.get("train", {}).get("beta") or (recipe.options.get("train", {}).get("beta") if recipe else None)
+        if beta is not None and "beta" in lm.get("train", {}):
+            applied["train.beta"] = beta
+        beta = beta if beta is not None else DEFAULT_BETA
+    changes["train"] = attrs.evolve(config.train, beta=beta)
+    return attrs.evolve(config, **changes), applied
+
+
+def lm_defaults_line(config: Config, applied: dict[str, object]) -> str:
+    """One line naming the LM defaults a run took (:func:`with_recipe_defaults`); "" if none."""
+    if not applied:
+        return ""
+    lora = " with LoRA" if config.policy.get("lora") else ""
+    values = ", ".join(f"{key} = {value!r}" for key, value in applied.items())
+    return (
+        f"recipe {config.algorithm.name!r} on an HF policy{lora}: LM defaults {values} (set any of them to "
+        f"override; tokenmdp options {config.algorithm.name})"
+    )
 
 
 def check_signals(parts: dict[str, Component]) -> None:

@@ -45,7 +45,7 @@ from ..config import SECTIONS, Config, load_config, merge, parse_override, read_
 from ..errors import ConfigError
 from ..mdp.solver import solve, tree_logprobs
 from ..options import build, to_dict
-from ..plugin.composition import compose
+from ..plugin.composition import compose, with_recipe_defaults
 from ..plugin.registry import Registry, plugin_manager
 from ..policies import build_policy
 from ..training import rundir
@@ -225,6 +225,7 @@ def plan_cells(grid: Grid, registry: Registry) -> list[Cell]:
                         "whose supervision the table reports"
                     )
                 compose(registry, config)  # an unknown recipe lists the registered ones
+                config = with_recipe_defaults(registry, config)[0]  # as the cell's run records it
                 # the paths the cell records (absolute, as every run records them), so that a
                 # finished cell's config.toml compares equal to its plan from any folder
                 cells.append(Cell(label, env_id, seed, absolute_paths(config)[0]))

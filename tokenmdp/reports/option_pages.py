@@ -88,6 +88,24 @@ def _policy_lines(kind: str) -> list[str]:
     )
 
 
+def _lm_default_lines(recipe: Any) -> list[str]:
+    """What changes when the recipe's policy is a Hugging Face model (``Recipe.lm_options``)."""
+    lines = []
+    for title, policy in (("an HF policy", {"kind": "hf"}), ("with policy.lora", {"kind": "hf", "lora": {"r": 8}})):
+        values = recipe.lm_defaults_for(policy)
+        if values:
+            shown = ", ".join(f"{s}.{k} = {v!r}" for s, table in values.items() for k, v in table.items())
+            lines.append(f"  {title}: {shown}")
+    if not lines:
+        return []
+    return [
+        "",
+        'Defaults for real LMs (policy.kind = "hf"), over the above; set any of them to override '
+        "(docs/text.md, 'Defaults for real LMs'); train.beta unset = 1.0 otherwise:",
+        *lines,
+    ]
+
+
 def options_text(name: str) -> str:
     """The page ``tokenmdp options NAME`` prints (see the module's docstring)."""
     from ..config import OPTION_SECTIONS as sections
@@ -119,7 +137,7 @@ def options_text(name: str) -> str:
         for kind in ("estimator", "advantage", "updater"):
             cls = registry.component(kind, getattr(recipe, kind))
             lines += ["", *_attrs_lines(f"[{kind}] {cls.name}", cls.Options, recipe.options.get(kind))]
-        return "\n".join(lines)
+        return "\n".join(lines + _lm_default_lines(recipe))
     found = [(kind, table[name]) for kind, table in registry.components.items() if name in table]
     if not found:
         components = sorted({n for table in registry.components.values() for n in table})

@@ -59,7 +59,8 @@ class SampledEvaluator:
       an unbiased estimate of the sequence-level ``KL(pi || pi_ref)``;
     * ``true_reward``: the mean reward of those responses, when the task has a reward
       (read for evaluation only, as the exact solver reads the toy reward);
-    * ``objective``: ``true_reward - beta * kl_ref`` (with a reward).
+    * ``objective``: ``true_reward - beta * kl_ref`` (with a reward);
+    * ``response_length``: the mean response length in tokens (EOS included).
 
     There is no ``regret``, ``closure``, ``J*`` or credit score: nothing knows the optimum.
     """
@@ -130,7 +131,7 @@ class SampledEvaluator:
         batch = self.sample(policy)
         mask = batch.response_mask
         kl = ((token_logprobs(policy, batch) - token_logprobs(self.reference, batch)) * mask).sum(1)
-        scores = {"kl_ref": float(kl.mean())}
+        scores = {"kl_ref": float(kl.mean()), "response_length": float(mask.sum(1).float().mean())}
         if self.task.has_reward:
             reward = self.task.sequence_rewards(batch.prompt_index, batch.response_ids, mask)
             scores["true_reward"] = float(reward.mean())

@@ -34,6 +34,8 @@ def run_summary(trainer, final: dict[str, float], env_tokens: int, wall_seconds:
             "start": dict(evaluator.start),
             **final,
             **reports,
+            # a collapse or a run-away policy (training/health.py); empty for a healthy run
+            "warnings": list(trainer.health.warnings) if trainer.health is not None else [],
         }
     return {
         **common,

@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -33,7 +34,7 @@ from ..errors import ConfigError, PluginError, RewardError, TrainingInterrupted
 from ..mdp.env import TokenVectorEnv
 from ..options import to_dict
 from ..plugin.batch import concat_batches, token_logprobs
-from ..plugin.composition import Composition, compose
+from ..plugin.composition import DEFAULT_BETA, Composition, compose, lm_defaults_line, with_recipe_defaults
 from ..plugin.context import TrainContext
 from ..plugin.ops import check_finite
 from ..plugin.registry import Registry, plugin_manager
@@ -42,6 +43,7 @@ from ..text.callables import code_barrier
 from .budget import check_before_env, check_run
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .guards import call_component, call_hook
+from .health import RunHealth
 from .interrupts import STOP_SIGNALS, deferred_interrupt
 from .models import initial_policy, load_policy, load_reference, split_reference
 from .rollout import collect, sampling_generator, with_stop_strings
@@ -271,16 +273,22 @@ class Trainer:
         self._saving, self._staged, self._header = {}, {}, None
         # A run directory works from any folder: a fresh run records the paths it names
         # absolute; a resumed one first checks that they are all still there.
+        self.pm = pm if pm is not None else plugin_manager()
+        self.registry = Registry(self.pm)
+        self.registry.register_envs()
         if resume:
             check_recorded_paths(config, f"--resume {str(config.run.dir)!r}", skip=_given_keys(self.objects))
+            # config.toml records every default the run started with (below); one written by
+            # hand without train.beta takes the plain default, never today's LM defaults
+            config = attrs.evolve(config, train=attrs.evolve(config.train, beta=config.train.beta or DEFAULT_BETA))
+            #: The recipe's LM defaults this run took when it started (a fresh run's only).
+            self.lm_defaults = {}
         else:
+            config, self.lm_defaults = with_recipe_defaults(self.registry, config)
             config = self._recorded(config)
         self.config = config
         #: A folder of fine-tuned references shared by runs with the same key (compare's).
         self.reference_cache = reference_cache
-        self.pm = pm if pm is not None else plugin_manager()
-        self.registry = Registry(self.pm)
-        self.registry.register_envs()
         self.composition = compose(self.registry, config)
         try:
             self.sampling = self.registry.sampling_backend(config.train.sampling_backend)(config)
@@ -321,6 +329,7 @@ class Trainer:
         self.sft_losses: list[float] = []
         self.stopped_at: int | None = None
         self.recent_credit: list[float] = []
+        self.health: RunHealth | None = None  # text runs' warnings, set by train()
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._stop = None  # set while train() runs: the stop request of SIGINT/SIGTERM
         self._completions: list[dict] | None = None  # this step's sample, for train.log_completions
@@ -370,6 +379,9 @@ class Trainer:
             self._saving[TOKENIZER] = tokenizer
             config = attrs.evolve(config, env={**config.env, "tokenizer": str(root / TOKENIZER)})
             notes.append(f"env.tokenizer: the tokenizer given to tokenmdp.train, saved in {TOKENIZER}/")
+        line = lm_defaults_line(config, self.lm_defaults)
+        if line:
+            notes.append(line)
         self._header = (started_in, typed, notes)
         return config
 
@@ -599,6 +611,9 @@ class Trainer:
                     signal.signal(s, h)
 
     def _train(self) -> dict[str, Any]:
+        line = lm_defaults_line(self.config, self.lm_defaults)
+        if line and distributed.is_main():
+            print(f"tokenmdp: {line}", flush=True)
         self._staged = self._stage_given_objects()
         self.build_models()
         cfg = self.config
@@ -614,6 +629,8 @@ class Trainer:
                     self.rundir.open_metrics()
                     hooked = True
                     call_hook(self.pm, "tokenmdp_on_train_start", run=run)
+                    if not self.task.exact:  # text runs: collapse and run-away warnings (a resumed run's replayed)
+                        self.health = RunHealth(row for _, row in self.rundir.metric_lines())
                     if start_step == 0:
                         self._emit(run, 0, {"env_tokens": 0, **self._evaluate(0)})
                     self.recent_credit = self.rundir.logged_values("credit_corr")[-10:]
@@ -845,6 +862,8 @@ class Trainer:
         loggers add theirs."""
         metrics = {"step": step, **metrics}
         self.rundir.append_metrics(metrics)
+        for warning in self.health.observe(metrics) if self.health is not None else ():
+            print(f"tokenmdp: warning: {warning}", file=sys.stderr)
         call_hook(self.pm, "tokenmdp_on_step_end", step=step, run=run, metrics=metrics)
         rows, self._completions = self._completions, None
         if rows:
