@@ -5,10 +5,10 @@
 
 Three timings, each the best of ``--repeats`` runs:
 
-(a) ``tokenmdp.solver.tree_logprobs(gru, task)``: the reference network on every prefix state;
-(b) ``tokenmdp.solver.solve(task, gru, beta, ref_logp=...)``: reward tables + soft Bellman backup,
+(a) ``tokenmdp.tree_logprobs(gru, task)``: the reference network on every prefix state;
+(b) ``tokenmdp.solve(task, gru, beta, ref_logp=...)``: reward tables + soft Bellman backup,
     given (a)'s log-probs;
-(c) ``tokenmdp.solver.solve(task, gru, beta)``: the whole thing, as the trainer calls it.
+(c) ``tokenmdp.solve(task, gru, beta)``: the whole thing, as the trainer calls it.
 """
 
 from __future__ import annotations

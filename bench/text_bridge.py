@@ -60,7 +60,7 @@ def main() -> int:
             "env.id=tokenmdp/Text-v0",
             f"env.prompts={bridge['prompts']}",
             f"env.tokenizer={bridge['tokenizer']}",
-            "env.reward=tokenmdp.bridge:reward",
+            "env.reward=tokenmdp.text.bridge:reward",
             "env.horizon=8",
             "policy.kind=hf",
             f"policy.path={bridge['model']}",

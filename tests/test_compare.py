@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from tokenmdp import ConfigError, TokenMDPError, cli
+from tokenmdp.config import load_config
 from tokenmdp.reports import compare
+from tokenmdp.reports.compare import cells as compare_cells
 from tokenmdp.reports.plots import png_data_uri
 from tokenmdp.training.trainer import Trainer
 
@@ -84,6 +86,18 @@ def test_html_page_inlines_every_plot(finished):
         assert png_data_uri(out / name) in page, f"{name} is not inlined in index.html"
     assert 'src="http' not in page and "<link" not in page  # self-contained
     assert page.count("<tr>") == 1 + 2  # header + one row per recipe x env
+
+
+def test_html_page_escapes_what_the_grid_puts_in(tmp_path):
+    from tokenmdp.reports.compare import output
+
+    for name in compare.PLOTS:
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    record = {"recipe": "a<b", "env": "tokenmdp/X&Y-v0", "seed": 0, "supervision": "none", "true_reward": 1.0}
+    page = output._html_page('grid <line> & "quotes"', compare.summarise([record]), tmp_path)
+    assert "<td>a&lt;b</td><td>X&amp;Y</td>" in page and "grid &lt;line&gt; &amp; &quot;quotes&quot;." in page
+    assert "a<b" not in page and "<line>" not in page
+    assert page.count("<tr>") == 1 + 1 and page.startswith("<!doctype html>") and page.endswith("</html>\n")
 
 
 def test_tables_have_every_column_median_and_range(finished):
@@ -178,7 +192,7 @@ class Counting(Trainer):
 @pytest.fixture
 def counting(monkeypatch):
     Counting.trained, Counting.crash = [], None
-    monkeypatch.setattr(compare, "Trainer", Counting)
+    monkeypatch.setattr(compare_cells, "Trainer", Counting)  # where run_cell looks it up
     return Counting
 
 
@@ -294,7 +308,7 @@ def test_parallel_cells_give_the_serial_results(tmp_path):
 def test_cells_with_one_reference_key_fine_tune_it_once_and_match_a_fresh_fine_tune(tmp_path, counting):
     import torch
 
-    from tokenmdp.training.rundir import read_weights
+    from tokenmdp.training.checkpoints import read_weights
 
     grid = write_grid(tmp_path / "grid.toml", '["reinforce", "guide"]', GUIDE, shared=())
     compare.run_grid(compare.load_grid(grid), progress=False)
@@ -302,7 +316,7 @@ def test_cells_with_one_reference_key_fine_tune_it_once_and_match_a_fresh_fine_t
     # reinforce and guide differ in their reference (guide adds tagged samples): two keys per seed
     assert len(list(cache.glob("*.safetensors"))) == 6
     cell = tmp_path / "out" / "cells" / "reinforce__Pattern__seed1"
-    config = compare.load_config(cell / "config.toml", [f"run.dir={tmp_path / 'fresh'}"])
+    config = load_config(cell / "config.toml", [f"run.dir={tmp_path / 'fresh'}"])
     Trainer(config).train()  # no cache: its own fine-tune
     cached, fresh = read_weights(cell / "reference.pt"), read_weights(tmp_path / "fresh" / "reference.pt")
     # bit-equal: the cache holds the output of the same fine-tune (same code, seed and data)

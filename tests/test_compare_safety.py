@@ -1,7 +1,7 @@
 """`tokenmdp compare` against damage and misuse: cached references are checked (checksums,
 form, finiteness, shapes) and a damaged one is fine-tuned again with a one-line note; Ctrl-C
 cancels the cells not started; an ``out`` that is a file, or that another compare holds, is
-a one-line error (tokenmdp/reports/compare.py)."""
+a one-line error (tokenmdp/reports/compare/)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from test_compare import ROOT, TINY
 from tokenmdp import cli
 from tokenmdp.plugin.registry import Registry, plugin_manager
 from tokenmdp.reports import compare
+from tokenmdp.reports.compare import references
 from tokenmdp.training.rundir import RunDir
 
 
@@ -61,7 +62,7 @@ def grid(tmp_path_factory):
     registry.register_envs()
     cell = compare.plan_cells(compare.load_grid(path), registry)[0]
     assert cell.seed == 0 and cell.finished
-    weights, meta = compare._reference_files(cell)
+    weights, meta = references._reference_files(cell)
     files = [weights, meta, _checksum(weights), _checksum(meta)]
     assert all(p.is_file() for p in files)  # the cell's own fine-tune got its checksums
     assert _checksum(weights).read_text().strip() == _sha(weights)
@@ -303,7 +304,7 @@ def test_a_second_compare_on_one_out_is_a_one_line_error_naming_the_holder(tmp_p
                 f"""
                 import sys, time
                 from pathlib import Path
-                from tokenmdp.reports.compare import _locked_out
+                from tokenmdp.reports.compare.run import _locked_out
                 with _locked_out(Path({str(out)!r})):
                     print("held", flush=True)
                     sys.stdin.read()  # until the test closes it

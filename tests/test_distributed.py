@@ -4,7 +4,7 @@ sees the same combined batch (``train.simulate_world_size = 2``).
 The equivalence is exact (up to float rounding) for this composition: reinforce with
 fixed-length responses (no EOS), a per-sequence loss normalisation (``sum / batch``),
 one minibatch per rollout, and advantages whose batch statistics (the position-mean
-baseline and whitening) go through ``tokenmdp.ops`` and are therefore global.
+baseline and whitening) go through ``tokenmdp.plugin.ops`` and are therefore global.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from helpers import TINY
 import tokenmdp
 from tokenmdp import distributed
 from tokenmdp.config import load_config
-from tokenmdp.training.trainer import Trainer, step_seed
+from tokenmdp.training.rollout import step_seed
+from tokenmdp.training.trainer import Trainer
 
 STEPS = 3
 DDP = [*TINY, f"train.steps={STEPS}", "train.eval_every=1", "advantage.whiten=true", "run.checkpoint_every=1"]

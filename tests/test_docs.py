@@ -1,6 +1,6 @@
 """The documentation is checked, not trusted.
 
-- Every hook in ``tokenmdp/hookspecs.py`` has a docstring, a ``## <hook>`` section in
+- Every hook in ``tokenmdp/plugin/hookspecs.py`` has a docstring, a ``## <hook>`` section in
   ``docs/hooks.md``, and is mentioned by at least one other test file (so an untested or
   undocumented hook fails the suite).
 - Every key a real (short) training run writes to ``metrics.jsonl`` and ``summary.json``
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import tokenmdp
-from tokenmdp import hookspecs
+from tokenmdp.plugin import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -51,7 +51,7 @@ def test_hookspecs_are_found():
 @pytest.mark.parametrize("hook", HOOK_NAMES)
 def test_hookspec_has_docstring(hook):
     doc = inspect.getdoc(HOOKS[hook])
-    assert doc and doc.strip(), f"hookspec {hook} in tokenmdp/hookspecs.py has no docstring"
+    assert doc and doc.strip(), f"hookspec {hook} in tokenmdp/plugin/hookspecs.py has no docstring"
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)

@@ -14,7 +14,8 @@ from helpers import TINY, train_until_interrupted
 
 import tokenmdp
 from tokenmdp.config import load_config
-from tokenmdp.mdp.env import TokenMDPEnv, TokenTask
+from tokenmdp.mdp.env import TokenMDPEnv
+from tokenmdp.mdp.task import TokenTask
 from tokenmdp.plugin.batch import token_logprobs
 from tokenmdp.training.preferences import load_pair_file
 from tokenmdp.training.trainer import Trainer

@@ -10,8 +10,8 @@ from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmdp import TokenMDPError
-from tokenmdp.mdp.env import InvalidActionError, TokenMDPEnv, TokenVectorEnv
+from tokenmdp import InvalidActionError, TokenMDPError
+from tokenmdp.mdp.env import TokenMDPEnv, TokenVectorEnv
 from tokenmdp.plugin.registry import Registry, plugin_manager
 
 ENV_IDS = ["tokenmdp/Pattern-v0", "tokenmdp/SumMod-v0", "tokenmdp/Forbidden-v0", "tokenmdp/Bandit-v0"]

@@ -185,7 +185,7 @@ def test_a_plugin_contributes_credit_views_through_the_hook(run_dir, tmp_path):
             return [tokenmdp.CreditView("ones", ones, order=15)]
 
     pm = plugin_manager(extra_plugins=[Views()])
-    with mock.patch("tokenmdp.training.trainer.plugin_manager", lambda: pm):  # what load_run loads
+    with mock.patch("tokenmdp.training.envs.plugin_manager", lambda: pm):  # what load_run loads
         shown = explain(run_dir, samples=2, seed=0, out=tmp_path)
     assert shown.labels.index("all ones") == 2  # after Inverse-Q*'s two rows (order 10), before GAE (20)
     assert math.isnan(shown.correlations["all ones"])  # constant credit: no correlation

@@ -18,7 +18,8 @@ from test_real_lm import rows, text_files, text_run, train_text  # noqa: F401 (t
 from tokenmdp import ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.training.export import MARKER, export_run, load_exported
+from tokenmdp.training.export import export_run, load_exported
+from tokenmdp.training.export_folder import MARKER
 from tokenmdp.training.models import load_policy
 from tokenmdp.training.trainer import Trainer
 

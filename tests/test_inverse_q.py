@@ -7,8 +7,8 @@ from helpers import TINY
 import tokenmdp
 from tokenmdp import CompositionError
 from tokenmdp.config import load_config
-from tokenmdp.mdp.env import TokenTask
 from tokenmdp.mdp.solver import prefix_index, solve, tree_logprobs
+from tokenmdp.mdp.task import TokenTask
 from tokenmdp.plugin.batch import token_logprobs
 from tokenmdp.policies import GRUPolicy
 from tokenmdp.training.rollout import collect

@@ -1,4 +1,4 @@
-"""Property tests for the masked tensor helpers in tokenmdp/ops.py."""
+"""Property tests for the masked tensor helpers in tokenmdp/plugin/ops.py."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 from test_real_lm import rows, text_files, train_text  # noqa: F401 (text_files is a fixture)
 
 from tokenmdp import NonFiniteError, devices
-from tokenmdp.plugin.batch import RolloutBatch
+from tokenmdp.plugin.batch import NotScored, RolloutBatch
 from tokenmdp.plugin.ops import check_finite
 from tokenmdp.policies import fast_gpt2
 from tokenmdp.policies.hf import HFCausalLMPolicy
@@ -152,21 +152,11 @@ def test_a_run_on_the_fast_path_matches_the_library_path(text_files, tmp_path): 
     assert compared > 10
 
 
-# --- the reference, scored only when read --------------------------------------------------
+# --- the reference, scored only by a step that needs it -----------------------------------
 
 
-class CountingScorer:
-    def __init__(self, value: torch.Tensor):
-        self.value, self.calls = value, 0
-
-    def __call__(self, batch):
-        self.calls += 1
-        return self.value[: batch.size]
-
-
-def lazy_batch(value):
-    b, t = value.shape
-    batch = RolloutBatch(
+def batch_of(b, t):
+    return RolloutBatch(
         prompt_ids=torch.zeros(b, 2, dtype=torch.long),
         prompt_mask=torch.ones(b, 2, dtype=torch.long),
         response_ids=torch.zeros(b, t, dtype=torch.long),
@@ -175,25 +165,28 @@ def lazy_batch(value):
         prompt_index=torch.arange(b),
         logprobs=torch.zeros(b, t),
     )
-    scorer = CountingScorer(value)
-    batch.score_reference_lazily(scorer)
-    return batch, scorer
 
 
-def test_a_lazy_reference_is_scored_once_over_the_whole_batch_and_minibatches_read_its_rows():
+def test_the_reference_scored_once_over_the_batch_is_what_minibatches_read():
     value = torch.arange(12.0).view(4, 3)
-    batch, scorer = lazy_batch(value)
-    assert not batch.reference_scored and scorer.calls == 0
+    batch = batch_of(4, 3)
+    batch.ref_logprobs = value  # the step scores the whole batch once
     minibatch = batch.select(torch.tensor([3, 1]))
-    assert batch.to("cpu") is batch and scorer.calls == 0  # already there: the batch itself
-    # bit-equal: the scorer's own tensor, only indexed (no arithmetic)
-    assert torch.equal(minibatch.ref_logprobs, value[[3, 1]])  # scored over all 4 rows, then selected
-    assert scorer.calls == 1 and batch.reference_scored
-    assert torch.equal(batch.ref_logprobs, value) and torch.equal(batch.token_kl, -value)
-    assert scorer.calls == 1
-    given, _ = lazy_batch(value)
-    given.ref_logprobs = torch.ones(4, 3)  # setting it drops the scorer
-    assert torch.equal(given.ref_logprobs, torch.ones(4, 3))
+    assert batch.to("cpu") is batch  # already there: the batch itself
+    # bit-equal: the step's own tensor, only indexed (no arithmetic)
+    assert torch.equal(minibatch.ref_logprobs, value[[3, 1]])
+    assert torch.equal(batch.token_kl, -value)
+
+
+def test_reading_a_reference_the_step_did_not_score_says_to_declare_it():
+    batch = batch_of(2, 3)  # a step with train.log_kl = false and no component requiring it
+    for read in (
+        lambda: batch.ref_logprobs,
+        lambda: batch.token_kl,
+        lambda: batch.select(torch.tensor([0])).ref_logprobs,
+    ):
+        with pytest.raises(NotScored, match='declare "ref_logprobs" in the requires of the component that reads it'):
+            read()
 
 
 def test_a_step_that_reads_no_reference_never_runs_its_forward(text_files, tmp_path, monkeypatch):  # noqa: F811

@@ -1,4 +1,4 @@
-"""PPO: GAE against a direct loop and its properties, the KL controller, the critic,
+"""PPO: GAE against a direct loop and its properties, the loss, the KL controller, the critic,
 checkpoints, impossible compositions, and convergence on small instances."""
 
 import json
@@ -12,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenmdp
+import tokenmdp.plugin.batch
 import tokenmdp.training.rollout
 from tokenmdp import CompositionError, ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
 from tokenmdp.plugin.ops import suffix_sums
 from tokenmdp.training.trainer import Trainer
-from tokenmdp_ppo import GAE, KLController, PPORewards, gae
+from tokenmdp_ppo import GAE, KLController, PPORewards, gae, ppo_loss
 
 
 def ppo_config(tmp_path, *overrides, name="run"):
@@ -141,6 +142,50 @@ def test_gae_options_are_checked(tmp_path):
         Trainer(ppo_config(tmp_path, "advantage.lam=1.5"))
 
 
+# --- the PPO loss ---------------------------------------------------------------------------
+
+
+def test_ppo_loss_at_the_behaviour_policy_ignores_padding():
+    """At pi = pi_old and V = V_old nothing is clipped: the surrogate is -mean(A), the value
+    loss half the squared error, and garbage on padding changes nothing."""
+    rewards, values, mask = random_rollout(3, batch=6, length=5)
+    mask[0, :2] = 1.0
+    advantages, returns = gae(rewards, values, mask, 1.0, 0.95)
+    logits = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(0))
+    logp = torch.log_softmax(logits, -1)[..., 0]
+    pad = mask == 0
+
+    def loss(garbage):
+        def dirty(x):
+            return torch.where(pad, torch.full_like(x, garbage), x)
+
+        return ppo_loss(
+            logprobs=dirty(logp),
+            old_logprobs=logp,
+            advantages=dirty(advantages),
+            values=dirty(values),
+            old_values=values,
+            returns=dirty(returns),
+            logits=logits,
+            mask=mask,
+            num_tokens=mask.sum(),
+            clip=0.2,
+            vf_clip=0.2,
+            vf_coef=0.5,
+            entropy_coef=0.0,
+        )
+
+    clean = loss(0.0)
+    real = mask.bool()
+    assert float(clean.policy) == pytest.approx(-float(advantages[real].mean()), abs=1e-6)
+    assert float(clean.value) == pytest.approx(0.5 * float(((values - returns)[real] ** 2).mean()), abs=1e-6)
+    assert float(clean.total) == pytest.approx(float(clean.policy) + 0.5 * float(clean.value), abs=1e-6)
+    assert clean.metrics["policy/approxkl"] == 0 and clean.metrics["policy/clipfrac"] == 0
+    assert clean.metrics["val/clipfrac"] == 0
+    for garbage in (1e6, float("nan"), float("inf")):
+        assert all(torch.equal(a, b) for a, b in zip(clean.metrics.values(), loss(garbage).metrics.values()))
+
+
 # --- KL controller ---------------------------------------------------------------------------
 
 
@@ -167,10 +212,8 @@ def test_token_rewards_use_the_controllers_beta(tmp_path):
     estimator = trainer.composition.estimator
     gen = torch.Generator().manual_seed(0)
     batch = tokenmdp.training.rollout.collect(trainer.policy, trainer.env, seed=0, generator=gen)
-    batch.logprobs = (
-        tokenmdp.training.rollout.token_logprobs(trainer.policy, batch).detach() + 0.1 * batch.response_mask
-    )
-    batch.ref_logprobs = tokenmdp.training.rollout.token_logprobs(trainer.reference, batch).detach()
+    batch.logprobs = tokenmdp.plugin.batch.token_logprobs(trainer.policy, batch).detach() + 0.1 * batch.response_mask
+    batch.ref_logprobs = tokenmdp.plugin.batch.token_logprobs(trainer.reference, batch).detach()
     signals = estimator.estimate(batch, trainer.ctx)
     kl = (batch.logprobs - batch.ref_logprobs) * batch.response_mask
     assert torch.allclose(signals["token_rewards"], batch.rewards - 0.25 * kl)
@@ -393,7 +436,7 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
     assert report["reward_model/heldout_accuracy"] > 0.85 and report["reward_model/loss"] < 0.4
 
 
-def test_ppo_on_a_learned_reward_model_never_reads_the_env_reward(tmp_path, monkeypatch):
+def test_ppo_on_a_learned_reward_model_never_reads_the_env_reward(tmp_path, monkeypatch, capsys):
     config = ppo_config(
         tmp_path,
         *SMALL,
@@ -420,6 +463,7 @@ def test_ppo_on_a_learned_reward_model_never_reads_the_env_reward(tmp_path, monk
 
     monkeypatch.setattr(estimator, "estimate", spy)
     summary = trainer.train()
+    assert "ppo-rewards: fitted the reward model on 2000 pairs" in capsys.readouterr().out  # a visible step
     assert seen and set(seen) == {0.0}  # no reward was computed for any rollout
     assert summary["used_env_reward"] is False and summary["recipe"] == "ppo-rm"
     # Bradley-Terry labels are noisy (y_1 wins with probability sigmoid(R_1 - R_2)), so the
@@ -430,13 +474,20 @@ def test_ppo_on_a_learned_reward_model_never_reads_the_env_reward(tmp_path, monk
     restored = PPORewards(estimator.options)
     restored.setup(trainer.ctx)
     restored.load_state_dict(estimator.state_dict())
-    monkeypatch.setattr(restored, "_fit_reward_model", lambda ctx: pytest.fail("refitted after a restore"))
+    monkeypatch.setattr(restored, "fit_reward_model", lambda ctx: pytest.fail("refitted after a restore"))
     batch = trainer._collect(1)
     batch.logprobs = batch.ref_logprobs = torch.zeros_like(batch.response_mask)
     torch.testing.assert_close(
         restored.estimate(batch, trainer.ctx)["token_rewards"], original(batch, trainer.ctx)["token_rewards"]
     )
     assert restored.report() == estimator.report()
+
+
+def test_the_env_reward_is_required_only_without_a_learned_reward_model():
+    assert PPORewards.requires == {"rewards", "ref_logprobs"}  # the class's: the default options'
+    assert PPORewards().requires == {"rewards", "ref_logprobs"}
+    learned = PPORewards(PPORewards.Options(reward="learned"))
+    assert learned.requires == {"ref_logprobs"}
 
 
 def test_reward_pairs_file_needs_a_learned_reward(tmp_path):

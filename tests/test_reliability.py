@@ -16,7 +16,7 @@ from helpers import TINY, has_lines, wait_until
 from tokenmdp import CheckpointError, ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.training.rundir import read_checkpoint
+from tokenmdp.training.checkpoints import read_checkpoint
 from tokenmdp.training.trainer import Trainer
 
 
@@ -314,15 +314,15 @@ def test_a_read_only_file_system_reports_the_real_error(tmp_path, monkeypatch):
     reaches the user is still the write's own, naming the file."""
     import errno
 
-    from tokenmdp.training import rundir
+    from tokenmdp.training import files
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(rundir.os, "replace", read_only)
-    monkeypatch.setattr(rundir.Path, "unlink", read_only)
+    monkeypatch.setattr(files.os, "replace", read_only)
+    monkeypatch.setattr(files.Path, "unlink", read_only)
     with pytest.raises(CheckpointError, match=r"could not write .*config.toml: Read-only file system \(errno 30\)"):
-        rundir.atomic_write_text(tmp_path / "config.toml", "x")
+        files.atomic_write_text(tmp_path / "config.toml", "x")
 
 
 # --- a memory estimate before anything large is built ------------------------------------------
@@ -544,9 +544,9 @@ def test_resume_extends_a_run_and_records_it_but_never_changes_what_it_trains(tm
 
 
 def test_an_unwritable_parent_is_refused_before_anything_is_built(tmp_path, monkeypatch):
-    import tokenmdp.training.trainer as trainer_module
+    from tokenmdp.training import rundir
 
-    monkeypatch.setattr(trainer_module.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)
     with pytest.raises(ConfigError, match="is not writable, so the run could not be saved"):
         Trainer(load_config(None, [*TINY, f"run.dir={tmp_path / 'new' / 'run'}"]))
 

@@ -22,9 +22,10 @@ from test_reliability import text_setup, text_train  # noqa: F401 (a fixture)
 from tokenmdp import CheckpointError, ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.training import rundir
+from tokenmdp.training import files
+from tokenmdp.training.envs import load_task
 from tokenmdp.training.rundir import RunDir
-from tokenmdp.training.trainer import Trainer, load_task
+from tokenmdp.training.trainer import Trainer
 
 TESTS = str(Path(__file__).parent)
 
@@ -348,10 +349,10 @@ class FillsUp:
 
 def test_a_full_disk_inside_torch_save_names_the_file_and_the_reason(tmp_path, monkeypatch):
     """torch.save's writer turns the failed write into 'unexpected pos N vs M'."""
-    monkeypatch.setattr(rundir, "open", lambda path, mode: FillsUp(path, mode, room=100), raising=False)
+    monkeypatch.setattr(files, "open", lambda path, mode: FillsUp(path, mode, room=100), raising=False)
     target = tmp_path / "step_00000001.pt"
     with pytest.raises(CheckpointError, match=r"could not write .*step_00000001\.pt: No space left on device"):
-        rundir.atomic_save({"w": torch.zeros(10_000)}, target)
+        files.atomic_save({"w": torch.zeros(10_000)}, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     # a failure that carries no OSError still says what happened, not only torch's words
     monkeypatch.undo()
@@ -363,7 +364,7 @@ def test_a_full_disk_inside_torch_save_names_the_file_and_the_reason(tmp_path, m
     with pytest.raises(
         CheckpointError, match=r"step_00000001\.pt: the write failed; is the disk full\? \(.* bytes free"
     ):
-        rundir.atomic_save({"w": torch.zeros(10)}, target)
+        files.atomic_save({"w": torch.zeros(10)}, target)
 
 
 # --- signals -----------------------------------------------------------------------------------
@@ -375,7 +376,7 @@ import torch
 torch.set_num_threads(1)
 from helpers import TINY
 from tokenmdp.cli import main
-from tokenmdp.training import rundir
+from tokenmdp.training import files
 
 class Signalling:
     # three Ctrl-C inside torch.save's writer callback: the abort must wait for the write
@@ -396,7 +397,7 @@ class Signalling:
     def __exit__(self, *exc):
         self.fh.close()
 
-rundir.open = Signalling
+files.open = Signalling
 sets = [a for s in [*TINY, "run.checkpoint_every=2", "run.dir=" + {run_dir!r}] for a in ("--set", s)]
 sys.exit(main(["train", *sets]))
 """

@@ -24,9 +24,10 @@ from tokenmdp.plugin.registry import Registry, plugin_manager
 from tokenmdp.policies import build_policy
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
 from tokenmdp.text import TextTask, lexicon_score, load_tokenizer, read_prompts
+from tokenmdp.training.models import load_policy, load_reference
 from tokenmdp.training.preferences import load_pair_file
 from tokenmdp.training.rollout import filter_logits, generate
-from tokenmdp.training.trainer import Trainer, load_policy, load_reference
+from tokenmdp.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [

@@ -75,6 +75,7 @@ class GuideOnly(TrajectoryEstimator):
     """Scores tokens with the reference under the guide prefix; never reads the env reward."""
 
     name = "guide-only-test"
+    requires = frozenset({"ref_logprobs"})
     provides = frozenset({"token_rewards"})
 
     def estimate(self, batch, ctx):
@@ -283,3 +284,45 @@ def test_a_micro_batch_that_splits_nothing_is_a_warning(tiny_config):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(tiny_config("updater.micro_batch_size=8", "run.overwrite=true"))  # splits in two: no warning
+
+
+class ReadsTheReferenceUndeclared(TrajectoryEstimator):
+    """Reads ``batch.ref_logprobs`` without declaring it in ``requires``."""
+
+    name = "undeclared-reference-test"
+    provides = frozenset({"token_rewards"})
+
+    def estimate(self, batch, ctx):
+        return {"token_rewards": batch.ref_logprobs * batch.response_mask}
+
+
+def test_a_step_scores_the_reference_for_log_kl_or_a_component_that_declares_it(tiny_config, tmp_path):
+    """With train.log_kl = false the reference is scored only for a component that declares
+    ref_logprobs in its requires; one that reads it undeclared gets a one-line error saying so."""
+    estimators = _plugin(tokenmdp_trajectory_estimators=lambda: [GuideOnly, ReadsTheReferenceUndeclared])
+    pm = plugin_manager(extra_plugins=[estimators])
+    quiet = "train.log_kl=false"
+    declared = Trainer(tiny_config("algorithm.estimator=guide-only-test", quiet, run_dir=tmp_path / "a"), pm=pm)
+    assert declared.scores_reference
+    declared.train()
+    assert all("objective/kl" in row for row in read_metrics(declared.run_dir)[1:])
+    undeclared = Trainer(tiny_config("algorithm.estimator=undeclared-reference-test", run_dir=tmp_path / "b"), pm=pm)
+    assert undeclared.scores_reference  # train.log_kl (the default) scores it every step
+    undeclared = Trainer(
+        tiny_config("algorithm.estimator=undeclared-reference-test", quiet, run_dir=tmp_path / "c"), pm=pm
+    )
+    assert not undeclared.scores_reference
+    with pytest.raises(PluginError) as raised:
+        undeclared.train()
+    message = str(raised.value)
+    assert "\n" not in message and "estimator 'undeclared-reference-test' raised in estimate at step 1" in message
+    assert 'declare "ref_logprobs" in the requires of the component that reads it' in message
+
+
+def test_a_step_returns_its_tokens_and_its_completions_beside_its_metrics(tiny_config):
+    trainer = Trainer(tiny_config("train.log_completions=1"))
+    trainer.build_models()
+    result = trainer.train_step(1)
+    assert result.tokens == 16 * 3 and isinstance(result.tokens, int)
+    assert "rollout/tokens" not in result.metrics and result.metrics["rollout/response_length"] == 3
+    assert len(result.completions) == 8 and trainer.ctx.step == 1

@@ -23,7 +23,7 @@ import tokenmdp
 from tokenmdp import ConfigError
 from tokenmdp.cli import main
 from tokenmdp.config import load_config
-from tokenmdp.training.rundir import PATH_KEYS, absolute_paths, recorded_reward_folders
+from tokenmdp.training.paths import PATH_KEYS, absolute_paths, recorded_reward_folders
 from tokenmdp.training.trainer import Trainer
 
 REWARD_MODULE = "travel_rewards"  # a name no other test imports

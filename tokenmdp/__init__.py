@@ -3,14 +3,13 @@
 This namespace is the one public API for plugin and environment authors: everything an
 estimator, advantage constructor, updater or environment needs is importable from
 ``tokenmdp`` itself, and the built-in plugins import nothing else. The submodules
-(``tokenmdp.plugin``, ``.mdp``, ``.policies``, ``.train``, ``.text``, ``.reports``) are the
+(``tokenmdp.plugin``, ``.mdp``, ``.policies``, ``.training``, ``.text``, ``.reports``) are the
 implementation; docs/architecture.md draws them.
 """
 
 import importlib
 import warnings
 
-from . import _moved
 from .errors import (
     CheckpointError,
     CompositionError,
@@ -25,14 +24,15 @@ from .errors import (
     TrainingInterrupted,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: public name -> the module it lives in. Imported on first use (PEP 562), so that
 #: ``import tokenmdp`` (and every ``tokenmdp`` command) does not import torch until a
 #: name that needs it is read; ``from tokenmdp import X`` works as usual.
 _LAZY = {
     **dict.fromkeys(["module_device"], ".devices"),
-    **dict.fromkeys(["TokenMDPEnv", "TokenTask", "TokenVectorEnv"], ".mdp.env"),
+    **dict.fromkeys(["TokenMDPEnv", "TokenVectorEnv"], ".mdp.env"),
+    **dict.fromkeys(["TokenTask"], ".mdp.task"),
     **dict.fromkeys(["Solution", "solve", "tree_logprobs"], ".mdp.solver"),
     **dict.fromkeys(
         ["non_negative", "non_negative_int", "one_of", "optional", "positive", "positive_int", "probability"],
@@ -55,6 +55,7 @@ _LAZY = {
         ".plugin.components",
     ),
     **dict.fromkeys(["TrainContext"], ".plugin.context"),
+    **dict.fromkeys(["SIGNALS", "Signal", "check_signal_shapes"], ".plugin.signals"),
     **dict.fromkeys(["hookspec"], ".plugin.hookspecs"),
     **dict.fromkeys(
         [
@@ -79,7 +80,7 @@ _LAZY = {
     **dict.fromkeys(["export_run", "load_exported"], ".training.export"),
     **dict.fromkeys(["PairBatch", "load_pair_file", "sample_pairs", "sequence_rewards"], ".training.preferences"),
     **dict.fromkeys(["generate", "generate_samples"], ".training.rollout"),
-    **dict.fromkeys(["load_policy"], ".training.trainer"),
+    **dict.fromkeys(["load_policy"], ".training.models"),
     **dict.fromkeys(["train", "TrainResult"], ".training.api"),
 }
 #: public subpackages and modules, imported on first use like the names above
@@ -114,9 +115,6 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__, *_SUBMODULES})
-
-
-_moved.install()
 
 
 def _register_gymnasium_envs() -> None:

@@ -70,7 +70,7 @@ def cmd_solve(args) -> int:
     from .plugin.composition import with_recipe_defaults
     from .policies import TaskBasePolicy
     from .training.budget import check_solver
-    from .training.trainer import load_task
+    from .training.envs import load_task
 
     config = load_config(args.config, args.set)
     registry, task = load_task(config)

@@ -10,7 +10,7 @@ so a single process runs exactly the code it always ran.
 What every rank does (docs/distributed.md has the whole picture):
 
 - samples its own ``train.batch_size`` responses with its own seed;
-- computes the batch statistics of :mod:`tokenmdp.ops` (``masked_mean``,
+- computes the batch statistics of :mod:`tokenmdp.plugin.ops` (``masked_mean``,
   ``masked_whiten``, ``masked_sum``, ``masked_correlation``) over the union of all ranks'
   batches while the trainer holds :func:`global_batch` (estimate, construct, credit);
 - averages its gradients with the other ranks' before clipping
@@ -187,7 +187,7 @@ def _lost_message(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def global_batch() -> Iterator[None]:
-    """While held, the batch statistics of :mod:`tokenmdp.ops` are taken over the union of
+    """While held, the batch statistics of :mod:`tokenmdp.plugin.ops` are taken over the union of
     every rank's batch. The trainer holds it around ``estimate``, ``construct`` and the
     credit metrics (not around ``update``: a loss is a per-rank quantity whose gradients
     are averaged)."""

@@ -56,6 +56,7 @@ class PreferencePairs(TrajectoryEstimator):
     """
 
     name = "preference-pairs"
+    requires = frozenset({"ref_logprobs"})
     provides = frozenset({"token_rewards", "preference_pairs"})
     data_token_metrics = ("dpo/pair_tokens",)
 

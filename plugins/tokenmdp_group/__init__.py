@@ -47,13 +47,18 @@ from tokenmdp import (
 class GroupRelative(TrajectoryEstimator):
     """Sequence rewards, grouped by prompt; subclasses turn a group into advantages."""
 
-    requires = frozenset({"rewards"})
+    requires = frozenset({"rewards", "ref_logprobs"})
     provides = frozenset({"token_rewards"})
 
     @attrs.frozen
     class Options:
         #: Weight of the sequence KL in r_i; unset = ``train.beta``.
         kl_coef: float | None = attrs.field(default=None, validator=non_negative)
+
+    @classmethod
+    def requires_for(cls, options):
+        # kl_coef = 0 leaves the reward as it is: the reference is never read
+        return cls.requires - {"ref_logprobs"} if options.kl_coef == 0 else cls.requires
 
     def check(self, config, task):
         prompts, size = int(task.prompts.shape[0]), config.train.batch_size

@@ -71,10 +71,12 @@ class ConditionalOptimal(TrajectoryEstimator):
         #: Also return full-vocabulary ``target_logits`` (needed by ``reverse-kl``).
         full_vocab: bool = True
 
+    @classmethod
+    def provides_for(cls, options):
+        return cls.provides if options.full_vocab else frozenset({"target_logprobs"})
+
     def __init__(self, options=None):
         super().__init__(options)
-        if not self.options.full_vocab:
-            self.provides = frozenset({"target_logprobs"})
         if self.options.source == "teacher" and not self.options.teacher:
             raise ConfigError("[estimator] (conditional-optimal): source='teacher' needs teacher = <run or model dir>")
 
@@ -125,7 +127,7 @@ class LogRatio(AdvantageConstructor):
     """``r_t = clip(beta * log(pi_hat*/pi_ref)(a_t|s_t), +-kappa)`` as token reward and advantage."""
 
     name = "log-ratio"
-    requires = frozenset({"target_logprobs"})
+    requires = frozenset({"target_logprobs", "ref_logprobs"})
     provides = frozenset({"advantages", "token_rewards", "returns"})
 
     @attrs.frozen
@@ -162,7 +164,7 @@ class ClippedPG(GradientUpdater):
     """
 
     name = "clipped-pg"
-    requires = frozenset({"advantages"})
+    requires = frozenset({"advantages", "ref_logprobs"})
 
     @attrs.frozen
     class Options(GradientOptions):
@@ -183,6 +185,11 @@ class ClippedPG(GradientUpdater):
         kl_returns: bool = False
         #: Weight of the entropy bonus subtracted from the loss (0 = none).
         entropy_coef: float = attrs.field(default=0.0, validator=non_negative)
+
+    @classmethod
+    def requires_for(cls, options):
+        # kl_coef = 0 (the group recipes: their KL is in the reward) never reads the reference
+        return cls.requires - {"ref_logprobs"} if options.kl_coef == 0 else cls.requires
 
     def update(self, batch, signals, advantages, ctx):
         opts, mask = self.options, batch.response_mask

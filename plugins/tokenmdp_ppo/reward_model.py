@@ -8,10 +8,11 @@ The RLHF pipeline of Ouyang et al. (2022), step 2, on the toy MDP:
                the last token of y
     loss       -log sigmoid(r_phi(x, y_w) - r_phi(x, y_l))   (Bradley-Terry)
 
-It is trained once, at the first step before any policy update (a resumed run restores
-it from the checkpoint instead), and then frozen: PPO's token reward is
-``r_phi(x, y)`` on the last real token, minus the KL penalty on every token, and the
-environment's reward is never read in training (only by the exact evaluation).
+It is trained once (``PPORewards.fit_reward_model``), when the first rollout is rewarded,
+before any policy update (a resumed run restores it from the checkpoint instead), and
+then frozen: PPO's token reward is ``r_phi(x, y)`` on the last real token, minus the KL
+penalty on every token, and the environment's reward is never read in training (only by
+the exact evaluation).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class KLPenalisedReward(TrajectoryEstimator):
     """Env reward minus ``beta * log pi_old/pi_ref`` on every token (k1 KL estimate)."""
 
     name = "kl-penalised-reward"
-    requires = frozenset({"rewards"})
+    requires = frozenset({"rewards", "ref_logprobs"})
     provides = frozenset({"token_rewards"})
 
     def estimate(self, batch, ctx):

@@ -1,1 +1,2 @@
-"""The token MDP: tasks and Gymnasium environments (``env``), the exact solver (``solver``)."""
+"""The token MDP: the task base class (``task``), its Gymnasium environments (``env``) and
+the exact solver (``solver``)."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..devices import module_device
 from ..policies.base import ExactPolicy, TokenPolicy
-from .env import TokenTask
+from .task import TokenTask
 
 DTYPE = torch.float64
 

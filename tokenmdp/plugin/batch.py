@@ -3,14 +3,18 @@ response tokens under a model (``response_logits``, ``token_logprobs``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import attrs
 import torch
 from torch import Tensor
 
 from ..policies.base import TokenPolicy
 from .ops import at_least_float32
+
+
+class NotScored(LookupError):
+    """A step read a batch field it did not compute (``ref_logprobs``); the component that
+    reads it must declare it (``requires``). Inside a component's call it becomes a
+    ``PluginError`` naming the component and the step."""
 
 
 @attrs.frozen
@@ -36,9 +40,7 @@ class RolloutBatch:
     rewards: Tensor
     prompt_index: Tensor
     logprobs: Tensor | None = None
-    #: Read through :attr:`ref_logprobs` (computed on first read when the trainer left a
-    #: scorer in ``_ref_scorer``, so a step whose components never read the reference
-    #: skips its forward pass).
+    #: Read through :attr:`ref_logprobs`: None when the step did not score the reference.
     _ref_logprobs: Tensor | None = None
     #: False when the env was run reward-free (no component required ``rewards``).
     rewards_observed: bool = True
@@ -48,31 +50,23 @@ class RolloutBatch:
     #: ``[batch]``: rows with one value are the responses to one draw of a prompt
     #: (``train.samples_per_prompt > 1``); None: the batch was not sampled in groups.
     group_index: Tensor | None = None
-    #: A zero-argument function giving ``ref_logprobs`` when first read (None: no scorer).
-    _ref_scorer: Callable[[], Tensor] | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
-    def ref_logprobs(self) -> Tensor | None:
+    def ref_logprobs(self) -> Tensor:
         """``[batch, response_len]`` log-probs of the sampled tokens under the reference (0
-        on padding); computed on first read when the batch was given a scorer."""
-        if self._ref_logprobs is None and self._ref_scorer is not None:
-            with torch.no_grad():
-                self._ref_logprobs = self._ref_scorer()
-            self._ref_scorer = None
+        on padding). The trainer scores the reference only for a step that needs it: where
+        ``train.log_kl`` is true or a component declares ``"ref_logprobs"`` in its
+        ``requires``; reading it otherwise is an error that says so."""
+        if self._ref_logprobs is None:
+            raise NotScored(
+                'batch.ref_logprobs (and batch.token_kl) was not computed for this step: declare "ref_logprobs" in '
+                "the requires of the component that reads it (or set train.log_kl = true)"
+            )
         return self._ref_logprobs
 
     @ref_logprobs.setter
     def ref_logprobs(self, value: Tensor | None) -> None:
-        self._ref_logprobs, self._ref_scorer = value, None
-
-    def score_reference_lazily(self, scorer: Callable[[RolloutBatch], Tensor]) -> None:
-        """``ref_logprobs`` will be ``scorer(self)``, computed (without gradients) when first read."""
-        self._ref_logprobs, self._ref_scorer = None, lambda: scorer(self)
-
-    @property
-    def reference_scored(self) -> bool:
-        """Whether ``ref_logprobs`` holds a value now (False while it is still lazy)."""
-        return self._ref_logprobs is not None
+        self._ref_logprobs = value
 
     @property
     def size(self) -> int:
@@ -107,25 +101,20 @@ class RolloutBatch:
             f.name: getattr(self, f.name) for f in attrs.fields(type(self)) if isinstance(getattr(self, f.name), Tensor)
         }
 
-    def _derived(self, tensors: dict[str, Tensor], view: Callable[[Tensor], Tensor]) -> RolloutBatch:
-        """A batch of ``tensors`` (each ``view`` of this batch's), whose still-lazy
-        ``ref_logprobs`` is the ``view`` of this batch's, scored over the whole batch (so
-        a minibatch reads exactly the numbers the full batch would)."""
-        derived = attrs.evolve(self, **{name.lstrip("_"): t for name, t in tensors.items()})
-        if self._ref_scorer is not None:
-            derived._ref_scorer = lambda: view(self.ref_logprobs)
-        return derived
+    def _derived(self, tensors: dict[str, Tensor]) -> RolloutBatch:
+        """The batch with ``tensors`` (by field name) in place of its own."""
+        return attrs.evolve(self, **{name.lstrip("_"): t for name, t in tensors.items()})
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """The batch with every tensor on ``device`` (itself when they already are)."""
         device, tensors = torch.device(device), self._tensors()
         if all(t.device == device for t in tensors.values()):
             return self
-        return self._derived({name: t.to(device) for name, t in tensors.items()}, lambda t: t.to(device))
+        return self._derived({name: t.to(device) for name, t in tensors.items()})
 
     def select(self, index: Tensor) -> RolloutBatch:
         """Rows ``index`` of every tensor (for minibatches)."""
-        return self._derived({name: t[index] for name, t in self._tensors().items()}, lambda t: t[index])
+        return self._derived({name: t[index] for name, t in self._tensors().items()})
 
 
 def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
@@ -135,9 +124,7 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
         return batches[0]
     tensors = {}
     for f in attrs.fields(RolloutBatch):
-        if f.name == "_ref_scorer":
-            continue
-        values = [getattr(b, f.name.lstrip("_")) for b in batches]  # a lazy ref_logprobs is scored here
+        values = [getattr(b, f.name) for b in batches]
         if isinstance(values[0], Tensor):
             shapes = {tuple(v.shape[1:]) for v in values}
             if len(shapes) > 1:

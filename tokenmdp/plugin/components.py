@@ -1,8 +1,9 @@
 """The three component kinds every algorithm is composed of, plus recipes and env specs.
 
 A component class has a ``name``, a frozen attrs ``Options`` class, and ``requires`` /
-``provides`` sets of signal names. Instances may narrow or widen those sets from their
-options (e.g. an estimator that only provides ``target_logits`` when asked to).
+``provides`` sets of signal names, whose shapes ``signals.py`` declares. Instances may
+narrow or widen those sets from their options (e.g. an estimator that only provides
+``target_logits`` when asked to).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import Any, ClassVar
 import attrs
 from torch import Tensor
 
-#: Signals every rollout batch carries, so any component may require them.
-BATCH_SIGNALS = frozenset({"prompt_ids", "response_ids", "response_mask", "logprobs", "ref_logprobs", "rewards"})
+from .signals import Signal
 
 
 @attrs.frozen
@@ -30,6 +30,10 @@ class Component:
     Options: ClassVar[type] = NoOptions
     requires: frozenset[str] = frozenset()
     provides: frozenset[str] = frozenset()
+    #: Shapes of the signals of its own this component provides or requires, that
+    #: ``signals.SIGNALS`` does not declare: checked like the declared ones. Optional; an
+    #: undeclared name is passed on unchecked.
+    signal_shapes: ClassVar[tuple[Signal, ...]] = ()
     #: Resources this component puts in ``ctx.extras`` for later components (e.g. PPO's
     #: estimator shares its ``critic``), and those it reads there: a composition whose
     #: component uses a resource no earlier component shares fails at start-up.
@@ -42,8 +46,21 @@ class Component:
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
-        self.requires = frozenset(type(self).requires)
-        self.provides = frozenset(type(self).provides)
+        # fixed at construction, never changed after: a component whose signals depend on
+        # its options says how in requires_for / provides_for
+        self.requires = frozenset(self.requires_for(self.options))
+        self.provides = frozenset(self.provides_for(self.options))
+
+    @classmethod
+    def requires_for(cls, options: Any) -> frozenset[str]:
+        """The signals an instance with ``options`` reads: ``requires`` unless overridden
+        (e.g. no ``ref_logprobs`` when a KL coefficient of 0 never reads the reference)."""
+        return cls.requires
+
+    @classmethod
+    def provides_for(cls, options: Any) -> frozenset[str]:
+        """The signals an instance with ``options`` provides: ``provides`` unless overridden."""
+        return cls.provides
 
     def check(self, config, task) -> None:
         """Called at start-up, before any model is built or any file is written: raise a

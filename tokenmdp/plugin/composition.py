@@ -9,10 +9,11 @@ from __future__ import annotations
 import attrs
 
 from ..config import Config
-from ..errors import CompositionError
+from ..errors import CompositionError, PluginError
 from ..options import build
-from .components import BATCH_SIGNALS, Component
+from .components import Component
 from .registry import Registry
+from .signals import BATCH_SIGNALS, SIGNALS, Signal
 
 KINDS = ("estimator", "advantage", "updater")
 #: ``train.beta`` when neither the config nor its recipe sets it.
@@ -130,3 +131,23 @@ def check_signals(parts: dict[str, Component]) -> None:
             shared.setdefault(resource, f"{kind} {component.name!r}")
     if "advantages" not in parts["advantage"].provides:
         raise CompositionError(f"advantage {parts['advantage'].name!r} must provide 'advantages'")
+    check_declarations(parts)
+
+
+def check_declarations(parts: dict[str, Component]) -> None:
+    """The signals the components declare themselves (``signal_shapes``) agree with
+    ``signals.SIGNALS`` and with one another, so that each name has one shape in a run."""
+    declared = {name: (signal, "tokenmdp") for name, signal in SIGNALS.items()}
+    for kind in KINDS:
+        component = parts[kind]
+        for signal in component.signal_shapes:
+            if not isinstance(signal, Signal):
+                raise PluginError(
+                    f"{kind} {component.name!r}: signal_shapes must hold tokenmdp.Signal declarations, got {signal!r}"
+                )
+            known, where = declared.setdefault(signal.name, (signal, f"{kind} {component.name!r}"))
+            if not known.agrees_with(signal):
+                raise CompositionError(
+                    f"{kind} {component.name!r} declares signal {signal.name} as {signal.in_words()}, but {where} "
+                    f"declares it as {known.in_words()}"
+                )

@@ -19,6 +19,8 @@ class TrainContext:
     beta: float
     task: Any
     config: Any
+    #: The step, and its seeded generator (the components' shuffles draw from it): the trainer
+    #: sets both at the start of each step, and on the CPU the step's batch was sampled with it.
     step: int = 0
     generator: torch.Generator = attrs.field(factory=torch.Generator)
     #: Exact solution of the toy task under the reference (None for text tasks).

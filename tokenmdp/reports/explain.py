@@ -43,9 +43,11 @@ from ..plugin.context import TrainContext
 from ..plugin.ops import masked_correlation
 from ..plugin.registry import Registry
 from ..text.callables import code_barrier
+from ..training.checkpoints import read_checkpoint
+from ..training.envs import load_task, make_vector_env
+from ..training.models import load_policy, load_reference
 from ..training.rollout import collect
-from ..training.rundir import read_checkpoint
-from ..training.trainer import latest_checkpoint, load_policy, load_reference, load_task, make_vector_env
+from ..training.rundir import latest_checkpoint
 
 TRUE_ROW = "true A*"
 #: Bounds of ``--samples`` (one PNG each) and ``--group-size``.

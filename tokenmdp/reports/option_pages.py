@@ -2,8 +2,9 @@
 recipe or a component, with its type, default and doc comment.
 
 Sections, recipes and components document themselves through their attrs ``Options``
-classes; an env's options are its task's constructor parameters (the ``[env]`` table is
-passed to it), and a policy kind's are its constructor's (``[policy]``)."""
+classes; an env's options are its task's ``Options`` class or its constructor parameters
+(the ``[env]`` table is passed to it), and a policy kind's are its constructor's
+(``[policy]``)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _signature_lines(title: str, cls: type, skip: tuple[str, ...] = ()) -> list[
 def _env_lines(spec: Any) -> list[str]:
     task = spec.entry_point.task_cls
     title = f"[env] id = {spec.id!r} ({spec.description or task.__name__})"
-    lines = _signature_lines(title, task)
+    options = getattr(task, "Options", None)  # the text task documents its options in an attrs class
+    lines = _attrs_lines(title, options) if options is not None else _signature_lines(title, task)
     if task.__name__ == "TextTask":
         lines.append("  (each is explained in docs/text.md, 'The environment')")
     return lines

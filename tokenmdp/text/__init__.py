@@ -4,7 +4,8 @@ callables and :class:`TextTask`; the toy-to-text bridge and Gemma-3 270M from pi
 
 from .callables import resolve_callable
 from .lexicon import NEGATIVE_WORDS, POSITIVE_WORDS, lexicon_score
-from .task import TextTask, read_prompts
+from .prompts import read_prompts
+from .task import TextTask
 from .tokenizers import TextTokenizer, load_tokenizer, sentencepiece_adapter
 
 __all__ = [

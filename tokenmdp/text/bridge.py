@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..plugin.batch import response_nll
+from ..plugin.finetune import finetune_responses
 from .lexicon import NEGATIVE_WORDS, POSITIVE_WORDS, lexicon_score
 from .task import TextTask
 from .tokenizers import sentencepiece_adapter
@@ -100,13 +100,11 @@ def sft_examples(task: TextTask, rows, guide: str = GUIDE) -> list[tuple[list[in
     return out
 
 
-def supervised_text(policy, examples, epochs: int, batch_size: int, lr: float, seed: int = 0) -> list[float]:
-    """Cross-entropy on response tokens; contexts left-padded inside each minibatch."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
-    policy.train()
-    losses = []
-    for _ in range(epochs):
+def padded_batches(examples: list[tuple[list[int], list[int]]], batch_size: int):
+    """One epoch's minibatches of ``examples`` for ``finetune_responses``: shuffled, contexts
+    left-padded and responses right-padded inside each minibatch."""
+
+    def epoch(generator: torch.Generator):
         for rows in torch.randperm(len(examples), generator=generator).split(batch_size):
             batch = [examples[i] for i in rows.tolist()]
             width = max(len(c) for c, _ in batch)
@@ -119,13 +117,9 @@ def supervised_text(policy, examples, epochs: int, batch_size: int, lr: float, s
                 ids[i, width : width + len(r)] = torch.tensor(r)
                 mask[i, width - len(c) : width + len(r)] = 1
                 target_mask[i, : len(r)] = 1
-            loss = response_nll(policy, ids, mask, width, target_mask)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    policy.eval()
-    return losses
+            yield ids, mask, width, target_mask
+
+    return epoch
 
 
 def build_bridge(
@@ -161,7 +155,9 @@ def build_bridge(
         tiny_gpt2_config(tok.vocab_size, tok.bos_token_id, tok.eos_token_id, n_layer, n_embd), seed=seed
     )
     examples = sft_examples(task, corpus(num_untagged, num_tagged, tilt_beta, seed))
-    losses = supervised_text(policy, examples, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    losses = finetune_responses(policy, padded_batches(examples, batch_size), epochs, lr, generator)
+    policy.eval()
     log(f"bridge SFT: {len(examples)} examples, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     policy.model.save_pretrained(out / "model")
     return {
@@ -174,5 +170,5 @@ def build_bridge(
 
 
 def reward(prompt: str, completion: str) -> float:
-    """The bridge's task reward, as an ``env.reward`` callable: ``tokenmdp.bridge:reward``."""
+    """The bridge's task reward, as an ``env.reward`` callable: ``tokenmdp.text.bridge:reward``."""
     return lexicon_score(prompt, completion)

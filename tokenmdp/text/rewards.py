@@ -64,13 +64,13 @@ class RewardState:
     max_steps: int = 0
 
 
-def reward_form(fn: Callable, spec: str) -> str:
+def reward_form(fn: Callable, spec: str, key: str = "env.reward") -> str:
     """``"trl"`` or ``"pair"`` (see the module's docstring); anything else is a ConfigError."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         raise ConfigError(
-            f"env.reward {spec!r}: its signature cannot be read; write it in one of the forms: {FORMS}"
+            f"{key} {spec!r}: its signature cannot be read; write it in one of the forms: {FORMS}"
         ) from None
     kinds = inspect.Parameter
     named = [p for p in params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
@@ -87,9 +87,7 @@ def reward_form(fn: Callable, spec: str) -> str:
                 if positional_only
                 else f"no **kwargs for {', '.join(missing)}"
             )
-            raise ConfigError(
-                f"env.reward {spec!r}: a TRL-style reward with {why}; write it in one of the forms: {FORMS}"
-            )
+            raise ConfigError(f"{key} {spec!r}: a TRL-style reward with {why}; write it in one of the forms: {FORMS}")
         return "trl"
     positional = [p for p in named if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
     var_positional = any(p.kind is kinds.VAR_POSITIONAL for p in params)
@@ -102,7 +100,7 @@ def reward_form(fn: Callable, spec: str) -> str:
     if pair != trl:
         return "pair" if pair else "trl"
     fits = "both forms" if pair else "neither form"
-    raise ConfigError(f"env.reward {spec!r}: its signature {inspect.signature(fn)} fits {fits}; write it as {FORMS}")
+    raise ConfigError(f"{key} {spec!r}: its signature {inspect.signature(fn)} fits {fits}; write it as {FORMS}")
 
 
 class Reward:
@@ -112,14 +110,14 @@ class Reward:
         self.spec, self.weight, self.fn, self.form = spec, weight, fn, form
 
     @classmethod
-    def resolve(cls, spec: Any, weight: float) -> Reward:
+    def resolve(cls, spec: Any, weight: float, key: str = "env.reward") -> Reward:
         if isinstance(spec, str) and spec.startswith("hf:"):
             return cls(spec, weight, SequenceClassifierReward(spec[3:], spec), form="trl")
         if callable(spec):  # a function given to tokenmdp.train
             fn, spec = spec, f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', type(spec).__name__)}"
         else:
-            fn = resolve_callable(spec)
-        return cls(spec, weight, fn, form=reward_form(fn, spec))
+            fn = resolve_callable(spec, key)
+        return cls(spec, weight, fn, form=reward_form(fn, spec, key))
 
 
 class RewardSet:
@@ -128,7 +126,7 @@ class RewardSet:
     ``state`` is what rewards receive as ``trainer_state``; ``drain_logs`` hands over what
     they logged through ``log_metric`` and ``log_extra`` since the last call."""
 
-    def __init__(self, specs: str | Sequence[str], weights: Sequence[float] | None, timeout: float | None):
+    def __init__(self, specs, weights: Sequence[float] | None, timeout: float | None, key: str = "env.reward"):
         specs = [specs] if isinstance(specs, str) or callable(specs) else list(specs)
         if not specs:
             raise ConfigError("env.reward: an empty list; name a reward, or leave env.reward unset")
@@ -143,7 +141,7 @@ class RewardSet:
             raise ConfigError(
                 f"env.reward_weights must be {len(specs)} finite number(s), one per env.reward (got {weights!r})"
             )
-        self.rewards = [Reward.resolve(spec, float(w)) for spec, w in zip(specs, weights)]
+        self.rewards = [Reward.resolve(spec, float(w), key) for spec, w in zip(specs, weights)]
         self.timeout = timeout
         self.state = RewardState()
         self._metrics: dict[str, list[float]] = defaultdict(list)

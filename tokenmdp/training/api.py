@@ -15,7 +15,6 @@ path, so ``tokenmdp export`` needs no objects; prompts and a reward function are
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,9 @@ import attrs
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..options import to_dict
-from .trainer import PYTHON_OBJECT, Trainer
+from .paths import PYTHON_OBJECT
+from .resume import resume_overrides
+from .trainer import Trainer
 
 
 @attrs.frozen
@@ -104,39 +105,12 @@ def train(
     run = load_config(None, list(overrides), base=data)
     inputs = {"env": objects, "model": model}
     if resume:
-        extend = _resume_overrides(data, Path(run.run.dir)) if config is not None else []
+        extend = resume_overrides(data, Path(run.run.dir)) if config is not None else []
         trainer = Trainer.from_run_dir(run.run.dir, [*extend, *overrides], pm=pm, objects=inputs)
     else:
         trainer = Trainer(run, pm=pm, objects=inputs)
     summary = trainer.train()
     return TrainResult(summary=summary, run_dir=trainer.run_dir, policy=trainer.policy)
-
-
-def _resume_overrides(data: dict, run_dir: Path) -> list[str]:
-    """The values ``data`` (the caller's config, with the objects' placeholders) sets
-    differently from the run's own ``config.toml``, as overrides for the resume, which
-    accepts those that extend the run and names the rest."""
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        return []  # Trainer.from_run_dir says it is not a run directory
-    stored = _flat(to_dict(load_config(path)))
-    given = _flat({k: v for k, v in data.items() if k != "run" or set(v) - {"dir"}})
-    given.pop("run.dir", None)
-    changed = {key: value for key, value in given.items() if stored.get(key, _MISSING) != value}
-    return [f"{key}={json.dumps(value)}" for key, value in sorted(changed.items())]
-
-
-_MISSING = object()
-
-
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _sections(config) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -48,6 +49,31 @@ class ExactEvaluator:
         }
 
 
+def _standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def distinct_bigrams(response_ids: Tensor, mask: Tensor) -> float:
+    """distinct-2: distinct token bigrams over all bigrams of the responses (real tokens
+    only); near 1 for varied text, falling as responses repeat themselves or each other."""
+    bigrams = []
+    for row, n in zip(response_ids.tolist(), mask.sum(1).tolist()):
+        row = row[: int(n)]
+        bigrams += list(zip(row, row[1:]))
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def win_rate(values: list[float], reference: list[float]) -> float:
+    """How often a response scores above the reference's to the same prompt (the same
+    held-out draw), ties counting half."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(values, reference)) / len(values)
+
+
 class SampledEvaluator:
     """Scores policies on tasks without an exact solver (text) by sampling.
 
@@ -60,7 +86,10 @@ class SampledEvaluator:
     * ``true_reward``: the mean reward of those responses, when the task has a reward
       (read for evaluation only, as the exact solver reads the toy reward);
     * ``objective``: ``true_reward - beta * kl_ref`` (with a reward);
-    * ``response_length``: the mean response length in tokens (EOS included).
+    * ``response_length``: the mean response length in tokens (EOS included);
+    * ``kl_ref_se`` (the standard error of ``kl_ref``) and ``distinct_2`` (:func:`distinct_bigrams`);
+    * with ``env.judges``: each judge's mean ``judge/NAME``, its standard error and its
+      ``win_rate`` against the reference's responses to the same prompts.
 
     There is no ``regret``, ``closure``, ``J*`` or credit score: nothing knows the optimum.
     """
@@ -85,6 +114,8 @@ class SampledEvaluator:
         self.params = SamplingParams(temperature, top_k, top_p, sampler)
         self.backend = backend
         self._start: dict[str, float] | None = None
+        #: the reference's judge scores of its own held-out samples, per judge
+        self._reference_judged: dict[str, list[float]] | None = None
 
     @property
     def start(self) -> dict[str, float]:
@@ -128,14 +159,31 @@ class SampledEvaluator:
 
         if prefix_ids is not None:
             raise NotImplementedError("SampledEvaluator scores unconditioned policies only")
+        judged = getattr(self.task, "judges", None) is not None
+        if judged and self._reference_judged is None and policy is not self.reference:
+            self.start  # noqa: B018 (the reference's own judgements: each win rate's other side)
         batch = self.sample(policy)
         mask = batch.response_mask
         kl = ((token_logprobs(policy, batch) - token_logprobs(self.reference, batch)) * mask).sum(1)
-        scores = {"kl_ref": float(kl.mean()), "response_length": float(mask.sum(1).float().mean())}
+        scores = {
+            "kl_ref": float(kl.mean()),
+            "kl_ref_se": _standard_error(kl.double().tolist()),
+            "response_length": float(mask.sum(1).float().mean()),
+            "distinct_2": distinct_bigrams(batch.response_ids, mask),
+        }
         if self.task.has_reward:
             reward = self.task.sequence_rewards(batch.prompt_index, batch.response_ids, mask)
             scores["true_reward"] = float(reward.mean())
             scores["objective"] = scores["true_reward"] - self.beta * scores["kl_ref"]
+        if judged:
+            responses = [row[: int(n)] for row, n in zip(batch.response_ids.tolist(), mask.sum(1).tolist())]
+            judgements = self.task.judge_responses(batch.prompt_index.tolist(), responses)
+            if policy is self.reference:
+                self._reference_judged = judgements
+            for name, values in judgements.items():
+                scores[f"judge/{name}"] = sum(values) / len(values)
+                scores[f"judge/{name}_se"] = _standard_error(values)
+                scores[f"judge/{name}_win_rate"] = win_rate(values, self._reference_judged[name])
         return scores
 
     def credit(self, batch, signals, advantages) -> dict:

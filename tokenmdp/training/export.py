@@ -12,13 +12,9 @@ HF run, the model folder ``policy.path`` names: the architecture, and a LoRA run
 The run records those paths absolute, so export works from any folder; a LoRA adapter's
 ``adapter_config.json`` names its base by that absolute path.
 
-Export deletes only what an earlier export wrote. Every export folder holds a
-``.tokenmdp-export`` marker listing its files; ``overwrite`` replaces a folder only when it
-is empty or holds that marker and nothing else, and never a folder that is or contains the
-run directory or the current folder. The folder is written whole in a hidden sibling
-(``.NAME.export-PID``), the old one renamed aside (``.NAME.old-PID``), the new one renamed
-into place, then the old deleted. What a killed export leaves there is tidied up by the
-next export to the same folder (:func:`_recover`).
+Export deletes only what an earlier export wrote (``overwrite`` replaces only an earlier
+export), and writes the folder whole beside ``OUT`` before renaming it into place
+(:mod:`.export_folder`). The folder's ``README.md`` is a model card (:mod:`.model_card`).
 """
 
 from __future__ import annotations
@@ -26,23 +22,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 from ..config import load_config
 from ..errors import CheckpointError, ConfigError, TokenMDPError
 from ..policies import TOY_POLICIES
+from .export_folder import check_contents, checked_destination, make_hidden, recover, swap_in, write_marker
+from .model_card import load_snippet, model_card
 from .models import load_policy
-from .rundir import PYTHON_OBJECT, RunDir, check_recorded_paths
+from .paths import PYTHON_OBJECT, check_recorded_paths
+from .rundir import RunDir
 
 TOY_FORMAT = "tokenmdp-toy-policy"
 TOY_CONFIG = "tokenmdp_policy.json"
 TOY_WEIGHTS = "model.safetensors"
-#: Written into every export folder (last: a hidden folder holding it is complete).
-MARKER = ".tokenmdp-export"
-#: The ``[env]`` keys that only scoring reads; export builds a text task without them.
-_SCORING_KEYS = ("prompts", "eval_prompts", "reward", "reward_weights")
 
 
 def export_run(
@@ -63,27 +57,26 @@ def export_run(
         )
     if step is not None and step not in steps:
         raise ConfigError(f"export --step {step}: {str(run_dir)!r} has checkpoints at steps {steps}")
-    target = _checked_destination(run_dir, out)
+    target = checked_destination(run_dir, out)
     config = load_config(run_dir / "config.toml")
     hf = config.policy.get("kind") == "hf"
     if merge_lora and not hf:
         raise ConfigError("export --merge-lora: this run's policy is a toy network, with no LoRA adapter")
     if hf:
         _check_inputs(config, run_dir)
-    _recover(target)
-    _check_contents(out, target, overwrite)
-    tmp, created = _make_hidden(out, target)
+    recover(target)
+    check_contents(out, target, overwrite)
+    tmp, created = make_hidden(out, target)
     try:
         task = _task_for_export(config, run_dir)
         chosen = steps[-1] if step is None else step
         policy = _load_checked(run_dir, task, chosen, rundir.checkpoint_path(chosen)).eval()
         try:
             what = _write_hf(policy, task, config, tmp, merge_lora) if hf else _write_toy(policy, task, config, tmp)
-            card = _model_card(run_dir, config, chosen, what, target, _load_snippet(config, tmp, target.name))
+            card = model_card(run_dir, config, chosen, what, target, load_snippet(config, tmp, target.name))
             (tmp / "README.md").write_text(card, encoding="utf-8")
-            files = sorted(p.name for p in tmp.iterdir())
-            (tmp / MARKER).write_text(json.dumps({"tokenmdp": "export", "version": 1, "files": files}) + "\n")
-            _swap_in(tmp, target)
+            write_marker(tmp)
+            swap_in(tmp, target)
         except OSError as exc:  # a full disk, a read-only file system, a folder made unwritable meanwhile
             where = exc.filename or target
             raise ConfigError(
@@ -126,140 +119,6 @@ def _check_inputs(config, run_dir: Path) -> None:
             )
 
 
-def _checked_destination(run_dir: Path, out: Path) -> Path:
-    """``out`` made absolute, refused (before anything is written) where an export could
-    delete or hide something that is not an export: a link, a file, the run directory or a
-    folder around it, the current folder or a folder around it."""
-    if out.is_symlink():
-        raise ConfigError(
-            f"export: {str(out)!r} is a symbolic link (to {os.readlink(out)!r}); export replaces the folder "
-            "it is given, so name a real folder"
-        )
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"export: {str(out)!r} is a file, not a folder")
-    target, run, cwd = out.resolve(), run_dir.resolve(), Path.cwd().resolve()
-    if target == run or target in run.parents:
-        raise ConfigError(
-            f"export: {str(out)!r} is or contains the run directory {str(run_dir)!r}; export into a new folder"
-        )
-    if run in target.parents:
-        raise ConfigError(f"export: {str(out)!r} is inside the run directory; choose a folder outside it")
-    if target == cwd or target in cwd.parents:
-        raise ConfigError(
-            f"export: {str(out)!r} is or contains the current folder {str(cwd)!r}; export into a new folder "
-            "(e.g. ./model)"
-        )
-    return target
-
-
-def _check_contents(out: Path, target: Path, overwrite: bool) -> None:
-    """A non-empty ``out`` is replaced only with ``overwrite`` and only when it is an earlier
-    export: its marker lists every file in it."""
-    if not target.is_dir():
-        return
-    names = sorted(p.name for p in target.iterdir())
-    if not names:
-        return
-    foreign = [n for n in names if n != MARKER and n not in _exported_files(target)]
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ConfigError(
-            f"export: {str(out)!r} holds files an export did not write ({shown}); export into an empty or new "
-            "folder (--overwrite replaces only an earlier export)"
-        )
-    if not overwrite:
-        raise ConfigError(f"export: {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-
-
-def _exported_files(folder: Path) -> set[str]:
-    """The files the export in ``folder`` wrote, from its marker (none without one)."""
-    try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return set()
-    files = marker.get("files") if isinstance(marker, dict) and marker.get("tokenmdp") == "export" else None
-    return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
-
-
-def _hidden(target: Path, kind: str, pid: int | None = None) -> Path:
-    return target.parent / f".{target.name}.{kind}-{os.getpid() if pid is None else pid}"
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process exports one folder at a time: its own leftovers are stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    except OverflowError:
-        return False
-    return True
-
-
-def _recover(target: Path) -> None:
-    """Tidy what a killed export to ``target`` left beside it: only hidden folders of this
-    module's naming whose process is gone. A kill between the two renames leaves no
-    ``target`` but the previous export renamed aside: it is put back (the interrupted
-    export never finished, so the folder is as it was before it); the rest is deleted."""
-    if not target.parent.is_dir():
-        return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(export|old)-(\d+)")
-    stale = {"export": [], "old": []}
-    for entry in target.parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match[2])):
-            stale[match[1]].append(entry)
-    old = sorted(stale["old"], key=lambda p: p.stat().st_mtime)
-    if old and not os.path.lexists(target):
-        try:
-            os.rename(old[-1], target)
-            old.pop()
-        except OSError:
-            pass  # left for the next export; this one reports what it cannot write
-    for entry in [*stale["export"], *old]:
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def _make_hidden(out: Path, target: Path) -> tuple[Path, list[Path]]:
-    """The hidden sibling the export is written in, made before any model is loaded, so an
-    unwritable destination is reported at once; and the parent folders it had to make."""
-    existing = next((p for p in [target.parent, *target.parent.parents] if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"export: {str(out)!r}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"export: {str(out)!r}: {existing} is not writable; choose a folder you can write to")
-    tmp = _hidden(target, "export")
-    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise ConfigError(f"export: cannot create {str(out)!r}: {exc.strerror or exc} ({exc.filename})") from None
-    return tmp, created
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by the complete folder ``tmp``: at every moment either the old
-    export or the new one is there under ``target`` (or, between the two renames, the old
-    one beside it, which :func:`_recover` puts back)."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = _hidden(target, "old")
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    # a failure here leaves only tokenmdp's hidden .NAME.old-PID, which the next export removes
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _task_for_export(config, run_dir: Path):
     """The task the policy is built for (its vocabulary sizes and special tokens). A text
     task is built from its tokenizer alone: no reward resolved, no prompt file read.
@@ -268,7 +127,7 @@ def _task_for_export(config, run_dir: Path):
     from ..plugin.registry import Registry, plugin_manager
     from ..text.callables import code_barrier
     from ..text.task import TextTask
-    from .trainer import PYTHON_OBJECT, load_task
+    from .envs import load_task
 
     registry = Registry(plugin_manager())
     registry.register_envs()
@@ -277,20 +136,15 @@ def _task_for_export(config, run_dir: Path):
     if not (isinstance(task_cls, type) and issubclass(task_cls, TextTask)):
         with code_barrier(run_dir):
             return load_task(config, compute_rewards=False, registry=registry)[1]
-    kwargs = {k: v for k, v in {**spec.kwargs, **config.env_kwargs}.items() if k not in _SCORING_KEYS}
-    missing = sorted(k for k, v in kwargs.items() if v == PYTHON_OBJECT)
+    kwargs = {**spec.kwargs, **config.env_kwargs}
+    missing = sorted(k for k, v in kwargs.items() if v == PYTHON_OBJECT and k not in TextTask.SCORING_OPTIONS)
     if missing:
         raise ConfigError(
             f"export: {str(run_dir)!r} lacks env.{missing[0]}: it was given to tokenmdp.train as a Python object "
             "the run could not save; save the trained model from Python instead: result.model.save_pretrained(OUT)"
         )
-
-    class Unprompted(task_cls):
-        def _set_prompts(self, prompts, key):  # export lays out no prompts
-            self.prompts_path = None
-
     try:
-        return Unprompted(**kwargs)
+        return task_cls.unscored(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"[env] ({spec.id}): {exc}") from None
     except (ValueError, OverflowError, RuntimeError) as exc:
@@ -398,85 +252,3 @@ def load_exported(folder: str | Path):
     policy = TOY_POLICIES[kind](meta["input_vocab_size"], meta["vocab_size"], **spec)
     policy.load_state_dict(load_file(str(folder / TOY_WEIGHTS)))
     return policy.eval()
-
-
-def _load_snippet(config, folder: Path, name: str) -> str:
-    """The model card's Python that loads the export ``folder`` (named ``name``): the model
-    (a LoRA adapter on its base, named by its absolute path) and its tokenizer."""
-    quoted = json.dumps(name)
-    if config.policy.get("kind") != "hf":
-        return f"from tokenmdp import load_exported\n\npolicy = load_exported({quoted})"
-    imports, lines = ["from transformers import AutoModelForCausalLM"], []
-    adapter = folder / "adapter_config.json"
-    if adapter.is_file():
-        base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
-        imports.insert(0, "from peft import PeftModel")
-        lines += [
-            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})  # the run's base model",
-            f"model = PeftModel.from_pretrained(base, {quoted})",
-        ]
-    else:
-        lines.append(f"model = AutoModelForCausalLM.from_pretrained({quoted})")
-    if (folder / "tokenizer_config.json").is_file():
-        imports.append("from transformers import AutoTokenizer")
-        lines.append(f"tokenizer = AutoTokenizer.from_pretrained({quoted})")
-    elif (folder / "tokenizer.model").is_file():
-        imports.insert(0, "import sentencepiece")
-        lines.append(
-            f"tokenizer = sentencepiece.SentencePieceProcessor(model_file={json.dumps(name + '/tokenizer.model')})"
-        )
-    return "\n".join([*imports, "", *lines])
-
-
-def _model_card(run_dir: Path, config, step: int, what: str, folder: Path, load: str) -> str:
-    from importlib import metadata
-
-    try:
-        version = metadata.version("tokenmdp")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    algo = config.algorithm
-    recipe = summary.get("recipe") or algo.name or "custom"
-    parts = [summary.get(k) for k in ("estimator", "advantage", "updater")]
-    composition = " + ".join(p for p in parts if p) or ", ".join(
-        f"{k} {getattr(algo, k)}" for k in ("estimator", "advantage", "updater") if getattr(algo, k)
-    )
-    rows = [
-        f"| {k} | {v:.6g} |"
-        for k, v in summary.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps",)
-    ]
-    config_text = (run_dir / "config.toml").read_text(encoding="utf-8")
-    lines = [
-        "---",
-        "library_name: " + ("transformers" if config.policy.get("kind") == "hf" else "tokenmdp"),
-        "tags: [tokenmdp, reinforcement-learning, token-level-rl]",
-        "---",
-        "",
-        f"# {run_dir.name}",
-        "",
-        f"Trained with tokenmdp {version}: recipe `{recipe}` ({composition}) on `{config.env['id']}`, "
-        f"exported from step {step} of the run. This folder holds {what}.",
-        "",
-        "## Load",
-        "",
-        f"From the folder that holds `{folder.name}/`:",
-        "",
-        "```python",
-        load,
-        "```",
-        "",
-        "## Final metrics (summary.json)",
-        "",
-        *(["| metric | value |", "|---|---|", *rows] if rows else ["(the run wrote no summary)"]),
-        "",
-        "## The run's config",
-        "",
-        "```toml",
-        config_text.rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)

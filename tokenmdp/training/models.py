@@ -13,8 +13,10 @@ from .. import distributed
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..policies import TokenPolicy, build_policy
-from .rundir import REFERENCE, RunDir, read_checkpoint, read_weights
-from .sft import make_sft_data, supervised_finetune
+from .checkpoints import read_checkpoint, read_weights
+from .layout import REFERENCE
+from .rundir import RunDir
+from .sft import fine_tune_reference, tilt_beta
 
 
 def frozen_reference(base: TokenPolicy) -> TokenPolicy:
@@ -46,7 +48,7 @@ def reference_key(config: Config) -> str:
     from ..options import to_dict
 
     ref = config.reference
-    tilt = (ref.tilt_beta or config.train.beta) if ref.tagged_samples else None
+    tilt = tilt_beta(config) if ref.tagged_samples else None
     what = {"env": config.env, "policy": config.policy, "reference": to_dict(ref), "seed": config.train.seed}
     what["tilt"] = tilt
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -63,7 +65,8 @@ def _cached_sft(base: TokenPolicy, config: Config, task, cache_dir: Path) -> lis
 
     from safetensors.torch import load_file, save_file
 
-    from .rundir import atomic_write_text, checksum_path
+    from .checkpoints import checksum_path
+    from .files import atomic_write_text
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = reference_key(config)
@@ -75,11 +78,7 @@ def _cached_sft(base: TokenPolicy, config: Config, task, cache_dir: Path) -> lis
             torch.set_rng_state(stored.pop("__rng_state__"))
             base.load_state_dict(stored)
             return json.loads(meta.read_text())["losses"]
-        generator = torch.Generator().manual_seed(config.train.seed)
-        ref = config.reference
-        groups = make_sft_data(task, ref.sft_samples, ref.tagged_samples, ref.tilt_beta or config.train.beta, generator)
-        losses = supervised_finetune(base, groups, ref.sft_epochs, ref.sft_batch_size, ref.sft_lr, generator)
-        tagged = int(groups[-1][2].sum()) if ref.tagged_samples else 0
+        losses, tagged = fine_tune_reference(base, task, config)
         state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
         tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
         save_file({**state, "__rng_state__": torch.get_rng_state()}, str(tmp))
@@ -91,14 +90,6 @@ def _cached_sft(base: TokenPolicy, config: Config, task, cache_dir: Path) -> lis
         atomic_write_text(checksum_path(meta), hashlib.sha256(text.encode()).hexdigest() + "\n")
         atomic_write_text(meta, text)
         return losses
-
-
-def cached_tagged_sft_tokens(config: Config, cache_dir: Path) -> int | None:
-    """The tagged SFT tokens the cached fine-tune of ``config`` recorded (None if none is cached)."""
-    import json
-
-    meta = cache_dir / f"{reference_key(config)}.json"
-    return json.loads(meta.read_text())["tagged_sft_tokens"] if meta.is_file() else None
 
 
 def initial_policy(
@@ -132,10 +123,7 @@ def initial_policy(
     elif config.reference.init == "sft" and cache_dir is not None:
         losses = _cached_sft(base, config, task, Path(cache_dir))
     elif config.reference.init == "sft":
-        generator = torch.Generator().manual_seed(config.train.seed)
-        ref = config.reference
-        groups = make_sft_data(task, ref.sft_samples, ref.tagged_samples, ref.tilt_beta or config.train.beta, generator)
-        losses = supervised_finetune(base, groups, ref.sft_epochs, ref.sft_batch_size, ref.sft_lr, generator)
+        losses = fine_tune_reference(base, task, config)[0]
     distributed.broadcast_module(base)  # every rank starts from rank 0's weights
     return base, losses
 

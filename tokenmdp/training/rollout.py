@@ -1,7 +1,10 @@
 """Sampling responses: the sampling distribution, batched (KV-cached) generation, stop
-strings, and one step's batch collected through the vector environment."""
+strings, and one step's batch collected through the vector environment, with the step's
+seeds."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -9,7 +12,7 @@ from torch import Tensor
 from ..devices import module_device
 from ..errors import ConfigError
 from ..mdp.env import TokenVectorEnv
-from ..plugin.batch import RolloutBatch, concat_batches, response_logits, token_logprobs  # noqa: F401 (old home)
+from ..plugin.batch import RolloutBatch, concat_batches
 from ..plugin.ops import at_least_float32
 from ..plugin.sampling import Samples, SamplingBackend, SamplingParams
 from ..policies.base import TokenPolicy
@@ -315,3 +318,56 @@ def _stopped_early(actions: Tensor, mask: Tensor, task) -> tuple[Tensor | None, 
         return None, None
     rows = early.nonzero().squeeze(1)
     return rows, lengths[rows]
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Each step's sampling seed depends only on (seed, step) (and the rank of a distributed
+    run), so a resumed run replays exactly. Rank 0 uses the single-process seed."""
+    base = (seed * 1_000_003 + step * 7_919) % (2**63)
+    return base if rank == 0 else (base + rank * 0x9E3779B97F4A7C15) % (2**63)
+
+
+def step_generators(seed: int, step: int, ranks: Iterable[int]) -> list[tuple[int, torch.Generator]]:
+    """``(seed, generator)`` of each batch sampled at ``step``, one per rank of ``ranks``
+    (CPU generators: the components' shuffles go on with the first)."""
+    seeds = [step_seed(seed, step, rank) for rank in ranks]
+    return [(s, torch.Generator().manual_seed(s)) for s in seeds]
+
+
+def collect_step(
+    policy: TokenPolicy,
+    env: TokenVectorEnv,
+    generators: list[tuple[int, torch.Generator]],
+    train,
+    device: torch.device,
+    score: bool,
+    sampler: str,
+    backend: SamplingBackend,
+) -> RolloutBatch:
+    """One step's batch: a sub-batch per ``(seed, generator)`` of :func:`step_generators`
+    (several where ``train.simulate_world_size`` stands in for the ranks), concatenated; the
+    sampling options are ``train``'s (``[train]``). On the CPU one generator samples and then
+    shuffles; a policy on another ``device`` samples with its own generator (same seed), and
+    the CPU one is left for the components."""
+    batches = []
+    for seed, generator in generators:
+        sampling = generator if device.type == "cpu" else sampling_generator(seed, device)
+        batches.append(
+            collect(
+                policy,
+                env,
+                seed=seed,
+                generator=sampling,
+                temperature=train.temperature,
+                top_k=train.top_k,
+                top_p=train.top_p,
+                samples_per_prompt=train.samples_per_prompt,
+                score=score,
+                sampler=sampler,
+                backend=backend,
+            )
+        )
+    try:
+        return concat_batches(batches)
+    except ValueError as exc:
+        raise ConfigError(f"train.simulate_world_size: {exc}") from None

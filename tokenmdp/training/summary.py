@@ -4,22 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import Config
+from ..plugin.composition import Composition
+
 
 def _nan_mean(values: list[float]) -> float | None:
     finite = [v for v in values if v == v]
     return sum(finite) / len(finite) if finite else None
 
 
-def run_summary(trainer, final: dict[str, float], env_tokens: int, wall_seconds: float) -> dict[str, Any]:
-    """The summary of ``trainer``'s run, with ``final``, its policy's last scores."""
-    config, composition, evaluator = trainer.config, trainer.composition, trainer.evaluator
+def run_summary(
+    config: Config,
+    composition: Composition,
+    task,
+    *,
+    start: dict[str, float],
+    final: dict[str, float],
+    env_tokens: int,
+    wall_seconds: float,
+    j_star: float | None = None,
+    stopped_at: int | None = None,
+    recent_credit: list[float] = (),
+    warnings: list[str] = (),
+) -> dict[str, Any]:
+    """The summary of a run of ``composition`` on ``task``: ``start`` and ``final``, the
+    reference's and the trained policy's scores; for a toy task (exact), ``j_star``, the step
+    the run reached its target at (``stopped_at``, None if it did not stop early) and its
+    last steps' ``credit_corr`` values (``recent_credit``); for a text task, the health
+    watch's ``warnings``."""
     reports = {k: v for c in composition.components for k, v in c.report().items()}
     common = {
         **composition.describe(),
         "env": config.env["id"],
     }
-    if not trainer.task.exact:  # sampled scores; nothing knows the optimum
-        eval_task = trainer.task.eval_task
+    if not task.exact:  # sampled scores; nothing knows the optimum
+        eval_task = task.eval_task
         return {
             **common,
             "steps": config.train.steps,
@@ -28,26 +47,26 @@ def run_summary(trainer, final: dict[str, float], env_tokens: int, wall_seconds:
             "used_env_reward": composition.needs_env_reward,
             "eval_on": (
                 f"held-out prompts: env.eval_prompts = {eval_task.prompts_path}"
-                if eval_task is not trainer.task
+                if eval_task is not task
                 else "the training prompts (env.eval_prompts unset)"
             ),
-            "start": dict(evaluator.start),
+            "start": dict(start),
             **final,
             **reports,
             # a collapse or a run-away policy (training/health.py); empty for a healthy run
-            "warnings": list(trainer.health.warnings) if trainer.health is not None else [],
+            "warnings": list(warnings),
         }
     return {
         **common,
-        "steps": trainer.stopped_at or config.train.steps,
-        "reached_target": trainer.stopped_at is not None,
+        "steps": stopped_at or config.train.steps,
+        "reached_target": stopped_at is not None,
         "env_tokens": env_tokens,
         "wall_seconds": wall_seconds,
         "used_env_reward": composition.needs_env_reward,
-        "j_star": evaluator.solution.j_star,
-        "start": {**evaluator.start, "regret_frac": 1.0, "closure": 0.0},
+        "j_star": j_star,
+        "start": {**start, "regret_frac": 1.0, "closure": 0.0},
         **final,
         # mean over the last (up to) 10 steps: one step's correlation is noisy
-        "credit_corr": _nan_mean(trainer.recent_credit),
+        "credit_corr": _nan_mean(list(recent_credit)),
         **reports,
     }

@@ -1,0 +1,134 @@
+"""One cell of the grid: its training run (resumed from a checkpoint, its reference from the
+grid's cache), and the numbers the results read from it: the exact reward-KL frontier of its
+reference, the guide-tagged SFT tokens, and its record for the tables and plots.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ...config import Config
+from ...errors import TrainingInterrupted
+from ...mdp.solver import solve, tree_logprobs
+from ...plugin.composition import compose
+from ...plugin.registry import Registry
+from ...training.envs import load_task
+from ...training.files import atomic_write_text
+from ...training.models import load_reference
+from ...training.rundir import latest_checkpoint
+from ...training.sft import run_sft_data, tagged_tokens
+from ...training.trainer import Trainer
+from .grid import Cell, recorded_config
+from .output import COLUMNS
+from .references import cached_tagged_sft_tokens, check_cached_reference, reference_cache
+
+#: "Tokens to 90% of the achievable improvement": first evaluation with closure >= this.
+TARGET_CLOSURE = 0.9
+#: The beta sweep that traces the exact reward-KL frontier (1/128 .. 128, 4 points per octave).
+FRONTIER_BETAS = tuple(2.0 ** (k / 4) for k in range(-28, 29))
+#: Allowed slack in ``E[R] - b KL <= J*_b``: both sides are exact float64 sums.
+FRONTIER_TOLERANCE = 1e-6
+
+
+def run_cell(cell: Cell, pm) -> None:
+    """Train one cell; one interrupted after a checkpoint continues from it, anything else
+    unfinished starts from scratch (``run.overwrite = true``). Its reference comes from the
+    grid's cache when another cell fine-tuned the same one (checked first; a damaged one is
+    fine-tuned again), and the entry gets its checksums once the cell ends."""
+    resume = latest_checkpoint(cell.dir) is not None and recorded_config(cell) == cell.config
+    (cell.dir / "compare.json").unlink(missing_ok=True)  # cached numbers of an older run of this cell
+    check_cached_reference(cell, pm)
+    try:
+        Trainer(cell.config, pm=pm, resume=resume, reference_cache=reference_cache(cell)).train()
+    except TrainingInterrupted:
+        raise TrainingInterrupted(
+            f"interrupted in cell {cell.dir.name}; rerun the same `tokenmdp compare` "
+            "command to resume the grid (finished cells are kept)"
+        ) from None
+    check_cached_reference(cell, pm)  # the checksums of an entry this cell's fine-tune wrote
+
+
+def exact_frontier(task, reference, betas=FRONTIER_BETAS) -> list[dict[str, float]]:
+    """For each beta: J*_beta and the exact E[R] and KL(pi*_beta || pi_ref) of pi*_beta."""
+    ref_logp = tree_logprobs(reference, task)
+    out = []
+    for beta in betas:
+        solution = solve(task, reference, beta, ref_logp=ref_logp)
+        scores = solution.evaluate(solution.opt_logp)
+        out.append(
+            {"beta": beta, "j_star": solution.j_star, "true_reward": scores["true_reward"], "kl_ref": scores["kl_ref"]}
+        )
+    return out
+
+
+def frontier_excess(points: list[tuple[float, float]], frontier: list[dict[str, float]]) -> float:
+    """``max over points and beta of E[R] - beta KL - J*_beta``: <= 0 for every policy, because
+    ``J*_beta`` is the best ``E[R] - beta KL`` of all. So > 0 means a point above the frontier."""
+    return max(r - f["beta"] * kl - f["j_star"] for kl, r in points for f in frontier)
+
+
+def tagged_sft_tokens(task, config: Config) -> int:
+    """Real tokens of the guide-tagged SFT data in the cell's reference: its run's SFT data
+    (``run_sft_data``, the draw its fine-tune trained on), recounted."""
+    ref = config.reference
+    if ref.init != "sft" or ref.tagged_samples == 0:
+        return 0
+    return tagged_tokens(run_sft_data(task, config)[0], config)
+
+
+def cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
+    """The exact frontier of the cell's own reference and its tagged SFT tokens (cached)."""
+    path = cell.dir / "compare.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = cell.config
+    _, task = load_task(config, registry=registry)
+    reference = load_reference(cell.dir, config, task)
+    betas = sorted({*FRONTIER_BETAS, config.train.beta})  # the run's own beta: pi*'s point is on the curve
+    tagged = cached_tagged_sft_tokens(cell)
+    tagged = tagged_sft_tokens(task, config) if tagged is None else tagged  # a cell fine-tuned before the cache
+    extras = {"frontier": exact_frontier(task, reference, betas), "tagged_sft_tokens": tagged}
+    atomic_write_text(path, json.dumps(extras))  # a cache that is whole or absent
+    return extras
+
+
+def first_reaching(rows: list[dict], target: float = TARGET_CLOSURE) -> dict | None:
+    """The first evaluation row with ``closure >= target`` (90% of ``J* - J(pi_ref)``), or None."""
+    return next((row for row in rows if row["closure"] >= target), None)
+
+
+def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
+    """Everything the tables and plots need from one finished cell."""
+    summary = json.loads((cell.dir / "summary.json").read_text())
+    lines = (cell.dir / "metrics.jsonl").read_text().splitlines()
+    rows = [row for row in map(json.loads, filter(None, lines)) if "closure" in row]
+    extras = cell_extras(cell, registry)
+    points = [(row["kl_ref"], row["true_reward"]) for row in rows]
+    hit = first_reaching(rows)
+    never = float("inf")
+    supervision = registry.recipe(cell.config.algorithm.name).supervision
+    # The guide-tagged SFT data is the teacher of a recipe that uses neither reward nor pairs;
+    # reward and pair recipes may start from the same reference but never read the guide.
+    tagged = extras["tagged_sft_tokens"] if supervision == "none" else 0
+    # the supervision data the run's components count themselves (DPO's pairs, ...)
+    counters = [m for c in compose(registry, cell.config).components for m in c.data_token_metrics]
+
+    def data_tokens(row: dict) -> int:
+        return tagged + sum(row.get(m, 0) for m in counters)
+
+    return {
+        "recipe": cell.recipe,
+        "env": cell.env,
+        "seed": cell.seed,
+        "supervision": supervision,
+        **{key: summary.get(key) for key, _ in COLUMNS if key in summary},
+        "tokens_to_90": hit["env_tokens"] if hit else never,
+        # Supervision data is paid for in tokens too: the guide-tagged SFT data, and DPO's
+        # preference pairs (both responses) sampled up to that step.
+        "tokens_to_90_with_data": hit["env_tokens"] + data_tokens(hit) if hit else never,
+        "data_tokens": data_tokens(rows[-1]),
+        "frontier_excess": frontier_excess(points + [(summary["kl_ref"], summary["true_reward"])], extras["frontier"]),
+        "eval_rows": rows,
+        "frontier": extras["frontier"],
+    }

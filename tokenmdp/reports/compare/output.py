@@ -1,0 +1,191 @@
+"""The results folder of a grid: the cells' records summarised across seeds (median, min,
+max) as ``results.md``, ``results.csv``, two plots and ``index.html``, a page filled in from
+:data:`PAGE` (``string.Template``: jinja2 is not among tokenmdp's dependencies).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import statistics
+import time
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from ..tables import markdown
+from .grid import Grid, short_env
+
+#: (key, header) of the columns that show median [min, max] across seeds, in table order.
+COLUMNS = [
+    ("true_reward", "true_reward"),
+    ("kl_ref", "kl_ref"),
+    ("regret", "regret"),
+    ("kl_to_optimal", "kl_to_optimal"),
+    ("credit_corr", "credit_corr"),
+    ("ceiling", "ceiling"),
+    ("data_tokens", "data tokens"),
+    ("tokens_to_90", "tokens to 90% (RL)"),
+    ("tokens_to_90_with_data", "tokens to 90% (+ data)"),
+    ("wall_seconds", "wall s"),
+]
+PLOTS = {"regret_vs_tokens.png": "Regret against environment tokens", "reward_kl_frontier.png": "Reward-KL frontier"}
+
+
+#: ``index.html``, self-contained (the plots inlined as data URIs). :func:`_html_page` escapes
+#: every text it puts in that comes from the grid (labels, env names, the grid line).
+PAGE = Template("""\
+<!doctype html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>tokenmdp compare</title>
+<style>
+body{font-family:sans-serif;margin:2em;max-width:1200px}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+img{max-width:100%}
+</style>
+</head>
+<body>
+<h1>tokenmdp compare</h1>
+<p>$grid_line. Every score is exact (the soft-Bellman solver over the whole prefix tree).
+Columns: docs/compare.md. Data: results.csv; runs: cells/.</p>
+<table>
+$table
+</table>
+$figures
+</body>
+</html>
+""")
+_ROW = Template("<tr>$cells</tr>")
+_HEADER_CELL = Template("<th>$text</th>")
+_CELL = Template("<td>$text</td>")
+_FIGURE = Template('<h2>$title</h2>\n<img alt="$name" src="$uri">')
+
+
+def _spread(values: list) -> tuple[float | None, float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def _fmt(value: float | None, key: str) -> str:
+    if value is None:
+        return "-"
+    if value == float("inf"):
+        return "never"
+    if "tokens" in key:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if key == "wall_seconds" else f"{value:.3f}"
+
+
+def summarise(records: list[dict]) -> list[dict[str, Any]]:
+    """One row per recipe x env (grid order): median, min and max across seeds per column."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["recipe"], record["env"]), []).append(record)
+    rows = []
+    for (recipe, env), cell_records in groups.items():
+        row = {"recipe": recipe, "env": env, "supervision": cell_records[0]["supervision"], "seeds": len(cell_records)}
+        for key, _ in [*COLUMNS, ("frontier_excess", "")]:
+            row[key] = _spread([r.get(key) for r in cell_records])
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The results table's header and cells (median [min, max] across seeds)."""
+    header = ["recipe", "env", "supervision", *(title for _, title in COLUMNS)]
+    body = [
+        [r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[key], key) for key, _ in COLUMNS)]
+        for r in rows
+    ]
+    return header, body
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header, body = _table(rows)
+    return markdown(body, header)
+
+
+def _cell_text(spread: tuple, key: str) -> str:
+    median, low, high = spread
+    if median is None:
+        return "-"
+    return f"{_fmt(median, key)} [{_fmt(low, key)}, {_fmt(high, key)}]"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = [key for key, _ in COLUMNS] + ["frontier_excess"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            ["recipe", "env", "supervision", "seeds", *(f"{k}_{s}" for k in keys for s in ("median", "min", "max"))]
+        )
+        for r in rows:
+            writer.writerow(
+                [
+                    r["recipe"],
+                    r["env"],
+                    r["supervision"],
+                    r["seeds"],
+                    *("" if v is None else v for k in keys for v in r[k]),
+                ]
+            )
+
+
+def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
+    from .. import plots
+
+    out = grid.out
+    rows = summarise(records)
+    table = markdown_table(rows)
+    envs = list(dict.fromkeys(r["env"] for r in records))
+    recipes = list(dict.fromkeys(r["recipe"] for r in records))
+
+    def per_seed(x: str, y: str) -> dict:
+        """``[env][recipe]`` -> one (x, y) series per seed, over the cell's evaluations."""
+        return {
+            e: {
+                rc: [
+                    ([row[x] for row in r["eval_rows"]], [row[y] for row in r["eval_rows"]])
+                    for r in records
+                    if (r["env"], r["recipe"]) == (e, rc)
+                ]
+                for rc in recipes
+            }
+            for e in envs
+        }
+
+    curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
+    frontiers = {}
+    for e in envs:  # one curve per distinct reference model (cells that share one, draw it once)
+        unique = {tuple((f["kl_ref"], f["true_reward"]) for f in r["frontier"]) for r in records if r["env"] == e}
+        frontiers[e] = [tuple(map(list, zip(*curve))) for curve in sorted(unique)]
+    plots.regret_vs_tokens(curves, out / "regret_vs_tokens.png")
+    plots.reward_kl_frontier(points, frontiers, out / "reward_kl_frontier.png")
+    when = time.strftime("%Y-%m-%d %H:%M")
+    grid_line = (
+        f"{len(recipes)} recipes x {len(envs)} envs x {len(grid.options.seeds)} seeds "
+        f"({', '.join(map(str, grid.options.seeds))}); median [min, max] across seeds; written {when}"
+    )
+    (out / "results.md").write_text(f"# tokenmdp compare\n\n{grid_line}\n\n{table}\n")
+    write_csv(rows, out / "results.csv")
+    index = out / "index.html"
+    index.write_text(_html_page(grid_line, rows, out))
+    return table, index
+
+
+def _html_page(grid_line: str, rows: list[dict], out: Path) -> str:
+    from ..plots import png_data_uri
+
+    header, body = _table(rows)
+    table = [_ROW.substitute(cells="".join(_HEADER_CELL.substitute(text=html.escape(h)) for h in header))]
+    table += [_ROW.substitute(cells="".join(_CELL.substitute(text=html.escape(str(c))) for c in row)) for row in body]
+    figures = [
+        _FIGURE.substitute(title=html.escape(title), name=name, uri=png_data_uri(out / name))
+        for name, title in PLOTS.items()
+    ]
+    return PAGE.substitute(grid_line=html.escape(grid_line), table="\n".join(table), figures="\n".join(figures))
