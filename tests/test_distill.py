@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, TINY_GPT2
+from helpers import TINY, TINY_GPT2, train_until_interrupted
 
-from tokenmdp import ConfigError, RolloutBatch, generate, plugin_manager, token_logprobs, tree_logprobs
+from tokenmdp import LM_LR, ConfigError, RolloutBatch, generate, plugin_manager, token_logprobs, tree_logprobs
 from tokenmdp.config import load_config
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
 from tokenmdp.training.rollout import collect
@@ -175,6 +175,18 @@ def test_short_toy_run_moves_the_unguided_policy_onto_the_guided_reference(tmp_p
     assert all(row["losses/sft"] > 0 for row in rows[1:])
 
 
+def test_a_resumed_run_replays_the_uninterrupted_run_and_its_sample_count(tmp_path):
+    Trainer(toy_config(tmp_path, "train.steps=4", name="full"), pm=distill_pm()).train()
+    part = Trainer(toy_config(tmp_path, "train.steps=4", "run.checkpoint_every=1", name="part"), pm=distill_pm())
+    train_until_interrupted(part, at_step=3)
+    Trainer.from_run_dir(tmp_path / "part", pm=distill_pm()).train()
+    lines = {name: (tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("full", "part")}
+    assert len(lines["full"]) == 5 and lines["part"] == lines["full"]
+    assert (
+        json.loads(lines["full"][-1])["distill/sample_tokens"] > json.loads(lines["full"][2])["distill/sample_tokens"]
+    )
+
+
 # --- text: a tiny GPT-2 and a text guide ---------------------------------------------------
 
 CORPUS = ["the cat sat on the mat", "a kind answer helps", "answer kindly and helpfully", "kind words"] * 20
@@ -192,8 +204,8 @@ def text_env(tmp_path_factory):
     return root
 
 
-def test_text_run_trains_two_steps_on_a_text_guide(tmp_path, text_env):
-    config = load_config(
+def text_config(tmp_path, text_env, *overrides):
+    return load_config(
         None,
         [
             "env.id=tokenmdp/Text-v0",
@@ -204,18 +216,21 @@ def test_text_run_trains_two_steps_on_a_text_guide(tmp_path, text_env):
             f"policy.path={text_env / 'gpt2'}",
             "reference.init=init",
             "algorithm.name=context-distill",
-            'estimator.guide="answer kindly"',
             "train.steps=2",
             "train.batch_size=4",
             "train.eval_every=2",
             "train.eval_samples=4",
             "train.progress=false",
             f"run.dir={tmp_path / 'run'}",
+            *overrides,
         ],
     )
-    trainer = Trainer(config, pm=distill_pm())
+
+
+def test_text_run_trains_two_steps_on_a_text_guide(tmp_path, text_env):
+    trainer = Trainer(text_config(tmp_path, text_env, 'estimator.guide="answer kindly"'), pm=distill_pm())
     estimator, _, sft = trainer.composition.components
-    assert (sft.options.epochs, sft.options.minibatches) == (1, 1)  # the recipe's LM defaults
+    assert (sft.options.lr, sft.options.epochs, sft.options.minibatches) == (LM_LR, 1, 1)  # the recipe's LM defaults
     summary = trainer.train()
     assert summary["used_env_reward"] is False
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -241,6 +256,14 @@ def test_text_run_trains_two_steps_on_a_text_guide(tmp_path, text_env):
         scored = token_logprobs(ctx.reference, data, prefix_ids=estimator.prefix)
     assert ids.shape[1] == batch.prompt_ids.shape[1] + estimator.prefix.numel()
     assert torch.allclose(scored, logprobs, atol=1e-4)
+
+
+def test_a_text_env_needs_the_guide_as_text(tmp_path, text_env):
+    with pytest.raises(
+        ConfigError, match=r"\(guided-samples\): env 'Text' has no guide token; give it as text"
+    ) as error:
+        Trainer(text_config(tmp_path, text_env), pm=distill_pm()).train()
+    assert "\n" not in str(error.value) and not (tmp_path / "run").exists()
 
 
 # --- bad options ---------------------------------------------------------------------------

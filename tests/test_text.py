@@ -555,7 +555,8 @@ def test_bridge_aligns_with_inverse_q_ppo_and_dpo(bridge, tmp_path):
             None, [*base, f"algorithm.name={recipe}", "train.steps=8", *extra, f"run.dir={tmp_path / recipe}"]
         )
         summaries[recipe] = summary = Trainer(config).train()
-        assert set(summary["start"]) == {"true_reward", "kl_ref", "objective", "response_length"}
+        sampled = {"true_reward", "kl_ref", "objective", "response_length", "kl_ref_se", "distinct_2"}
+        assert set(summary["start"]) == sampled
         assert summary["kl_ref"] > 0 and summary["warnings"] == []
         assert "j_star" not in summary and "regret" not in summary  # nothing knows the optimum on text
         lines = [json.loads(x) for x in (tmp_path / recipe / "metrics.jsonl").read_text().splitlines()]
