@@ -40,21 +40,28 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+def _median_bands(ax, by_recipe: Mapping[str, list[Series]], floor: float | None = None) -> tuple[float, float]:
+    """One line per recipe (the median over seeds) with a band from the seeds' min to max;
+    the smallest and largest y drawn."""
+    low, high = float("inf"), float("-inf")
+    for recipe, seeds in by_recipe.items():
+        # Seeds share the evaluation steps; one that stopped early is cut to the shortest.
+        length = min(len(x) for x, _ in seeds)
+        xs = [median(x[i] for x, _ in seeds) for i in range(length)]
+        ys = [[y[i] if floor is None else max(y[i], floor) for _, y in seeds] for i in range(length)]
+        (line,) = ax.plot(xs, [median(y) for y in ys], label=recipe)
+        ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+        low = min(low, *(min(y) for y in ys))
+        high = max(high, *(max(y) for y in ys))
+    return low, high
+
+
 def regret_vs_tokens(curves: Mapping[str, Mapping[str, list[Series]]], path: str | Path) -> Path:
     """``curves[env][recipe]`` = one (env_tokens, regret) series per seed. One panel per env,
     one line per recipe (the median over seeds) with a band from the seeds' min to max."""
     fig, axes = _panels(len(curves))
     for ax, (env, by_recipe) in zip(axes, curves.items()):
-        low, high = float("inf"), 0.0
-        for recipe, seeds in by_recipe.items():
-            # Seeds share the evaluation steps; one that stopped early is cut to the shortest.
-            length = min(len(x) for x, _ in seeds)
-            xs = [median(x[i] for x, _ in seeds) for i in range(length)]
-            ys = [[max(y[i], REGRET_FLOOR) for _, y in seeds] for i in range(length)]
-            (line,) = ax.plot(xs, [median(y) for y in ys], label=recipe)
-            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
-            low = min(low, *(min(y) for y in ys))
-            high = max(high, *(max(y) for y in ys))
+        low, high = _median_bands(ax, by_recipe, REGRET_FLOOR)
         if high > 10 * low:  # regret often spans orders of magnitude between pi_ref and pi*
             ax.set_yscale("log")
         ax.set(title=env, xlabel="environment tokens (RL rollouts)", ylabel="regret  J* - J(pi)")
@@ -62,8 +69,21 @@ def regret_vs_tokens(curves: Mapping[str, Mapping[str, list[Series]]], path: str
     return _save(fig, path)
 
 
+def score_vs_tokens(curves: Mapping[str, Mapping[str, list[Series]]], ylabel: str, path: str | Path) -> Path:
+    """As :func:`regret_vs_tokens`, for a sampled score (a text grid's judge), on a linear axis."""
+    fig, axes = _panels(len(curves))
+    for ax, (env, by_recipe) in zip(axes, curves.items()):
+        _median_bands(ax, by_recipe)
+        ax.set(title=env, xlabel="environment tokens (RL rollouts)", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def reward_kl_frontier(
-    points: Mapping[str, Mapping[str, list[Series]]], frontiers: Mapping[str, list[Series]], path: str | Path
+    points: Mapping[str, Mapping[str, list[Series]]],
+    frontiers: Mapping[str, list[Series]],
+    path: str | Path,
+    ylabel: str = "E_pi[R]  (true_reward)",
 ) -> Path:
     """``points[env][recipe]`` = one (kl_ref, true_reward) trajectory per seed, the last point
     being the final policy; ``frontiers[env]`` = the exact (KL(pi*_b || pi_ref), E_pi*_b[R])
@@ -91,6 +111,6 @@ def reward_kl_frontier(
                 alpha=0.6,
                 label="exact frontier (solver)" if k == 0 else None,
             )
-        ax.set(title=env, xlabel="KL(pi || pi_ref)", ylabel="E_pi[R]  (true_reward)")
+        ax.set(title=env, xlabel="KL(pi || pi_ref)", ylabel=ylabel)
         ax.legend(fontsize=8)
     return _save(fig, path)

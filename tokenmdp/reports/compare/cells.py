@@ -20,7 +20,7 @@ from ...training.rundir import latest_checkpoint
 from ...training.sft import run_sft_data, tagged_tokens
 from ...training.trainer import Trainer
 from .grid import Cell, recorded_config
-from .output import COLUMNS
+from .output import COLUMNS, TEXT_KEYS
 from .references import cached_tagged_sft_tokens, check_cached_reference, reference_cache
 
 #: "Tokens to 90% of the achievable improvement": first evaluation with closure >= this.
@@ -78,10 +78,13 @@ def tagged_sft_tokens(task, config: Config) -> int:
 
 
 def cell_extras(cell: Cell, registry: Registry) -> dict[str, Any]:
-    """The exact frontier of the cell's own reference and its tagged SFT tokens (cached)."""
+    """The exact frontier of the cell's own reference and its tagged SFT tokens (cached);
+    nothing for a text cell."""
     path = cell.dir / "compare.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if "j_star" not in json.loads((cell.dir / "summary.json").read_text()):
+        return {}  # a text cell: no exact frontier to trace
     config = cell.config
     _, task = load_task(config, registry=registry)
     reference = load_reference(cell.dir, config, task)
@@ -98,10 +101,35 @@ def first_reaching(rows: list[dict], target: float = TARGET_CLOSURE) -> dict | N
     return next((row for row in rows if row["closure"] >= target), None)
 
 
+def _data_token_counters(cell: Cell, registry: Registry) -> list[str]:
+    """The metrics in which the cell's components count the supervision data they consumed
+    (DPO's pairs, context distillation's guided samples, ...)."""
+    return [m for c in compose(registry, cell.config).components for m in c.data_token_metrics]
+
+
+def text_record(cell: Cell, registry: Registry, summary: dict, rows: list[dict]) -> dict[str, Any]:
+    """A text cell's record: its sampled held-out scores (no exact optimum, so no regret,
+    closure or frontier) and each judge's, with the data tokens it consumed."""
+    rows = [row for row in rows if "kl_ref" in row]
+    counters = _data_token_counters(cell, registry)
+    return {
+        "recipe": cell.recipe,
+        "env": cell.env,
+        "seed": cell.seed,
+        "supervision": registry.recipe(cell.config.algorithm.name).supervision,
+        **{key: value for key, value in summary.items() if key in TEXT_KEYS or key.startswith("judge/")},
+        "data_tokens": sum(rows[-1].get(m, 0) for m in counters),
+        "eval_rows": rows,
+        "frontier": None,
+    }
+
+
 def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
     """Everything the tables and plots need from one finished cell."""
     summary = json.loads((cell.dir / "summary.json").read_text())
     lines = (cell.dir / "metrics.jsonl").read_text().splitlines()
+    if "j_star" not in summary:  # a text cell: sampled scores
+        return text_record(cell, registry, summary, [json.loads(line) for line in lines if line])
     rows = [row for row in map(json.loads, filter(None, lines)) if "closure" in row]
     extras = cell_extras(cell, registry)
     points = [(row["kl_ref"], row["true_reward"]) for row in rows]
@@ -111,8 +139,7 @@ def cell_record(cell: Cell, registry: Registry) -> dict[str, Any]:
     # The guide-tagged SFT data is the teacher of a recipe that uses neither reward nor pairs;
     # reward and pair recipes may start from the same reference but never read the guide.
     tagged = extras["tagged_sft_tokens"] if supervision == "none" else 0
-    # the supervision data the run's components count themselves (DPO's pairs, ...)
-    counters = [m for c in compose(registry, cell.config).components for m in c.data_token_metrics]
+    counters = _data_token_counters(cell, registry)
 
     def data_tokens(row: dict) -> int:
         return tagged + sum(row.get(m, 0) for m in counters)

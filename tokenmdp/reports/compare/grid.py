@@ -165,6 +165,7 @@ def plan_cells(grid: Grid, registry: Registry) -> list[Cell]:
                 # the paths the cell records (absolute, as every run records them), so that a
                 # finished cell's config.toml compares equal to its plan from any folder
                 cells.append(Cell(label, env_id, seed, absolute_paths(config)[0]))
+    check_one_model(cells)
     for cell in cells:
         recorded = recorded_config(cell)
         if cell.finished and recorded != cell.config:
@@ -173,6 +174,21 @@ def plan_cells(grid: Grid, registry: Registry) -> list[Cell]:
                 f"use another --out, or delete that folder to rerun it"
             )
     return cells
+
+
+def check_one_model(cells: list[Cell]) -> None:
+    """The cells that train a Hugging Face model must all start from the same model and
+    tokenizer: a comparison of methods, not of models."""
+    seen: dict[tuple, Cell] = {}
+    for cell in cells:
+        if cell.config.policy.get("kind") == "hf":
+            seen.setdefault((cell.config.policy.get("path"), cell.config.env.get("tokenizer")), cell)
+    if len(seen) > 1:
+        (a, first), (b, second) = list(seen.items())[:2]
+        raise ConfigError(
+            f"cells {first.dir.name} and {second.dir.name} train different models or tokenizers "
+            f"(policy.path, env.tokenizer = {a} and {b}); a grid compares methods on one model"
+        )
 
 
 def short_env(env_id: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from ...errors import ConfigError
 from ..tables import markdown
 from .grid import Grid, short_env
 
@@ -30,6 +31,24 @@ COLUMNS = [
     ("wall_seconds", "wall s"),
 ]
 PLOTS = {"regret_vs_tokens.png": "Regret against environment tokens", "reward_kl_frontier.png": "Reward-KL frontier"}
+#: A text grid's columns (sampled on held-out prompts; no exact optimum), before its judges'.
+TEXT_COLUMNS = [
+    ("true_reward", "true_reward"),
+    ("kl_ref", "kl_ref"),
+    ("kl_ref_se", "kl_ref s.e."),
+    ("distinct_2", "distinct-2"),
+    ("response_length", "length"),
+    ("data_tokens", "data tokens"),
+    ("env_tokens", "env tokens"),
+    ("wall_seconds", "wall s"),
+]
+#: The keys of a text cell's summary its record keeps (with every ``judge/...`` key).
+TEXT_KEYS = frozenset(key for key, _ in TEXT_COLUMNS) - {"data_tokens"}
+TEXT_PLOTS = {"judge_vs_tokens.png": "Held-out score against environment tokens", "judge_vs_kl.png": "Score against KL"}
+SCORES = {
+    "exact": "Every score is exact (the soft-Bellman solver over the whole prefix tree).",
+    "text": "Scores are sampled on held-out prompts; judges score those responses and never train.",
+}
 
 
 #: ``index.html``, self-contained (the plots inlined as data URIs). :func:`_html_page` escapes
@@ -49,7 +68,7 @@ img{max-width:100%}
 </head>
 <body>
 <h1>tokenmdp compare</h1>
-<p>$grid_line. Every score is exact (the soft-Bellman solver over the whole prefix tree).
+<p>$grid_line. $scores
 Columns: docs/compare.md. Data: results.csv; runs: cells/.</p>
 <table>
 $table
@@ -81,7 +100,13 @@ def _fmt(value: float | None, key: str) -> str:
     return f"{value:.1f}" if key == "wall_seconds" else f"{value:.3f}"
 
 
-def summarise(records: list[dict]) -> list[dict[str, Any]]:
+def text_columns(records: list[dict]) -> list[tuple[str, str]]:
+    """A text grid's columns: :data:`TEXT_COLUMNS`, then each judge's mean and win rate."""
+    judges = sorted({k for r in records for k in r if k.startswith("judge/") and not k.endswith("_se")})
+    return [*TEXT_COLUMNS, *((k, k.removeprefix("judge/").replace("_win_rate", " win rate")) for k in judges)]
+
+
+def summarise(records: list[dict], columns=COLUMNS) -> list[dict[str, Any]]:
     """One row per recipe x env (grid order): median, min and max across seeds per column."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
@@ -89,24 +114,24 @@ def summarise(records: list[dict]) -> list[dict[str, Any]]:
     rows = []
     for (recipe, env), cell_records in groups.items():
         row = {"recipe": recipe, "env": env, "supervision": cell_records[0]["supervision"], "seeds": len(cell_records)}
-        for key, _ in [*COLUMNS, ("frontier_excess", "")]:
+        for key, _ in [*columns, ("frontier_excess", "")]:
             row[key] = _spread([r.get(key) for r in cell_records])
         rows.append(row)
     return rows
 
 
-def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def _table(rows: list[dict], columns=COLUMNS) -> tuple[list[str], list[list[str]]]:
     """The results table's header and cells (median [min, max] across seeds)."""
-    header = ["recipe", "env", "supervision", *(title for _, title in COLUMNS)]
+    header = ["recipe", "env", "supervision", *(title for _, title in columns)]
     body = [
-        [r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[key], key) for key, _ in COLUMNS)]
+        [r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[key], key) for key, _ in columns)]
         for r in rows
     ]
     return header, body
 
 
-def markdown_table(rows: list[dict]) -> str:
-    header, body = _table(rows)
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    header, body = _table(rows, columns)
     return markdown(body, header)
 
 
@@ -117,8 +142,8 @@ def _cell_text(spread: tuple, key: str) -> str:
     return f"{_fmt(median, key)} [{_fmt(low, key)}, {_fmt(high, key)}]"
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    keys = [key for key, _ in COLUMNS] + ["frontier_excess"]
+def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> None:
+    keys = [key for key, _ in columns] + ["frontier_excess"]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -140,8 +165,12 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
     from .. import plots
 
     out = grid.out
-    rows = summarise(records)
-    table = markdown_table(rows)
+    text = [r["frontier"] is None for r in records]
+    if any(text) and not all(text):
+        raise ConfigError("the grid mixes toy envs (exact scores) and text envs (sampled); compare them as two grids")
+    columns = text_columns(records) if all(text) else COLUMNS
+    rows = summarise(records, columns)
+    table = markdown_table(rows, columns)
     envs = list(dict.fromkeys(r["env"] for r in records))
     recipes = list(dict.fromkeys(r["recipe"] for r in records))
 
@@ -159,33 +188,41 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
             for e in envs
         }
 
-    curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
-    frontiers = {}
-    for e in envs:  # one curve per distinct reference model (cells that share one, draw it once)
-        unique = {tuple((f["kl_ref"], f["true_reward"]) for f in r["frontier"]) for r in records if r["env"] == e}
-        frontiers[e] = [tuple(map(list, zip(*curve))) for curve in sorted(unique)]
-    plots.regret_vs_tokens(curves, out / "regret_vs_tokens.png")
-    plots.reward_kl_frontier(points, frontiers, out / "reward_kl_frontier.png")
+    if all(text):  # the first judge's score (else the training reward) against tokens and KL
+        score = next((k for k, _ in columns if k.startswith("judge/") and not k.endswith("_win_rate")), "true_reward")
+        plots.score_vs_tokens(per_seed("env_tokens", score), score, out / "judge_vs_tokens.png")
+        plots.reward_kl_frontier(per_seed("kl_ref", score), {}, out / "judge_vs_kl.png", ylabel=score)
+    else:
+        curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
+        frontiers = {}
+        for e in envs:  # one curve per distinct reference model (cells that share one, draw it once)
+            unique = {tuple((f["kl_ref"], f["true_reward"]) for f in r["frontier"]) for r in records if r["env"] == e}
+            frontiers[e] = [tuple(map(list, zip(*curve))) for curve in sorted(unique)]
+        plots.regret_vs_tokens(curves, out / "regret_vs_tokens.png")
+        plots.reward_kl_frontier(points, frontiers, out / "reward_kl_frontier.png")
     when = time.strftime("%Y-%m-%d %H:%M")
     grid_line = (
         f"{len(recipes)} recipes x {len(envs)} envs x {len(grid.options.seeds)} seeds "
         f"({', '.join(map(str, grid.options.seeds))}); median [min, max] across seeds; written {when}"
     )
     (out / "results.md").write_text(f"# tokenmdp compare\n\n{grid_line}\n\n{table}\n")
-    write_csv(rows, out / "results.csv")
+    write_csv(rows, out / "results.csv", columns)
     index = out / "index.html"
-    index.write_text(_html_page(grid_line, rows, out))
+    mode = "text" if all(text) else "exact"
+    index.write_text(_html_page(grid_line, rows, out, columns, mode))
     return table, index
 
 
-def _html_page(grid_line: str, rows: list[dict], out: Path) -> str:
+def _html_page(grid_line: str, rows: list[dict], out: Path, columns=COLUMNS, mode: str = "exact") -> str:
     from ..plots import png_data_uri
 
-    header, body = _table(rows)
+    header, body = _table(rows, columns)
     table = [_ROW.substitute(cells="".join(_HEADER_CELL.substitute(text=html.escape(h)) for h in header))]
     table += [_ROW.substitute(cells="".join(_CELL.substitute(text=html.escape(str(c))) for c in row)) for row in body]
     figures = [
         _FIGURE.substitute(title=html.escape(title), name=name, uri=png_data_uri(out / name))
-        for name, title in PLOTS.items()
+        for name, title in (TEXT_PLOTS if mode == "text" else PLOTS).items()
     ]
-    return PAGE.substitute(grid_line=html.escape(grid_line), table="\n".join(table), figures="\n".join(figures))
+    return PAGE.substitute(
+        grid_line=html.escape(grid_line), scores=SCORES[mode], table="\n".join(table), figures="\n".join(figures)
+    )
