@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import io
 import json
 
@@ -98,6 +99,29 @@ def test_the_page_and_plots_say_what_was_measured(text_grid):
     page = (out / "index.html").read_text()
     assert "Scores are sampled on held-out prompts" in page and "Every score is exact" not in page
     assert page.count("data:image/png;base64,") == 2
+
+
+def test_every_held_out_response_is_kept_to_judge_again(text_grid, text_files):  # noqa: F811
+    out, _ = text_grid
+    with gzip.open(out / "completions.jsonl.gz", "rt") as fh:
+        rows = [json.loads(line) for line in fh]
+    cells = {row["cell"] for row in rows}
+    assert len(cells) == len(RECIPES) * 3
+    held_out = set((text_files / "held_out.txt").read_text().splitlines())
+    for cell in cells:
+        mine = [row for row in rows if row["cell"] == cell]
+        policy = [row for row in mine if row["role"] == "policy"]
+        reference = [row for row in mine if row["role"] == "reference"]
+        assert len(policy) == len(reference) == 8  # train.eval_samples
+        assert policy[0]["sampling"]["samples"] == 8 and policy[0]["sampling"]["temperature"] == 1.0
+        # the kept scores are the summary's: a judge re-run on these texts sees what the run saw
+        summary = json.loads((out / "cells" / cell / "summary.json").read_text())
+        for judge in ("vader", "length_judge"):
+            assert sum(r[f"judge/{judge}"] for r in policy) / 8 == pytest.approx(summary[f"judge/{judge}"])
+            assert sum(r[f"judge/{judge}"] for r in reference) / 8 == pytest.approx(summary["start"][f"judge/{judge}"])
+        assert all(length_judge([r["completion"]]) == [r["judge/length_judge"]] for r in policy)
+        assert sum(r["reward"] for r in policy) / 8 == pytest.approx(summary["true_reward"])
+        assert all(r["prompt"] in held_out for r in mine)  # never a training prompt
 
 
 def test_a_grid_over_two_models_is_refused_before_training(text_files, tmp_path, capsys):  # noqa: F811

@@ -19,6 +19,9 @@ from ..policies.base import TokenPolicy
 class ExactEvaluator:
     """Holds the solver's answer for (task, reference, beta) and scores policies exactly."""
 
+    #: Exact scores sample nothing (see :attr:`SampledEvaluator.samples`).
+    samples: list[dict] = []
+
     def __init__(self, task, reference: TokenPolicy, beta: float):
         self.task = task
         self.solution: Solution = solve(task, reference, beta)
@@ -116,6 +119,7 @@ class SampledEvaluator:
         self._start: dict[str, float] | None = None
         #: the reference's judge scores of its own held-out samples, per judge
         self._reference_judged: dict[str, list[float]] | None = None
+        self._samples: dict[str, list[dict]] = {}  # "reference" / "policy" -> rows (:attr:`samples`)
 
     @property
     def start(self) -> dict[str, float]:
@@ -171,12 +175,13 @@ class SampledEvaluator:
             "response_length": float(mask.sum(1).float().mean()),
             "distinct_2": distinct_bigrams(batch.response_ids, mask),
         }
+        reward, judgements = None, {}
         if self.task.has_reward:
             reward = self.task.sequence_rewards(batch.prompt_index, batch.response_ids, mask)
             scores["true_reward"] = float(reward.mean())
             scores["objective"] = scores["true_reward"] - self.beta * scores["kl_ref"]
+        responses = [row[: int(n)] for row, n in zip(batch.response_ids.tolist(), mask.sum(1).tolist())]
         if judged:
-            responses = [row[: int(n)] for row, n in zip(batch.response_ids.tolist(), mask.sum(1).tolist())]
             judgements = self.task.judge_responses(batch.prompt_index.tolist(), responses)
             if policy is self.reference:
                 self._reference_judged = judgements
@@ -184,7 +189,31 @@ class SampledEvaluator:
                 scores[f"judge/{name}"] = sum(values) / len(values)
                 scores[f"judge/{name}_se"] = _standard_error(values)
                 scores[f"judge/{name}_win_rate"] = win_rate(values, self._reference_judged[name])
+        if getattr(self.task, "tokenizer", None) is not None:  # text: keep the responses to judge again
+            role = "reference" if policy is self.reference else "policy"
+            self._samples[role] = self._rows(role, batch.prompt_index.tolist(), responses, reward, judgements)
         return scores
+
+    @property
+    def samples(self) -> list[dict]:
+        """The held-out responses of the reference's evaluation and of the latest one of a
+        policy, as text with their scores and the sampling settings: what a judge needs to
+        score them again without training (``eval_completions.jsonl.gz``)."""
+        return [row for role in ("reference", "policy") for row in self._samples.get(role, [])]
+
+    def _rows(self, role: str, index: list[int], responses: list[list[int]], reward, judgements) -> list[dict]:
+        p = self.params
+        sampling = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "sampler": p.sampler}
+        sampling |= {"horizon": self.task.horizon, "seed": self.seed, "samples": self.num_samples}
+        rows = []
+        for k, (i, response) in enumerate(zip(index, responses)):
+            text = {"prompt": self.task.prompt_text(i), "completion": self.task.completion_text(response)}
+            row = {"role": role, "draw": k, **text, "tokens": len(response)}
+            if reward is not None:
+                row["reward"] = float(reward[k])
+            row |= {f"judge/{name}": values[k] for name, values in judgements.items()}
+            rows.append(row | {"sampling": sampling})
+        return rows
 
     def credit(self, batch, signals, advantages) -> dict:
         return {}

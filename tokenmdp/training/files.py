@@ -119,10 +119,14 @@ def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = temp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:
         raise write_failed(path, exc) from exc

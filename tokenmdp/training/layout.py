@@ -8,6 +8,8 @@ and which leftover temporary files are its own.
     metrics.jsonl        one JSON object per step, written by the core (loggers only add outputs)
     checkpoints/         step_XXXXXXXX.pt, the newest ``run.keep_checkpoints``
     summary.json         at the end
+    eval_completions.jsonl.gz   text runs, at the end: the last held-out evaluation's responses
+                         (and the reference's), to judge again without training
     tensorboard/         the loggers plugin's event files
 """
 
@@ -22,6 +24,7 @@ CHECKPOINT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
 COMPLETIONS = "completions.jsonl"
 SUMMARY = "summary.json"
+EVAL_COMPLETIONS = "eval_completions.jsonl.gz"
 CONFIG = "config.toml"
 REFERENCE = "reference.pt"
 #: Written into every run directory tokenmdp starts: the folder is tokenmdp's.
@@ -29,7 +32,18 @@ MARKER = ".tokenmdp-run"
 LOCK = ".tokenmdp.lock"
 #: Files and folders of a run directory that tokenmdp writes (``compare.json``: compare's
 #: cache of a cell; ``explain/``: ``tokenmdp explain``'s default output).
-OWN_FILES = (CONFIG, REFERENCE, METRICS, COMPLETIONS, SUMMARY, MARKER, LOCK, "compare.json", "wandb_id.txt")
+OWN_FILES = (
+    CONFIG,
+    REFERENCE,
+    METRICS,
+    COMPLETIONS,
+    SUMMARY,
+    EVAL_COMPLETIONS,
+    MARKER,
+    LOCK,
+    "compare.json",
+    "wandb_id.txt",
+)
 OWN_FOLDERS = {
     CHECKPOINT_DIR: r"step_\d{8}\.pt(\.sha256)?",
     "tensorboard": r"events\.out\.tfevents\..*",

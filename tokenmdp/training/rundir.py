@@ -11,6 +11,7 @@ tokenmdp never rewrites or deletes it, ``run.overwrite`` or not.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -20,11 +21,12 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from .checkpoints import checksum_path, read_checkpoint, write_checkpoint
-from .files import atomic_save, atomic_write_text, exclusive_lock, temp_name, write_failed
+from .files import atomic_save, atomic_write_bytes, atomic_write_text, exclusive_lock, temp_name, write_failed
 from .layout import (
     CHECKPOINT_DIR,
     COMPLETIONS,
     CONFIG,
+    EVAL_COMPLETIONS,
     LOCK,
     MARKER,
     METRICS,
@@ -324,7 +326,12 @@ class RunDir:
             f"again, which replaces its files: tokenmdp train {where}/config.toml --set run.dir={where}"
         )
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, summary: dict, samples: list[dict] = ()) -> None:
+        """``summary.json``, and a text run's held-out samples (:attr:`SampledEvaluator.samples`)
+        as ``eval_completions.jsonl.gz`` (gzip with no timestamp: the same run, the same bytes)."""
+        if samples:
+            lines = "".join(json.dumps(row) + "\n" for row in samples).encode("utf-8")
+            atomic_write_bytes(self.path / EVAL_COMPLETIONS, gzip.compress(lines, mtime=0))
         atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=2))
 
 

@@ -272,7 +272,7 @@ class Trainer:
                         recent_credit=end.recent_credit,
                         warnings=log.warnings,
                     )
-                    self.rundir.write_summary(summary)
+                    self.rundir.write_summary(summary, self.evaluator.samples)
                     ended = True  # inside the agreement: a plugin failing here stops every rank
                     log.end(summary, "completed")
         except (TrainingInterrupted, KeyboardInterrupt):

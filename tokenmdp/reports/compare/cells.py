@@ -15,6 +15,7 @@ from ...plugin.composition import compose
 from ...plugin.registry import Registry
 from ...training.envs import load_task
 from ...training.files import atomic_write_text
+from ...training.layout import EVAL_COMPLETIONS
 from ...training.models import load_reference
 from ...training.rundir import latest_checkpoint
 from ...training.sft import run_sft_data, tagged_tokens
@@ -121,6 +122,8 @@ def text_record(cell: Cell, registry: Registry, summary: dict, rows: list[dict])
         "data_tokens": sum(rows[-1].get(m, 0) for m in counters),
         "eval_rows": rows,
         "frontier": None,
+        "cell": cell.dir.name,
+        "eval_completions": str(cell.dir / EVAL_COMPLETIONS),
     }
 
 

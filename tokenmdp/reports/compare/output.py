@@ -6,7 +6,9 @@ max) as ``results.md``, ``results.csv``, two plots and ``index.html``, a page fi
 from __future__ import annotations
 
 import csv
+import gzip
 import html
+import json
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +46,8 @@ TEXT_COLUMNS = [
 ]
 #: The keys of a text cell's summary its record keeps (with every ``judge/...`` key).
 TEXT_KEYS = frozenset(key for key, _ in TEXT_COLUMNS) - {"data_tokens"}
+#: A text grid's held-out responses, every cell's (:func:`write_completions`).
+COMPLETIONS = "completions.jsonl.gz"
 TEXT_PLOTS = {"judge_vs_tokens.png": "Held-out score against environment tokens", "judge_vs_kl.png": "Score against KL"}
 SCORES = {
     "exact": "Every score is exact (the soft-Bellman solver over the whole prefix tree).",
@@ -189,6 +193,7 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
         }
 
     if all(text):  # the first judge's score (else the training reward) against tokens and KL
+        write_completions(records, out / COMPLETIONS)
         score = next((k for k, _ in columns if k.startswith("judge/") and not k.endswith("_win_rate")), "true_reward")
         plots.score_vs_tokens(per_seed("env_tokens", score), score, out / "judge_vs_tokens.png")
         plots.reward_kl_frontier(per_seed("kl_ref", score), {}, out / "judge_vs_kl.png", ylabel=score)
@@ -211,6 +216,21 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
     mode = "text" if all(text) else "exact"
     index.write_text(_html_page(grid_line, rows, out, columns, mode))
     return table, index
+
+
+def write_completions(records: list[dict], path: Path) -> None:
+    """Every text cell's held-out responses (its final policy's and its reference's, with
+    their scores and sampling settings) in one gzip JSONL, each row naming its cell: the
+    grid's samples, to score again with another judge without training."""
+    lines = []
+    for r in records:
+        with gzip.open(r["eval_completions"], "rt", encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                lines.append(
+                    json.dumps({"cell": r["cell"], "recipe": r["recipe"], "env": r["env"], "seed": r["seed"], **row})
+                )
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0))
 
 
 def _html_page(grid_line: str, rows: list[dict], out: Path, columns=COLUMNS, mode: str = "exact") -> str:
