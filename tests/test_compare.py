@@ -255,7 +255,10 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert err.startswith("tokenmdp: error: [compare]: seeds must list at least 3") and "\n" not in err
 
 
-@pytest.mark.parametrize("name, cells", [("compare.toml", 5 * 3 * 3), ("compare_demo.toml", 3 * 2 * 3)])
+@pytest.mark.parametrize(
+    "name, cells",
+    [("compare.toml", 5 * 3 * 3), ("compare_demo.toml", 3 * 2 * 3), ("compare_paper_gemma.toml", 9 * 1 * 3)],
+)
 def test_shipped_grids_plan_and_share_one_reference(name, cells, tmp_path):
     """Every cell of the shipped grids is a valid run; all recipes of one (env, seed) start
     from the same reference (METHOD.md section 5), so their regrets share one scale."""
@@ -268,7 +271,8 @@ def test_shipped_grids_plan_and_share_one_reference(name, cells, tmp_path):
     references = {}
     for cell in planned:
         c = cell.config
-        key = (c.reference, c.policy, c.env, c.train.seed, c.train.beta)
+        # beta shapes a fine-tuned reference (its tilt); a pretrained one ("init") is the model itself
+        key = (c.reference, c.policy, c.env, c.train.seed, c.train.beta if c.reference.init == "sft" else None)
         references.setdefault((cell.env, cell.seed), set()).add(repr(key))
     assert all(len(keys) == 1 for keys in references.values())
 
