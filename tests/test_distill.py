@@ -16,7 +16,16 @@ import pytest
 import torch
 from helpers import TINY, TINY_GPT2, train_until_interrupted
 
-from tokenmdp import LM_LR, ConfigError, RolloutBatch, generate, plugin_manager, token_logprobs, tree_logprobs
+from tokenmdp import (
+    LM_LR,
+    ConfigError,
+    RolloutBatch,
+    generate,
+    plugin_manager,
+    prompts_with_prefix,
+    token_logprobs,
+    tree_logprobs,
+)
 from tokenmdp.config import load_config
 from tokenmdp.policies.hf import HFCausalLMPolicy, train_sentencepiece
 from tokenmdp.training.rollout import collect
@@ -241,7 +250,7 @@ def test_text_run_trains_two_steps_on_a_text_guide(tmp_path, text_env):
     # sampling pass's own log-probs are the reference's scores with prefix_ids = the guide
     ctx = trainer.ctx
     batch = collect(trainer.policy, trainer.env, seed=3, generator=torch.Generator().manual_seed(3))
-    ids, mask = distill.guided_context(batch, estimator.prefix)
+    ids, mask = prompts_with_prefix(batch, estimator.prefix)
     response, response_mask, logprobs = generate(
         trainer.reference,
         ids,

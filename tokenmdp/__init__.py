@@ -38,7 +38,9 @@ _LAZY = {
         ["non_negative", "non_negative_int", "one_of", "optional", "positive", "positive_int", "probability"],
         ".options",
     ),
-    **dict.fromkeys(["RolloutBatch", "concat_batches", "response_logits", "token_logprobs"], ".plugin.batch"),
+    **dict.fromkeys(
+        ["RolloutBatch", "concat_batches", "prompts_with_prefix", "response_logits", "token_logprobs"], ".plugin.batch"
+    ),
     **dict.fromkeys(
         [
             "AdvantageConstructor",

@@ -30,8 +30,6 @@ from .components import (
     SFTUpdater,
     ZeroAdvantage,
     distill_batch,
-    guide_prefix,
-    guided_context,
 )
 
 __all__ = [
@@ -40,8 +38,6 @@ __all__ = [
     "SFTUpdater",
     "ZeroAdvantage",
     "distill_batch",
-    "guide_prefix",
-    "guided_context",
 ]
 
 

@@ -21,6 +21,7 @@ from tokenmdp import (
     generate,
     positive,
     positive_int,
+    prompts_with_prefix,
 )
 
 #: The signals ``guided-samples`` gives ``sft``. The guided responses have their own length
@@ -40,33 +41,6 @@ def _guide(instance, attribute, value):
         raise ValueError(
             f"{attribute.name} must be text or a non-empty list of token ids >= 0, or unset (got {value!r})"
         )
-
-
-def guide_prefix(value, ctx):
-    """The guide ``c`` as Inverse-Q*'s ``conditional-optimal`` resolves it: the task's guide
-    token by default, else token ids, or text through a text env's tokenizer (its
-    ``encode_guide``: ids after BOS, or every chat prompt re-templated with the guide)."""
-    if value is None:
-        return ctx.guide_ids
-    if isinstance(value, str):
-        return ctx.task.encode_guide(value)
-    return torch.tensor(list(value), dtype=torch.long)
-
-
-def guided_context(batch: RolloutBatch, prefix) -> tuple[Tensor, Tensor]:
-    """The step's prompts with the guide in them, laid out exactly as ``ctx.token_logprobs``
-    lays them out when it scores with ``prefix_ids``: the ids after the first
-    ``batch.prefix_offset`` columns (a text prompt's BOS), or, for a chat guide (ids and
-    mask of every prompt's guided form), each prompt replaced by its guided form."""
-    ids, mask = batch.prompt_ids, batch.prompt_mask
-    if not isinstance(prefix, Tensor):
-        index = batch.prompt_index.cpu()
-        return prefix.ids[index].to(ids.device), prefix.mask[index].to(mask.device)
-    prefix = prefix.to(ids.device).view(1, -1).expand(ids.shape[0], -1)
-    k = batch.prefix_offset
-    guided_ids = torch.cat([ids[:, :k], prefix, ids[:, k:]], dim=1)
-    guided_mask = torch.cat([mask[:, :k], torch.ones_like(prefix, dtype=mask.dtype), mask[:, k:]], dim=1)
-    return guided_ids, guided_mask
 
 
 def distill_batch(batch: RolloutBatch, ids: Tensor, mask: Tensor) -> RolloutBatch:
@@ -113,7 +87,7 @@ class GuidedSamples(TrajectoryEstimator):
             raise ConfigError(f"{where}: guide = {list(guide)} has ids outside [0, {task.input_vocab_size})")
 
     def setup(self, ctx):
-        self.prefix = guide_prefix(self.options.guide, ctx)
+        self.prefix = ctx.guide_prefix(self.options.guide)
         self.sample_tokens = 0
         # what SFT can reach at best is the guided reference itself (Inverse-Q*'s ceiling too)
         exact = ctx.solution is not None and ctx.evaluator is not None
@@ -121,7 +95,7 @@ class GuidedSamples(TrajectoryEstimator):
 
     @torch.no_grad()
     def estimate(self, batch, ctx):
-        ids, mask = guided_context(batch, self.prefix)
+        ids, mask = prompts_with_prefix(batch, self.prefix)
         # a generator on the models' device, seeded from the step's: a CPU one would copy
         # every token's probabilities off the GPU to draw it
         seed = int(torch.randint(2**62, (1,), generator=ctx.generator))

@@ -43,15 +43,6 @@ from tokenmdp import (
 )
 
 
-def _guide_ids(value, ctx) -> torch.Tensor:
-    """The conditioning prefix c: the task's guide token by default, else ids or text."""
-    if value is None:
-        return ctx.guide_ids
-    if isinstance(value, str):  # a text env's tokenizer, plus its guide separator
-        return ctx.task.encode_guide(value)
-    return torch.tensor(list(value), dtype=torch.long)
-
-
 class ConditionalOptimal(TrajectoryEstimator):
     """Scores the policy's own responses under the conditionally optimal policy pi_hat*."""
 
@@ -89,7 +80,7 @@ class ConditionalOptimal(TrajectoryEstimator):
             self.target_model = ctx.place(load_policy(self.options.teacher, ctx.task).requires_grad_(False).eval())
         else:
             self.target_model = None
-            self.prefix = _guide_ids(self.options.guide, ctx)
+            self.prefix = ctx.guide_prefix(self.options.guide)
         self.ceiling = self._score_target(ctx) if ctx.evaluator is not None else None
 
     def _score_target(self, ctx):

@@ -138,24 +138,34 @@ def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
     return attrs.evolve(batches[0], **tensors, rewards_observed=all(observed))
 
 
+def prompts_with_prefix(batch: RolloutBatch, prefix_ids: Tensor | GuidedPrompts) -> tuple[Tensor, Tensor]:
+    """The batch's prompts (ids, mask) with a conditioning prefix in them: after the first
+    ``batch.prefix_offset`` columns (a pinned BOS of text prompts), else in front of
+    everything; a :class:`GuidedPrompts` replaces each row's prompt by its guided form
+    instead. Where :func:`response_logits` scores with a prefix, and where a component that
+    samples with one (context distillation) must put it."""
+    ids, mask = batch.prompt_ids, batch.prompt_mask
+    if isinstance(prefix_ids, GuidedPrompts):  # each prompt replaced by its guided form
+        index = batch.prompt_index.cpu()
+        return prefix_ids.ids[index].to(ids.device), prefix_ids.mask[index].to(mask.device)
+    prefix_ids = prefix_ids.to(ids.device)
+    prefix = prefix_ids.view(1, -1).expand(ids.shape[0], -1) if prefix_ids.dim() == 1 else prefix_ids
+    k = batch.prefix_offset
+    ids = torch.cat([ids[:, :k], prefix, ids[:, k:]], dim=1)
+    mask = torch.cat([mask[:, :k], torch.ones_like(prefix, dtype=mask.dtype), mask[:, k:]], dim=1)
+    return ids, mask
+
+
 def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None) -> Tensor:
     """``[B, T, V]`` logits of each response token's distribution under ``model``,
     optionally with a conditioning prefix in front of the prompt (one forward pass).
 
-    The prefix goes after the first ``batch.prefix_offset`` prompt columns (a pinned BOS
-    of text prompts), else in front of everything; a :class:`GuidedPrompts` replaces
-    each row's prompt by its guided form instead. Models that can (HF causal LMs)
-    compute the output layer on the response positions only."""
-    ids, mask = batch.prompt_ids, batch.prompt_mask
-    if isinstance(prefix_ids, GuidedPrompts):  # each prompt replaced by its guided form
-        index = batch.prompt_index.cpu()
-        ids, mask = prefix_ids.ids[index].to(ids.device), prefix_ids.mask[index].to(mask.device)
-    elif prefix_ids is not None:
-        prefix_ids = prefix_ids.to(ids.device)
-        prefix = prefix_ids.view(1, -1).expand(ids.shape[0], -1) if prefix_ids.dim() == 1 else prefix_ids
-        k = batch.prefix_offset
-        ids = torch.cat([ids[:, :k], prefix, ids[:, k:]], dim=1)
-        mask = torch.cat([mask[:, :k], torch.ones_like(prefix), mask[:, k:]], dim=1)
+    The prefix goes where :func:`prompts_with_prefix` puts it. Models that can (HF causal
+    LMs) compute the output layer on the response positions only."""
+    if prefix_ids is None:
+        ids, mask = batch.prompt_ids, batch.prompt_mask
+    else:
+        ids, mask = prompts_with_prefix(batch, prefix_ids)
     full_ids = torch.cat([ids, batch.response_ids], dim=1)
     full_mask = torch.cat([mask.to(batch.response_ids.dtype), torch.ones_like(batch.response_ids)], dim=1)
     t = batch.response_ids.shape[1]

@@ -81,11 +81,10 @@ def with_recipe_defaults(registry: Registry, config: Config) -> tuple[Config, di
                 table[key] = applied[f"{kind}.{key}"] = value
         changes[kind] = table
     beta = config.train.beta
-    if beta is None:
-        beta = lm.get("train", {}).get("beta") or (recipe.options.get("train", {}).get("beta") if recipe else None)
-        if beta is not None and "beta" in lm.get("train", {}):
-            applied["train.beta"] = beta
-        beta = beta if beta is not None else DEFAULT_BETA
+    if beta is None and "beta" in lm.get("train", {}):
+        beta = applied["train.beta"] = lm["train"]["beta"]
+    elif beta is None:
+        beta = (recipe.options.get("train", {}) if recipe else {}).get("beta", DEFAULT_BETA)
     changes["train"] = attrs.evolve(config.train, beta=beta)
     return attrs.evolve(config, **changes), applied
 

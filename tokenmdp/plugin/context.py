@@ -61,6 +61,16 @@ class TrainContext:
             )
         return torch.tensor([self.task.guide_token])
 
+    def guide_prefix(self, guide: str | tuple[int, ...] | None) -> Tensor:
+        """The conditioning prefix ``c`` of an ``[estimator] guide`` option: the task's guide
+        token when unset, else token ids, or text through a text env's tokenizer (its
+        ``encode_guide``: ids after BOS, or every chat prompt re-templated with the guide)."""
+        if guide is None:
+            return self.guide_ids
+        if isinstance(guide, str):
+            return self.task.encode_guide(guide)
+        return torch.tensor(list(guide), dtype=torch.long)
+
     def token_logprobs(
         self, model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None, return_logits: bool = False
     ):

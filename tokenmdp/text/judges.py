@@ -56,7 +56,7 @@ class Judges:
             name = judge_name(spec)
             if name in self.sets:
                 raise ConfigError(f"env.judges: two judges are named {name!r}; each judge's metrics carry its name")
-            if name == "vader":
+            if spec == "vader":
                 _vader_analyzer()  # a missing package is a start-up error, not one at the first evaluation
             self.sets[name] = RewardSet(BUILT_IN.get(spec, spec), None, timeout, key="env.judges")
 
