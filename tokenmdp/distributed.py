@@ -274,25 +274,41 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
 @torch.no_grad()
 def check_same_parameters(module: torch.nn.Module, where: str) -> None:
     """Raise on every rank if ``module``'s parameters differ between ranks (they must not:
-    every rank applies the same averaged gradients)."""
+    every rank applies the same averaged gradients). The ranks compare three float64
+    checksums per parameter (the sum, the sum of squares and a position-weighted sum, read
+    in chunks), not the parameters: a float64 copy of every weight, twice, was 6.4 GB a
+    rank for Gemma-3 270M (bench/sharding_memory.py ran out of memory there)."""
     if not active():
         return
     import torch.distributed as dist
 
-    params = [p.detach().reshape(-1).to("cpu", torch.float64) for p in module.parameters()]
+    params = _replicated(module.parameters())
     if not params:
         return
-    flat = torch.cat(params)
-    both = torch.cat([flat, -flat])
+    sums = torch.stack([_checksums(p.detach()) for p in params]).reshape(-1)
+    both = torch.cat([sums, -sums])
     with collective():
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    high, low = both[: flat.numel()], -both[flat.numel() :]
+    high, low = both[: sums.numel()], -both[sums.numel() :]
     spread = float((high - low).max())
     if not spread == 0.0:  # (NaN weights are caught after every update, before this)
         raise TokenMDPError(
-            f"the policy's parameters differ across ranks {where} (largest spread {spread:.3g}): some "
-            "optimizer step did not use averaged gradients; see docs/distributed.md"
+            f"the policy's parameters differ across ranks {where} (their checksums by up to {spread:.3g}): "
+            "some optimizer step did not use averaged gradients; see docs/distributed.md"
         )
+
+
+def _checksums(tensor: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """``[3]`` float64: the sum, the sum of squares and a position-weighted sum (weights
+    1..7 cycling) of ``tensor``'s elements, in chunks of ``chunk`` (equal tensors give equal
+    checksums bit for bit: the same values summed in the same order)."""
+    flat = tensor.reshape(-1)
+    out = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk].to("cpu", torch.float64)
+        weights = (torch.arange(start, start + part.numel(), dtype=torch.float64) % 7) + 1
+        out += torch.stack([part.sum(), part.square().sum(), (part * weights).sum()])
+    return out
 
 
 # --- gradients ------------------------------------------------------------------------------
@@ -304,10 +320,21 @@ def _params_of(optimizer_or_params) -> list[Tensor]:
     return list(optimizer_or_params)
 
 
+def _replicated(params: Iterable[Tensor]) -> list[Tensor]:
+    """The parameters every rank holds whole: not FSDP2's DTensors, whose shards differ by
+    rank and whose gradients FSDP averages itself (tokenmdp.sharding)."""
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in params if not isinstance(p, DTensor)]
+
+
 @torch.no_grad()
 def _average(params: list[Tensor]) -> None:
     import torch.distributed as dist
 
+    params = _replicated(params)
+    if not params:  # all sharded (the same on every rank): FSDP averaged them
+        return
     has = torch.tensor([0.0 if p.grad is None else 1.0 for p in params])
     with collective():
         dist.all_reduce(has)

@@ -28,7 +28,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, sharding
 from ..errors import ConfigError
 from ..options import non_negative, non_negative_int, one_of, optional, positive, positive_int, probability
 from .batch import RolloutBatch
@@ -293,7 +293,7 @@ class GradientUpdater(PolicyUpdater):
     def _step(self) -> float:
         distributed.average_gradients(self.optimizer)
         limit = self.options.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters(), limit)
+        norm = sharding.clip_grad_norm_(self.trained_parameters(), limit)  # torch's, unless FSDP shards them
         self.optimizer.step()
         return float(norm)
 
@@ -315,6 +315,7 @@ class GradientUpdater(PolicyUpdater):
         from the steps the schedule was planned for, re-plan it from the checkpoint's step."""
         if state:
             self.optimizer.load_state_dict(state["optimizer"])
+            sharding.shard_optimizer_state(self.optimizer)  # a checkpoint's whole moments, cut to this rank's
             self.scheduler.load_state_dict(state["scheduler"])
             saved = state.get("schedule")  # absent from checkpoints of before the re-plans
             if saved is not None:

@@ -32,7 +32,8 @@ from .trainer import Trainer
 @attrs.frozen
 class TrainResult:
     """What :func:`train` returns: the summary (as in ``summary.json``), the run directory
-    and the trained policy."""
+    and the trained policy (None after a sharded run, whose ranks drop their shards at the
+    end: ``tokenmdp.load_policy(run_dir)`` loads it whole from the last checkpoint)."""
 
     summary: dict
     run_dir: Path

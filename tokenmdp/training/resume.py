@@ -26,6 +26,8 @@ RESUME_MAY_CHANGE = frozenset(
         "train.target_regret_frac",
         "train.progress",
         "train.device",
+        "train.sharding",
+        "train.simulate_world_size",
         "train.max_memory_gb",
         "run.checkpoint_every",
         "run.keep_checkpoints",

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .. import sharding
 from ..devices import module_device
 from ..errors import ConfigError
 from ..mdp.env import TokenVectorEnv
@@ -105,6 +106,7 @@ class StopStrings:
         return hit
 
 
+@sharding.whole_policy
 @torch.no_grad()
 def generate(
     policy: TokenPolicy,

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from .. import distributed
+from .. import distributed, sharding
 from ..config import Config, dump_config
 from ..devices import PRECISIONS, resolve_device
 from ..errors import ConfigError, PluginError, RewardError, TrainingInterrupted
@@ -112,6 +112,7 @@ class Trainer:
             "ref_logprobs" in c.requires for c in self.composition.components
         )
         check_launch(config)
+        sharding.check_sharding(config)
         check_run_dir_value(config.run.dir)
         self.rundir.check_usable(resume, config.run.overwrite)
         # Built by build_models().
@@ -175,6 +176,10 @@ class Trainer:
         self.policy = place(policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
         if cfg.train.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
+        if cfg.train.sharding == "fsdp":  # after the reference's split: the copy is sharded apart
+            sharding.shard_policy(self.policy, self.autocast_dtype)
+            if base.reference_view() is None:  # a full fine-tune's frozen copy (LoRA: the policy's view)
+                sharding.shard_policy(self.reference, self.autocast_dtype)
         t = cfg.train
         if self.task.exact:
             self.evaluator = ExactEvaluator(self.task, self.reference, t.beta)
@@ -203,8 +208,15 @@ class Trainer:
             device=self.device,
             autocast_dtype=self.autocast_dtype,
         )
+        # on the sharded models: a setup builds optimizers over the parameters (their shards);
+        # one that samples (DPO's pairs) gets them gathered by tokenmdp.generate
         for component in self.composition.components:
             call_component(component, "setup", self.ctx.step, component.setup, self.ctx)
+
+    def whole_models(self):
+        """Sharded models gathered whole for the block (rank 0's evaluation, which runs
+        forwards on one rank only); every rank enters it. Unsharded: nothing."""
+        return sharding.gathered(self.policy, self.reference)
 
     # --- the loop -----------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -230,8 +242,21 @@ class Trainer:
                         self.rundir.discard(remove_folder=created)  # nothing to resume: leave no run behind
                     raise
         finally:
+            if self.config.train.sharding == "fsdp":
+                self._release_sharded_models()
             if joined is not None:
                 distributed.shutdown()
+
+    def _release_sharded_models(self) -> None:
+        """Drop the sharded models (and the optimizers over their shards) before the process
+        group goes: FSDP2's state holds the group, and a group freed at interpreter exit,
+        after ``destroy_process_group``, aborted the process ("terminate called without an
+        active exception", in 4 of 31 two-rank runs on gloo). The trained weights are in the checkpoint
+        (``tokenmdp.load_policy(run_dir)``)."""
+        import gc
+
+        self.policy = self.reference = self.ctx = self.evaluator = self.composition = None
+        gc.collect()
 
     def _train(self, stop: StopRequest) -> dict[str, Any]:
         cfg = self.config
@@ -249,14 +274,14 @@ class Trainer:
         recent_credit: list[float] = []
         summary, outcome, ended = None, "failed", False
         try:
-            with distributed.agreement("tokenmdp_on_train_start"):
+            with self.whole_models(), distributed.agreement("tokenmdp_on_train_start"):
                 if main:
                     log.start(text=not self.task.exact)
                     if start_step == 0:
                         log.emit(0, {"env_tokens": 0, **self._evaluate(0)})
                     recent_credit = self.rundir.metrics.logged_values("credit_corr")[-10:]
             end = self._loop(log, start_step, env_tokens, recent_credit, stop)
-            with distributed.agreement("the summary"):
+            with self.whole_models(), distributed.agreement("the summary"):
                 if main:
                     final = self._evaluate(end.stopped_at or cfg.train.steps)
                     summary = run_summary(
@@ -296,9 +321,13 @@ class Trainer:
                 recent_credit = [*recent_credit, metrics["credit_corr"]][-10:]
             env_tokens += result.tokens
             metrics["env_tokens"] = env_tokens
-            with distributed.agreement(f"tokenmdp_on_step_end at step {step}"):
+            evaluates = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+            with (
+                self.whole_models() if evaluates else contextlib.nullcontext(),
+                distributed.agreement(f"tokenmdp_on_step_end at step {step}"),
+            ):
                 if main:  # the ranks hold the same weights: rank 0 evaluates and logs
-                    if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    if evaluates:
                         metrics.update(self._evaluate(step))
                     log.emit(step, metrics, result.completions)
             reached = target is not None and metrics.get("regret_frac", float("inf")) <= target
@@ -343,6 +372,31 @@ class Trainer:
         # goes on from where this rank's first sub-batch left it (on the CPU, it sampled it).
         ctx = self.ctx
         ctx.step, ctx.generator = step, generators[0][1]
+        # sharded models: sampling gathers the policy (tokenmdp.generate), scoring runs sharded
+        batch, signals, advantages, credit, reward_metrics, reward_columns = self._score(step, generators)
+        updater = self.composition.components[2]
+        with (
+            distributed.agreement(f"updater {updater.name!r} at step {step}"),
+            distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"),
+            self._training_mode(),
+        ):
+            update_metrics = dict(
+                call_component(updater, "update", step, updater.update, batch, signals, advantages, ctx)
+            )
+            check_finite(update_metrics, f"updater {updater.name!r}", step)
+            # the update changes only what trains (a LoRA adapter, not its frozen base)
+            trained = {name: sharding.local(p) for name, p in self.policy.named_parameters() if p.requires_grad}
+            check_finite(trained, f"the policy after updater {updater.name!r}", step)
+        metrics = step_row(batch, step, self.scores_reference, credit, update_metrics, reward_metrics)
+        every = self.config.train.log_completions
+        completions = completion_rows(self.task, batch, reward_columns) if every and step % every == 0 else None
+        (tokens,) = distributed.all_sum(torch.tensor(float(batch.num_tokens), dtype=torch.float64))
+        return StepResult(distributed.reduce_metrics(metrics), round(float(tokens)), completions)
+
+    def _score(self, step: int, generators: list[tuple[int, torch.Generator]]) -> tuple:
+        """collect -> estimate -> construct: the step's batch, signals, advantages, credit
+        scores and the reward's logged metrics and columns."""
+        rewards, ctx = self.task.rewards, self.ctx
         batch = self._collect(step, generators)
         reward_metrics, reward_columns = rewards.drain_logs() if rewards is not None else ({}, {})
         with torch.no_grad():
@@ -350,7 +404,7 @@ class Trainer:
                 batch.logprobs = token_logprobs(self.policy, batch)
             if self.scores_reference:  # train.log_kl, or a component requires ref_logprobs
                 batch.ref_logprobs = token_logprobs(self.reference, batch)
-        estimator, constructor, updater = self.composition.components
+        estimator, constructor, _ = self.composition.components
         # Under torchrun every phase ends with the ranks agreeing (a failure on one rank stops all);
         # batch statistics (tokenmdp.plugin.ops) are global in the first two.
         with distributed.agreement(f"estimator {estimator.name!r} at step {step}"), distributed.global_batch():
@@ -364,23 +418,7 @@ class Trainer:
             check_signal_shapes(advantages, batch, constructor, step)
             check_finite(advantages, f"advantage {constructor.name!r}", step)
             credit = self.evaluator.credit(batch, signals, advantages) if self.config.train.score_credit else {}
-        with (
-            distributed.agreement(f"updater {updater.name!r} at step {step}"),
-            distributed.synchronised_optimizer_steps(f"updater {updater.name!r}"),
-            self._training_mode(),
-        ):
-            update_metrics = dict(
-                call_component(updater, "update", step, updater.update, batch, signals, advantages, ctx)
-            )
-            check_finite(update_metrics, f"updater {updater.name!r}", step)
-            # the update changes only what trains (a LoRA adapter, not its frozen base)
-            trained = {name: p for name, p in self.policy.named_parameters() if p.requires_grad}
-            check_finite(trained, f"the policy after updater {updater.name!r}", step)
-        metrics = step_row(batch, step, self.scores_reference, credit, update_metrics, reward_metrics)
-        every = self.config.train.log_completions
-        completions = completion_rows(self.task, batch, reward_columns) if every and step % every == 0 else None
-        (tokens,) = distributed.all_sum(torch.tensor(float(batch.num_tokens), dtype=torch.float64))
-        return StepResult(distributed.reduce_metrics(metrics), round(float(tokens)), completions)
+        return batch, signals, advantages, credit, reward_metrics, reward_columns
 
     @contextlib.contextmanager
     def _training_mode(self):
@@ -415,12 +453,13 @@ class Trainer:
         given into place) or restore the newest checkpoint. Only rank 0 touches files; under
         torchrun the others get the checkpoint from it."""
         main = distributed.is_main()
+        reference = self.reference_state()  # gathered on every rank when sharded
         if self.resume:
             state = None
             with distributed.agreement("loading the checkpoint"):
                 if main:
                     state = self.rundir.load_latest_checkpoint()
-                    self.rundir.record_resume(dump_config(self.config), self.reference_state())
+                    self.rundir.record_resume(dump_config(self.config), reference)
             state = distributed.broadcast_object(state)
             self.policy.load_checkpoint_state(state["policy"])
             for component in self.composition.components:
@@ -428,23 +467,37 @@ class Trainer:
             return state["step"], state["env_tokens"]
         with distributed.agreement("preparing the run directory"):
             if main:
-                self.rundir.start_fresh(self.recording.config_text(), self.reference_state(), staged=staged)
+                self.rundir.start_fresh(self.recording.config_text(), reference, staged=staged)
         return 0, 0
 
     def reference_state(self) -> dict:
-        """What reference.pt holds: the reference's weights (nothing for a LoRA view)."""
-        return self.reference.state_dict()
+        """What reference.pt holds: the reference's weights (nothing for a LoRA view),
+        whole (every rank gathers a sharded reference's)."""
+        return sharding.full_tensors(self.reference.state_dict(), keep=distributed.is_main())
 
     def save_checkpoint(self, step: int, env_tokens: int) -> Path:
         """Rank 0 writes the checkpoint (atomically); a failure stops every rank."""
         distributed.check_same_parameters(self.policy, f"at step {step}")
+        sharded = self.config.train.sharding == "fsdp"
+        # a sharded run's ranks gather every tensor (each an all-gather), and rank 0 writes the
+        # file a single process writes: it resumes under any world size
+        state = (
+            sharding.full_tensors(
+                {
+                    "policy": self.policy.checkpoint_state(),
+                    "components": {c.kind: c.state_dict() for c in self.composition.components},
+                },
+                keep=distributed.is_main(),  # rank 0 writes it
+            )
+            if sharded
+            else None
+        )
         with distributed.agreement(f"the checkpoint at step {step}"):
             if distributed.is_main():
-                state = {
-                    "step": step,
-                    "env_tokens": env_tokens,
+                state = state or {
                     "policy": self.policy.checkpoint_state(),
                     "components": {c.kind: c.state_dict() for c in self.composition.components},
                 }
+                state = {"step": step, "env_tokens": env_tokens, **state}
                 self.rundir.save_checkpoint(step, state, self.config.run.keep_checkpoints)
         return self.rundir.checkpoint_path(step)

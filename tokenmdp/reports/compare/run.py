@@ -50,7 +50,9 @@ def run_grid(grid: Grid, pm=None, progress: bool = True, jobs: int = 1, threads:
     plan_cells(grid, registry)  # a bad grid fails before the folder is made
     with _locked_out(grid.out):
         cells = plan_cells(grid, registry)  # again under the lock: which cells another run finished
-        todo = [c for c in cells if not c.finished]
+        # seed-major (every recipe's first seed, then the second, ...): a grid stopped part
+        # way holds whole seeds of every method, which a partial table can already compare
+        todo = sorted((c for c in cells if not c.finished), key=lambda c: c.seed)
         with tqdm(
             total=len(cells),
             initial=len(cells) - len(todo),

@@ -1,0 +1,238 @@
+"""FSDP2 sharding of HF policies across the ranks of a torchrun launch (``train.sharding``).
+
+With ``train.sharding = "fsdp"`` every transformer block of the policy (the classes its
+model lists in ``_no_split_modules``) is wrapped by ``torch.distributed.fsdp.fully_shard``,
+then the whole model, so each rank holds ``1 / world_size`` of every parameter, of its
+gradient and of the optimizer's state (Adam's two moments). The reference of a full
+fine-tune (a frozen copy) is sharded the same way; a LoRA policy's reference is its own
+module with the adapter off, so it is sharded with it.
+
+When the models are sharded and when they are whole (docs/distributed.md, "Sharding"):
+
+- **Scoring and the update** run on the sharded models: each block's parameters are
+  all-gathered for its forward (and again for its backward), and its gradients are
+  reduce-scattered (a mean over ranks, in float32 under ``train.precision = "bf16"``,
+  which maps to FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16,
+  reduce_dtype=float32)``). Every rank runs the same forwards (the same batch size), so
+  the collectives pair up.
+- **Sampling** (``tokenmdp.generate``, :func:`whole_policy`) and rank 0's **evaluation**
+  run inside :func:`gathered`: the model's parameters are gathered once and freed after.
+  Decoding a response is one forward per token; without the gather each of them would
+  all-gather every layer again, and ranks whose responses end at different lengths would
+  run different numbers of forwards, so their collectives would not pair up. The cost is
+  the whole policy on every rank while it samples (as TRL's ZeRO-3 generation gathers
+  it); the gradients and the optimizer state, 3/4 of an fp32 Adam fine-tune's state, stay
+  sharded throughout.
+
+Checkpoints gather every sharded tensor (:func:`full_tensors`) and rank 0 writes the same
+file as a single process does, so a run resumes under any world size, sharded or not
+(:func:`to_local_shards` and :func:`shard_optimizer_state` cut a full state back into this
+rank's shards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from .errors import ConfigError
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(tensor: Any) -> bool:
+    """True for a DTensor (a parameter, gradient or optimizer state FSDP2 shards)."""
+    return isinstance(tensor, _dtensor())
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a sharded tensor; any other tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def check_sharding(config) -> None:
+    """``train.sharding = "fsdp"`` needs an HF policy and a launch of several ranks: a one-line
+    error naming the key otherwise (the value itself is checked by the config)."""
+    if config.train.sharding == "none":
+        return
+    kind = config.policy.get("kind", "gru")
+    if kind != "hf":
+        raise ConfigError(
+            f'train.sharding = "fsdp" shards HF models (policy.kind = "hf"); policy.kind = {kind!r} '
+            'is small enough to hold whole: set train.sharding = "none"'
+        )
+    if distributed.requested_world_size() <= 1:
+        raise ConfigError(
+            'train.sharding = "fsdp" shards across the ranks of a torchrun launch, and this is a single '
+            "process: launch with torchrun --nproc_per_node=N (docs/distributed.md), or set "
+            'train.sharding = "none" (a resume in one process: --set train.sharding=none)'
+        )
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_model(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> None:
+    """``fully_shard`` every transformer block of ``model`` (an HF causal LM, or peft's
+    wrapper of one), then ``model`` itself, in place."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = _blocks(model)
+    if not blocks:
+        raise ConfigError(
+            f'train.sharding = "fsdp": {type(model).__name__} lists no transformer block classes '
+            "(_no_split_modules) to shard by"
+        )
+    precision = (
+        MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+        if autocast_dtype is not None
+        else MixedPrecisionPolicy()
+    )
+    with distributed.collective():
+        for block in blocks:
+            fully_shard(block, mp_policy=precision)
+        fully_shard(model, mp_policy=precision)
+
+
+def shard_policy(policy, autocast_dtype: torch.dtype | None) -> None:
+    """Shard an :class:`~tokenmdp.policies.hf.HFCausalLMPolicy` in place. Its fast GPT-2
+    path reads the weights directly, bypassing FSDP's gathers, so it is switched off."""
+    policy.fast_path = False
+    shard_model(policy.model, autocast_dtype)
+
+
+def _fsdp_modules(modules: Iterable[torch.nn.Module]) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    seen, found = set(), []
+    for module in modules:
+        # a view that runs another module's parameters (a LoRA policy's reference) gathers those
+        module = getattr(module, "parameters_of", module)
+        for m in module.modules():
+            if isinstance(m, FSDPModule) and id(m) not in seen:
+                seen.add(id(m))
+                found.append(m)
+    return found
+
+
+@contextlib.contextmanager
+def gathered(*modules: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the sharded modules among ``modules`` hold their full parameters
+    and run forwards without any collective (one all-gather per module on entry; the
+    gathered parameters are freed on exit). Every rank must enter it (the gather is a
+    collective); inside, a rank may run forwards alone (rank 0's evaluation). Nested
+    blocks gather nothing again. Without sharded modules it does nothing."""
+    fsdp = [m for m in _fsdp_modules(modules) if not getattr(m, "_tokenmdp_gathered", False)]
+    if not fsdp:
+        yield
+        return
+    with distributed.collective():
+        for m in fsdp:
+            m.unshard()
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m._tokenmdp_gathered = True
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m._tokenmdp_gathered = False
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def whole_policy(sample):
+    """Decorate a sampling function whose first argument is the policy: it runs inside
+    :func:`gathered` (a response of ``n`` tokens is ``n`` forwards, and ranks whose responses
+    end at different lengths run different numbers of them)."""
+
+    @functools.wraps(sample)
+    def on_whole_policy(policy, *args, **kwargs):
+        with gathered(policy):
+            return sample(policy, *args, **kwargs)
+
+    return on_whole_policy
+
+
+def full_tensors(tree: Any, keep: bool = True) -> Any:
+    """``tree`` (nested dicts and lists) with every sharded tensor replaced by the whole
+    tensor (an all-gather each, in the tree's order: every rank must call it on trees of
+    the same shape); anything else as it is. With ``keep`` false (the ranks that write
+    nothing) each gathered tensor is dropped at once, so only one is ever held whole."""
+    if is_sharded(tree):
+        with distributed.collective():
+            whole = tree.full_tensor()
+        return whole if keep else None
+    if isinstance(tree, dict):
+        return {k: full_tensors(v, keep) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(full_tensors(v, keep) for v in tree)
+    return tree
+
+
+def _shard_like(value: Tensor, like) -> Tensor:
+    """The whole tensor ``value`` cut into this rank's shard of ``like``'s layout (no
+    collective: every rank holds ``value``)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    value = value.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def to_local_shards(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict of whole tensors (a checkpoint's) with each entry that ``module`` holds
+    sharded cut into this rank's shard, for ``module.load_state_dict``."""
+    current = module.state_dict()
+    return {
+        k: _shard_like(v, current[k]) if is_sharded(current.get(k)) and not is_sharded(v) else v
+        for k, v in state.items()
+    }
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict`` of whole tensors: each state tensor of a sharded
+    parameter (Adam's moments, the parameter's shape) cut into this rank's shard."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p) or p not in optimizer.state:
+                continue
+            state = optimizer.state[p]
+            for key, value in state.items():
+                if isinstance(value, Tensor) and not is_sharded(value) and value.shape == p.shape:
+                    state[key] = _shard_like(value, p)
+
+
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over parameters of which some are sharded: the
+    global norm of all their gradients (each sharded one counted once over the ranks), and
+    every gradient scaled by ``min(1, max_norm / (norm + 1e-6))`` as torch scales them.
+    Without sharded gradients it is torch's own call."""
+    params = [p for p in parameters if p.grad is not None]
+    sharded = [p for p in params if is_sharded(p.grad)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not is_sharded(p.grad)]
+    with distributed.collective():
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor().float()]
+    if plain:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in plain]).float().to(norms[0].device))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coefficient = max_norm / (float(total) + 1e-6)
+    if coefficient < 1 and math.isfinite(coefficient):
+        for p in params:
+            p.grad.mul_(coefficient)
+    return total
