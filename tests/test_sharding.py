@@ -25,6 +25,7 @@ import torch
 from test_real_lm import text_files, text_run  # noqa: F401  (the tiny GPT-2, tokenizer and prompts)
 
 import tokenmdp
+from tokenmdp import sharding
 from tokenmdp.cli import main
 from tokenmdp.training.checkpoints import read_checkpoint
 
@@ -165,6 +166,34 @@ def test_two_sharded_ranks_equal_one_process_on_the_same_global_batch(runs):
     assert weights.keys() == reference.keys()  # the whole model, gathered from the shards
     assert any(not torch.equal(weights[k], reference[k]) for k in weights)  # it did train
     assert rows(runs.fsdp)[-1]["env_tokens"] == rows(runs.sim)[-1]["env_tokens"] > 0
+
+
+def test_each_rank_writes_its_shards_and_the_checkpoint_is_whole_only_with_them(runs, tmp_path):
+    checkpoints = runs.fsdp / "checkpoints"
+    pts = sorted(p.name for p in checkpoints.glob("step_*.pt"))
+    shards = sorted(p.name for p in checkpoints.glob("step_*.shards"))
+    assert shards == [name.replace(".pt", ".shards") for name in pts]  # pruned together
+    files = sorted(f.name for f in (checkpoints / shards[-1]).iterdir())
+    assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)  # one a rank
+    raw = torch.load(checkpoints / pts[-1], weights_only=True)  # the .pt file: no weight in it
+    tied = f"{sharding.SHARDED} as policy/model.transformer.wte.weight"  # the output layer: saved once
+    assert set(raw["policy"].values()) == {sharding.SHARDED, tied}
+    assert sorted(raw["shards"]["files"]) == files
+
+    # a corrupt shard: the checkpoint is refused, naming the file, and a resume takes the one before
+    run = tmp_path / "run"
+    shutil.copytree(runs.fsdp, run)
+    shard = run / "checkpoints" / shards[-1] / files[1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(tokenmdp.errors.CheckpointError, match=f"corrupt: {shards[-1]}/{files[1]} does not match"):
+        read_checkpoint(run / "checkpoints" / pts[-1])
+    stale = run / "checkpoints" / ".step_00000009.shards.tmp-4242"  # a save killed mid-write
+    stale.mkdir()
+    assert main(["train", *resume_args(run, "train.sharding=none", "train.simulate_world_size=2")]) == 0
+    assert not stale.exists()
+    assert [r["step"] for r in rows(run)] == list(range(MORE + 1))  # from step 2 on
 
 
 def test_two_sharded_ranks_equal_one_process_with_lora(runs):

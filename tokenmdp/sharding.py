@@ -24,10 +24,11 @@ When the models are sharded and when they are whole (docs/distributed.md, "Shard
   it); the gradients and the optimizer state, 3/4 of an fp32 Adam fine-tune's state, stay
   sharded throughout.
 
-Checkpoints gather every sharded tensor (:func:`full_tensors`) and rank 0 writes the same
-file as a single process does, so a run resumes under any world size, sharded or not
-(:func:`to_local_shards` and :func:`shard_optimizer_state` cut a full state back into this
-rank's shards).
+Checkpoints: every rank writes its shards (:func:`split_sharded`, :func:`write_shards`:
+``torch.distributed.checkpoint`` into safetensors files, nothing pickled) and rank 0 the
+rest; any process reads them whole (:func:`read_whole_shards`), so a run resumes under
+any world size, sharded or not (:func:`to_local_shards` and :func:`shard_optimizer_state`
+cut a whole state back into this rank's shards).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -182,6 +185,72 @@ def full_tensors(tree: Any, keep: bool = True) -> Any:
     if isinstance(tree, list | tuple):
         return type(tree)(full_tensors(v, keep) for v in tree)
     return tree
+
+
+#: In a sharded checkpoint's ``.pt`` file: where a tensor saved by shards was.
+SHARDED = "<saved by shards>"
+
+
+def split_sharded(tree: Any) -> tuple[Any, dict[str, Tensor]]:
+    """``(skeleton, shards)``: ``tree`` with each sharded tensor replaced by :data:`SHARDED`,
+    and those tensors by path (``"policy/model.lm_head.weight"``, keys joined by ``/``). A
+    tensor met again under another path (tied weights: an LM's output layer and its
+    embeddings) is saved once; its other places say ``"<saved by shards> as PATH"``."""
+    shards: dict[str, Tensor] = {}
+    first: dict[Any, str] = {}
+
+    def split(node: Any, path: str) -> Any:
+        if is_sharded(node):
+            # a state dict hands out a new DTensor per name; tied names share the local memory
+            # (a shard of an output layer or embedding is never empty: more rows than ranks)
+            part = node.to_local()
+            same = (part.untyped_storage().data_ptr(), part.storage_offset(), tuple(part.shape))
+            key = same if part.numel() else id(node)
+            if key in first:
+                return f"{SHARDED} as {first[key]}"
+            first[key] = path
+            shards[path] = node
+            return SHARDED
+        if isinstance(node, dict):
+            return {k: split(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
+        return node
+
+    return split(tree, ""), shards
+
+
+def fill_sharded(skeleton: Any, tensors: dict[str, Tensor], path: str = "") -> Any:
+    """:func:`split_sharded` undone: each :data:`SHARDED` leaf replaced by its tensor."""
+    if isinstance(skeleton, str) and skeleton.startswith(SHARDED):
+        return tensors[skeleton.removeprefix(f"{SHARDED} as ") if skeleton != SHARDED else path]
+    if isinstance(skeleton, dict):
+        return {k: fill_sharded(v, tensors, f"{path}/{k}" if path else str(k)) for k, v in skeleton.items()}
+    return skeleton
+
+
+def write_shards(tensors: dict[str, Tensor], folder: str | os.PathLike) -> None:
+    """Every rank writes its shards of ``tensors`` into ``folder`` with
+    ``torch.distributed.checkpoint``, as safetensors files (one a rank, the shards' offsets
+    in each file's JSON header: nothing is pickled). A collective: every rank calls it with
+    the same paths."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    with distributed.collective():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+
+
+def read_whole_shards(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor :func:`write_shards` wrote into ``folder``, whole, in this process alone
+    (whatever the world size that wrote it, and with no process group needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    metadata = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+    return tensors
 
 
 def _shard_like(value: Tensor, like) -> Tensor:

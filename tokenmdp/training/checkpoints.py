@@ -51,10 +51,43 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"checkpoint {path} is not a tokenmdp checkpoint (keys step, env_tokens, policy, components)"
         )
+    if "shards" in state:  # a sharded run's: its sharded tensors are in the folder beside it
+        state = _with_shards(path, state)
     bad = [name for name, t in _tensors(state["policy"]) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"checkpoint {path} holds non-finite weights ({bad[0]}, ...)")
     return state
+
+
+def shard_checksums(folder: Path) -> dict[str, str]:
+    """The sha256 of every safetensors file in a checkpoint's shards folder."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
+
+
+def _with_shards(path: Path, state: dict) -> dict:
+    """A sharded checkpoint's state with its tensors read whole from its shards folder,
+    once every file's checksum matches the one the ``.pt`` file recorded (and no file is
+    missing or extra)."""
+    from .. import sharding
+
+    shards = state.pop("shards")
+    folder = path.parent / shards["dir"]
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {path} is incomplete: its shards folder {shards['dir']} is missing")
+    found = shard_checksums(folder)
+    if found.keys() != shards["files"].keys():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {shards['dir']} holds {sorted(found)}, not {sorted(shards['files'])}"
+        )
+    bad = [name for name, digest in found.items() if shards["files"][name] != digest]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {shards['dir']}/{bad[0]} does not match its sha256")
+    try:
+        tensors = sharding.read_whole_shards(folder)
+        return sharding.fill_sharded(state, tensors)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: its shards cannot be read: {type(exc).__name__}: {first}") from None
 
 
 def read_weights(path: str | Path) -> dict:

@@ -61,6 +61,23 @@ SAVED_FOLDERS = {
 BASE_MODEL, TOKENIZER = SAVED_FOLDERS
 
 
+#: A sharded checkpoint's folder beside its ``step_X.pt`` (``train.sharding = "fsdp"``):
+#: each rank's shards as safetensors (tokenmdp.sharding.write_shards).
+SHARDS = r"step_\d{8}\.shards"
+
+
+def shards_of(checkpoint: Path) -> Path:
+    """The shards folder of checkpoint ``step_X.pt`` (there only for a sharded run's)."""
+    return checkpoint.with_suffix(".shards")
+
+
+def is_own_shards(path: Path) -> bool:
+    """A checkpoint's shards folder, or one being written (a temporary name)."""
+    found = TEMP.fullmatch(path.name)
+    name = found.group(1) if found else path.name
+    return path.is_dir() and not path.is_symlink() and re.fullmatch(SHARDS, name) is not None
+
+
 def is_temp_of(path: Path, names: tuple[str, ...]) -> bool:
     """A temporary file of an atomic write of one of ``names``."""
     found = TEMP.fullmatch(path.name)

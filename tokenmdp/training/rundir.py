@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoints import checksum_path, read_checkpoint, write_checkpoint
+from .checkpoints import checksum_path, read_checkpoint, shard_checksums, write_checkpoint
 from .files import atomic_save, atomic_write_bytes, atomic_write_text, exclusive_lock, temp_name, write_failed
 from .layout import (
     CHECKPOINT_DIR,
@@ -35,9 +35,11 @@ from .layout import (
     REFERENCE,
     SAVED_FOLDERS,
     SUMMARY,
+    is_own_shards,
     is_own_temp,
     is_saved_temp,
     is_temp_of,
+    shards_of,
 )
 from .metrics_file import MetricsFile
 from .paths import leading_comments
@@ -129,7 +131,10 @@ class RunDir:
                 found += [
                     f"{entry.name}/{f.name}"
                     for f in sorted(entry.iterdir())
-                    if not (marked and f.is_file() and (re.fullmatch(pattern, f.name) or is_own_temp(f)))
+                    if not (
+                        marked
+                        and (f.is_file() and (re.fullmatch(pattern, f.name) or is_own_temp(f)) or is_own_shards(f))
+                    )
                 ]
                 continue
             found.append(entry.name + ("/" if entry.is_dir() else ""))
@@ -250,6 +255,8 @@ class RunDir:
                 for f in (self.path / folder).iterdir():
                     if f.is_file() and re.fullmatch(pattern, f.name):
                         f.unlink()
+                    elif folder == CHECKPOINT_DIR and is_own_shards(f):
+                        shutil.rmtree(f)
                 if not any((self.path / folder).iterdir()):
                     (self.path / folder).rmdir()
 
@@ -268,6 +275,9 @@ class RunDir:
                     if is_own_temp(stale):
                         stale.unlink(missing_ok=True)
                     elif is_saved_temp(stale):
+                        shutil.rmtree(stale, ignore_errors=True)
+                    elif is_own_shards(stale) and not stale.with_suffix(".pt").is_file():
+                        # shards being written, or renamed just before the kill took their .pt
                         shutil.rmtree(stale, ignore_errors=True)
 
     @contextlib.contextmanager
@@ -288,13 +298,32 @@ class RunDir:
         found = sorted(self.checkpoints.glob("step_*.pt"))
         return found[-1] if found else None
 
-    def save_checkpoint(self, step: int, state: dict, keep: int) -> Path:
-        """The checkpoint of ``step`` (with its checksum), then only the newest ``keep``."""
+    def new_shards_folder(self, step: int) -> Path:
+        """An empty folder, under a temporary name, for the shards of step ``step``'s checkpoint."""
+        folder = temp_name(shards_of(self.checkpoint_path(step)))
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise write_failed(folder, exc) from exc
+        return folder
+
+    def save_checkpoint(self, step: int, state: dict, keep: int, shards: Path | None = None) -> Path:
+        """The checkpoint of ``step`` (with its checksum), then only the newest ``keep``. A
+        sharded run's ``shards`` folder (:meth:`new_shards_folder`, written by every rank)
+        takes its final name first, and the ``.pt`` file records its files' checksums: the
+        checkpoint is whole once the ``.pt`` file and its checksum exist, as for any run."""
         path = self.checkpoint_path(step)
+        if shards is not None:
+            final = shards_of(path)
+            shutil.rmtree(final, ignore_errors=True)  # a killed save of the same step
+            os.replace(shards, final)
+            state = {**state, "shards": {"dir": final.name, "files": shard_checksums(final)}}
         write_checkpoint(path, state)
         for old in sorted(self.checkpoints.glob("step_*.pt"))[:-keep]:
             old.unlink()
             checksum_path(old).unlink(missing_ok=True)
+            shutil.rmtree(shards_of(old), ignore_errors=True)
         return path
 
     def load_latest_checkpoint(self) -> dict:

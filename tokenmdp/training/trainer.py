@@ -470,6 +470,17 @@ class Trainer:
                 self.rundir.start_fresh(self.recording.config_text(), reference, staged=staged)
         return 0, 0
 
+    def _write_shards(self, step: int, tensors: dict) -> Path:
+        """Every rank writes its shards of ``tensors`` into one folder under a temporary name
+        (rank 0's), which rank 0 renames once the ``.pt`` file can follow."""
+        folder = None
+        with distributed.agreement(f"the shards folder of step {step}"):
+            if distributed.is_main():
+                folder = self.rundir.new_shards_folder(step)
+        folder = Path(distributed.broadcast_object(str(folder)))
+        sharding.write_shards(tensors, folder)
+        return folder
+
     def reference_state(self) -> dict:
         """What reference.pt holds: the reference's weights (nothing for a LoRA view),
         whole (every rank gathers a sharded reference's)."""
@@ -478,26 +489,17 @@ class Trainer:
     def save_checkpoint(self, step: int, env_tokens: int) -> Path:
         """Rank 0 writes the checkpoint (atomically); a failure stops every rank."""
         distributed.check_same_parameters(self.policy, f"at step {step}")
-        sharded = self.config.train.sharding == "fsdp"
-        # a sharded run's ranks gather every tensor (each an all-gather), and rank 0 writes the
-        # file a single process writes: it resumes under any world size
-        state = (
-            sharding.full_tensors(
-                {
-                    "policy": self.policy.checkpoint_state(),
-                    "components": {c.kind: c.state_dict() for c in self.composition.components},
-                },
-                keep=distributed.is_main(),  # rank 0 writes it
-            )
-            if sharded
-            else None
-        )
+        state = {
+            "policy": self.policy.checkpoint_state(),
+            "components": {c.kind: c.state_dict() for c in self.composition.components},
+        }
+        shards = None
+        if self.config.train.sharding == "fsdp":
+            # every rank writes its own shards (no rank gathers the model); the .pt file holds the rest
+            state, tensors = sharding.split_sharded(state)
+            shards = self._write_shards(step, tensors)
         with distributed.agreement(f"the checkpoint at step {step}"):
             if distributed.is_main():
-                state = state or {
-                    "policy": self.policy.checkpoint_state(),
-                    "components": {c.kind: c.state_dict() for c in self.composition.components},
-                }
                 state = {"step": step, "env_tokens": env_tokens, **state}
-                self.rundir.save_checkpoint(step, state, self.config.run.keep_checkpoints)
+                self.rundir.save_checkpoint(step, state, self.config.run.keep_checkpoints, shards=shards)
         return self.rundir.checkpoint_path(step)
