@@ -17,6 +17,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from .. import sharding
 from ..datafiles import json_line, numbered_lines
 from ..errors import ConfigError
 from ..plugin.batch import RolloutBatch
@@ -105,6 +106,7 @@ def sequence_rewards(task, prompt_index: Tensor, response: Tensor, mask: Tensor)
     return task.sequence_rewards(prompt_index, response, mask)
 
 
+@sharding.whole_policy  # sharded: gathered once, for however many rounds this rank draws
 @torch.no_grad()
 def sample_pairs(
     model, task, num_pairs: int, generator: torch.Generator, temperature: float = 1.0, label_beta: float | None = None
