@@ -122,6 +122,8 @@ def runs(text_files, tmp_path_factory):  # noqa: F811
     assert main(["train", *run_args(text_files, d.lsim, LORA, "train.simulate_world_size=2")]) == 0
     assert main(["train", *run_args(text_files, d.bsim, "train.precision=bf16", "train.simulate_world_size=2")]) == 0
     shutil.copytree(d.sim, d.up)  # 1 -> 2: the one-process run goes on sharded over two ranks
+    d.ppo_up = tmp / "ppo_up"  # and PPO's, whose critic (a copy of the LM) is sharded too
+    assert main(["train", *run_args(text_files, d.ppo_up, *RECIPES["ppo"])]) == 0
     codes = launch_two_ranks(
         tmp,
         [
@@ -129,13 +131,14 @@ def runs(text_files, tmp_path_factory):  # noqa: F811
             ("lfsdp", ["train", *run_args(text_files, d.lfsdp, LORA, "train.sharding=fsdp")]),
             ("up", ["train", *resume_args(d.up, "train.sharding=fsdp", "train.simulate_world_size=1")]),
             ("bfsdp", ["train", *run_args(text_files, d.bfsdp, "train.precision=bf16", "train.sharding=fsdp")]),
+            ("ppo_up", ["train", "--resume", str(d.ppo_up), "--set", "train.steps=3", "--set", "train.sharding=fsdp"]),
             *[
                 (recipe, ["train", *run_args(text_files, d.recipes / recipe, *sets, "train.sharding=fsdp")])
                 for recipe, sets in RECIPES.items()
             ],
         ],
     )
-    assert codes == dict.fromkeys(["fsdp", "lfsdp", "up", "bfsdp", *RECIPES], 0)
+    assert codes == dict.fromkeys(["fsdp", "lfsdp", "up", "bfsdp", "ppo_up", *RECIPES], 0)
     shutil.copytree(d.fsdp, d.down)  # 2 -> 1: the sharded run goes on in one process
     assert main(["train", *resume_args(d.down, "train.sharding=none", "train.simulate_world_size=2")]) == 0
     shutil.copytree(d.sim, d.sim5)
@@ -242,6 +245,14 @@ def test_every_recipe_of_the_paper_grid_trains_sharded(runs):
         assert [r["step"] for r in logged] == [0, 1, 2], recipe
         assert logged[-1]["kl_ref"] != 0.0, recipe  # it moved away from the reference
         assert last_checkpoint(runs.recipes / recipe)["step"] == 2
+    # PPO's critic is sharded like the policy: its LM's weights are in the shards, and a
+    # one-process PPO run resumes sharded (the whole critic cut into each rank's shards)
+    raw = torch.load(runs.recipes / "ppo" / "checkpoints" / "step_00000002.pt", weights_only=True)
+    critic = raw["components"]["estimator"]["critic"]
+    assert critic["lm.model.transformer.h.0.attn.c_attn.weight"] == sharding.SHARDED
+    assert isinstance(critic["head.weight"], torch.Tensor)  # the value head: whole, averaged by tokenmdp
+    assert [r["step"] for r in rows(runs.ppo_up)] == [0, 1, 2, 3]
+    assert last_checkpoint(runs.ppo_up)["step"] == 3
 
 
 def test_two_sharded_ranks_equal_one_process_with_lora(runs):

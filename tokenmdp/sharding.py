@@ -27,7 +27,7 @@ When the models are sharded and when they are whole (docs/distributed.md, "Shard
 Checkpoints: every rank writes its shards (:func:`split_sharded`, :func:`write_shards`:
 ``torch.distributed.checkpoint`` into safetensors files, nothing pickled) and rank 0 the
 rest; any process reads them whole (:func:`read_whole_shards`), so a run resumes under
-any world size, sharded or not (:func:`to_local_shards` and :func:`shard_optimizer_state`
+any world size, sharded or not (a sharded model's load hook and :func:`shard_optimizer_state`
 cut a whole state back into this rank's shards).
 """
 
@@ -113,9 +113,21 @@ def shard_model(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> N
 
 def shard_policy(policy, autocast_dtype: torch.dtype | None) -> None:
     """Shard an :class:`~tokenmdp.policies.hf.HFCausalLMPolicy` in place. Its fast GPT-2
-    path reads the weights directly, bypassing FSDP's gathers, so it is switched off."""
+    path reads the weights directly, bypassing FSDP's gathers, so it is switched off. It
+    then loads whole tensors (a checkpoint's) as well as shards: each is cut into this
+    rank's shard on the way in."""
     policy.fast_path = False
     shard_model(policy.model, autocast_dtype)
+    policy.model.register_load_state_dict_pre_hook(_whole_to_shards)
+
+
+def _whole_to_shards(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict``'s pre-hook on a sharded model: every whole tensor given for one of
+    its sharded entries becomes this rank's shard (FSDP2 copies shards only)."""
+    for key, current in module.state_dict().items():
+        given = state_dict.get(prefix + key)
+        if given is not None and is_sharded(current) and not is_sharded(given):
+            state_dict[prefix + key] = _shard_like(given, current)
 
 
 def _fsdp_modules(modules: Iterable[torch.nn.Module]) -> list:
@@ -260,16 +272,6 @@ def _shard_like(value: Tensor, like) -> Tensor:
 
     value = value.to(device=like.device, dtype=like.dtype)
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
-
-
-def to_local_shards(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """A state dict of whole tensors (a checkpoint's) with each entry that ``module`` holds
-    sharded cut into this rank's shard, for ``module.load_state_dict``."""
-    current = module.state_dict()
-    return {
-        k: _shard_like(v, current[k]) if is_sharded(current.get(k)) and not is_sharded(v) else v
-        for k, v in state.items()
-    }
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -42,11 +42,20 @@ class TrainContext:
 
     def place(self, module: torch.nn.Module) -> torch.nn.Module:
         """Prepare a network a component builds for itself (a critic, a reward model, a
-        teacher) like the policy: on ``device``, its HF forwards in the run's precision, and
-        its dropout off (it scores, so it must be deterministic). Returns ``module``."""
+        teacher) like the policy: on ``device``, its HF forwards in the run's precision, its
+        dropout off (it scores, so it must be deterministic), and its HF language models
+        sharded as the policy is under ``train.sharding = "fsdp"`` (build its optimizer
+        after this call). Returns ``module``."""
+        from .. import sharding
         from ..policies.base import place
+        from ..policies.hf import HFCausalLMPolicy
 
-        return place(module, self.device, self.autocast_dtype, no_dropout=True)
+        place(module, self.device, self.autocast_dtype, no_dropout=True)
+        if getattr(getattr(self.config, "train", None), "sharding", "none") == "fsdp":
+            for sub in list(module.modules()):
+                if isinstance(sub, HFCausalLMPolicy):
+                    sharding.shard_policy(sub, self.autocast_dtype)
+        return module
 
     @property
     def guide_ids(self) -> Tensor:

@@ -101,11 +101,8 @@ class HFCausalLMPolicy(TokenPolicy):
         return {"adapter": {name: p.detach() for name, p in self._adapter_parameters().items()}}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        from .. import sharding
-
         if not self.has_adapter or "adapter" not in state:
-            # full weights (a run without LoRA, or an older checkpoint); a sharded model takes its shards
-            self.load_state_dict(sharding.to_local_shards(self, state))
+            self.load_state_dict(state)  # full weights (a run without LoRA, or an older checkpoint)
             return
         trainable = {name: p.shape for name, p in self._adapter_parameters().items()}
         saved = {name: v.shape for name, v in state["adapter"].items()}
@@ -116,7 +113,7 @@ class HFCausalLMPolicy(TokenPolicy):
                 f"or model): {len(saved)} saved tensors, {len(trainable)} expected; first "
                 f"mismatch {wrong[0]!r}"
             )
-        self.load_state_dict(sharding.to_local_shards(self, state["adapter"]), strict=False)
+        self.load_state_dict(state["adapter"], strict=False)
 
     def _adapter_parameters(self) -> dict[str, torch.nn.Parameter]:
         """With LoRA, the trainable parameters are exactly the adapter's."""
