@@ -140,6 +140,10 @@ def runs(text_files, tmp_path_factory):  # noqa: F811
     )
     assert codes == dict.fromkeys(["fsdp", "lfsdp", "up", "bfsdp", "ppo_up", *RECIPES], 0)
     shutil.copytree(d.fsdp, d.down)  # 2 -> 1: the sharded run goes on in one process
+    d.again = tmp / "again"  # 2 -> 2: each rank reads its own shards of the sharded checkpoint
+    shutil.copytree(d.fsdp, d.again)
+    (tmp / "second").mkdir()
+    assert launch_two_ranks(tmp / "second", [("again", ["train", *resume_args(d.again)])]) == {"again": 0}
     assert main(["train", *resume_args(d.down, "train.sharding=none", "train.simulate_world_size=2")]) == 0
     shutil.copytree(d.sim, d.sim5)
     assert main(["train", *resume_args(d.sim5)]) == 0
@@ -267,6 +271,8 @@ def test_a_resume_changes_the_world_size_and_goes_on_as_one_process_would(runs):
     assert_same_run(runs.down, runs.sim5)
     # 1 -> 2: the one-process run resumed sharded over two ranks
     assert_same_run(runs.up, runs.sim5)
+    # 2 -> 2: the sharded run resumed sharded, each rank reading only its own shards
+    assert_same_run(runs.again, runs.sim5)
     assert [r["step"] for r in rows(runs.up)] == list(range(MORE + 1))
 
 

@@ -265,6 +265,34 @@ def read_whole_shards(folder: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
+def read_own_shards(folder: str | os.PathLike, model: torch.nn.Module) -> dict[str, Tensor]:
+    """Every tensor :func:`write_shards` wrote into ``folder``, as this rank's shard only
+    (laid out as ``model``'s sharded parameters are: dim 0 cut in ``world_size`` chunks),
+    whatever the world size that wrote it; no rank reads or holds a whole tensor. A
+    collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.tensor import DTensor
+
+    like = next(p for p in model.parameters() if is_sharded(p))
+    mesh, placements = like.device_mesh, like.placements
+    ranks, me = mesh.size(), mesh.get_local_rank()
+    metadata = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    targets = {}
+    for key, m in metadata.items():
+        size = tuple(m.size)
+        rows = -(-size[0] // ranks)  # torch.chunk's: the first ranks take ceil(n / ranks) rows
+        start = min(me * rows, size[0])
+        local = torch.empty(
+            (min(start + rows, size[0]) - start, *size[1:]), dtype=m.properties.dtype, device=like.device
+        )
+        stride = torch.empty(size, device="meta").stride()
+        targets[key] = DTensor.from_local(local, mesh, placements, run_check=False, shape=size, stride=stride)
+    with distributed.collective():
+        dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)))
+    return targets
+
+
 def _shard_like(value: Tensor, like) -> Tensor:
     """The whole tensor ``value`` cut into this rank's shard of ``like``'s layout (no
     collective: every rank holds ``value``)."""

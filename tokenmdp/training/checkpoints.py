@@ -28,12 +28,16 @@ def checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, whole: bool = True) -> dict:
     """A checkpoint written by :func:`write_checkpoint`, onto the CPU, **never
     unpickled**: ``torch.load(weights_only=True)`` accepts tensors and plain containers
     only, so a file that smuggles in code fails to load instead of running it. Its
     checksum must match (when it has one: older runs' do not), and every weight must be
-    finite. Any problem is a one-line ``CheckpointError`` naming the file."""
+    finite. Any problem is a one-line ``CheckpointError`` naming the file.
+
+    A sharded run's checkpoint has its shard files checked too, then its tensors read whole;
+    with ``whole`` false they are left in the shards (markers where they go, and the
+    ``"shards"`` entry: for a sharded resume, whose ranks read their own shards)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -52,6 +56,9 @@ def read_checkpoint(path: str | Path) -> dict:
             f"checkpoint {path} is not a tokenmdp checkpoint (keys step, env_tokens, policy, components)"
         )
     if "shards" in state:  # a sharded run's: its sharded tensors are in the folder beside it
+        _check_shards(path, state["shards"])
+        if not whole:
+            return state
         state = _with_shards(path, state)
     bad = [name for name, t in _tensors(state["policy"]) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -65,12 +72,20 @@ def shard_checksums(folder: Path) -> dict[str, str]:
 
 
 def _with_shards(path: Path, state: dict) -> dict:
-    """A sharded checkpoint's state with its tensors read whole from its shards folder,
-    once every file's checksum matches the one the ``.pt`` file recorded (and no file is
-    missing or extra)."""
+    """A sharded checkpoint's state (its shard files checked) with its tensors read whole."""
     from .. import sharding
 
-    shards = state.pop("shards")
+    folder = path.parent / state.pop("shards")["dir"]
+    try:
+        tensors = sharding.read_whole_shards(folder)
+        return sharding.fill_sharded(state, tensors)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: its shards cannot be read: {type(exc).__name__}: {first}") from None
+
+
+def _check_shards(path: Path, shards: dict) -> None:
+    """Every shard file the checkpoint recorded is there, with its sha256, and no other."""
     folder = path.parent / shards["dir"]
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {path} is incomplete: its shards folder {shards['dir']} is missing")
@@ -82,12 +97,6 @@ def _with_shards(path: Path, state: dict) -> dict:
     bad = [name for name, digest in found.items() if shards["files"][name] != digest]
     if bad:
         raise CheckpointError(f"checkpoint {path} is corrupt: {shards['dir']}/{bad[0]} does not match its sha256")
-    try:
-        tensors = sharding.read_whole_shards(folder)
-        return sharding.fill_sharded(state, tensors)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path}: its shards cannot be read: {type(exc).__name__}: {first}") from None
 
 
 def read_weights(path: str | Path) -> dict:

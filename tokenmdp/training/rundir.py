@@ -326,7 +326,7 @@ class RunDir:
             shutil.rmtree(shards_of(old), ignore_errors=True)
         return path
 
-    def load_latest_checkpoint(self) -> dict:
+    def load_latest_checkpoint(self, whole: bool = True) -> dict:
         """The newest good checkpoint (onto the CPU), for ``--resume``. A corrupt one (bad
         checksum, truncated, not loadable, non-finite weights) is reported and skipped for
         the one before it. Metric lines written after the checkpoint used are dropped."""
@@ -336,7 +336,7 @@ class RunDir:
             raise ConfigError(self.no_checkpoint_message())
         for path in reversed(found):
             try:
-                state = read_checkpoint(path)
+                state = read_checkpoint(path, whole=whole)
             except CheckpointError as exc:
                 print(f"tokenmdp: {exc}; trying the checkpoint before it", file=sys.stderr)
                 continue

@@ -456,11 +456,15 @@ class Trainer:
         reference = self.reference_state()  # gathered on every rank when sharded
         if self.resume:
             state = None
+            sharded = self.config.train.sharding == "fsdp"
             with distributed.agreement("loading the checkpoint"):
-                if main:
-                    state = self.rundir.load_latest_checkpoint()
+                if main:  # a sharded run's: the .pt file only (its shard files checked)
+                    state = self.rundir.load_latest_checkpoint(whole=not sharded)
                     self.rundir.record_resume(dump_config(self.config), reference)
             state = distributed.broadcast_object(state)
+            if "shards" in state:  # each rank reads its own shards of every sharded tensor
+                folder = self.rundir.checkpoints / state.pop("shards")["dir"]
+                state = sharding.fill_sharded(state, sharding.read_own_shards(folder, self.policy))
             self.policy.load_checkpoint_state(state["policy"])
             for component in self.composition.components:
                 component.load_state_dict(state["components"].get(component.kind, {}))
