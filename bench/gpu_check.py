@@ -4,6 +4,12 @@ on the tiny GPT-2 of bench/real_lm.py (and on Gemma-3 270M with LoRA r = 16 when
 
     python bench/gpu_check.py                          # CUDA, bf16
     python bench/gpu_check.py --device cpu --steps 2   # a dry run of the same script on the CPU
+    python bench/gpu_check.py --ranks 2                # sharded: 2 ranks (NCCL), train.sharding = "fsdp"
+    python bench/gpu_check.py --ranks 2 --device cpu --steps 2 --models tiny   # its dry run (gloo)
+
+With ``--ranks N`` the script starts itself under ``torchrun --standalone --nproc_per_node=N``
+(one GPU a rank) and every run is sharded with FSDP2; each rank also prints the peak
+memory it held (``torch.cuda.max_memory_allocated``; on the CPU the process's peak RSS).
 
 Invariants, at ``updater.lr = 1e-12``, one epoch of one minibatch (the policy cannot move):
 ``policy/clipfrac`` is 0 and ``policy/approxkl`` below 1e-9 at every step (clipped-pg), and
@@ -16,6 +22,7 @@ CUDA it says so and exits 2: nothing is claimed without a run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -60,6 +67,34 @@ def train(files: dict, run_dir: Path, overrides: list[str]) -> tuple[dict, list[
     return summary, rows
 
 
+def peak_memory_mib(device: str) -> float:
+    """The most memory this process held: on CUDA its allocations, else its peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def under_torchrun(args) -> int | None:
+    """With ``--ranks N`` outside torchrun: this script again under torchrun (its exit
+    status); under torchrun: join the process group (tokenmdp's runs use it and leave it
+    up, so one group serves every run); else None."""
+    import os
+    import subprocess
+
+    if args.ranks > 1 and "RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"]
+        return subprocess.run([*cmd, *sys.argv]).returncode
+    if "RANK" in os.environ:
+        import torch.distributed as dist
+
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl" if args.device.startswith("cuda") else "gloo")
+    return None
+
+
 def check(
     model: str, recipe: str, files: dict, gemma_dir: Path, common: list[str], steps: int, tmp: Path
 ) -> tuple[bool, str]:
@@ -95,6 +130,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="steps of the throughput run")
     parser.add_argument("--models", nargs="+", default=["tiny", "gemma"], choices=["tiny", "gemma"])
     parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    parser.add_argument("--ranks", type=int, default=1, help="> 1: sharded (FSDP2) over this many ranks")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(
@@ -102,21 +138,43 @@ def main() -> int:
             "there is one, or with --device cpu for a dry run of the script"
         )
         return 2
+    launched = under_torchrun(args)
+    if launched is not None:
+        return launched
+    import os
+
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+
+    def share(obj):  # rank 0's obj on every rank
+        if args.ranks == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(
-        f"device {args.device} ({name}), precision {args.precision}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU thread(s)"
-    )
-    common = [f"train.device={args.device}", f"train.precision={args.precision}"]
-    ok = True
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        files = build(tmp / "tiny")
+    if rank == 0:
         print(
-            "| model | recipe | invariants at lr 1e-12 | response tokens | run wall s (2 evaluations included) "
-            "| tokens/s |"
+            f"device {args.device} ({name}), precision {args.precision}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} CPU thread(s), {args.ranks} rank(s)"
+            + (', train.sharding = "fsdp"' if args.ranks > 1 else "")
         )
-        print("|---|---|---|---|---|---|")
+    common = [f"train.device={args.device}", f"train.precision={args.precision}"]
+    if args.ranks > 1:
+        common.append("train.sharding=fsdp")
+    ok = True
+    # every rank works in one folder (rank 0's), where rank 0 builds the tiny model's files
+    with tempfile.TemporaryDirectory() if rank == 0 else contextlib.nullcontext() as own:
+        tmp = Path(share(own))
+        files = share(build(tmp / "tiny") if rank == 0 else None)
+        if rank == 0:
+            print(
+                "| model | recipe | invariants at lr 1e-12 | response tokens | run wall s (2 evaluations included) "
+                "| tokens/s |"
+            )
+            print("|---|---|---|---|---|---|")
         for model in args.models:
             if model == "gemma" and not (args.gemma_dir / "config.json").is_file():
                 print(f"| gemma | - | skipped: no model in {args.gemma_dir} (tokenmdp models fetch-gemma) | | | |")
@@ -124,8 +182,17 @@ def main() -> int:
             for recipe in RECIPES:
                 passed, line = check(model, recipe, files, args.gemma_dir, common, args.steps, tmp)
                 ok &= passed
-                print(line, flush=True)
-    print("all invariants held" if ok else "SOME INVARIANTS FAILED")
+                if rank == 0:
+                    print(line, flush=True)
+        memory = [peak_memory_mib(args.device)]
+        if args.ranks > 1:  # (also: every rank is done before rank 0 removes the folder)
+            memory = [None] * args.ranks
+            dist.all_gather_object(memory, peak_memory_mib(args.device))
+    if rank == 0:
+        print("peak memory per rank (MiB): " + ", ".join(f"rank {r} {m:,.0f}" for r, m in enumerate(memory)))
+        print("all invariants held" if ok else "SOME INVARIANTS FAILED")
+    if args.ranks > 1:
+        dist.destroy_process_group()
     return 0 if ok else 1
 
 
