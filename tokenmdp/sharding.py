@@ -83,6 +83,27 @@ def check_sharding(config) -> None:
         )
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside the block every parameter a module registers goes to the meta device (no
+    memory), while buffers stay real, as accelerate's ``init_empty_weights(include_buffers=False)``:
+    a model's non-persistent buffers (Gemma's rotary ``inv_freq``, ``embed_scale``) are
+    computed at construction and are in no weights file."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # (one already there is kept: tied weights stay tied)
+            p = module._parameters[name]
+            module._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())

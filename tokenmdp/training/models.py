@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import distributed, sharding
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..policies import TokenPolicy, build_policy
@@ -152,3 +152,40 @@ def load_policy(path: str | Path, task, step: int | None = None) -> TokenPolicy:
     from ..policies.hf import HFCausalLMPolicy
 
     return HFCausalLMPolicy.from_pretrained(path, vocab_size=task.vocab_size)
+
+
+def pretrained_sharded(
+    path: str | os.PathLike, vocab_size: int | None, autocast_dtype: torch.dtype | None, device: torch.device
+):
+    """An :class:`~tokenmdp.policies.hf.HFCausalLMPolicy` of the model in ``path`` (no LoRA),
+    sharded, without any rank holding the whole model: built with its parameters on the
+    meta device, sharded, materialised as empty shards on ``device``, then each rank reads
+    only its slices of the pretrained safetensors (``torch.distributed.checkpoint`` with
+    ``HuggingFaceStorageReader``). The same weights as ``from_pretrained`` (tested: the
+    same metrics as one process). A LoRA policy is built whole and then sharded: peft moves
+    a new adapter to its base layer's (meta) device, and an adapter initialised anywhere
+    else would not draw the RNG as one process does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..policies.hf import HFCausalLMPolicy
+
+    with sharding.parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    policy = HFCausalLMPolicy(model, vocab_size, source=str(path), fast_path=False)
+    buffers = {n: b.clone() for n, b in policy.named_buffers()}
+    sharding.shard_policy(policy, autocast_dtype)
+    policy.to_empty(device=device)
+    for name, value in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        policy.get_submodule(owner)._buffers[attr] = value.to(device)
+    reader = HuggingFaceStorageReader(str(path))
+    in_file = set(reader.read_metadata().state_dict_metadata)
+    targets = {}
+    for key, value in policy.model.state_dict().items():
+        if key in in_file:  # (a tied output layer is not: it is the embeddings)
+            targets[key] = value
+    with distributed.collective():
+        dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(path)))
+    return policy

@@ -30,13 +30,14 @@ from ..plugin.registry import Registry, plugin_manager
 from ..plugin.signals import check_signal_shapes
 from ..policies.base import place
 from .budget import check_before_env, check_run
+from .checkpoints import read_weights
 from .checks import check_launch, check_model_options, check_text_setup
 from .envs import make_vector_env
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .guards import call_component
 from .interrupts import StopRequest, deferred_interrupt, quiet_after_a_stop
 from .layout import REFERENCE
-from .models import initial_policy, split_reference
+from .models import frozen_reference, initial_policy, pretrained_sharded, split_reference
 from .recording import Recording, record_fresh, stage_given_objects
 from .resume import checked_for_resume, resumed_config
 from .rollout import collect_step, step_generators, step_seed, with_stop_strings
@@ -155,31 +156,14 @@ class Trainer:
         """The policy, its reference (on ``train.device``), the evaluator, ``ctx``, and each
         component's ``setup``."""
         cfg = self.config
-        base, self.sft_losses = initial_policy(
-            cfg,
-            self.task,
-            self.run_dir / REFERENCE if self.resume else None,
-            model=self.objects.get("model"),
-            cache_dir=self.reference_cache,
-        )
-        longest = self.task.prompts.shape[1] + self.task.horizon
-        if base.max_positions is not None and longest > base.max_positions:
-            raise ConfigError(
-                f"env.horizon = {self.task.horizon} after prompts of up to {self.task.prompts.shape[1]} tokens is "
-                f"{longest} positions, more than the model's {base.max_positions}; lower env.horizon or "
-                "env.max_prompt_tokens"
-            )
-        policy, reference = split_reference(base)
-        self.reference = place(reference, self.device, self.autocast_dtype, no_dropout=False)
-        # The policy is in eval mode (no dropout) everywhere but the updater's forward;
-        # train.disable_dropout (default) turns its dropout off there too.
-        self.policy = place(policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
-        if cfg.train.gradient_checkpointing:
-            self.policy.enable_gradient_checkpointing()
-        if cfg.train.sharding == "fsdp":  # after the reference's split: the copy is sharded apart
-            sharding.shard_policy(self.policy, self.autocast_dtype)
-            if base.reference_view() is None:  # a full fine-tune's frozen copy (LoRA: the policy's view)
-                sharding.shard_policy(self.reference, self.autocast_dtype)
+        sharded = cfg.train.sharding == "fsdp"
+        # a sharded full fine-tune of a saved model loads each rank's shards only; anything else
+        # (LoRA, a model object, a reference fine-tuned first) is built whole, then sharded
+        meta = "path" in cfg.policy and not cfg.policy.get("lora") and cfg.reference.init == "init"
+        if sharded and meta and self.objects.get("model") is None:
+            self._build_sharded_models()
+        else:
+            self._build_models(sharded)
         t = cfg.train
         if self.task.exact:
             self.evaluator = ExactEvaluator(self.task, self.reference, t.beta)
@@ -212,6 +196,56 @@ class Trainer:
         # one that samples (DPO's pairs) gets them gathered by tokenmdp.generate
         for component in self.composition.components:
             call_component(component, "setup", self.ctx.step, component.setup, self.ctx)
+
+    def _build_models(self, sharded: bool) -> None:
+        """The policy and its reference, each built whole in this process (then sharded)."""
+        cfg = self.config
+        base, self.sft_losses = initial_policy(
+            cfg,
+            self.task,
+            self.run_dir / REFERENCE if self.resume else None,
+            model=self.objects.get("model"),
+            cache_dir=self.reference_cache,
+        )
+        self._check_positions(base)
+        policy, reference = split_reference(base)
+        self._place(policy, reference)
+        if sharded:  # after the reference's split: the copy is sharded apart
+            sharding.shard_policy(self.policy, self.autocast_dtype)
+            if base.reference_view() is None:  # a full fine-tune's frozen copy (LoRA: the policy's view)
+                sharding.shard_policy(self.reference, self.autocast_dtype)
+
+    def _build_sharded_models(self) -> None:
+        """A full fine-tune's policy and reference from ``policy.path``, sharded, no rank
+        holding either whole: each rank reads its shards of the pretrained weights
+        (:func:`.models.pretrained_sharded`); a resumed run's reference from its
+        reference.pt."""
+        path = self.config.policy["path"]
+        policy = pretrained_sharded(path, self.task.vocab_size, self.autocast_dtype, self.device)
+        self._check_positions(policy)
+        reference = pretrained_sharded(path, self.task.vocab_size, self.autocast_dtype, self.device)
+        if self.resume and (self.run_dir / REFERENCE).is_file():
+            reference.load_state_dict(read_weights(self.run_dir / REFERENCE))  # whole: cut into shards
+        self._place(policy, frozen_reference(reference))
+
+    def _check_positions(self, base) -> None:
+        longest = self.task.prompts.shape[1] + self.task.horizon
+        if base.max_positions is not None and longest > base.max_positions:
+            raise ConfigError(
+                f"env.horizon = {self.task.horizon} after prompts of up to {self.task.prompts.shape[1]} tokens is "
+                f"{longest} positions, more than the model's {base.max_positions}; lower env.horizon or "
+                "env.max_prompt_tokens"
+            )
+
+    def _place(self, policy, reference) -> None:
+        """The policy and reference on ``train.device`` in the run's precision; the policy in
+        eval mode (no dropout) everywhere but the updater's forward, where
+        ``train.disable_dropout`` (default) turns its dropout off too."""
+        cfg = self.config
+        self.reference = place(reference, self.device, self.autocast_dtype, no_dropout=False)
+        self.policy = place(policy, self.device, self.autocast_dtype, no_dropout=cfg.train.disable_dropout).eval()
+        if cfg.train.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
 
     def whole_models(self):
         """Sharded models gathered whole for the block (rank 0's evaluation, which runs
