@@ -116,10 +116,11 @@ class TrainConfig:
     #: "fp32", or "bf16": HF model forwards under bf16 autocast, float32 master weights,
     #: log-softmax, losses, advantages and KL in float32.
     precision: str = attrs.field(default="fp32", validator=one_of(*PRECISIONS))
-    #: "none", or "fsdp": under torchrun, an HF policy (and its reference) sharded across the
-    #: ranks with FSDP2, one shard of every parameter, gradient and optimizer state per rank;
-    #: the models are gathered whole for sampling, scoring and evaluation, sharded in the
-    #: update (docs/distributed.md, "Sharding"). A resume may change it (and the world size).
+    #: "none", or "fsdp": under torchrun, an HF policy (and its reference, and a PPO critic)
+    #: sharded across the ranks with FSDP2, one shard of every parameter, gradient and
+    #: optimizer state per rank; scoring and the update run sharded, sampling and rank 0's
+    #: evaluation on gathered models; checkpoints are written by shards (docs/distributed.md,
+    #: "Sharding"). A resume may change it (and the world size).
     sharding: str = attrs.field(default="none", validator=one_of("none", "fsdp"))
     #: Set every dropout probability of the policy to 0 for RL (as TRL). false keeps the
     #: policy's dropout in the updater's training forward only; sampling, log-probs, every
