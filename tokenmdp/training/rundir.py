@@ -217,16 +217,17 @@ class RunDir:
             raise
         return tmp
 
-    def record_resume(self, config_text: str, reference_state: dict) -> None:
+    def record_resume(self, config_text: str, reference_state: dict | None) -> None:
         """A resumed run's config.toml holds its ``--set`` overrides (so a later plain
         resume continues the same run), and a deleted reference.pt is written again (the
-        reference is rebuilt exactly: the same seed, the same SFT). A run made before the
-        marker existed is adopted (its checkpoint shows it is tokenmdp's)."""
+        reference is rebuilt exactly: the same seed, the same SFT; the caller computes
+        ``reference_state`` only then, else None). A run made before the marker existed is
+        adopted (its checkpoint shows it is tokenmdp's)."""
         if not self.is_marked():
             self._write_marker()
         # the comments the run started with (how its paths were typed) stay on top
         atomic_write_text(self.path / CONFIG, leading_comments(self.path / CONFIG) + config_text)
-        if not (self.path / REFERENCE).exists():
+        if not (self.path / REFERENCE).exists() and reference_state is not None:
             atomic_save(reference_state, self.path / REFERENCE)
 
     def discard(self, remove_folder: bool) -> None:

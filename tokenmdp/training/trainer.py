@@ -487,10 +487,13 @@ class Trainer:
         given into place) or restore the newest checkpoint. Only rank 0 touches files; under
         torchrun the others get the checkpoint from it."""
         main = distributed.is_main()
-        reference = self.reference_state()  # gathered on every rank when sharded
         if self.resume:
             state = None
             sharded = self.config.train.sharding == "fsdp"
+            # reference.pt is written again only if it was deleted: the reference's weights
+            # (gathered on every rank when sharded) only then
+            missing = distributed.broadcast_object(main and not (self.run_dir / REFERENCE).exists())
+            reference = self.reference_state() if missing else None
             with distributed.agreement("loading the checkpoint"):
                 if main:  # a sharded run's: the .pt file only (its shard files checked)
                     state = self.rundir.load_latest_checkpoint(whole=not sharded)
@@ -503,6 +506,7 @@ class Trainer:
             for component in self.composition.components:
                 component.load_state_dict(state["components"].get(component.kind, {}))
             return state["step"], state["env_tokens"]
+        reference = self.reference_state()  # gathered on every rank when sharded
         with distributed.agreement("preparing the run directory"):
             if main:
                 self.rundir.start_fresh(self.recording.config_text(), reference, staged=staged)
@@ -519,6 +523,13 @@ class Trainer:
         sharding.write_shards(tensors, folder)
         return folder
 
+    def _checkpoint_state(self) -> dict:
+        """The policy's and the components' states, as a checkpoint holds them."""
+        return {
+            "policy": self.policy.checkpoint_state(),
+            "components": {c.kind: c.state_dict() for c in self.composition.components},
+        }
+
     def reference_state(self) -> dict:
         """What reference.pt holds: the reference's weights (nothing for a LoRA view),
         whole (every rank gathers a sharded reference's)."""
@@ -527,17 +538,13 @@ class Trainer:
     def save_checkpoint(self, step: int, env_tokens: int) -> Path:
         """Rank 0 writes the checkpoint (atomically); a failure stops every rank."""
         distributed.check_same_parameters(self.policy, f"at step {step}")
-        state = {
-            "policy": self.policy.checkpoint_state(),
-            "components": {c.kind: c.state_dict() for c in self.composition.components},
-        }
-        shards = None
+        state = shards = None
         if self.config.train.sharding == "fsdp":
             # every rank writes its own shards (no rank gathers the model); the .pt file holds the rest
-            state, tensors = sharding.split_sharded(state)
+            state, tensors = sharding.split_sharded(self._checkpoint_state())
             shards = self._write_shards(step, tensors)
         with distributed.agreement(f"the checkpoint at step {step}"):
             if distributed.is_main():
-                state = {"step": step, "env_tokens": env_tokens, **state}
+                state = {"step": step, "env_tokens": env_tokens, **(state or self._checkpoint_state())}
                 self.rundir.save_checkpoint(step, state, self.config.run.keep_checkpoints, shards=shards)
         return self.rundir.checkpoint_path(step)
