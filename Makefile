@@ -17,7 +17,7 @@ PIP    := pip install --quiet --disable-pip-version-check
 PACKAGES := "torch==2.13.0" -e ".[test,plots]" tests/fixtures/outside_plugin
 LOCKED_PACKAGES := "torch==2.13.0" -e ".[test,plots,gemma]" tests/fixtures/outside_plugin
 
-.PHONY: demo test check install lock test-latest clean
+.PHONY: demo test check install browser lock test-latest clean
 
 # The build backend first, from the lock, then everything else without build isolation,
 # so that the backend that builds tokenmdp is the locked one too (an isolated build would
@@ -38,8 +38,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/tokenmdp compare configs/compare_demo.toml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(MAKE) --no-print-directory check BIN=$(BIN)
+
+# The credit explorer's browser test (tests/test_explorer.py) drives Debian's chromium; it
+# fails without it, so a fresh machine gets it here (docs/testing.md). TOKENMDP_CHROMIUM
+# names another Chrome or Chromium instead.
+browser:
+	@command -v chromium >/dev/null 2>&1 || test -x "$$TOKENMDP_CHROMIUM" || { \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  echo "installing Debian's chromium for the browser test (docs/testing.md)"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # The rules of the code first (seconds): ruff lint and format, the import contracts of
 # pyproject.toml (the core's layers; plugins and envs import only the tokenmdp namespace),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from unittest import mock
@@ -47,14 +48,22 @@ def explained(run_dir, tmp_path_factory):
     return explain(run_dir, samples=3, seed=1, out=tmp_path_factory.mktemp("explain_out"))
 
 
+def page_json(page) -> dict:
+    """The explorer's data, embedded in the page."""
+    found = re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', page.read_text(), re.S)
+    return json.loads(found.group(1))
+
+
 def test_writes_one_png_per_response_and_a_self_contained_html(explained):
     assert len(explained.images) == 3 and len(explained.shown) == 3
     page = explained.html.read_text()
-    for image in explained.images:
-        data = image.read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 5000
-        assert png_data_uri(image) in page  # inlined, so the page needs no other file
-    assert "<img" in page and "src='data:image/png;base64," in page
+    data = page_json(explained.html)
+    for image, embedded in zip(explained.images, data["images"]):
+        png = image.read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) > 5000
+        assert embedded == {"name": image.name, "src": png_data_uri(image)}  # inlined: the page needs no other file
+    assert not re.search(r"<link|<script[^>]*\ssrc=|<img[^>]*\ssrc=|@import|https?://", page)
+    assert [row["label"] for row in data["rows"]] == ROWS and data["truth"] == TRUE_ROW
     for label in ROWS:
         assert label in page
 
@@ -90,10 +99,17 @@ def test_padding_is_zero_and_never_drawn(explained):
         for row in range(b.size):
             real = explained.credit[label][row][b.response_mask[row] > 0]
             assert torch.allclose(real, real[0].expand_as(real))
-    # each response's HTML table has one column per real token
-    tables = explained.html.read_text().split("<h2>Response ")[1:]
-    for table, row in zip(tables, explained.shown):
-        assert len(re.findall(r"<th>t=\d+", table)) == int(b.response_mask[row].sum())
+    # the page holds each shown response's real tokens only, with one value per token in every row
+    responses = page_json(explained.html)["responses"]
+    assert [r["row"] for r in responses] == explained.shown
+    for response, row in zip(responses, explained.shown):
+        length = int(b.response_mask[row].sum())
+        assert response["ids"] == b.response_ids[row, :length].tolist()
+        assert len(response["tokens"]) == len(response["policy_prob"]) == len(response["ref_prob"]) == length
+        for label in ROWS:
+            assert response["credit"][label] == pytest.approx(explained.credit[label][row, :length].tolist(), abs=1e-5)
+        assert response["policy_prob"] == pytest.approx(b.logprobs[row, :length].exp().tolist(), rel=1e-5)
+        assert response["ref_prob"] == pytest.approx(b.ref_logprobs[row, :length].exp().tolist(), rel=1e-5)
 
 
 def test_groups_share_a_prompt(explained):
@@ -189,3 +205,46 @@ def test_a_plugin_contributes_credit_views_through_the_hook(run_dir, tmp_path):
         shown = explain(run_dir, samples=2, seed=0, out=tmp_path)
     assert shown.labels.index("all ones") == 2  # after Inverse-Q*'s two rows (order 10), before GAE (20)
     assert math.isnan(shown.correlations["all ones"])  # constant credit: no correlation
+
+
+def test_the_prefix_trees_carry_the_solvers_values_and_say_what_they_cut(run_dir, explained):
+    """On each branch: pi (the run's policy), pi_ref, pi*, A* and the reward at that state
+    and token; the trees are bounded by reach probability and by a node limit, and count
+    what they leave out."""
+    from tokenmdp.mdp.solver import prefix_index, tree_logprobs
+    from tokenmdp.reports.explorer import prefix_trees
+
+    config, _, task, policy, reference, _ = load_run(run_dir)
+    solution = solve(task, reference, config.train.beta)
+    logp = tree_logprobs(policy, task)
+    trees = page_json(explained.html)["trees"]
+    shown_prompts = [int(explained.batch.prompt_index[row]) for row in explained.shown]
+    assert [tree["prompt_index"] for tree in trees] == list(dict.fromkeys(shown_prompts))
+    for tree in trees:
+        p, nodes = tree["prompt_index"], tree["nodes"]
+        # vocabulary 4, horizon 3, EOS 0: 4 + 3*4 + 9*4 branches; all reached with p >= 1e-3 here
+        assert tree["total"] == 52 and tree["shown"] == len(nodes) - 1 == 52 - tree["cut_reach"]
+        for node in nodes[1:]:
+            path, up = [], node["parent"]
+            while up:
+                path.insert(0, nodes[up]["id_token"])
+                up = nodes[up]["parent"]
+            t, a = node["depth"], node["id_token"]
+            assert t == len(path) and node["id"] in nodes[node["parent"]]["kids"]
+            s = int(prefix_index(torch.tensor([path], dtype=torch.long).view(1, t), task.vocab_size))
+            expect = {
+                "pi": logp[t][p, s, a].exp(),
+                "ref": solution.ref_logp[t][p, s, a].exp(),
+                "opt": solution.opt_logp[t][p, s, a].exp(),
+                "a": solution.advantages(t)[p, s, a],
+                "r": solution.rewards[t][p, s, a],
+            }
+            for key, value in expect.items():
+                assert node[key] == pytest.approx(float(value), rel=1e-5, abs=1e-9), key
+            assert node["end"] == (t == task.horizon - 1 or a == task.eos_token)
+    small = prefix_trees(solution, logp, [0, 1], str, str, max_nodes=10, min_reach=0.05)
+    for tree in small:
+        nodes = tree["nodes"]
+        assert tree["shown"] == 5 and tree["cut_reach"] > 0 and tree["cut_limit"] > 0  # 10 branches over 2 prompts
+        assert sum(node["hidden"] for node in nodes) == tree["cut_reach"] + tree["cut_limit"]
+        assert all(max(node["reach_pi"], node["reach_opt"]) >= 0.05 for node in nodes[1:])

@@ -500,7 +500,8 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, content, message):
         ("env.num_prompts=2.5", "env.num_prompts must be an integer (got 2.5)"),
         (
             "env.colour=1",
-            "valid options: base_scale, eos_token, horizon, num_prompts, prompt_len, reward_scale, seed, vocab_size",
+            "valid options: base_scale, eos_token, horizon, num_prompts, prompt_len, reward, reward_scale, "
+            "reward_weights, seed, step_delimiter, vocab_size",
         ),
     ],
 )

@@ -79,6 +79,7 @@ _LAZY = {
     ),
     **dict.fromkeys(["GRUPolicy", "TaskBasePolicy", "TokenPolicy", "build_policy"], ".policies"),
     **dict.fromkeys(["TextTask"], ".text"),
+    **dict.fromkeys(["RewardSet"], ".text.rewards"),
     **dict.fromkeys(["export_run", "load_exported"], ".training.export"),
     **dict.fromkeys(["PairBatch", "load_pair_file", "sample_pairs", "sequence_rewards"], ".training.preferences"),
     **dict.fromkeys(["generate", "generate_samples"], ".training.rollout"),

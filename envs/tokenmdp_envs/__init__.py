@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from tokenmdp import EnvSpec, TextTask, TokenMDPEnv, TokenTask, TokenVectorEnv, hookimpl
+from tokenmdp import EnvSpec, RewardSet, TextTask, TokenMDPEnv, TokenTask, TokenVectorEnv, hookimpl
 
 
 def finite(name: str, value) -> None:
@@ -32,6 +32,9 @@ class ToyTask(TokenTask):
         num_prompts: int | None = None,
         prompt_len: int = 1,
         base_scale: float = 1.0,
+        reward=None,
+        reward_weights=None,
+        step_delimiter=None,
     ):
         super().__init__(vocab_size, horizon, seed, eos_token)
         for name, value in (("num_prompts", num_prompts), ("prompt_len", prompt_len)):
@@ -53,6 +56,15 @@ class ToyTask(TokenTask):
         self._prompts = torch.cat([bos, content], dim=1)
         # Base distribution: next-token logits depend on the previous token (prompt's last at t=0).
         self.base_table = torch.randn(self.input_vocab_size, vocab_size, generator=self.rng) * base_scale
+        #: ``env.reward``: a Python reward in place of the task's own (the text task's forms,
+        #: docs/text.md), on token ids; its text is the ids joined by spaces ("3 0 2").
+        self.rewards = None
+        if reward is not None:
+            self.rewards = RewardSet(reward, reward_weights, None, step_delimiter=step_delimiter)
+            self.exact = False  # the prefix tree has no table of such a reward: scored by sampling
+            self.pays_on_finish = True
+        elif reward_weights is not None or step_delimiter is not None:
+            raise ValueError("env.reward_weights and env.step_delimiter need env.reward")
 
     @property
     def prompts(self) -> Tensor:
@@ -61,6 +73,36 @@ class ToyTask(TokenTask):
     def base_logits(self, prompt_index: Tensor, prefix: Tensor) -> Tensor:
         last = prefix[:, -1] if prefix.shape[1] else self._prompts[prompt_index, -1]
         return self.base_table[last]
+
+    def response_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+        if self.rewards is None:
+            return super().response_rewards(prompt_index, response, mask)
+        lengths = mask.sum(1).long().tolist()
+        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
+        self.reward_calls += len(responses)
+        return self.rewards.response_rewards(lengths, response.shape[1], **self._scoring_batch(prompt_index, responses))
+
+    def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+        if self.rewards is None:
+            return super().sequence_rewards(prompt_index, response, mask)
+        return self.response_rewards(prompt_index, response, mask).sum(1)
+
+    def _scoring_batch(self, prompt_index: Tensor, responses: list[list[int]]) -> dict:
+        """What ``env.reward`` is called with: the prompts (BOS dropped) and whole responses
+        (EOS included: on a toy task it is a token like any other) as token ids, and their texts."""
+        prompts = [self._prompts[int(i), 1:].tolist() for i in prompt_index]
+        words = [[str(t) for t in r] for r in responses]
+        return dict(
+            prompts=prompts,
+            completions=responses,
+            text_prompts=[" ".join(map(str, p)) for p in prompts],
+            text_completions=[" ".join(w) for w in words],
+            indices=[int(i) for i in prompt_index],
+            ids=responses,
+            extra={},
+            # token k's text ends after its digits, the spaces between tokens included
+            char_ends=lambda i: [sum(map(len, words[i][: k + 1])) + k for k in range(len(words[i]))],
+        )
 
 
 class PatternTask(ToyTask):

@@ -40,7 +40,9 @@ from tokenmdp import (
     hookimpl,
     masked_whiten,
     non_negative,
+    one_of,
     positive,
+    suffix_sums,
 )
 
 
@@ -54,6 +56,11 @@ class GroupRelative(TrajectoryEstimator):
     class Options:
         #: Weight of the sequence KL in r_i; unset = ``train.beta``.
         kl_coef: float | None = attrs.field(default=None, validator=non_negative)
+        #: "sequence": A_i on every token of response i (the env reward's sum, however it
+        #: was paid); "reward-to-go": token t gets the group-relative advantage of what
+        #: response i earns from t on, G_it = sum_{k>=t} r_ik, against the group's G_jt at
+        #: the same position, so a dense or step reward credits the tokens before it only.
+        credit: str = attrs.field(default="sequence", validator=one_of("sequence", "reward-to-go"))
 
     @classmethod
     def requires_for(cls, options):
@@ -74,10 +81,22 @@ class GroupRelative(TrajectoryEstimator):
     def estimate(self, batch, ctx):
         mask = batch.response_mask
         kl_coef = ctx.beta if self.options.kl_coef is None else self.options.kl_coef
+        group = torch.unique(batch.groups, return_inverse=True)[1]
+        if self.options.credit == "reward-to-go":
+            per_token = batch.rewards * mask
+            if kl_coef:
+                per_token = per_token - kl_coef * batch.token_kl
+            # every position t at once: G_t against the group's G_t (0 after a response ended)
+            to_go = suffix_sums(per_token, mask).T  # [T, B]
+            size = torch.bincount(group).to(to_go.dtype)
+            total = torch.zeros(to_go.shape[0], size.numel(), dtype=to_go.dtype).index_add_(1, group, to_go)
+            # one scale per group, from the whole returns G_i0 = r_i, as the sequence rule's
+            scale = self.group_scale(to_go[0], group, size, total[0])
+            centred = torch.stack([self.group_centre(g, group, size, s) for g, s in zip(to_go, total)])
+            return {"token_rewards": (centred / scale).T * mask}
         r = batch.sequence_rewards
         if kl_coef:  # with 0 the reference is never scored (r - 0 * kl is r exactly)
             r = r - kl_coef * batch.token_kl.sum(1)
-        group = torch.unique(batch.groups, return_inverse=True)[1]
         size = torch.bincount(group).to(r.dtype)
         total = torch.zeros_like(size).index_add_(0, group, r)
         return {"token_rewards": self.group_advantage(r, group, size, total)[:, None] * mask}
@@ -92,6 +111,12 @@ class RLOO(GroupRelative):
         n = size[group]
         leave_one_out = (total[group] - r) / (n - 1).clamp(min=1)
         return torch.where(n > 1, r - leave_one_out, torch.zeros_like(r))
+
+    def group_centre(self, r, group, size, total):
+        return self.group_advantage(r, group, size, total)
+
+    def group_scale(self, r, group, size, total):
+        return torch.ones_like(r)
 
 
 class GRPO(GroupRelative):
@@ -109,6 +134,14 @@ class GRPO(GroupRelative):
         centred = r - (total / size)[group]
         var = torch.zeros_like(size).index_add_(0, group, centred**2) / (size - 1).clamp(min=1)
         return torch.where(n > 1, centred / (var[group].sqrt() + self.options.eps), torch.zeros_like(r))
+
+    def group_centre(self, r, group, size, total):
+        return torch.where(size[group] > 1, r - (total / size)[group], torch.zeros_like(r))
+
+    def group_scale(self, r, group, size, total):
+        centred = r - (total / size)[group]
+        var = torch.zeros_like(size).index_add_(0, group, centred**2) / (size - 1).clamp(min=1)
+        return var[group].sqrt() + self.options.eps
 
 
 class SequenceCredit(AdvantageConstructor):

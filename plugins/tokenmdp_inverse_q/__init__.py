@@ -131,6 +131,13 @@ class LogRatio(AdvantageConstructor):
         kappa: float | None = attrs.field(default=None, validator=positive)
         #: Scale of the log-ratio; unset = ``train.beta``.
         beta: float | None = attrs.field(default=None, validator=positive)
+        #: Weight of the env's own per-token reward added to r_t (after clipping): a dense
+        #: or step reward joins the log-ratio where it is paid; 0 = reward-free (the default).
+        env_reward: float = attrs.field(default=0.0, validator=non_negative)
+
+    @classmethod
+    def requires_for(cls, options):
+        return cls.requires | {"rewards"} if options.env_reward else cls.requires
 
     def construct(self, batch, signals, ctx):
         mask = batch.response_mask
@@ -138,6 +145,8 @@ class LogRatio(AdvantageConstructor):
         rewards = beta * (signals["target_logprobs"] - batch.ref_logprobs) * mask
         if self.options.kappa is not None:
             rewards = rewards.clamp(-self.options.kappa, self.options.kappa)
+        if self.options.env_reward:
+            rewards = rewards + self.options.env_reward * batch.rewards * mask
         returns = suffix_sums(rewards, mask)
         advantages = rewards if self.options.form == "token" else returns
         if self.options.whiten:

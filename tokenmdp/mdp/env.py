@@ -276,8 +276,9 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         until all are done; the ``[num_envs, T]`` rewards. The same as calling :meth:`step`
         column by column, except that in an env without autoreset a task paid on the finished
         response (``pays_on_finish``) scores the whole batch at the end with one
-        :meth:`TokenTask.sequence_rewards` call (a batch reward is called once, not once
-        per step at which some response ended)."""
+        :meth:`TokenTask.response_rewards` call (a batch reward is called once, not once
+        per step at which some response ended), which also places a dense or step reward
+        on the tokens it names."""
         rewards = torch.zeros(actions.shape)
         # with autoreset a finished row restarts on the next step, so only a non-resetting
         # env still holds every finished response at the end
@@ -296,8 +297,9 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
             if finished.numel():
                 lengths = self.length[finished]
                 mask = (torch.arange(self.task.horizon)[None] < lengths[:, None]).float()
-                values = self.task.sequence_rewards(self.prompt_index[finished], self.response[finished], mask)
-                rewards[finished, lengths - 1] = values.to(rewards.dtype)
+                values = self.task.response_rewards(self.prompt_index[finished], self.response[finished], mask)
+                width = min(values.shape[1], rewards.shape[1])  # a response never outgrows the actions
+                rewards[finished, :width] = values[:, :width].to(rewards.dtype)
         return rewards
 
     def step(self, actions):

@@ -113,8 +113,23 @@ class TokenTask:
         return rewards
 
     def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:
-        """``[N]`` reward of taking ``actions`` after ``prefix`` (every row has the same length)."""
-        return self.next_token_rewards(prompt_index, prefix).gather(1, actions[:, None]).squeeze(1)
+        """``[N]`` reward of taking ``actions`` after ``prefix`` (every row has the same length).
+
+        A task paid on the finished response (``pays_on_finish``) pays its whole reward, a
+        dense one's sum included, on the action that ends it: a step-by-step env cannot pay
+        a token before the response it is computed from exists. Collecting a batch
+        (:meth:`TokenVectorEnv.play`, what training does) places it per token instead."""
+        if not self.pays_on_finish:
+            return self.next_token_rewards(prompt_index, prefix).gather(1, actions[:, None]).squeeze(1)
+        rewards = torch.zeros(actions.shape[0])
+        if not self.has_reward:
+            return rewards
+        rows = self.ending_actions(prefix.shape[1])[actions].nonzero().squeeze(1)
+        if rows.numel():
+            full = torch.cat([prefix[rows], actions[rows, None]], dim=1)
+            values = self.sequence_rewards(prompt_index[rows], full, torch.ones_like(full))
+            rewards[rows] = values.to(rewards.dtype)
+        return rewards
 
     def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
         """``[N]`` float64 ``R(x, y) = sum_t r(s_t, y_t)`` of whole responses (0-padded,
@@ -128,6 +143,20 @@ class TokenTask:
             table = self.next_token_rewards(prompt_index[live], response[live, :t])
             total[live] += table.gather(1, response[live, t : t + 1]).squeeze(1).double()
         return total
+
+    def response_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+        """``[N, T]`` float64 reward of every token of whole responses (0-padded, with their
+        0/1 mask; 0 on padding): ``r(s_t, y_t)`` from :meth:`next_token_rewards`. Its row
+        sums are :meth:`sequence_rewards`. Text tasks score finished responses, and a
+        dense or step reward (:mod:`tokenmdp.text.rewards`) spreads its values over them."""
+        out = torch.zeros(response.shape, dtype=torch.float64)
+        for t in range(response.shape[1]):
+            live = mask[:, t] > 0
+            if not bool(live.any()):
+                break
+            table = self.next_token_rewards(prompt_index[live], response[live, :t])
+            out[live, t] = table.gather(1, response[live, t : t + 1]).squeeze(1).double()
+        return out
 
     def encode_guide(self, text: str) -> Tensor:
         """A guide given as text -> the ids of the conditioning prefix; only a task with a

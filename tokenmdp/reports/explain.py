@@ -25,7 +25,6 @@ sampled response.
 
 from __future__ import annotations
 
-import html
 import io
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from ..training.envs import load_task, make_vector_env
 from ..training.models import load_policy, load_reference
 from ..training.rollout import collect
 from ..training.rundir import latest_checkpoint
+from .explorer import CMAP, page_data, prefix_trees, render
 
 TRUE_ROW = "true A*"
 #: Bounds of ``--samples`` (one PNG each) and ``--group-size``.
@@ -56,18 +56,26 @@ MAX_SAMPLES, MAX_GROUP = 64, 256
 
 @attrs.define
 class Explanation:
-    """What ``explain`` computed and wrote."""
+    """What ``explain`` computed and wrote; also what the explorer page is drawn from
+    (:func:`tokenmdp.reports.explorer.page_data`), whatever the ground truth is."""
 
-    labels: list[str]  # one per estimator, then TRUE_ROW
+    labels: list[str]  # one per estimator, then the ground truth (``truth``)
     notes: dict[str, str]  # label -> how it was computed
     credit: dict[str, Tensor]  # label -> [B, T] per-token credit (0 on padding)
-    correlations: dict[str, float]  # label -> Pearson correlation with A* over all real tokens
-    batch: RolloutBatch
-    shown: list[int]  # batch rows drawn as heat maps
+    correlations: dict[str, float]  # label -> Pearson correlation with the ground truth over all real tokens
+    batch: RolloutBatch  # with logprobs and ref_logprobs
+    shown: list[int]  # batch rows drawn as heat maps and on the page
     skipped: dict[str, str]  # estimator -> why it could not be built for this run
     images: list[Path]
     html: Path
     header: str
+    #: The ground truth's label (the last of ``labels``): TRUE_ROW on toy runs.
+    truth: str = TRUE_ROW
+    #: label -> [B, T] standard error per token (a Monte-Carlo ground truth); the page shows
+    #: ``value ± stderr`` where one is given.
+    stderr: dict[str, Tensor] = attrs.Factory(dict)
+    #: label -> (low, high): a confidence interval of the correlation, shown beside it.
+    intervals: dict[str, tuple[float, float]] = attrs.Factory(dict)
 
 
 def load_run(run_dir: str | Path):
@@ -267,20 +275,29 @@ def explain(
         f"beta={config.train.beta:g}; {len(prompt_index)} responses ({samples} shown, groups of "
         f"{group_size}), {batch.num_tokens} tokens, seed {seed}"
     )
-    page = out / "index.html"
-    page.write_text(render_html(header, labels, notes, credit, correlations, skipped, batch, shown, task, images))
-    return Explanation(labels, notes, credit, correlations, batch, shown, skipped, images, page, header)
+    result = Explanation(labels, notes, credit, correlations, batch, shown, skipped, images, out / "index.html", header)
+    prompts = list(dict.fromkeys(int(batch.prompt_index[row]) for row in shown))  # the shown ones, in order
+    trees = prefix_trees(
+        solution, tree_logprobs(policy, task), prompts, lambda a: token_label(task, a), lambda p: prompt_label(task, p)
+    )
+    prompt_of_row = lambda row: prompt_label(task, int(batch.prompt_index[row]))
+    data = page_data(result, lambda a: token_label(task, a), prompt_of_row, trees, images)
+    result.html.write_text(render(data), encoding="utf-8")
+    return result
 
 
 # --- rendering --------------------------------------------------------------------------
-
-CMAP = "PiYG"  # diverging: pink < 0 < green; white at 0
 
 
 def token_label(task, token: int) -> str:
     tokenizer = task.tokenizer
     text = tokenizer.decode([token]) if tokenizer is not None else str(token)
     return f"{text} (eos)" if token == task.eos_token else text
+
+
+def prompt_label(task, prompt: int) -> str:
+    """A toy prompt as its token list (``[2, 0]``)."""
+    return str(task.prompts[prompt].tolist())
 
 
 def _row_scaled(values: Tensor) -> Tensor:
@@ -321,60 +338,6 @@ def heat_map_png(labels, credit, batch, row: int, task) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def _cell_colour(x: float) -> str:
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
-
-    return to_hex(colormaps[CMAP]((x + 1) / 2))
-
-
-def render_html(header, labels, notes, credit, correlations, skipped, batch, shown, task, images) -> str:
-    from .plots import png_data_uri
-
-    e = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmdp explain</title><style>"
-        "body{font-family:sans-serif;max-width:72em;margin:1em auto}table{border-collapse:collapse;margin:.5em 0}"
-        "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:center;font-size:90%}"
-        "th.l,td.l{text-align:left}tr.true td{border-top:2px solid #000}</style></head><body>",
-        f"<h1>Token credit against the true A*</h1><p>{e(header)}</p>",
-        "<h2>Correlation with A* over all sampled tokens</h2><table><tr><th class=l>estimator</th>"
-        "<th>corr(credit, A*)</th><th class=l>how it is computed</th></tr>",
-    ]
-    for label in labels:
-        parts.append(
-            f"<tr><td class=l>{e(label)}</td><td>{correlations[label]:.3f}</td><td class=l>{e(notes[label])}</td></tr>"
-        )
-    parts.append("</table>")
-    for name, why in skipped.items():
-        parts.append(f"<p>skipped {e(name)}: {e(why)}</p>")
-    parts.append(
-        "<p>Colours: each row scaled to its own max |credit| (pink &lt; 0 &lt; green); "
-        "the numbers are the credit itself. Padding after EOS is not shown.</p>"
-    )
-    for k, (row, image) in enumerate(zip(shown, images)):
-        values, length = _matrix(labels, credit, batch, row)
-        scaled = _row_scaled(values)
-        tokens = batch.response_ids[row, :length].tolist()
-        parts.append(
-            f"<h2>Response {k}: prompt {e(str(batch.prompt_ids[row].tolist()))}, "
-            f"R = {float(batch.sequence_rewards[row]):g}</h2><table><tr><th class=l>token</th>"
-        )
-        parts += [f"<th>t={t}<br>{e(token_label(task, a))}</th>" for t, a in enumerate(tokens)]
-        parts.append("</tr>")
-        for i, label in enumerate(labels):
-            cls = " class=true" if label == TRUE_ROW else ""
-            cells = "".join(
-                f"<td style='background:{_cell_colour(float(scaled[i, t]))};"
-                f"color:{'#fff' if abs(float(scaled[i, t])) > 0.6 else '#000'}'>{float(values[i, t]):+.3f}</td>"
-                for t in range(length)
-            )
-            parts.append(f"<tr{cls}><td class=l>{e(label)}</td>{cells}</tr>")
-        parts.append(f"</table><img alt='{e(image.name)}' src='{png_data_uri(image)}'>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 def correlation_table(explanation: Explanation) -> str:

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import inspect
 import math
-import numbers
 import os
 import threading
 from collections import defaultdict
@@ -44,6 +43,7 @@ import torch
 
 from ..errors import ConfigError, RewardError
 from .callables import resolve_callable
+from .reward_tokens import Scored, number, place, placed, step_ends, token_at
 
 #: The keywords TRL's GRPOTrainer passes to every reward function (besides dataset columns).
 TRL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
@@ -106,8 +106,10 @@ def reward_form(fn: Callable, spec: str, key: str = "env.reward") -> str:
 class Reward:
     """One entry of ``env.reward``."""
 
-    def __init__(self, spec: str, weight: float, fn: Callable, form: str):
+    def __init__(self, spec: str, weight: float, fn: Callable, form: str, delimiter: str | None = None):
         self.spec, self.weight, self.fn, self.form = spec, weight, fn, form
+        #: ``env.step_delimiter``: a step (process) reward, called on each step's prefix
+        self.delimiter = delimiter
 
     @classmethod
     def resolve(cls, spec: Any, weight: float, key: str = "env.reward") -> Reward:
@@ -126,7 +128,14 @@ class RewardSet:
     ``state`` is what rewards receive as ``trainer_state``; ``drain_logs`` hands over what
     they logged through ``log_metric`` and ``log_extra`` since the last call."""
 
-    def __init__(self, specs, weights: Sequence[float] | None, timeout: float | None, key: str = "env.reward"):
+    def __init__(
+        self,
+        specs,
+        weights: Sequence[float] | None,
+        timeout: float | None,
+        key: str = "env.reward",
+        step_delimiter: str | dict | None = None,
+    ):
         specs = [specs] if isinstance(specs, str) or callable(specs) else list(specs)
         if not specs:
             raise ConfigError("env.reward: an empty list; name a reward, or leave env.reward unset")
@@ -142,6 +151,8 @@ class RewardSet:
                 f"env.reward_weights must be {len(specs)} finite number(s), one per env.reward (got {weights!r})"
             )
         self.rewards = [Reward.resolve(spec, float(w), key) for spec, w in zip(specs, weights)]
+        for reward, delimiter in zip(self.rewards, _delimiters(step_delimiter, [r.spec for r in self.rewards])):
+            reward.delimiter = delimiter
         self.timeout = timeout
         self.state = RewardState()
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -170,7 +181,16 @@ class RewardSet:
     def _log_extra(self, column: str, values: list) -> None:
         self._columns[str(column)].extend(values)
 
-    def score(
+    def score(self, **batch) -> list[float]:
+        """The weighted reward ``R(x, y)`` of each response (:meth:`score_tokens`' totals)."""
+        return [scored.total for scored in self.score_tokens(**batch)]
+
+    def response_rewards(self, lengths: list[int], width: int, **batch) -> torch.Tensor:
+        """``[N, width]`` float64: :meth:`score_tokens` placed on the responses' tokens, the
+        responses being ``lengths`` tokens long (EOS included; :func:`.reward_tokens.placed`)."""
+        return placed(self.score_tokens(**batch), lengths, width)
+
+    def score_tokens(
         self,
         prompts: list,
         completions: list,
@@ -179,52 +199,126 @@ class RewardSet:
         indices: list[int],
         ids: list[list[int]],
         extra: dict,
-    ) -> list[float]:
-        """The weighted reward of each response. A TRL-form reward receives ``prompts`` and
-        ``completions`` as TRL gives them (strings, or conversations for chat prompts),
-        ``completion_ids``, ``extra`` (the prompts' other dataset columns) and TRL's
-        ``trainer_state``, ``log_extra`` and ``log_metric``, all as keywords; a per-response
-        reward receives the texts (a chat prompt after its template). ``indices`` are the
-        prompts' rows, for messages."""
+        char_ends: Callable[[int], list[int]] | None = None,
+    ) -> list[Scored]:
+        """The weighted reward of each response, with where it lands (:class:`Scored`). A
+        TRL-form reward receives ``prompts`` and ``completions`` as TRL gives them (strings,
+        or conversations for chat prompts), ``completion_ids``, ``extra`` (the prompts' other
+        dataset columns) and TRL's ``trainer_state``, ``log_extra`` and ``log_metric``, all as
+        keywords; a per-response reward receives the texts (a chat prompt after its
+        template). ``indices`` are the prompts' rows, for messages. ``char_ends(i)``: where
+        each token of completion ``i`` ends in its text (:func:`.reward_tokens.token_char_ends`),
+        read for spans and steps only. A step reward (``env.step_delimiter``) is called on
+        every step's prefix of every completion instead."""
         n = len(prompts)
-        batch = f"on a batch of {n} responses"
-        outputs: list[Any] = []
+        batch = dict(
+            prompts=prompts,
+            completions=completions,
+            text_prompts=text_prompts,
+            text_completions=text_completions,
+            indices=indices,
+            ids=ids,
+            extra=extra,
+        )
+        ends_cache: dict[int, list[int]] = {}
+
+        def ends(i: int) -> list[int]:
+            if char_ends is None:
+                raise RewardError(f"reward {self.name!r}: spans and steps need the completions' token offsets")
+            if i not in ends_cache:
+                ends_cache[i] = char_ends(i)
+            return ends_cache[i]
+
+        calls = []  # per reward: (the batch it is called on, where each of its values lands)
         for reward in self.rewards:
-            if reward.form == "trl":
-                keywords = dict(
-                    prompts=prompts,
-                    completions=completions,
-                    completion_ids=ids,
-                    **extra,
-                    trainer_state=self.state,
-                    log_extra=self._log_extra,
-                    log_metric=self._log_metric,
-                )
-                outputs.append(self._call(reward, batch, lambda r=reward, k=keywords: r.fn(**k)))
+            if reward.delimiter is None:
+                calls.append((batch, None))
             else:
-                outputs.append(
-                    [
-                        self._call(reward, _where(i, c), lambda r=reward, p=p, c=c: r.fn(p, c))
-                        for p, c, i in zip(text_prompts, text_completions, indices)
-                    ]
-                )
-        outputs = self._await_all(outputs)
+                calls.append(self._step_batch(reward, batch, ends))
+        outputs = self._await_all([self._call_on(reward, b) for reward, (b, _) in zip(self.rewards, calls)])
         total: list[float | None] = [None] * n
-        for reward, out in zip(self.rewards, outputs):
+        tokens: list[list[float] | None] = [None] * n
+        for reward, (b, steps), out in zip(self.rewards, calls, outputs):
+            m = len(b["prompts"])
             if reward.form == "trl":
-                values = _batch_values(reward, out, n, batch)
+                values = _batch_values(reward, out, m, f"on a batch of {m} responses")
             else:
-                values = [_checked(reward, v, _where(i, c)) for v, i, c in zip(out, indices, text_completions)]
-            for i, v in enumerate(values):
-                if v is not None:  # TRL's nansum: a reward that does not apply is left out
-                    total[i] = (total[i] or 0.0) + reward.weight * v
+                values = out
+            for j, value in enumerate(values):
+                where = _where(b["indices"][j], b["text_completions"][j])
+                if steps is None:
+                    i = j
+                    placed = place(value, reward.spec, where, len(ids[i]), text_completions[i], lambda i=i: ends(i))
+                else:
+                    i, position = steps[j]
+                    placed = None if value is None else _step_value(reward, value, where)
+                    if placed is not None and position is not None:
+                        placed = tuple(placed if k == position else 0.0 for k in range(len(ids[i])))
+                if placed is None:  # TRL's nansum: a reward that does not apply is left out
+                    continue
+                if isinstance(placed, tuple):
+                    row = tokens[i] if tokens[i] is not None else [0.0] * len(placed)
+                    tokens[i] = [a + reward.weight * v for a, v in zip(row, placed)]
+                    total[i] = total[i] or 0.0
+                else:
+                    total[i] = (total[i] or 0.0) + reward.weight * placed
         for i, value in enumerate(total):
             if value is None:
                 raise RewardError(
                     f"reward {self.name!r} returned None {_where(indices[i], text_completions[i])}, and no other "
                     "reward scored that completion; None means 'does not apply', and one reward must apply"
                 )
-        return total  # type: ignore[return-value]
+        return [Scored(final, None if row is None else tuple(row)) for final, row in zip(total, tokens)]
+
+    def _call_on(self, reward: Reward, b: dict) -> Any:
+        """``reward`` called on batch ``b``: once (TRL's form) or once per response."""
+        if reward.form == "trl":
+            keywords = dict(
+                prompts=b["prompts"],
+                completions=b["completions"],
+                completion_ids=b["ids"],
+                **b["extra"],
+                trainer_state=self.state,
+                log_extra=self._log_extra,
+                log_metric=self._log_metric,
+            )
+            where = f"on a batch of {len(b['prompts'])} responses"
+            return self._call(reward, where, lambda: reward.fn(**keywords))
+        return [
+            self._call(reward, _where(i, c), lambda p=p, c=c: reward.fn(p, c))
+            for p, c, i in zip(b["text_prompts"], b["text_completions"], b["indices"])
+        ]
+
+    def _step_batch(self, reward: Reward, batch: dict, ends) -> tuple[dict, list[tuple[int, int | None]]]:
+        """The prefixes a step reward scores: every step of every completion, with where each
+        value lands, ``(completion, token)``: the step's last token (None for an empty
+        completion, scored as one empty step: its value lands on the response's last token)."""
+        texts, delimiter = batch["text_completions"], reward.delimiter
+        if texts and not any(delimiter in t for t in texts):
+            raise RewardError(
+                f"reward {reward.spec!r}: its step delimiter {delimiter!r} occurs in none of the {len(texts)} "
+                f"completions {_where(batch['indices'][0], texts[0])}; check env.step_delimiter"
+            )
+        rows: dict[str, list] = {k: [] for k in ("prompts", "completions", "text_prompts", "text_completions")}
+        rows.update(indices=[], ids=[], extra={name: [] for name in batch["extra"]})
+        lands: list[tuple[int, int | None]] = []
+        for i, text in enumerate(texts):
+            start = 0
+            for end in step_ends(text, delimiter) or [0]:
+                position = token_at(ends(i), end, start) if end else None
+                start = end
+                prefix = text[:end]
+                chat = not isinstance(batch["completions"][i], str)
+                rows["prompts"].append(batch["prompts"][i])
+                rows["completions"].append([{"role": "assistant", "content": prefix}] if chat else prefix)
+                rows["text_prompts"].append(batch["text_prompts"][i])
+                rows["text_completions"].append(prefix)
+                rows["indices"].append(batch["indices"][i])
+                rows["ids"].append(batch["ids"][i][: 0 if position is None else position + 1])
+                for name, column in batch["extra"].items():
+                    rows["extra"][name].append(column[i])
+                lands.append((i, position))
+        return rows, lands
 
     def _call(self, reward: Reward, where: str, call: Callable[[], Any]) -> Any:
         """``call()`` with ``os._exit`` refused, bounded by ``env.reward_timeout`` seconds
@@ -271,6 +365,22 @@ class RewardSet:
             else:
                 outputs[k][j] = value
         return outputs
+
+
+def _delimiters(given: str | dict | None, specs: list[str]) -> list[str | None]:
+    """``env.step_delimiter`` per reward: one string for every reward, or a table from a
+    reward's ``module:function`` to its delimiter (the others are not step rewards)."""
+    if given is None:
+        return [None] * len(specs)
+    if isinstance(given, str):
+        return [given] * len(specs)
+    unknown = sorted(set(given) - set(specs))
+    if unknown:
+        raise ConfigError(
+            f"env.step_delimiter names {', '.join(map(repr, unknown))}, which is not in env.reward; "
+            f"the rewards are: {', '.join(map(repr, specs))}"
+        )
+    return [given.get(spec) for spec in specs]
 
 
 class _Failed(Exception):
@@ -323,15 +433,26 @@ def _where(index: int, completion: str) -> str:
     return f"on prompt {index} (completion {completion[:60]!r})"
 
 
-def _batch_values(reward: Reward, values: Any, n: int, where: str) -> list[float | None]:
+def _batch_values(reward: Reward, values: Any, n: int, where: str) -> list:
+    """A batch reward's values, one per completion (each checked where it is placed)."""
     if isinstance(values, torch.Tensor):
         values = values.tolist()
     if not isinstance(values, (list, tuple)) or len(values) != n:
         got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)[:60]
         raise RewardError(
-            f"reward {reward.spec!r} returned {got} {where}; a batch reward returns one number (or None) per completion"
+            f"reward {reward.spec!r} returned {got} {where}; a batch reward returns one value (or None) per completion"
         )
-    return [_checked(reward, v, f"{where} (completion {i})") for i, v in enumerate(values)]
+    return list(values)
+
+
+def _step_value(reward: Reward, value, where: str) -> float:
+    """A step reward's value for one step's prefix: one number."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, torch.Tensor) and value.numel() != 1):
+        raise RewardError(
+            f"reward {reward.spec!r} returned {value!r} {where}; a step reward (env.step_delimiter) gives one "
+            "number per step prefix"
+        )
+    return number(value, reward.spec, where)
 
 
 @contextlib.contextmanager
@@ -356,23 +477,6 @@ def exit_refused(spec: str, where: str):
         yield
     finally:
         os._exit = real
-
-
-def _checked(reward: Reward, value, where: str) -> float | None:
-    """A finite float, or None (this reward does not apply to that completion, as in TRL)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise RewardError(
-            f"reward {reward.spec!r} returned {value!r} ({type(value).__name__}) {where}; "
-            "rewards must be numbers (int or float) or None"
-        )
-    value = float(value)
-    if not math.isfinite(value):
-        raise RewardError(f"reward {reward.spec!r} returned {value} {where}; rewards must be finite numbers")
-    return value
 
 
 class SequenceClassifierReward:

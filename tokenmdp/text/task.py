@@ -35,6 +35,7 @@ from ..options import build
 from ..plugin.batch import GuidedPrompts
 from .judges import Judges
 from .prompts import as_messages, load_prompts
+from .reward_tokens import Scored, token_char_ends
 from .rewards import RewardSet
 from .task_options import TextTaskOptions
 from .tokenizers import TextTokenizer, load_tokenizer
@@ -47,7 +48,7 @@ class TextTask(TokenTask):
     #: The ``[env]`` options, passed as keywords (``TextTask(prompts=..., tokenizer=...)``).
     Options = TextTaskOptions
     #: The options only scoring reads: :meth:`unscored` goes without them.
-    SCORING_OPTIONS = ("prompts", "eval_prompts", "reward", "reward_weights", "judges")
+    SCORING_OPTIONS = ("prompts", "eval_prompts", "reward", "reward_weights", "judges", "step_delimiter")
     #: No exact solver: the prefix tree of a real vocabulary is far too large.
     exact = False
     #: The observation carries ``prompt_mask`` (prompts have different lengths).
@@ -100,7 +101,11 @@ class TextTask(TokenTask):
         self.max_prompt_tokens = options.max_prompt_tokens
         reward = options.reward
         #: ``env.reward`` (None: a reward-free task); see :mod:`.rewards`
-        self.rewards = RewardSet(reward, options.reward_weights, options.reward_timeout) if reward is not None else None
+        self.rewards = (
+            RewardSet(reward, options.reward_weights, options.reward_timeout, step_delimiter=options.step_delimiter)
+            if reward is not None
+            else None
+        )
         self.reward_name = self.rewards.name if self.rewards is not None else None
         #: ``env.judges``: scored on held-out evaluations only (:mod:`.judges`)
         self.judges = Judges(list(options.judges), options.reward_timeout) if options.judges else None
@@ -235,13 +240,17 @@ class TextTask(TokenTask):
         return self.score_responses([int(prompt_index)], [list(response)])[0]
 
     def score_responses(self, prompt_index: list[int], responses: list[list[int]]) -> list[float]:
-        """The rewards of finished responses (token ids, EOS included or not) to the prompts
-        in rows ``prompt_index``: each reward of ``env.reward`` is called once for all of
-        them (a batch reward) or once per response."""
+        """The rewards ``R(x, y)`` of finished responses (token ids, EOS included or not) to
+        the prompts in rows ``prompt_index``: each reward of ``env.reward`` is called once for
+        all of them (a batch reward) or once per response."""
+        return [scored.total for scored in self.score_tokens(prompt_index, responses)]
+
+    def score_tokens(self, prompt_index: list[int], responses: list[list[int]]) -> list[Scored]:
+        """:meth:`score_responses` with where each reward lands (:class:`Scored`)."""
         if self.rewards is None:
             raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
         self.reward_calls += len(responses)
-        return self.rewards.score(**self._scoring_batch(prompt_index, responses))
+        return self.rewards.score_tokens(**self._scoring_batch(prompt_index, responses))
 
     def judge_responses(self, prompt_index: list[int], responses: list[list[int]]) -> dict[str, list[float]]:
         """Each judge's scores of finished responses (as :meth:`score_responses` calls rewards)."""
@@ -262,6 +271,7 @@ class TextTask(TokenTask):
             indices=list(prompt_index),
             ids=ids,
             extra={name: [column[i] for i in prompt_index] for name, column in self.prompt_columns.items()},
+            char_ends=lambda i: token_char_ends(self.tokenizer.decode, ids[i], texts[i]),
         )
 
     def _completion_ids(self, response) -> list[int]:
@@ -270,28 +280,24 @@ class TextTask(TokenTask):
             ids = ids[: ids.index(self.eos_token)]
         return ids
 
-    def action_rewards(self, prompt_index: Tensor, prefix: Tensor, actions: Tensor) -> Tensor:
-        """The reward is paid on the action that ends the response (EOS, or the last allowed token)."""
-        rewards = torch.zeros(actions.shape[0])
-        if self.rewards is None:
-            return rewards
-        t = prefix.shape[1]
-        ends = torch.full_like(actions, t + 1 >= self.horizon, dtype=torch.bool)
-        if self.eos_token is not None:
-            ends |= actions == self.eos_token
-        rows = ends.nonzero().flatten().tolist()
-        if rows:
-            responses = [[*prefix[row].tolist(), int(actions[row])] for row in rows]
-            values = self.score_responses([int(prompt_index[row]) for row in rows], responses)
-            rewards[rows] = torch.tensor(values, dtype=torch.float64).to(rewards.dtype)
-        return rewards
-
     def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
-        """``[N]`` float64 rewards of whole responses (0-padded, with their 0/1 mask)."""
+        """``[N]`` float64 rewards ``R(x, y)`` of whole responses (0-padded, with their 0/1 mask)."""
         lengths = mask.sum(1).long().tolist()
         responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
         values = self.score_responses([int(i) for i in prompt_index], responses)
         return torch.tensor(values, dtype=torch.float64)
+
+    def response_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+        """``[N, T]`` float64 reward of every token of whole responses (0 on padding): a
+        sequence reward on the response's last token (its EOS when it has one), per-token,
+        span and step values on the tokens they name (:mod:`.reward_tokens`)."""
+        if self.rewards is None:
+            raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
+        lengths = mask.sum(1).long().tolist()
+        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
+        self.reward_calls += len(responses)
+        batch = self._scoring_batch([int(i) for i in prompt_index], responses)
+        return self.rewards.response_rewards(lengths, response.shape[1], **batch)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -51,6 +51,19 @@ def _reward(instance, attribute, value):
         raise ConfigError(f"env.reward must be 'module:function' or a list of them (got {value!r})")
 
 
+def _step_delimiter(instance, attribute, value):
+    if value is None:
+        return
+    if instance.reward is None:
+        raise ConfigError("env.step_delimiter is set, but env.reward is not")
+    table = value if isinstance(value, dict) else {"": value}
+    if not all(isinstance(d, str) and d for d in table.values()) or not all(isinstance(k, str) for k in table):
+        raise ConfigError(
+            "env.step_delimiter must be a non-empty string (every reward is a step reward), or a table from "
+            f'a reward\'s "module:function" to its delimiter (got {value!r})'
+        )
+
+
 def _judges(instance, attribute, value):
     listed = isinstance(value, (list, tuple)) and value
     if value is not None and not (listed and all(isinstance(v, str) and v or callable(v) for v in value)):
@@ -104,3 +117,8 @@ class TextTaskOptions:
     #: extra ``judges``); each is logged as ``judge/NAME`` with its win rate against the
     #: reference (docs/text.md, "Judges").
     judges: list | None = attrs.field(default=None, validator=_judges)
+    #: A step (process) reward: the completion is split after each occurrence of this
+    #: string, every step's prefix is scored, and the value lands on the step's last token.
+    #: A string makes every reward a step reward; a table {"module:function" = "\n"} only
+    #: those it names (docs/text.md, "Dense and step rewards").
+    step_delimiter: str | dict | None = attrs.field(default=None, validator=_step_delimiter)

@@ -14,21 +14,23 @@ from ..errors import ConfigError
 
 
 def check_text_setup(config: Config, task) -> None:
-    """Tasks without an exact solver (text) have no base distribution to fine-tune a
-    reference on, and only HF causal LMs handle their padded prompts."""
+    """Tasks without an exact solver are scored by sampling. A text task's has no base
+    distribution to fine-tune a reference on, and only HF causal LMs handle its padded
+    prompts; a toy task with a Python reward (``env.reward``) keeps both."""
     if task.exact:
         return
     env_id = config.env["id"]
-    if config.policy.get("kind", "gru") != "hf":
-        raise ConfigError(
-            f'env {env_id} needs policy.kind = "hf" (with policy.path = a model directory); '
-            f"got policy.kind = {config.policy.get('kind', 'gru')!r}"
-        )
-    if config.reference.init != "init":
-        raise ConfigError(
-            f"env {env_id} has no base distribution to fine-tune a reference on; set "
-            'reference.init = "init" (the loaded model is the reference)'
-        )
+    if task.tokenizer is not None:
+        if config.policy.get("kind", "gru") != "hf":
+            raise ConfigError(
+                f'env {env_id} needs policy.kind = "hf" (with policy.path = a model directory); '
+                f"got policy.kind = {config.policy.get('kind', 'gru')!r}"
+            )
+        if config.reference.init != "init":
+            raise ConfigError(
+                f"env {env_id} has no base distribution to fine-tune a reference on; set "
+                'reference.init = "init" (the loaded model is the reference)'
+            )
     if config.train.target_regret_frac is not None:
         raise ConfigError(f"train.target_regret_frac needs an exact solver, which env {env_id} does not have")
 
