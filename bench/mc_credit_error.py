@@ -32,17 +32,9 @@ TASKS = {"Pattern": PatternTask, "SumThreshold": SumThresholdTask}
 
 
 def exact_advantages(solution, logp, beta):
-    """``t -> Q^pi - V^pi`` at depth ``t`` of the policy with tree log-probs ``logp``
-    (``V^pi = E_pi[r - beta log pi/pi_ref + V^pi(s')]``, ``Q^pi = r + V^pi(s')``)."""
-    task = solution.task
-    n, vocab = task.prompts.shape[0], task.vocab_size
-    q, v = [None] * task.horizon, [None] * task.horizon
-    for t in range(task.horizon - 1, -1, -1):
-        q[t] = solution.rewards[t].clone()
-        if t + 1 < task.horizon:
-            q[t] += (~task.ending_actions(t)) * v[t + 1].view(n, vocab**t, vocab)
-        p = logp[t].exp()
-        v[t] = torch.where(p > 0, p * (q[t] - beta * (logp[t] - solution.ref_logp[t])), 0).sum(-1)
+    """``t -> A^pi = Q^pi - V^pi`` at depth ``t`` of the policy with tree log-probs ``logp``
+    (``Solution.policy_values``)."""
+    q, v = solution.policy_values(logp, beta)
     return lambda t: q[t] - v[t][..., None]
 
 

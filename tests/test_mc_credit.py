@@ -51,20 +51,10 @@ def halfway(solution) -> list[torch.Tensor]:
     return [torch.log_softmax((r + o) / 2, -1) for r, o in zip(solution.ref_logp, solution.opt_logp)]
 
 
-def exact_advantages(solution, logp: list[torch.Tensor], beta: float):
-    """``t -> A^pi = Q^pi - V^pi`` at depth ``t`` for the policy of tree log-probs ``logp``:
-    ``V^pi(s) = E_pi[r - beta log pi/pi_ref + V^pi(s')]``, ``Q^pi(s, a) = r + V^pi(s')``
-    (the recursion of ``tokenmdp.reports.explain.exact_policy_values``, copied)."""
-    task = solution.task
-    n, vocab = task.prompts.shape[0], task.vocab_size
-    q: list[torch.Tensor] = [None] * task.horizon
-    v: list[torch.Tensor] = [None] * task.horizon
-    for t in range(task.horizon - 1, -1, -1):
-        q[t] = solution.rewards[t].clone()
-        if t + 1 < task.horizon:
-            q[t] += (~task.ending_actions(t)) * v[t + 1].view(n, vocab**t, vocab)
-        p = logp[t].exp()
-        v[t] = torch.where(p > 0, p * (q[t] - beta * (logp[t] - solution.ref_logp[t])), 0).sum(-1)
+def exact_advantages(solution, logp, beta):
+    """``t -> A^pi = Q^pi - V^pi`` at depth ``t`` of the policy with tree log-probs ``logp``
+    (``Solution.policy_values``)."""
+    q, v = solution.policy_values(logp, beta)
     return lambda t: q[t] - v[t][..., None]
 
 

@@ -85,9 +85,49 @@ def test_tutorial_3_reading_heat_maps(tmp_path, monkeypatch):
     assert module.result.images and module.result.html.is_file()
     # the correlations quoted on the page are this run's (loosely: other CPUs round differently)
     quoted = re.search(
-        r"```\nestimator +corr with A\*\n(.*?)```", (TUTORIALS / "03_reading_heat_maps.md").read_text(), re.S
+        r"```\nestimator +corr with A\* +95% interval\n(.*?)```",
+        (TUTORIALS / "03_reading_heat_maps.md").read_text(),
+        re.S,
     )
-    rows = dict(re.findall(r"^(.*?)\s+(-?\d\.\d{3})$", quoted.group(1), flags=re.M))
-    assert set(rows) == set(module.result.labels)
-    for label, value in rows.items():
+    rows = re.findall(r"^(.*?)\s+(-?\d\.\d{3})  \[([-+]\d\.\d{3}), ([-+]\d\.\d{3})\]$", quoted.group(1), flags=re.M)
+    assert {label for label, *_ in rows} == set(module.result.labels)
+    for label, value, low, high in rows:
         assert module.result.correlations[label] == pytest.approx(float(value), abs=0.05), label
+        interval = module.result.intervals[label]
+        assert interval == pytest.approx((float(low), float(high)), abs=0.1), label
+
+
+def test_tutorial_4_dense_rewards_and_credit_on_text(tmp_path, monkeypatch, capsys):
+    from tokenmdp.text import NEGATIVE_WORDS, POSITIVE_WORDS
+
+    module = run_tutorial("04_dense_rewards_and_credit_on_text.md", tmp_path, monkeypatch)
+    page = (TUTORIALS / "04_dense_rewards_and_credit_on_text.md").read_text()
+    out = capsys.readouterr().out
+    # the figures quoted on the page are this run's (loosely: other CPUs round differently)
+    start, end = (float(x) for x in re.search(r"held-out lexicon score (\d\.\d\d) -> (\d\.\d\d)", page).groups())
+    assert module.dense["start"]["true_reward"] == pytest.approx(start, abs=0.02)
+    assert module.dense["true_reward"] == pytest.approx(end, abs=0.25)
+    quoted = re.search(r"```\nestimator +corr with truth +95% interval\n(.*?)```", page, re.S)
+    rows = re.findall(r"^(.*?)\s+(-?\d\.\d{3})  \[([-+]\d\.\d{3}), ([-+]\d\.\d{3})\]$", quoted.group(1), flags=re.M)
+    assert {label for label, *_ in rows} == set(module.result.labels)
+    for label, value, *_ in rows:
+        assert module.result.correlations[label] == pytest.approx(float(value), abs=0.1), label
+    dense, sequence = (float(x) for x in re.search(r"`dense (\d\.\d{3}), sequence (\d\.\d{3})`", page).groups())
+    assert module.result.correlations[module.own] == pytest.approx(dense, abs=0.1)
+    assert module.paid_once.correlations[module.own] == pytest.approx(sequence, abs=0.1)
+    assert f"dense {module.result.correlations[module.own]:.3f}" in out
+    # what the page says the explorer shows: kind words green, unkind pink, "and" near white
+    result, task = module.result, None
+    from tokenmdp.reports.explain import load_run
+
+    task = load_run("runs/tutorial4/dense")[2]
+    truth, batch = result.credit[result.truth], result.batch
+    by_kind = {"kind": [], "unkind": [], "and": []}
+    for row in range(batch.size):
+        for t in range(int(batch.response_mask[row].sum())):
+            word = task.tokenizer.decode([int(batch.response_ids[row, t])]).strip()
+            kind = "kind" if word in POSITIVE_WORDS else "unkind" if word in NEGATIVE_WORDS else word
+            if kind in by_kind:
+                by_kind[kind].append(float(truth[row, t]))
+    mean = {k: sum(v) / len(v) for k, v in by_kind.items() if v}
+    assert mean["kind"] > 0.1 and mean["unkind"] < -0.1 and abs(mean["and"]) < min(mean["kind"], -mean["unkind"])

@@ -63,6 +63,7 @@ _LAZY = {
         [
             "at_least_float32",
             "check_finite",
+            "correlation_interval",
             "masked_correlation",
             "masked_mean",
             "masked_sum",

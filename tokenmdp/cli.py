@@ -143,7 +143,17 @@ def cmd_compare(args) -> int:
 def cmd_explain(args) -> int:
     from .reports.explain import correlation_table, explain
 
-    result = explain(args.run_dir, samples=args.samples, seed=args.seed, out=args.out, group_size=args.group_size)
+    result = explain(
+        args.run_dir,
+        samples=args.samples,
+        seed=args.seed,
+        out=args.out,
+        group_size=args.group_size,
+        k=args.k,
+        **({"budget": args.budget} if args.budget is not None else {}),
+        truth_policy=args.truth,
+        guide=args.guide,
+    )
     print(result.header)
     print(correlation_table(result))
     print(f"heat maps: {', '.join(str(p) for p in result.images)}")
@@ -210,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per worker (default 1)")
     compare.set_defaults(fn=cmd_compare)
-    explain = sub.add_parser("explain", help="token heat maps: each estimator's credit beside the true A*")
+    explain = sub.add_parser(
+        "explain", help="each estimator's token credit beside the true A* (toy) or a Monte-Carlo estimate (text)"
+    )
     explain.add_argument("run_dir", metavar="RUN_DIR")
     explain.add_argument("--samples", type=int, default=4, help="responses drawn as heat maps (default 4)")
     explain.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -221,6 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="responses per shown prompt, the groups RLOO/GRPO compare within (default 8)",
     )
     explain.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/explain)")
+    explain.add_argument(
+        "--k",
+        type=int,
+        default=8,
+        help="text runs: continuations per prefix of the Monte-Carlo ground truth (default 8)",
+    )
+    explain.add_argument(
+        "--budget",
+        type=int,
+        metavar="TOKENS",
+        help="text runs: sampled tokens the Monte-Carlo ground truth may spend (default 200000, docs/explain.md)",
+    )
+    explain.add_argument(
+        "--truth",
+        choices=["policy", "reference"],
+        default="policy",
+        help="text runs: whose A(s,a) the ground truth estimates (default: the run's policy)",
+    )
+    explain.add_argument("--guide", help="text runs without a guide: the guide text of the Inverse-Q* row")
     explain.set_defaults(fn=cmd_explain)
     models = sub.add_parser("models", help="pretrained models that ship with pip (docs/text.md)")
     models_sub = models.add_subparsers(dest="models_command", required=True)

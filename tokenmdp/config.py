@@ -39,6 +39,18 @@ def _boolean(instance, attribute, value):
         raise ValueError(f"{attribute.name} must be true or false (got {value!r})")
 
 
+def _credit_check(instance, attribute, value):
+    if not isinstance(value, bool) and not (isinstance(value, int) and value >= 1):
+        raise ValueError(
+            f"{attribute.name} must be true, false, or a number of responses >= 1 (text runs; got {value!r})"
+        )
+
+
+def _at_least_two(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ValueError(f"{attribute.name} must be an integer >= 2 (a standard error needs two; got {value!r})")
+
+
 def _path(instance, attribute, value):
     if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise ValueError(f"{attribute.name} must be a non-empty path string (got {value!r})")
@@ -170,8 +182,12 @@ class TrainConfig:
     #: Stop at the first evaluation whose ``regret_frac`` is at or below this (toy envs).
     target_regret_frac: float | None = attrs.field(default=None, validator=non_negative)
     #: Score each step's per-token credit against the true A* (``credit_corr``, toy envs):
-    #: 0.8 ms of a 162 ms ppo step; false skips it for speed runs.
-    score_credit: bool = attrs.field(default=True, validator=_boolean)
+    #: 0.8 ms of a 162 ms ppo step; false skips it for speed runs. Text envs (no A*): a
+    #: number N scores the run's own credit on N responses at the end against a
+    #: Monte-Carlo ground truth (``credit_corr_mc`` in summary.json; docs/explain.md).
+    score_credit: bool | int = attrs.field(default=True, validator=_credit_check)
+    #: Continuations per prefix of that Monte-Carlo ground truth.
+    score_credit_k: int = attrs.field(default=8, validator=_at_least_two)
     #: Show a progress bar.
     progress: bool = attrs.field(default=True, validator=_boolean)
     #: Every N steps, write up to 8 of the step's responses (prompt, completion, reward) to

@@ -321,12 +321,23 @@ def tokenmdp_algorithms():
 
 def _explain_rows(explain):
     """Inverse-Q*'s token and return forms. The target is the run's own if it trained with
-    one; else the guide, if the reference learned what the guide means (guide-tagged SFT
-    data); else the solver's exact pi* (oracle)."""
+    one; else ``explain --guide``'s text guide; else the guide, if the reference learned
+    what the guide means (guide-tagged SFT data); else the solver's exact pi* (oracle), which
+    a text run does not have."""
     run, config, ctx = explain.run, explain.config, explain.ctx
     overrides = {"full_vocab": False}
     if run.estimator.name != ConditionalOptimal.name:
-        overrides["source"] = "guide" if config.reference.tagged_samples > 0 else "oracle"
+        if explain.guide is not None:
+            overrides.update(source="guide", guide=explain.guide)
+        elif config.reference.tagged_samples > 0:
+            overrides["source"] = "guide"
+        elif explain.exact:
+            overrides["source"] = "oracle"
+        else:
+            raise ConfigError(
+                "this run trained no Inverse-Q* target and its env has no exact pi*: give the guide of the "
+                'Inverse-Q* row with explain --guide "..."'
+            )
     est = explain.like_run("estimator", ConditionalOptimal.name, **overrides)
     source = est.options.source
     target = {

@@ -109,6 +109,26 @@ class Solution:
             "kl_to_optimal": kl_opt,
         }
 
+    def policy_values(self, policy_logp: list[Tensor], kl_coef: float) -> tuple[list[Tensor], list[Tensor]]:
+        """``(Q^pi, V^pi)`` per depth of the policy with tree log-probs ``policy_logp``, for
+        the reward less ``kl_coef * log(pi/pi_ref)``: ``Q^pi(s, a) = r + V^pi(s')`` and
+        ``V^pi(s) = E_pi[Q^pi(s, a) - kl_coef * log(pi/pi_ref)(a|s)]``, so ``Q^pi - V^pi`` is
+        the advantage ``A^pi`` (at ``pi = pi*`` and ``kl_coef = beta``, ``A*``). What a
+        perfect critic of ``pi`` would learn, and the exact check of Monte-Carlo credit."""
+        task = self.task
+        n, vocab = task.prompts.shape[0], task.vocab_size
+        q: list[Tensor] = [None] * task.horizon
+        v: list[Tensor] = [None] * task.horizon
+        for t in range(task.horizon - 1, -1, -1):
+            logp = policy_logp[t].to(DTYPE)
+            q[t] = self.rewards[t].clone()
+            if t + 1 < task.horizon:
+                q[t] += (~task.ending_actions(t)) * v[t + 1].view(n, vocab**t, vocab)
+            p = logp.exp()
+            # 0 * (-inf) = 0 for never-taken tokens
+            v[t] = torch.where(p > 0, p * (q[t] - kl_coef * (logp - self.ref_logp[t])), 0).sum(-1)
+        return q, v
+
     def token_advantages(self, prompt_index: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:
         """True ``A*(s_t, a_t)`` on every response token, ``[B, T]`` (0 on padding)."""
         return self.along_responses(self.advantages, prompt_index, response_ids, response_mask)

@@ -137,3 +137,38 @@ def check_finite(values: Mapping[str, object], who: str, step: int) -> None:
         )
         if bad:
             raise NonFiniteError(f"{who} produced a non-finite {key!r} at step {step}; run stopped")
+
+
+def correlation_interval(
+    a: Tensor, b: Tensor, mask: Tensor, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile-bootstrap confidence interval of :func:`masked_correlation` of ``[B, T]``
+    ``a`` and ``b`` over ``mask``, resampling whole rows (responses), not tokens: the tokens
+    of one response are not independent. ``(nan, nan)`` with fewer than two rows that hold
+    a real token. Deterministic for ``seed``."""
+    real = mask.double()
+    keep = real.sum(1) > 0
+    a, b, real = a.double()[keep], b.double()[keep], real[keep]
+    n = a.shape[0]
+    if n < 2:
+        return float("nan"), float("nan")
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for start in range(0, resamples, 100):  # memory: 100 resamples x B x T at a time
+        picks = torch.randint(0, n, (min(100, resamples - start), n), generator=generator)
+        counts = torch.zeros(picks.shape[0], n, dtype=torch.float64).scatter_add_(
+            1, picks, torch.ones_like(picks, dtype=torch.float64)
+        )
+        w = counts[:, :, None] * real[None]
+        total = w.sum((1, 2))
+        da = a[None] - ((w * a[None]).sum((1, 2)) / total)[:, None, None]
+        db = b[None] - ((w * b[None]).sum((1, 2)) / total)[:, None, None]
+        cov, va, vb = ((w * da * db).sum((1, 2)), (w * da * da).sum((1, 2)), (w * db * db).sum((1, 2)))
+        values.append(cov / (va * vb).sqrt())
+    r = torch.cat(values)
+    r = r[torch.isfinite(r)]
+    if r.numel() == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    low, high = torch.quantile(r, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high

@@ -39,17 +39,22 @@ from ..plugin.batch import RolloutBatch, token_logprobs
 from ..plugin.components import CreditView
 from ..plugin.composition import Composition, compose
 from ..plugin.context import TrainContext
-from ..plugin.ops import masked_correlation
+from ..plugin.ops import correlation_interval, masked_correlation
 from ..plugin.registry import Registry
 from ..text.callables import code_barrier
 from ..training.checkpoints import read_checkpoint
 from ..training.envs import load_task, make_vector_env
+from ..training.mc_credit import monte_carlo_credit
 from ..training.models import load_policy, load_reference
 from ..training.rollout import collect
 from ..training.rundir import latest_checkpoint
 from .explorer import CMAP, page_data, prefix_trees, render
 
 TRUE_ROW = "true A*"
+#: Whose ``A(s_t, a_t)`` the Monte-Carlo ground truth of a text run estimates (``--truth``).
+TRUTH_POLICIES = ("policy", "reference")
+#: ``--budget``'s default: sampled tokens of the Monte-Carlo ground truth (docs/explain.md).
+DEFAULT_BUDGET = 200_000
 #: Bounds of ``--samples`` (one PNG each) and ``--group-size``.
 MAX_SAMPLES, MAX_GROUP = 64, 256
 
@@ -92,8 +97,6 @@ def load_run(run_dir: str | Path):
     config = load_config(run_dir / "config.toml")
     with code_barrier(run_dir):  # where the run now lives (its config names where it was made)
         registry, task = load_task(config)
-    if not task.exact:  # text envs: no prefix tree, so no A* to compare with
-        raise ConfigError(f"explain: env {config.env['id']} has no exact solver; explain needs a toy env")
     policy = load_policy(run_dir, task).requires_grad_(False).eval()
     return config, registry, task, policy, load_reference(run_dir, config, task), checkpoint
 
@@ -101,17 +104,7 @@ def load_run(run_dir: str | Path):
 def exact_policy_values(solution: Solution, policy_logp: list[Tensor], kl_coef: float) -> list[Tensor]:
     """``V^pi(s)`` of the KL-penalised reward ``R - kl_coef * log(pi/pi_ref)`` on every state:
     the value a perfect PPO critic of ``pi`` would learn (stands in when the run has none)."""
-    task = solution.task
-    n, vocab = task.prompts.shape[0], task.vocab_size
-    v: list[Tensor] = [None] * task.horizon
-    for t in range(task.horizon - 1, -1, -1):
-        logp = policy_logp[t]
-        q = solution.rewards[t] - kl_coef * (logp - solution.ref_logp[t])
-        if t + 1 < task.horizon:
-            q = q + (~task.ending_actions(t)) * v[t + 1].view(n, vocab**t, vocab)
-        p = logp.exp()
-        v[t] = torch.where(p > 0, p * q, 0).sum(-1)  # 0 * (-inf) = 0 for never-taken tokens
-    return v
+    return solution.policy_values(policy_logp, kl_coef)[1]
 
 
 def sample(
@@ -144,6 +137,14 @@ class ExplainContext:
     batch: RolloutBatch
     #: The run's last checkpoint.
     checkpoint: Path
+    #: ``explain --guide``: the guide an Inverse-Q* view uses on a run that trained without
+    #: one (a text run has no exact pi* to fall back on); None: none given.
+    guide: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether the run's env has an exact solver (``ctx.solution``): toy envs do."""
+        return self.ctx.solution is not None
 
     def like_run(self, kind: str, name: str, **overrides):
         """Component ``name`` with the run's options if the run used it, else the defaults,
@@ -168,6 +169,11 @@ class ExplainContext:
         """``[B, T]``: the exact ``V^pi(s_t)`` of the KL-penalised reward at each response
         token's state, the value a perfect critic of the run's policy would learn."""
         ctx, batch = self.ctx, self.batch
+        if not self.exact:
+            raise TokenMDPError(
+                f"env {self.config.env['id']} has no exact solver, so no exact V^pi: GAE is shown with a run's own "
+                "critic only (a PPO run)"
+            )
         v = exact_policy_values(ctx.solution, tree_logprobs(ctx.policy, ctx.task), kl_coef)
         return ctx.solution.along_responses(
             v.__getitem__, batch.prompt_index, batch.response_ids, batch.response_mask, per_action=False
@@ -204,25 +210,44 @@ def _the_runs_own_rows(explain: ExplainContext):
 
 
 def explain(
-    run_dir: str | Path, samples: int = 4, seed: int = 0, out: str | Path | None = None, group_size: int = 8
+    run_dir: str | Path,
+    samples: int = 4,
+    seed: int = 0,
+    out: str | Path | None = None,
+    group_size: int = 8,
+    k: int = 8,
+    budget: int | None = DEFAULT_BUDGET,
+    truth_policy: str = "policy",
+    guide: str | None = None,
 ) -> Explanation:
     """Sample ``samples`` responses (each with ``group_size - 1`` more to the same prompt),
-    compute every estimator's credit and the true A*, write PNGs and an HTML page."""
+    compute every estimator's credit and the ground truth, write PNGs and the explorer page.
+
+    The ground truth is the solver's exact A* on a toy env; on a text env (no solver) it is
+    the Monte-Carlo ``A(s_t, a_t)`` under ``truth_policy`` (``"policy"``: the run's trained
+    policy, or ``"reference"``) from ``k`` continuations of every prefix, on the shown
+    responses first and then the others while their cost fits ``budget`` sampled tokens
+    (:mod:`tokenmdp.training.mc_credit`). ``guide``: the text guide of the Inverse-Q* row on
+    a text run that trained without one."""
     if not 1 <= samples <= MAX_SAMPLES or not 2 <= group_size <= MAX_GROUP:
         raise ConfigError(
             f"explain: --samples must be in 1..{MAX_SAMPLES} (one heat map each) and --group-size in "
             f"2..{MAX_GROUP} (got {samples}, {group_size})"
         )
+    if truth_policy not in TRUTH_POLICIES:
+        raise ConfigError(f"explain: --truth must be one of {', '.join(TRUTH_POLICIES)} (got {truth_policy!r})")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ConfigError(f"explain: --budget must be a positive number of sampled tokens (got {budget!r})")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"explain: --out {str(out)!r} is a file; give a folder for the heat maps and the page")
     run_dir = Path(run_dir)
     config, registry, task, policy, reference, checkpoint = load_run(run_dir)
     run = compose(registry, config)
-    solution = solve(task, reference, config.train.beta)
+    solution = solve(task, reference, config.train.beta) if task.exact else None
     n_prompts = task.prompts.shape[0]
     prompt_index = (torch.arange(samples) % n_prompts).repeat_interleave(group_size)
     with code_barrier(run_dir):
-        env = make_vector_env(registry, config, len(prompt_index), compute_rewards=True)
+        env = make_vector_env(registry, config, len(prompt_index), compute_rewards=task.has_reward)
     batch, generator = sample(policy, reference, env, prompt_index, seed, group_size)
     # explain is one step of each estimator: train.steps = 1 keeps step-budgeted set-ups tiny
     one_step = attrs.evolve(config, train=attrs.evolve(config.train, steps=1))
@@ -238,7 +263,9 @@ def explain(
     )
 
     labels, notes, credit, skipped = [], {}, {}, {}
-    context = ExplainContext(run=run, registry=registry, config=config, ctx=ctx, batch=batch, checkpoint=checkpoint)
+    context = ExplainContext(
+        run=run, registry=registry, config=config, ctx=ctx, batch=batch, checkpoint=checkpoint, guide=guide
+    )
     for view in credit_views(context, registry.pm):
         name = view.name
         try:
@@ -249,22 +276,23 @@ def explain(
                 notes[label], credit[label] = note, values.detach().double()
         except TokenMDPError as exc:  # e.g. a run-specific option this estimator cannot honour
             skipped[name] = str(exc)
-    true = solution.token_advantages(batch.prompt_index, batch.response_ids, batch.response_mask)
-    labels.append(TRUE_ROW)
-    notes[TRUE_ROW] = (
-        f"Q*(s_t,a_t) - V*(s_t) from the exact solver, under this run's reference, beta={config.train.beta:g}"
+    shown = list(range(0, len(prompt_index), group_size))
+    truth = ground_truth(
+        solution, policy, reference, task, batch, config.train.beta, shown, k, budget, truth_policy, seed
     )
-    credit[TRUE_ROW] = true
-    correlations = {label: masked_correlation(credit[label], true, batch.response_mask) for label in labels}
+    labels.append(truth.label)
+    notes[truth.label], credit[truth.label] = truth.note, truth.values
+    scored = batch.response_mask.double() * truth.rows[:, None]  # tokens the truth covers
+    correlations = {label: masked_correlation(credit[label], truth.values, scored) for label in labels}
+    intervals = {label: correlation_interval(credit[label], truth.values, scored, seed=seed) for label in labels}
 
     out = Path(out) if out is not None else run_dir / "explain"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("response_*.png"):  # an earlier explain with more samples
         old.unlink()
-    shown = list(range(0, len(prompt_index), group_size))
     images = []
-    for k, row in enumerate(shown):
-        path = out / f"response_{k}.png"
+    for i, row in enumerate(shown):
+        path = out / f"response_{i}.png"
         path.write_bytes(heat_map_png(labels, credit, batch, row, task))
         images.append(path)
     step = int(checkpoint.stem.split("_")[-1])
@@ -273,17 +301,76 @@ def explain(
         f"{run_dir}: {config.env['id']} (vocab {task.vocab_size}, horizon {task.horizon}), "
         f"{run.estimator.name} + {run.advantage.name} + {run.updater.name}, checkpoint step {step} ({finished}), "
         f"beta={config.train.beta:g}; {len(prompt_index)} responses ({samples} shown, groups of "
-        f"{group_size}), {batch.num_tokens} tokens, seed {seed}"
+        f"{group_size}), {batch.num_tokens} tokens, seed {seed}; ground truth: {truth.summary}"
     )
-    result = Explanation(labels, notes, credit, correlations, batch, shown, skipped, images, out / "index.html", header)
-    prompts = list(dict.fromkeys(int(batch.prompt_index[row]) for row in shown))  # the shown ones, in order
-    trees = prefix_trees(
-        solution, tree_logprobs(policy, task), prompts, lambda a: token_label(task, a), lambda p: prompt_label(task, p)
+    result = Explanation(
+        labels,
+        notes,
+        credit,
+        correlations,
+        batch,
+        shown,
+        skipped,
+        images,
+        out / "index.html",
+        header,
+        truth=truth.label,
+        stderr={truth.label: truth.stderr} if truth.stderr is not None else {},
+        intervals=intervals,
     )
+    trees = ()
+    if solution is not None:
+        prompts = list(dict.fromkeys(int(batch.prompt_index[row]) for row in shown))  # the shown ones, in order
+        trees = prefix_trees(
+            solution,
+            tree_logprobs(policy, task),
+            prompts,
+            lambda a: token_label(task, a),
+            lambda p: prompt_label(task, p),
+        )
     prompt_of_row = lambda row: prompt_label(task, int(batch.prompt_index[row]))
     data = page_data(result, lambda a: token_label(task, a), prompt_of_row, trees, images)
     result.html.write_text(render(data), encoding="utf-8")
     return result
+
+
+@attrs.frozen
+class GroundTruth:
+    """What explain compares every estimator with."""
+
+    label: str
+    note: str
+    values: Tensor  # [B, T] float64, 0 on padding and on rows not estimated
+    stderr: Tensor | None  # [B, T] (a Monte-Carlo estimate), else None
+    rows: Tensor  # [B] float64 1/0: the rows it covers
+    summary: str  # for the header
+
+
+def ground_truth(solution, policy, reference, task, batch, beta, shown, k, budget, truth_policy, seed) -> GroundTruth:
+    """The solver's exact A* (toy envs), or the Monte-Carlo estimate of ``A(s_t, a_t)``
+    under ``truth_policy`` with K continuations per prefix, the ``shown`` rows first."""
+    if solution is not None:
+        values = solution.token_advantages(batch.prompt_index, batch.response_ids, batch.response_mask)
+        note = f"Q*(s_t,a_t) - V*(s_t) from the exact solver, under this run's reference, beta={beta:g}"
+        return GroundTruth(TRUE_ROW, note, values, None, torch.ones(batch.size, dtype=torch.float64), "exact A*")
+    model = policy if truth_policy == "policy" else reference
+    which = "A^pi" if truth_policy == "policy" else "A^pi_ref"
+    order = torch.tensor(shown + [r for r in range(batch.size) if r not in set(shown)])
+    generator = torch.Generator().manual_seed(seed ^ 0x7E57)  # its own stream: the batch's stays as it was
+    mc = monte_carlo_credit(model, reference, task, batch.select(order.to(batch.device)), beta, k, generator, budget)
+    values, stderr = torch.zeros_like(mc.advantages), torch.zeros_like(mc.stderr)
+    values[order], stderr[order] = mc.advantages, mc.stderr
+    rows = torch.zeros(batch.size, dtype=torch.float64)
+    rows[order] = mc.estimated.double()
+    label = f"Monte-Carlo {which} (K={k})"
+    model_name = "the run's policy" if truth_policy == "policy" else "the reference"
+    note = (
+        f"Q(s_t,a_t) - V(s_t) of the reward less beta={beta:g} x log(pi/pi_ref), from {k} continuations of every "
+        f"prefix sampled from {model_name}; {int(rows.sum())} of {batch.size} responses, "
+        f"{mc.sampled_tokens:,} sampled tokens"
+    )
+    summary = f"{label}, {int(rows.sum())}/{batch.size} responses, {mc.sampled_tokens:,} sampled tokens"
+    return GroundTruth(label, note, values, stderr, rows, summary)
 
 
 # --- rendering --------------------------------------------------------------------------
@@ -296,7 +383,9 @@ def token_label(task, token: int) -> str:
 
 
 def prompt_label(task, prompt: int) -> str:
-    """A toy prompt as its token list (``[2, 0]``)."""
+    """A toy prompt as its token list (``[2, 0]``), a text prompt as its text."""
+    if task.tokenizer is not None:
+        return task.prompt_text(prompt)
     return str(task.prompts[prompt].tolist())
 
 
@@ -341,10 +430,17 @@ def heat_map_png(labels, credit, batch, row: int, task) -> bytes:
 
 
 def correlation_table(explanation: Explanation) -> str:
-    """Plain-text table of the correlations, for the command line."""
+    """Plain-text table of the correlations with the ground truth and their 95% intervals
+    (a bootstrap over responses), for the command line."""
     width = max(len(label) for label in explanation.labels)
-    lines = [f"{'estimator'.ljust(width)}  corr with A*  how"]
+    truth = "A*" if explanation.truth == TRUE_ROW else "truth"
+    lines = [f"{'estimator'.ljust(width)}  corr with {truth}  95% interval     how"]
     for label in explanation.labels:
-        lines.append(f"{label.ljust(width)}  {explanation.correlations[label]:>12.3f}  {explanation.notes[label]}")
+        low, high = explanation.intervals.get(label, (float("nan"), float("nan")))
+        interval = f"[{low:+.3f}, {high:+.3f}]"
+        lines.append(
+            f"{label.ljust(width)}  {explanation.correlations[label]:>{11 + len(truth)}.3f}  {interval:<16} "
+            f"{explanation.notes[label]}"
+        )
     lines += [f"skipped {name}: {why}" for name, why in explanation.skipped.items()]
     return "\n".join(lines)

@@ -3,7 +3,7 @@ callables and :class:`TextTask`; the toy-to-text bridge and Gemma-3 270M from pi
 :mod:`tokenmdp.text.bridge` and :mod:`tokenmdp.text.gemma`."""
 
 from .callables import resolve_callable
-from .lexicon import NEGATIVE_WORDS, POSITIVE_WORDS, lexicon_score
+from .lexicon import NEGATIVE_WORDS, POSITIVE_WORDS, lexicon_score, lexicon_spans
 from .prompts import read_prompts
 from .task import TextTask
 from .tokenizers import TextTokenizer, load_tokenizer, sentencepiece_adapter
@@ -14,6 +14,7 @@ __all__ = [
     "TextTask",
     "TextTokenizer",
     "lexicon_score",
+    "lexicon_spans",
     "load_tokenizer",
     "read_prompts",
     "resolve_callable",

@@ -35,3 +35,17 @@ def lexicon_score(prompt: str, completion: str) -> float:
     evaluation score of ``bench/gemma_guide.py``."""
     words = _WORD.findall(completion.lower())
     return float(sum(w in POSITIVE_WORDS for w in words) - sum(w in NEGATIVE_WORDS for w in words))
+
+
+def lexicon_spans(prompt: str, completion: str) -> list[tuple[int, int, float]]:
+    """:func:`lexicon_score` as a dense reward: ``(start, end, +1)`` on each positive word of
+    the completion, ``(start, end, -1)`` on each negative one, in characters (each value
+    lands on its word's last token; docs/text.md, "Dense and step rewards"). The values add
+    up to :func:`lexicon_score`."""
+    spans = []
+    for match in _WORD.finditer(completion.lower()):
+        word = match.group()
+        value = (word in POSITIVE_WORDS) - (word in NEGATIVE_WORDS)
+        if value:
+            spans.append((match.start(), match.end(), float(value)))
+    return spans

@@ -123,10 +123,18 @@ def _continuations(
     # rewards of the whole completed response: a text reward may depend on every token
     full = torch.cat([prefix.repeat_interleave(k, 0), cont], 1)
     full_mask = torch.cat([torch.ones(n * k, j, dtype=cont_mask.dtype), cont_mask], 1)
-    rewards = task.response_rewards(rows, full, full_mask).double() * full_mask
+    rewards = _rewards(task, rows, full, full_mask)
     g = rewards[:, j:].sum(1) - beta * kl
     last = rewards[:, j - 1] if j else torch.zeros_like(g)
     return g.view(n, k), last.view(n, k), int(cont_mask.sum())
+
+
+def _rewards(task, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
+    """``[N, T]`` float64 per-token rewards of whole responses; 0 for a reward-free task,
+    whose objective is the KL term alone."""
+    if not task.has_reward:
+        return torch.zeros(response.shape, dtype=torch.float64)
+    return task.response_rewards(prompt_index, response, mask).double() * mask
 
 
 @torch.no_grad()
@@ -170,7 +178,7 @@ def monte_carlo_credit(
     try:
         if n:
             # j = T is terminal (G_T = 0): Q of the last token is its own reward, no sampling
-            own = task.response_rewards(prompt_index[:n], response[:n], mask[:n]).double()
+            own = _rewards(task, prompt_index[:n], response[:n], mask[:n])
             ended = (lengths[:n] > 0).nonzero().squeeze(1)
             q_mean[ended, lengths[ended] - 1] = own[ended, lengths[ended] - 1]
             # prefix length j: one set of continuations gives V(s_j) and Q(s_{j-1}, a_{j-1})

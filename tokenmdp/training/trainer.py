@@ -32,6 +32,7 @@ from ..policies.base import place
 from .budget import check_before_env, check_run
 from .checkpoints import read_weights
 from .checks import check_launch, check_model_options, check_text_setup
+from .credit_check import credit_against_monte_carlo
 from .envs import make_vector_env
 from .evaluation import ExactEvaluator, SampledEvaluator
 from .guards import call_component
@@ -331,6 +332,11 @@ class Trainer:
                         recent_credit=end.recent_credit,
                         warnings=log.warnings,
                     )
+                    score = cfg.train.score_credit
+                    if not self.task.exact and not isinstance(score, bool):
+                        # the run's own credit against a Monte-Carlo ground truth (no A* on text)
+                        seed = step_seed(cfg.train.seed, cfg.train.steps + 1) ^ 0xC4ED17
+                        summary |= credit_against_monte_carlo(self, score, cfg.train.score_credit_k, seed)
                     self.rundir.write_summary(summary, self.evaluator.samples)
                     ended = True  # inside the agreement: a plugin failing here stops every rank
                     log.end(summary, "completed")
@@ -470,6 +476,12 @@ class Trainer:
         t = self.config.train
         ranks = range(t.simulate_world_size or 1) if distributed.world_size() == 1 else [distributed.rank()]
         return step_generators(t.seed, step, ranks)
+
+    def make_env(self, num_envs: int):
+        """A vector env of the run's task with ``num_envs`` rows, paying its reward (if any)."""
+        return make_vector_env(
+            self.registry, self.config, num_envs, compute_rewards=self.task.has_reward, objects=self.objects.get("env")
+        )
 
     def _collect(self, step: int, generators: list[tuple[int, torch.Generator]] | None = None) -> RolloutBatch:
         """This rank's batch, sampled with its own seed; with ``train.simulate_world_size = N``
