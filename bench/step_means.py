@@ -6,6 +6,9 @@ with all of them off (the step as it was before them), interleaved over rounds
     python bench/step_means.py --threads 1                 # tiny GPT-2
     python bench/step_means.py --threads 2 --model gemma   # Gemma-3 270M + LoRA r = 16
 
+``--only TEXT`` (repeatable) keeps "all on" and the variants whose name holds TEXT, e.g.
+``--only chunked`` for the chunked output layer alone.
+
 Every response runs to the horizon (``env.stop_at_eos = false``), so that every variant
 does the same work. Prints each variant's median step time and its ratio to the all-on step (> 1: that means
 saves time). Also times the finiteness check over the policy's parameters, the old way
@@ -33,6 +36,7 @@ MEANS = {
     "inverse-CDF sampler": "train.sampler=multinomial",
     "no reference forward when unread": "train.log_kl=true",
     "log-probs from the sampling pass": "train.logprobs_from=rescore",
+    "the chunked output layer": "train.logit_chunk=0",
 }
 
 
@@ -65,6 +69,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.model]
     variants = {"all on": (), **{f"without {k}": (v,) for k, v in MEANS.items()}, "all off": tuple(MEANS.values())}
+    if args.only:  # "all on" and the named means only (substrings of their names)
+        variants = {k: v for k, v in variants.items() if k == "all on" or any(o in k for o in args.only)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), model {args.model}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -17,11 +17,14 @@ x 8 completions of 16 tokens per step, lr 1e-3.
 Each round trains TRL for ``--warmup + --steps`` steps, then tokenmdp for as many; the
 first ``--warmup`` steps of each are dropped. The figure is the median step time over
 every round, and the ratio is tokenmdp's throughput over TRL's (TRL's time / tokenmdp's).
+It also prints each round's own ratio and the median of those (robust to one slow round),
+and a warning when the rounds disagree by more than 30% (another job shared the machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -62,7 +65,18 @@ SHAPES = {
 }
 
 
-def trl_step_times(model_dir: Path, prompts_file: Path, shape: dict, steps: int, out: Path) -> list[float]:
+def trl_step_times(
+    model_dir: Path,
+    prompts_file: Path,
+    shape: dict,
+    steps: int,
+    out: Path,
+    callbacks: tuple = (),
+    generation_kwargs: dict | None = None,
+) -> list[float]:
+    """TRL's GRPOTrainer on ``shape``: each step's seconds. ``callbacks``: more
+    ``TrainerCallback``s (bench/logits_memory.py measures memory with one);
+    ``generation_kwargs``: GRPOConfig's (e.g. ``min_new_tokens``)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -101,6 +115,7 @@ def trl_step_times(model_dir: Path, prompts_file: Path, shape: dict, steps: int,
         dataloader_num_workers=0,
         seed=0,
         disable_tqdm=True,
+        generation_kwargs=generation_kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -118,15 +133,23 @@ def trl_step_times(model_dir: Path, prompts_file: Path, shape: dict, steps: int,
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[Timer()],
+        callbacks=[Timer(), *callbacks],
     )
     trainer.train()
     return times
 
 
 def tokenmdp_step_times(
-    model_dir: Path, prompts_file: Path, shape: dict, steps: int, out: Path, extra: tuple[str, ...] = ()
+    model_dir: Path,
+    prompts_file: Path,
+    shape: dict,
+    steps: int,
+    out: Path,
+    extra: tuple[str, ...] = (),
+    around_step=contextlib.nullcontext,
 ) -> list[float]:
+    """tokenmdp's grpo on ``shape``: each step's seconds; ``around_step(step)``: a context
+    each step runs in (bench/logits_memory.py measures memory with one)."""
     from tokenmdp.config import load_config
     from tokenmdp.training.trainer import Trainer
 
@@ -154,10 +177,23 @@ def tokenmdp_step_times(
     trainer.build_models()
     times = []
     for step in range(1, steps + 1):
-        started = time.perf_counter()
-        trainer.train_step(step)
-        times.append(time.perf_counter() - started)
+        with around_step(step):
+            started = time.perf_counter()
+            trainer.train_step(step)
+            times.append(time.perf_counter() - started)
     return times
+
+
+def spread_warning(ratios: list[float], limit: float = 0.30) -> str:
+    """One line on whether the rounds agree: their largest ratio over their smallest, and a
+    warning when that exceeds ``1 + limit`` (the machine's mood moved between rounds)."""
+    spread = max(ratios) / min(ratios) - 1
+    if spread > limit:
+        return (
+            f"WARNING: the rounds disagree by {spread:.0%} (more than {limit:.0%}): another job shared the "
+            "machine; rerun on a quiet one before quoting a figure"
+        )
+    return f"the rounds agree within {spread:.0%}"
 
 
 def bench_arguments(description: str, rounds: int) -> argparse.Namespace:
@@ -169,6 +205,7 @@ def bench_arguments(description: str, rounds: int) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
     parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    parser.add_argument("--only", action="append", default=[], help="bench/step_means.py: these variants only")
     return parser.parse_args()
 
 
@@ -192,16 +229,17 @@ def main() -> int:
         if model_dir is None:
             return 2
         assert len(TARGET) == 64
-        trl_times, ours = [], []
+        trl_times, ours, ratios = [], [], []
         total = args.warmup + args.steps
         for r in range(args.rounds):
             t = trl_step_times(model_dir, files["prompts"], shape, total, tmp / f"trl{r}")[args.warmup :]
             o = tokenmdp_step_times(model_dir, files["prompts"], shape, total, tmp / f"ours{r}")[args.warmup :]
             trl_times += t
             ours += o
+            ratios.append(statistics.median(t) / statistics.median(o))
             print(
                 f"round {r + 1}: TRL median {statistics.median(t):.3f} s/step, "
-                f"tokenmdp {statistics.median(o):.3f} s/step, ratio {statistics.median(t) / statistics.median(o):.2f}",
+                f"tokenmdp {statistics.median(o):.3f} s/step, ratio {ratios[-1]:.2f}",
                 flush=True,
             )
         trl_median, our_median = statistics.median(trl_times), statistics.median(ours)
@@ -209,6 +247,9 @@ def main() -> int:
             f"| framework | median s/step | throughput vs TRL |\n|---|---|---|\n| TRL GRPOTrainer | "
             f"{trl_median:.3f} | 1.00 |\n| tokenmdp grpo | {our_median:.3f} | {trl_median / our_median:.2f} |"
         )
+        listed = ", ".join(f"{x:.2f}" for x in ratios)
+        print(f"per-round ratios {listed}; median of them {statistics.median(ratios):.2f}")
+        print(spread_warning(ratios))
     return 0
 
 

@@ -166,7 +166,7 @@ def test_ppo_loss_at_the_behaviour_policy_ignores_padding():
             values=dirty(values),
             old_values=values,
             returns=dirty(returns),
-            logits=logits,
+            entropy=-(torch.log_softmax(logits, -1).exp() * torch.log_softmax(logits, -1)).sum(-1),
             mask=mask,
             num_tokens=mask.sum(),
             clip=0.2,
@@ -294,16 +294,16 @@ def test_a_shared_trunk_is_run_once_per_minibatch_with_the_same_scores_and_gradi
     policy.rnn.register_forward_hook(lambda *_: passes.append(1))
 
     def scored(scores):
-        logp, logits, values = scores
+        logp, entropy, values = scores
         policy.zero_grad()
         head.zero_grad()
-        (logp.sum() + logits.square().sum() + values.square().sum()).backward()
+        (logp.sum() + entropy.square().sum() + values.square().sum()).backward()
         grads = [p.grad.clone() for p in [*policy.parameters(), *head.parameters()]]
-        return [logp.detach(), logits.detach(), values.detach()], grads
+        return [logp.detach(), entropy.detach(), values.detach()], grads
 
     one, one_grads = scored(head.score_with_policy(ctx, batch))
     assert len(passes) == 1
-    apart, apart_grads = scored((*ctx.token_logprobs(policy, batch, return_logits=True), head(policy, batch)))
+    apart, apart_grads = scored((*ctx.token_logprobs(policy, batch, return_entropy=True), head(policy, batch)))
     assert len(passes) == 3
     for a, b in zip(one, apart):
         # bit-equal: both run the same modules on the same tensors (the shared pass keeps the

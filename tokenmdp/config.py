@@ -46,6 +46,11 @@ def _credit_check(instance, attribute, value):
         )
 
 
+def _logit_chunk(instance, attribute, value):
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f'{attribute.name} must be "auto", 0 (off) or a number of positions >= 1 (got {value!r})')
+
+
 def _at_least_two(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 2:
         raise ValueError(f"{attribute.name} must be an integer >= 2 (a standard error needs two; got {value!r})")
@@ -186,6 +191,11 @@ class TrainConfig:
     #: number N scores the run's own credit on N responses at the end against a
     #: Monte-Carlo ground truth (``credit_corr_mc`` in summary.json; docs/explain.md).
     score_credit: bool | int = attrs.field(default=True, validator=_credit_check)
+    #: HF policies: the output layer applied this many response positions at a time, so
+    #: that no step holds a batch's ``[B, T, vocab]`` logits (docs/performance.md);
+    #: "auto": about 16 Mi logits per chunk (64 positions of Gemma-3's vocabulary); 0: the
+    #: whole batch at once. Toy policies always take the whole batch.
+    logit_chunk: int | str = attrs.field(default="auto", validator=_logit_chunk)
     #: Continuations per prefix of that Monte-Carlo ground truth.
     score_credit_k: int = attrs.field(default=8, validator=_at_least_two)
     #: Show a progress bar.

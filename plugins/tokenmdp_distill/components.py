@@ -17,7 +17,6 @@ from tokenmdp import (
     Signal,
     TrajectoryEstimator,
     distributed,
-    entropy_of,
     generate,
     positive,
     positive_int,
@@ -162,11 +161,12 @@ class SFTUpdater(GradientUpdater):
 
         def share(micro):
             mb, m = micro.batch, micro.batch.response_mask
-            logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)  # no prefix: the unguided policy
+            # no prefix: the unguided policy; the entropy is a metric
+            logp, entropy = ctx.token_logprobs(ctx.policy, mb, return_entropy=True, entropy_grad=False)
             loss = micro.token_mean(-logp, m)
             return loss, {
                 "losses/sft": loss.item(),
-                "policy/entropy": micro.token_mean(entropy_of(logits.detach()), m).item(),
+                "policy/entropy": micro.token_mean(entropy.detach(), m).item(),
             }
 
         sums, norms = {"losses/sft": 0.0, "policy/entropy": 0.0}, []

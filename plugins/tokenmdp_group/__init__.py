@@ -13,6 +13,17 @@ its sequence KL to the reference:
     GRPO   A_i = (r_i - mean_j r_j) / (std_j r_j + eps)  (Shao et al. 2024; sample std)
 
 A group of one has nothing to compare with: its A_i is 0 (no gradient) under both rules.
+
+``scale_rewards`` (TRL's ``GRPOConfig.scale_rewards``) divides the centred advantage by a
+spread: ``"group"`` by the group's std (GRPO, Shao et al. 2024; grpo's default),
+``"batch"`` by the std of every reward of the batch (all ranks' under torchrun, as TRL
+gathers them), ``"none"`` not at all (Dr. GRPO, Liu et al. 2025: the std favours the
+questions that are too easy or too hard; rloo's default, RLOO as Ahmadian et al. 2024
+wrote it). Both rules take it: RLOO's leave-one-out advantage is the centred one times
+``G / (G - 1)``, so rloo with ``"group"`` is grpo's advantage times ``G / (G - 1)`` (eps
+aside) and rloo with ``"batch"`` is Dr. GRPO's centring at a batch-wide scale. Every std is
+the sample std (Bessel), plus ``eps`` (TRL adds 1e-4; tokenmdp's default is 1e-6).
+
 The sequence credit A_i is placed on every real token of response i: the estimator returns
 it as ``token_rewards``, and advantage ``sequence-credit`` passes it on as ``advantages``.
 The recipes update with ``clipped-pg`` (tokenmdp_inverse_q) with ``kl_coef = 0``, since the
@@ -38,6 +49,8 @@ from tokenmdp import (
     Recipe,
     TrajectoryEstimator,
     hookimpl,
+    masked_mean,
+    masked_sum,
     masked_whiten,
     non_negative,
     one_of,
@@ -101,22 +114,55 @@ class GroupRelative(TrajectoryEstimator):
         total = torch.zeros_like(size).index_add_(0, group, r)
         return {"token_rewards": self.group_advantage(r, group, size, total)[:, None] * mask}
 
+    def group_advantage(self, r, group, size, total):
+        """``A_i``: the rule's centred reward (:meth:`group_centre`), divided by the spread
+        ``scale_rewards`` names (:meth:`group_scale`)."""
+        centre = self.group_centre(r, group, size, total)
+        if self.options.scale_rewards == "none":
+            return centre
+        return centre / self.group_scale(r, group, size, total)
+
+    def group_scale(self, r, group, size, total):
+        """``[batch]``: each response's divisor, ``std + eps`` of its group's rewards
+        (``"group"``) or of the whole batch's (``"batch"``); 1 for ``"none"``."""
+        if self.options.scale_rewards == "none":
+            return torch.ones_like(r)
+        if self.options.scale_rewards == "batch":
+            return batch_std(r).expand_as(r) + self.options.eps
+        centred = r - (total / size)[group]
+        var = torch.zeros_like(size).index_add_(0, group, centred**2) / (size - 1).clamp(min=1)
+        return var[group].sqrt() + self.options.eps
+
+
+def batch_std(r):
+    """The sample std (Bessel-corrected, as TRL's ``nanstd``) of the rewards ``r``
+    (``[batch]``) of the whole batch: of every rank's while the trainer holds the global
+    batch (``estimate`` runs inside it), as TRL's ``scale_rewards = "batch"`` takes the
+    std of the rewards gathered from every process; 0 for a batch of one."""
+    ones = torch.ones_like(r)
+    mean = masked_mean(r, ones)
+    return (masked_sum((r - mean) ** 2, ones) / (masked_sum(ones, ones) - 1).clamp(min=1)).sqrt()
+
 
 class RLOO(GroupRelative):
     """``A_i = r_i - mean_{j != i} r_j`` over the other responses to the same prompt."""
 
     name = "rloo"
 
-    def group_advantage(self, r, group, size, total):
+    @attrs.frozen
+    class Options(GroupRelative.Options):
+        #: Divide A_i by a spread of the rewards (TRL GRPOConfig's ``scale_rewards``): "none"
+        #: (RLOO as Ahmadian et al. 2024 wrote it), "group": the group's std, which makes it
+        #: GRPO's advantage (Shao et al. 2024) times G/(G-1), "batch": the std of every
+        #: reward of the batch (all ranks').
+        scale_rewards: str = attrs.field(default="none", validator=one_of("none", "group", "batch"))
+        #: Added to the std when ``scale_rewards`` divides by one.
+        eps: float = attrs.field(default=1e-6, validator=positive)
+
+    def group_centre(self, r, group, size, total):
         n = size[group]
         leave_one_out = (total[group] - r) / (n - 1).clamp(min=1)
         return torch.where(n > 1, r - leave_one_out, torch.zeros_like(r))
-
-    def group_centre(self, r, group, size, total):
-        return self.group_advantage(r, group, size, total)
-
-    def group_scale(self, r, group, size, total):
-        return torch.ones_like(r)
 
 
 class GRPO(GroupRelative):
@@ -126,22 +172,16 @@ class GRPO(GroupRelative):
 
     @attrs.frozen
     class Options(GroupRelative.Options):
-        #: Added to the group's std.
+        #: Added to the group's std. With scale_rewards = "batch", to the batch's; TRL adds 1e-4.
         eps: float = attrs.field(default=1e-6, validator=positive)
-
-    def group_advantage(self, r, group, size, total):
-        n = size[group]
-        centred = r - (total / size)[group]
-        var = torch.zeros_like(size).index_add_(0, group, centred**2) / (size - 1).clamp(min=1)
-        return torch.where(n > 1, centred / (var[group].sqrt() + self.options.eps), torch.zeros_like(r))
+        #: Divide the centred reward by (TRL GRPOConfig's ``scale_rewards``): "group": the
+        #: group's std (GRPO, Shao et al. 2024); "batch": the std of every reward of the
+        #: batch (all ranks'); "none": nothing, centred only (Dr. GRPO, Liu et al. 2025: the
+        #: group's std biases the update towards too easy and too hard questions).
+        scale_rewards: str = attrs.field(default="group", validator=one_of("group", "batch", "none"))
 
     def group_centre(self, r, group, size, total):
         return torch.where(size[group] > 1, r - (total / size)[group], torch.zeros_like(r))
-
-    def group_scale(self, r, group, size, total):
-        centred = r - (total / size)[group]
-        var = torch.zeros_like(size).index_add_(0, group, centred**2) / (size - 1).clamp(min=1)
-        return var[group].sqrt() + self.options.eps
 
 
 class SequenceCredit(AdvantageConstructor):

@@ -256,7 +256,7 @@ class PPO(GradientUpdater):
         def share(micro):
             """One micro-batch's share of its minibatch's loss, and of its metrics."""
             mb, rows = micro.batch, micro.rows
-            logp, logits, values = self.critic.score_with_policy(ctx, mb)
+            logp, entropy, values = self.critic.score_with_policy(ctx, mb, bool(self.options.entropy_coef))
             loss = ppo_loss(
                 logprobs=logp,
                 old_logprobs=mb.logprobs,
@@ -264,7 +264,7 @@ class PPO(GradientUpdater):
                 values=values,
                 old_values=old_values[rows],
                 returns=returns[rows],
-                logits=logits,
+                entropy=entropy,
                 mask=mb.response_mask,
                 num_tokens=micro.tokens,
                 clip=o.clip,

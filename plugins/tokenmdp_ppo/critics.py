@@ -5,7 +5,7 @@ one they hold:
 
 * ``critic(policy, batch)``: ``[B, T]`` values (0 on padding), in at least float32;
 * ``critic.score_with_policy(ctx, batch)``: the updater's minibatch forward, the policy's
-  ``[B, T]`` log-probs and ``[B, T, V]`` logits and the ``[B, T]`` values.
+  ``[B, T]`` log-probs and entropies (its output layer in chunks) and the ``[B, T]`` values.
 
 ``critic = "separate"`` builds, through :func:`value_network`, a :class:`ValueNetwork` (the
 toy policy's network class with one output) or, for a causal LM policy, an
@@ -31,10 +31,13 @@ class Critic(nn.Module):
         """``[B, T]``: ``V(s_t)`` on ``batch``'s response positions, 0 on padding."""
         raise NotImplementedError
 
-    def score_with_policy(self, ctx, batch) -> tuple[Tensor, Tensor, Tensor]:
-        """``(log-probs, logits)`` of the policy and the values on ``batch``'s responses. A
-        critic with its own network scores them apart: one pass of each."""
-        return (*ctx.token_logprobs(ctx.policy, batch, return_logits=True), self(ctx.policy, batch))
+    def score_with_policy(self, ctx, batch, entropy_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log-probs, entropies, values)`` ``[B, T]`` of the policy and the critic on
+        ``batch``'s responses (the entropy with a gradient if ``entropy_grad``). A critic
+        with its own network scores them apart: one pass of each (the policy's output layer
+        in chunks: ``train.logit_chunk``)."""
+        scores = ctx.token_logprobs(ctx.policy, batch, return_entropy=True, entropy_grad=entropy_grad)
+        return (*scores, self(ctx.policy, batch))
 
 
 class ValueNetwork(Critic):
@@ -105,7 +108,7 @@ class ValueHead(Critic):
 
         return at_least_float32(response_logits(trunk_values, batch)[..., 0]) * batch.response_mask
 
-    def score_with_policy(self, ctx, batch) -> tuple[Tensor, Tensor, Tensor]:
+    def score_with_policy(self, ctx, batch, entropy_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """One pass of the shared trunk for both (half the GRU work of scoring the policy
         and the values apart)."""
         policy, trunk = ctx.policy, {}
@@ -114,8 +117,8 @@ class ValueHead(Critic):
             trunk["hidden"] = policy.hidden_states(ids, mask)
             return policy.head(trunk["hidden"])
 
-        logp, logits = ctx.token_logprobs(logits_keeping_the_trunk, batch, return_logits=True)
+        logp, entropy = ctx.token_logprobs(logits_keeping_the_trunk, batch, return_entropy=True)
         # the same response positions of the same pass: response_logits slices this "model"'s
         # output exactly as it sliced the logits
         values = response_logits(lambda ids, mask=None: self.head(trunk["hidden"]), batch)[..., 0]
-        return logp, logits, at_least_float32(values) * batch.response_mask
+        return logp, entropy, at_least_float32(values) * batch.response_mask

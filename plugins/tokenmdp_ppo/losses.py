@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from tokenmdp import entropy_of, zero_padding
+from tokenmdp import zero_padding
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -61,7 +61,7 @@ def ppo_loss(
     values: Tensor,
     old_values: Tensor,
     returns: Tensor,
-    logits: Tensor,
+    entropy: Tensor,
     mask: Tensor,
     num_tokens: Tensor,
     clip: float,
@@ -74,7 +74,7 @@ def ppo_loss(
     Per-token ``[B, T]``: ``logprobs`` (``log pi(a_t|s_t)``, with grad), ``old_logprobs``
     (``log pi_old``, the rollout's), ``advantages`` ``A_t``, ``values`` (the critic's new
     ``V(s_t)``, with grad), ``old_values`` (the values the advantages were computed with),
-    ``returns`` ``G_t``, and ``mask``; ``logits``: ``[B, T, V]``, the policy's. ``num_tokens``
+    ``returns`` ``G_t``, ``entropy`` (the policy's at each position, with grad), and ``mask``. ``num_tokens``
     (0-d) is the number of real tokens every mean divides by: the whole minibatch's, so
     that the terms of a minibatch's micro-batches sum to the minibatch's token means.
 
@@ -102,7 +102,7 @@ def ppo_loss(
     else:
         v_loss2 = (old_values + (values - old_values).clamp(-vf_clip, vf_clip) - returns) ** 2
     v_loss = 0.5 * token_mean(torch.max(v_loss1, v_loss2))
-    entropy = token_mean(entropy_of(logits if entropy_coef else logits.detach()))
+    entropy = token_mean(entropy if entropy_coef else entropy.detach())
     total = pg_loss - entropy_coef * entropy + vf_coef * v_loss
     metrics = {
         "policy/approxkl": approx_kl,

@@ -17,7 +17,6 @@ from tokenmdp import (
     GradientUpdater,
     Recipe,
     TrajectoryEstimator,
-    entropy_of,
     hookimpl,
     masked_mean,
     masked_whiten,
@@ -80,11 +79,11 @@ class PolicyGradient(GradientUpdater):
 
         def share(micro):
             mb = micro.batch
-            logp, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
+            logp, entropy = ctx.token_logprobs(ctx.policy, mb, return_entropy=True, entropy_grad=False)
             loss = -micro.row_mean(adv[micro.rows] * logp * mb.response_mask)
             return loss, {
                 "losses/policy": loss.item(),
-                "policy/entropy": micro.token_mean(entropy_of(logits.detach()), mb.response_mask),
+                "policy/entropy": micro.token_mean(entropy.detach(), mb.response_mask),
             }
 
         for rows in self.minibatches(batch, ctx):

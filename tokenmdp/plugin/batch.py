@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..policies.base import TokenPolicy
+from .chunked import chunked_token_stats
 from .ops import at_least_float32
 
 
@@ -177,13 +178,57 @@ def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor 
 
 
 def token_logprobs(
-    model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None, return_logits: bool = False
+    model: TokenPolicy,
+    batch: RolloutBatch,
+    prefix_ids: Tensor | None = None,
+    return_logits: bool = False,
+    return_entropy: bool = False,
+    chunk: int | None = None,
+    entropy_grad: bool = True,
 ):
-    """Log-prob of each taken response token under ``model`` (0 on padding)."""
+    """Log-prob of each taken response token under ``model`` (0 on padding); with
+    ``return_logits`` also the ``[B, T, V]`` logits, with ``return_entropy`` (instead) the
+    ``[B, T]`` entropy of each position's distribution (0 on padding).
+
+    ``chunk``: a model that gives its last hidden states (HF causal LMs,
+    ``supports_hidden_states``) computes the output layer ``chunk`` positions at a time and
+    never holds the batch's logits (:mod:`.chunked`); None (or a toy policy, or
+    ``return_logits``): the whole ``[B, T, V]`` logits at once, as always. ``entropy_grad``
+    false: the entropy is only read (a metric), which a frozen output layer computes for
+    less."""
+    if chunk and not return_logits and getattr(model, "supports_hidden_states", False):
+        return _chunked_logprobs(model, batch, prefix_ids, return_entropy, chunk, entropy_grad)
     logits = at_least_float32(response_logits(model, batch, prefix_ids))
     logp = torch.log_softmax(logits, dim=-1)
     taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
-    return (taken, logits) if return_logits else taken
+    if return_logits:
+        return taken, logits
+    if return_entropy:
+        # its own log-softmax, as entropy_of(logits) computes it: a loss with an entropy
+        # term then has the very graph (and gradients, bit for bit) it had with the logits
+        own = torch.log_softmax(logits, dim=-1)
+        return taken, -(own.exp() * own).sum(-1) * batch.response_mask
+    return taken
+
+
+def _chunked_logprobs(model, batch: RolloutBatch, prefix_ids, return_entropy: bool, chunk: int, entropy_grad: bool):
+    """:func:`token_logprobs` through :func:`.chunked.chunked_token_stats`, on the real
+    response tokens only (padding gets 0 without a logit computed for it)."""
+    ids, mask = (batch.prompt_ids, batch.prompt_mask) if prefix_ids is None else prompts_with_prefix(batch, prefix_ids)
+    full_ids = torch.cat([ids, batch.response_ids], dim=1)
+    full_mask = torch.cat([mask.to(batch.response_ids.dtype), torch.ones_like(batch.response_ids)], dim=1)
+    b, t = batch.response_ids.shape
+    hidden, head = model.response_hidden(full_ids, full_mask, keep=t + 1)
+    real = (batch.response_mask > 0).flatten().nonzero().squeeze(1)
+    rows = hidden[:, :t].reshape(b * t, -1)[real]
+    frozen = model.frozen_output_layer() if hasattr(model, "frozen_output_layer") else None
+    targets = batch.response_ids.flatten()[real]
+    taken, entropy = chunked_token_stats(rows, head, targets, chunk, return_entropy, frozen, entropy_grad)
+    out = torch.zeros(b * t, dtype=taken.dtype, device=taken.device).index_put((real,), taken).view(b, t)
+    if not return_entropy:
+        return out
+    entropies = torch.zeros(b * t, dtype=entropy.dtype, device=entropy.device).index_put((real,), entropy)
+    return out, entropies.view(b, t)
 
 
 def response_nll(

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..policies.base import TokenPolicy
 from .batch import RolloutBatch, token_logprobs
+from .chunked import resolve_chunk
 
 
 @attrs.define
@@ -81,7 +82,30 @@ class TrainContext:
         return torch.tensor(list(guide), dtype=torch.long)
 
     def token_logprobs(
-        self, model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None, return_logits: bool = False
+        self,
+        model: TokenPolicy,
+        batch: RolloutBatch,
+        prefix_ids: Tensor | None = None,
+        return_logits: bool = False,
+        return_entropy: bool = False,
+        entropy_grad: bool = True,
     ):
-        """Score the batch's response tokens under ``model`` (optionally guide-prefixed)."""
-        return token_logprobs(model, batch, prefix_ids=prefix_ids, return_logits=return_logits)
+        """Score the batch's response tokens under ``model`` (optionally guide-prefixed):
+        their log-probs, and the ``[B, T, V]`` logits or (cheaper) the ``[B, T]`` entropies
+        when asked. An HF model's output layer runs :attr:`logit_chunk` positions at a time
+        unless the logits themselves are asked for (:func:`tokenmdp.token_logprobs`);
+        ``entropy_grad`` false where the entropy is only a metric."""
+        return token_logprobs(
+            model,
+            batch,
+            prefix_ids=prefix_ids,
+            return_logits=return_logits,
+            return_entropy=return_entropy,
+            chunk=self.logit_chunk,
+            entropy_grad=entropy_grad,
+        )
+
+    @property
+    def logit_chunk(self) -> int | None:
+        """``train.logit_chunk`` in positions (None: off)."""
+        return resolve_chunk(self.config.train.logit_chunk, self.task.vocab_size)

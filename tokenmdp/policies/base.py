@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor, nn
 
@@ -122,3 +123,31 @@ def place(module: nn.Module, device: torch.device, autocast_dtype: torch.dtype |
     if no_dropout:
         devices.disable_dropout(module)
     return module.to(device)
+
+
+@attrs.frozen
+class FrozenLinear:
+    """An output layer without a weight gradient (tokenmdp/plugin/chunked.py's fast path):
+    ``logits = hidden @ weight.T + bias``, the first ``vocab`` of them the policy's, the
+    product in ``dtype`` (the policy's autocast; None: float32)."""
+
+    weight: Tensor  # [V', width], requires_grad False
+    bias: Tensor | None
+    vocab: int
+    dtype: torch.dtype | None = None
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        dtype = self.dtype or self.weight.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = torch.nn.functional.linear(hidden.to(dtype), self.weight.to(dtype), bias)
+        return _at_least_float32(out[..., : self.vocab])
+
+    def back(self, grad_logits: Tensor) -> Tensor:
+        """``grad_logits @ weight[:vocab]``: a gradient on the logits carried back to the
+        hidden states, in float32."""
+        dtype = self.dtype or self.weight.dtype
+        return _at_least_float32(grad_logits.to(dtype) @ self.weight[: self.vocab].to(dtype))
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x

@@ -133,13 +133,16 @@ class GPT2Decoder:
         allowed |= torch.eye(length, dtype=torch.bool, device=attention_mask.device)[None]
         return allowed[:, None]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
-        """``[B, L or logits_to_keep, vocab]`` logits of whole sequences (with gradients)."""
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0, hidden: bool = False
+    ) -> Tensor:
+        """``[B, L or logits_to_keep, vocab]`` logits of whole sequences (with gradients);
+        with ``hidden``, the last hidden states the output layer would read instead."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = self._blocks(self._embed(input_ids, positions), self._prefix_attention(attention_mask))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.model.lm_head(x)
+        return x if hidden else self.model.lm_head(x)
 
     @torch.no_grad()
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Cache]:

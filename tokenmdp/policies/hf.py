@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..errors import TokenMDPError
 from . import fast_gpt2
-from .base import TokenPolicy
+from .base import FrozenLinear, TokenPolicy
 
 
 class HFCausalLMPolicy(TokenPolicy):
@@ -190,6 +190,49 @@ class HFCausalLMPolicy(TokenPolicy):
                 return decoder.forward(input_ids, attention_mask, logits_to_keep)[..., : self.vocab_size]
         return self._full(input_ids, attention_mask, logits_to_keep=logits_to_keep).logits[..., : self.vocab_size]
 
+    @property
+    def supports_hidden_states(self) -> bool:
+        """Whether :meth:`response_hidden` can hand the output layer to a caller that applies
+        it a chunk of positions at a time (``train.logit_chunk``, tokenmdp/plugin/chunked.py):
+        yes, unless the layer is sharded (``train.sharding = "fsdp"``), whose weights exist
+        whole only inside the model's own forward; a sharded run takes the whole logits."""
+        weight = self.model.get_output_embeddings().weight
+        return type(weight.data) is torch.Tensor
+
+    def response_hidden(self, input_ids, attention_mask, keep: int):
+        """``([B, keep, width], head)``: the last hidden states of the last ``keep``
+        positions, and the function that turns hidden states into this model's logits
+        (:meth:`output_logits`), so that a caller can apply it in chunks."""
+        decoder = self.fast_decoder
+        if decoder is not None:
+            with self.autocast():
+                return decoder.forward(input_ids, attention_mask, keep, hidden=True), self.output_logits
+        out = self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1][:, -keep:], self.output_logits
+
+    def output_logits(self, hidden):
+        """This model's logits from its last hidden states: the output layer (under the
+        policy's autocast) and, where the model has one (Gemma 2), its final soft cap, as
+        its own forward computes them."""
+        with self.autocast():
+            logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits[..., : self.vocab_size]
+
+    def frozen_output_layer(self):
+        """The output layer as a :class:`~tokenmdp.policies.base.FrozenLinear` when it takes
+        no gradient (a LoRA policy's, which peft leaves alone) and is a plain linear layer
+        with nothing after it (no soft cap, not sharded); else None."""
+        head = self.model.get_output_embeddings()
+        plain = type(head) is torch.nn.Linear and type(head.weight.data) is torch.Tensor
+        if not plain or head.weight.requires_grad or getattr(self.model.config, "final_logit_softcapping", None):
+            return None
+        if head.bias is not None and head.bias.requires_grad:
+            return None
+        return FrozenLinear(head.weight, head.bias, self.vocab_size, self.autocast_dtype)
+
     def hidden_states(self, input_ids, attention_mask=None):
         """``[B, L, width]``: the last layer's hidden state at every position (a critic's
         input); the output layer is skipped."""
@@ -304,6 +347,19 @@ class AdapterDisabledReference(TokenPolicy):
     def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0):
         with self.policy.adapter_disabled():
             return self.policy(input_ids, attention_mask, logits_to_keep=logits_to_keep)
+
+    @property
+    def supports_hidden_states(self) -> bool:
+        return self.policy.supports_hidden_states
+
+    def response_hidden(self, input_ids, attention_mask, keep: int):
+        with self.policy.adapter_disabled():
+            hidden, _ = self.policy.response_hidden(input_ids, attention_mask, keep)
+        return hidden, self.output_logits
+
+    def output_logits(self, hidden):
+        with self.policy.adapter_disabled():  # an adapter on the output layer is off too
+            return self.policy.output_logits(hidden)
 
     def start(self, input_ids, attention_mask=None):
         with self.policy.adapter_disabled():

@@ -111,8 +111,11 @@ class SampledEvaluator:
         top_p: float | None = None,
         sampler: str = "multinomial",
         backend=None,
+        logit_chunk: int | None = None,
     ):
         self.task, self.reference, self.beta = task, reference, beta
+        #: ``train.logit_chunk`` in positions: the KL's scoring passes never hold the logits
+        self.logit_chunk = logit_chunk
         self.num_samples, self.seed = num_samples, seed
         self.params = SamplingParams(temperature, top_k, top_p, sampler)
         self.backend = backend
@@ -168,7 +171,9 @@ class SampledEvaluator:
             self.start  # noqa: B018 (the reference's own judgements: each win rate's other side)
         batch = self.sample(policy)
         mask = batch.response_mask
-        kl = ((token_logprobs(policy, batch) - token_logprobs(self.reference, batch)) * mask).sum(1)
+        chunk = self.logit_chunk
+        own, ref = token_logprobs(policy, batch, chunk=chunk), token_logprobs(self.reference, batch, chunk=chunk)
+        kl = ((own - ref) * mask).sum(1)
         scores = {
             "kl_ref": float(kl.mean()),
             "kl_ref_se": _standard_error(kl.double().tolist()),

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..devices import module_device
 from ..errors import ConfigError
 from ..plugin.batch import RolloutBatch, token_logprobs
+from ..plugin.chunked import auto_chunk
 from ..policies.base import TokenPolicy
 from .rollout import generate
 
@@ -117,7 +118,7 @@ def _continuations(
         rewards=torch.zeros(cont.shape, device=device),
         prompt_index=rows.to(device),
     )
-    ref_logp = token_logprobs(reference, scored)
+    ref_logp = token_logprobs(reference, scored, chunk=auto_chunk(task.vocab_size))  # never the whole logits
     cont, cont_mask = cont.cpu(), cont_mask.cpu()
     kl = ((logp.cpu().double() - ref_logp.cpu().double()) * cont_mask).sum(1)
     # rewards of the whole completed response: a text reward may depend on every token

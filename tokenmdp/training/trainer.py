@@ -23,6 +23,7 @@ from ..config import Config, dump_config
 from ..devices import PRECISIONS, resolve_device
 from ..errors import ConfigError, PluginError, RewardError, TrainingInterrupted
 from ..plugin.batch import RolloutBatch, token_logprobs
+from ..plugin.chunked import resolve_chunk
 from ..plugin.composition import Composition, compose, lm_defaults_line, with_recipe_defaults
 from ..plugin.context import TrainContext
 from ..plugin.ops import check_finite
@@ -180,6 +181,7 @@ class Trainer:
                 top_p=t.top_p,
                 sampler=self.sampler,
                 backend=self.sampling,
+                logit_chunk=resolve_chunk(t.logit_chunk, self.task.vocab_size),
             )
         exact = self.evaluator if self.task.exact else None
         self.ctx = TrainContext(
@@ -441,9 +443,9 @@ class Trainer:
         reward_metrics, reward_columns = rewards.drain_logs() if rewards is not None else ({}, {})
         with torch.no_grad():
             if batch.logprobs is None:  # not read off the sampling pass (train.logprobs_from)
-                batch.logprobs = token_logprobs(self.policy, batch)
+                batch.logprobs = token_logprobs(self.policy, batch, chunk=self.ctx.logit_chunk)
             if self.scores_reference:  # train.log_kl, or a component requires ref_logprobs
-                batch.ref_logprobs = token_logprobs(self.reference, batch)
+                batch.ref_logprobs = token_logprobs(self.reference, batch, chunk=self.ctx.logit_chunk)
         estimator, constructor, _ = self.composition.components
         # Under torchrun every phase ends with the ranks agreeing (a failure on one rank stops all);
         # batch statistics (tokenmdp.plugin.ops) are global in the first two.

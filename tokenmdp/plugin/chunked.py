@@ -1,0 +1,128 @@
+"""Per-token log-probs and entropies from the last hidden states and the output layer, a
+chunk of positions at a time, never holding the ``[B, T, vocab]`` logits of a batch.
+
+A training forward's output layer is the largest tensor of a step on a large vocabulary:
+Gemma-3's 262,144 entries make ``batch x tokens x 262,144`` float32 logits, then a
+log-softmax and an entropy of the same size, and autograd keeps them for the backward.
+Here each chunk's logits live only inside :func:`torch.utils.checkpoint.checkpoint`: the
+forward keeps the chunk's hidden states (``[chunk, width]``) and drops its logits, and the
+backward computes them again, one chunk at a time. TRL's chunked log-prob function and
+verl's chunked entropy do the same (a custom backward would save the recomputation; the
+recomputation costs one output-layer matmul per chunk).
+
+Per position the operations are those of the unchunked path (:func:`token_logprobs`:
+``log_softmax``, ``gather``, ``-(p * log p).sum``), so values differ only where a smaller
+matrix product rounds differently: tests/test_chunked_logits.py states the tolerance.
+
+A **frozen** output layer (LoRA leaves it alone: :class:`FrozenLinear`) needs no weight
+gradient, so :class:`_FrozenHeadStats` skips the recomputation: while a chunk's
+probabilities exist in the forward, it multiplies the two vectors the backward will need
+back through the layer (``d log p(y) / d logits = onehot(y) - p`` and, when the entropy
+takes a gradient, ``d H / d logits = -p (log p + H)``) into ``[chunk, width]`` tensors, and
+the backward only scales them by the incoming gradients. The output layer then costs two
+products per chunk, as unchunked (forward and backward), instead of three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..policies.base import FrozenLinear
+from .ops import at_least_float32
+
+#: ``train.logit_chunk = "auto"``: positions per chunk such that one chunk's logits hold
+#: about this many entries (16 Mi: 64 MiB of float32; 64 positions of Gemma-3's vocabulary).
+AUTO_CHUNK_ENTRIES = 1 << 24
+
+
+def auto_chunk(vocab: int) -> int:
+    """Positions per chunk for a vocabulary of ``vocab`` entries (at least 1)."""
+    return max(1, AUTO_CHUNK_ENTRIES // max(1, vocab))
+
+
+def resolve_chunk(setting: int | str, vocab: int) -> int | None:
+    """``train.logit_chunk`` in positions: ``"auto"`` -> :func:`auto_chunk`, 0 -> None (off)."""
+    return auto_chunk(vocab) if setting == "auto" else (setting or None)
+
+
+def _stats(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor], entropy: bool):
+    logp = torch.log_softmax(at_least_float32(head(hidden)), dim=-1)
+    taken = logp.gather(-1, targets[:, None]).squeeze(-1)
+    if not entropy:
+        return (taken,)
+    return taken, -(logp.exp() * logp).sum(-1)
+
+
+class _FrozenHeadStats(torch.autograd.Function):
+    """:func:`_stats` through a :class:`FrozenLinear`, its backward precomputed in the
+    forward (see the module docstring); the entropy takes a gradient only if
+    ``entropy_grad``."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, layer: FrozenLinear, entropy: bool, entropy_grad: bool):
+        logp = torch.log_softmax(layer.logits(hidden), dim=-1)
+        taken = logp.gather(-1, targets[:, None]).squeeze(-1)
+        p = logp.exp()
+        onehot_minus_p = -p
+        onehot_minus_p.scatter_add_(-1, targets[:, None], torch.ones_like(taken)[:, None])
+        saved = [layer.back(onehot_minus_p)]
+        ent = None
+        if entropy:
+            ent = -(p * logp).sum(-1)
+            if entropy_grad:
+                saved.append(layer.back(-p * (logp + ent[:, None])))
+            else:
+                ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(*saved)
+        ctx.input_dtype = hidden.dtype
+        return (taken, ent) if entropy else (taken,)
+
+    @staticmethod
+    def backward(ctx, grad_taken, grad_ent=None):
+        saved = ctx.saved_tensors
+        grad = grad_taken[:, None] * saved[0]
+        if len(saved) > 1 and grad_ent is not None:
+            grad = grad + grad_ent[:, None] * saved[1]
+        return grad.to(ctx.input_dtype), None, None, None, None
+
+
+def chunked_token_stats(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    chunk: int,
+    entropy: bool = False,
+    frozen: FrozenLinear | None = None,
+    entropy_grad: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``(logprobs, entropy)`` ``[N]`` of ``targets`` ``[N]`` under the logits
+    ``head(hidden)`` (``hidden``: ``[N, width]``), ``chunk`` positions at a time; entropy
+    None unless asked. Differentiable in ``hidden`` and in ``head``'s parameters; with
+    gradients on and more than one chunk, each chunk's logits are recomputed in the backward
+    instead of kept, unless the output layer is ``frozen`` (the same layer as ``head``,
+    without a weight gradient): :class:`_FrozenHeadStats` then needs no recomputation and,
+    with ``entropy_grad`` false, makes the entropy a value only (no gradient flows from it,
+    which saves a product per chunk); elsewhere the entropy always carries its gradient."""
+    # one chunk holds everything: nothing to save by recomputing (its logits are small by
+    # the choice of ``chunk``), so it runs as the unchunked path does
+    grad = torch.is_grad_enabled() and hidden.shape[0] > chunk
+    taken, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        args = (hidden[start : start + chunk], targets[start : start + chunk], head, entropy)
+        if grad and frozen is not None and hidden.requires_grad:
+            out = _FrozenHeadStats.apply(args[0], args[1], frozen, entropy, entropy_grad)
+        elif grad:
+            out = checkpoint(_stats, *args, use_reentrant=False)
+        else:
+            out = _stats(*args)
+        taken.append(out[0])
+        if entropy:
+            entropies.append(out[1])
+    if not taken:  # no position at all
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if entropy else None)
+    return torch.cat(taken), (torch.cat(entropies) if entropy else None)
