@@ -41,20 +41,31 @@ TARGET = frozenset(WORDS[:64])
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def target_fraction(prompt: str, completion: str) -> float:
-    """Reward: the fraction of the completion's words that are target words (0 if empty)."""
+def target_fraction(prompt: str, completion: str, target: frozenset[str] = TARGET) -> float:
+    """Reward: the fraction of the completion's words that are ``target`` words (0 if empty)."""
     words = completion.split()
-    return sum(w in TARGET for w in words) / len(words) if words else 0.0
+    return sum(w in target for w in words) / len(words) if words else 0.0
 
 
-def build(root: Path, n_prompts: int = 4096, seed: int = 0, n_embd: int = 128) -> dict[str, Path]:
-    """Write the tokenizer, the model (``GPT2Config(n_layer=2, n_embd=128, n_head=4,
-    vocab_size=512)``, default dropout) and the prompt file under ``root``."""
+def build(
+    root: Path,
+    n_prompts: int = 4096,
+    seed: int = 0,
+    n_embd: int = 128,
+    words: list[str] = WORDS,
+    prompt_words: int = 8,
+    n_positions: int = 128,
+    model_seed: int | None = None,
+) -> dict[str, Path]:
+    """Write the tokenizer (``words`` and the 4 specials), the model (``GPT2Config(n_layer=2,
+    n_embd=128, n_head=4, vocab_size=512)`` by default, default dropout; initialised under
+    ``torch.manual_seed(model_seed)`` when given) and the prompt file (``prompt_words``
+    random words each) under ``root``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     root.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate([*SPECIALS, *WORDS])}
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *words])}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -66,16 +77,20 @@ def build(root: Path, n_prompts: int = 4096, seed: int = 0, n_embd: int = 128) -
         n_embd=n_embd,
         n_head=4,
         vocab_size=len(vocab),
-        n_positions=128,
+        n_positions=n_positions,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
     )
+    if model_seed is not None:
+        import torch
+
+        torch.manual_seed(model_seed)
     GPT2LMHeadModel(config).save_pretrained(root / "model")
     rng = random.Random(seed)
     with open(root / "prompts.jsonl", "w") as fh:
         for _ in range(n_prompts):
-            fh.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(8))}) + "\n")
+            fh.write(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(prompt_words))}) + "\n")
     return {"model": root / "model", "prompts": root / "prompts.jsonl"}
 
 

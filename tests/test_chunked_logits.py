@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import TINY_GPT2
+from test_real_lm import text_files, text_run  # noqa: F401 (fixture)
 
 from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
 from tokenmdp.plugin.chunked import auto_chunk, chunked_token_stats
@@ -123,7 +124,7 @@ def test_auto_chunk_keeps_a_chunk_near_16_mi_entries():
     assert auto_chunk(262_144) == 64 and auto_chunk(48) == (1 << 24) // 48 and auto_chunk(10**9) == 1
 
 
-def test_a_text_run_trains_the_same_with_and_without_chunks(tmp_path):
+def test_a_text_run_trains_the_same_with_and_without_chunks(text_files, tmp_path):  # noqa: F811
     """The whole training loop: a tiny GPT-2 GRPO run with 2-position chunks (several
     chunks per micro-batch, the checkpointed backward) against the unchunked path."""
     import json
@@ -131,28 +132,11 @@ def test_a_text_run_trains_the_same_with_and_without_chunks(tmp_path):
     from tokenmdp.config import load_config
     from tokenmdp.training.trainer import Trainer
 
-    files = _text_files(tmp_path)
     rows = {}
     for chunk in ("0", "2"):
         run = tmp_path / f"chunk{chunk}"
-        overrides = [
-            "env.id=tokenmdp/Text-v0",
-            f"env.prompts={files / 'train.jsonl'}",
-            f"env.tokenizer={files / 'spm.model'}",
-            "env.reward=test_real_lm:length_reward",
-            "env.horizon=6",
-            "policy.kind=hf",
-            f"policy.path={files / 'gpt2'}",
-            "reference.init=init",
-            "algorithm.name=grpo",
-            "train.samples_per_prompt=4",
-            "train.batch_size=8",
-            "train.steps=3",
-            "updater.lr=1e-3",
-            "train.progress=false",
-            f"train.logit_chunk={chunk}",
-            f"run.dir={run}",
-        ]
+        grpo = ["algorithm.name=grpo", "train.samples_per_prompt=4", "train.batch_size=8", "train.steps=3"]
+        overrides = text_run(text_files, run, *grpo, "updater.lr=1e-3", f"train.logit_chunk={chunk}")
         Trainer(load_config(None, overrides)).train()
         rows[chunk] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     keys = ("losses/policy", "policy/entropy", "policy/approxkl", "kl_ref", "true_reward")
@@ -161,19 +145,6 @@ def test_a_text_run_trains_the_same_with_and_without_chunks(tmp_path):
             if key in full:
                 assert chunked[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6), key
     assert any("losses/policy" in r for r in rows["2"])
-
-
-def _text_files(root):
-    import json
-
-    from test_real_lm import CORPUS, HELD_OUT, TRAIN_PROMPTS
-
-    from tokenmdp.policies.hf import train_sentencepiece
-
-    (root / "spm.model").write_bytes(train_sentencepiece([*CORPUS, *HELD_OUT], vocab_size=48).serialized_model_proto())
-    (root / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TRAIN_PROMPTS))
-    HFCausalLMPolicy.from_config(TINY_GPT2, seed=0).model.save_pretrained(root / "gpt2")
-    return root
 
 
 def test_toy_policies_never_chunk_so_toy_metrics_are_unchanged(tmp_path):

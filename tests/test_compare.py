@@ -113,6 +113,8 @@ def test_tables_have_every_column_median_and_range(finished):
         "regret",
         "kl_to_optimal",
         "credit_corr",
+        "response_length",
+        "optimal_length",
         "data_tokens",
         "tokens_to_90",
         "tokens_to_90_with_data",
@@ -122,6 +124,10 @@ def test_tables_have_every_column_median_and_range(finished):
             low, mid, high = (float(r[f"{key}_{s}"]) for s in ("min", "median", "max"))
             assert low <= mid <= high, (key, r)
     assert rows[0]["ceiling_median"] == "" and 0 <= float(rows[1]["ceiling_median"]) <= 1
+    # Pattern without EOS: every response, the policy's and pi*'s, is horizon (3) tokens long
+    for r in rows:
+        for key in ("response_length", "optimal_length"):
+            assert float(r[f"{key}_min"]) == pytest.approx(3.0, abs=1e-9) == float(r[f"{key}_max"])
     md = (out / "results.md").read_text()
     for _, title in compare.COLUMNS:
         assert title in md
@@ -257,7 +263,12 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name, cells",
-    [("compare.toml", 5 * 3 * 3), ("compare_demo.toml", 3 * 2 * 3), ("compare_paper_gemma.toml", 9 * 1 * 3)],
+    [
+        ("compare.toml", 5 * 3 * 3),
+        ("compare_demo.toml", 3 * 2 * 3),
+        ("compare_paper_gemma.toml", 9 * 1 * 3),
+        ("compare_grpo_family.toml", 8 * 3 * 3),
+    ],
 )
 def test_shipped_grids_plan_and_share_one_reference(name, cells, tmp_path):
     """Every cell of the shipped grids is a valid run; all recipes of one (env, seed) start

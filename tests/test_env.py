@@ -137,6 +137,34 @@ def test_sum_mod_pays_only_at_the_end():
         assert rewards[2] == (1.0 if (1 + 2 + 3) % task.modulus == int(task.goal[p]) else 0.0)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(vocab_size=3, horizon=2), dict(vocab_size=4, horizon=3, prompt_len=2), dict(vocab_size=3, eos_token=2)],
+)
+def test_length_env_passes_check_env(kwargs):
+    check_env(make("tokenmdp/Length-v0", **kwargs), skip_render_check=True)
+
+
+def test_length_pays_only_an_eos_at_the_prompts_target_length():
+    env = make("tokenmdp/Length-v0", vocab_size=4, horizon=5, eos_token=3)
+    task = env.task
+    # 4 prompts, horizon 5: the targets spread over 1..5, one per prompt, in a seeded order
+    assert sorted(task.target.tolist()) == [1, 2, 4, 5]
+    for p in range(task.prompts.shape[0]):
+        target = int(task.target[p])
+        for length in range(1, task.horizon + 1):
+            env.reset(options={"prompt_index": p})
+            rewards = [env.step(0)[1] for _ in range(length - 1)]
+            _, reward, terminated, truncated, _ = env.step(3)  # EOS as the last token
+            assert rewards == [0.0] * (length - 1) and terminated and not truncated
+            assert reward == (3.0 if length == target else 0.0)
+        env.reset(options={"prompt_index": p})
+        rewards = [env.step(1)[1] for _ in range(task.horizon)]  # cut at the horizon: never paid
+        assert rewards == [0.0] * task.horizon
+    with pytest.raises(ValueError, match="eos_token"):
+        make("tokenmdp/Length-v0", eos_token=None)
+
+
 def test_step_before_reset_raises():
     env = make("tokenmdp/Pattern-v0", vocab_size=3, horizon=2)
     with pytest.raises(TokenMDPError):

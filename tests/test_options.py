@@ -99,6 +99,7 @@ TOY_IDS = [
     "tokenmdp/SumMod-v0",
     "tokenmdp/SumThreshold-v0",
     "tokenmdp/Forbidden-v0",
+    "tokenmdp/Length-v0",
     "tokenmdp/Bandit-v0",
 ]
 

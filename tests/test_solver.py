@@ -13,7 +13,7 @@ from tokenmdp.mdp.solver import all_prefixes, prefix_index, solve, tree_logprobs
 from tokenmdp.plugin.batch import token_logprobs
 from tokenmdp.policies import GRUPolicy, MLPPolicy, TabularPolicy, TaskBasePolicy, TransformerPolicy
 from tokenmdp.training.rollout import collect, generate
-from tokenmdp_envs import BanditTask, ForbiddenTask, PatternTask, SumModTask
+from tokenmdp_envs import BanditTask, ForbiddenTask, LengthTask, PatternTask, SumModTask
 
 TASKS = {"Pattern": PatternTask, "SumMod": SumModTask, "Forbidden": ForbiddenTask, "Bandit": BanditTask}
 BETAS = [0.5, 1.0, 2.0]
@@ -200,6 +200,61 @@ def test_regret_equals_beta_kl_to_optimal(name, eos, ref):
         assert exact["objective"] == pytest.approx(solution.j_star, abs=1e-10)
         wrapped = solution.evaluate(tree_logprobs(solution.policy(), task))
         assert abs(wrapped["regret"]) < 1e-6 and abs(wrapped["kl_to_optimal"]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        make_task("Pattern", 3, 3),
+        make_task("Forbidden", 3, 3, eos=1),
+        make_task("SumMod", 2, 4, eos=0),
+        LengthTask(vocab_size=3, horizon=4, eos_token=1),
+    ],
+    ids=["Pattern-no-eos", "Forbidden-eos", "SumMod-eos", "Length-eos"],
+)
+def test_expected_lengths_match_brute_force(task):
+    """``response_length`` and ``optimal_length``: ``E[|y|]`` (EOS counted) under the policy
+    and under pi*, against the enumeration of every complete response."""
+    reference, policy = gru(task, 1234), gru(task, 77)
+    solution = solve(task, reference, 0.8)
+    responses = complete_responses(task)
+    n_prompts = task.prompts.shape[0]
+    result = solution.evaluate(tree_logprobs(policy, task))
+    own = opt = 0.0
+    for p in range(n_prompts):
+        probs = [math.exp(sequence_logprob(policy, task, p, y)) for y in responses]
+        stars = [math.exp(tree_sequence_logprob(solution.opt_logp, task, p, y)) for y in responses]
+        assert math.fsum(probs) == pytest.approx(1.0, abs=1e-12) and math.fsum(stars) == pytest.approx(1.0, abs=1e-12)
+        own += math.fsum(q * len(y) for q, y in zip(probs, responses)) / n_prompts
+        opt += math.fsum(q * len(y) for q, y in zip(stars, responses)) / n_prompts
+    assert result["response_length"] == pytest.approx(own, abs=1e-10)
+    assert result["optimal_length"] == pytest.approx(opt, abs=1e-10)
+    assert solution.expected_length(solution.opt_logp) == result["optimal_length"]
+    assert solution.evaluate(solution.opt_logp)["response_length"] == pytest.approx(opt, abs=1e-10)
+    if task.eos_token is None:  # every response is horizon tokens long
+        assert own == pytest.approx(task.horizon, abs=1e-12) and opt == pytest.approx(task.horizon, abs=1e-12)
+    else:  # the lengths differ, so the check is not the trivial one
+        assert len({len(y) for y in responses}) == task.horizon and abs(own - opt) > 1e-3
+
+
+def test_length_task_optimum_follows_each_prompts_target():
+    """Length's pi* moves each prompt's length toward its own target: shorter for the
+    shortest target, longer for the longest (vs. pi_ref), so pi*'s length depends on the prompt."""
+    task = LengthTask(vocab_size=6, horizon=5, seed=0)
+    solution = solve(task, TaskBasePolicy(task), 1.0)
+
+    def per_prompt(logp):
+        reach, length = torch.ones(task.prompts.shape[0], 1, dtype=torch.float64), 0
+        for t, lp in enumerate(logp):
+            length = length + reach.sum(1)
+            weight = reach[..., None] * lp.exp()
+            reach = (weight * ~task.ending_actions(t)).reshape(weight.shape[0], -1)
+        return length
+
+    ref, opt = per_prompt(solution.ref_logp), per_prompt(solution.opt_logp)
+    shortest, longest = int(task.target.argmin()), int(task.target.argmax())
+    assert opt[shortest] < ref[shortest] - 0.3 and opt[longest] > ref[longest] + 0.3
+    assert float(opt.mean()) == pytest.approx(solution.expected_length(solution.opt_logp), abs=1e-12)
 
 
 def test_optimal_policy_beats_every_random_policy():

@@ -183,6 +183,35 @@ class ForbiddenTask(ToyTask):
         return -self.penalty * self.forbidden[prompt_index].float()
 
 
+class LengthTask(ToyTask):
+    """Delayed reward: ``reward_scale`` iff the response ends with EOS at the prompt's target length.
+
+    The targets, EOS included, are spread evenly over ``1..horizon`` across the prompts
+    (``[1, 2, 4, 5]`` for 4 prompts and horizon 5) and assigned to prompts by ``seed``. So
+    ``pi*`` is short for some prompts and long for others, and a method whose loss favours
+    short or long responses shows it in its regret and its mean length. A response cut at
+    the horizon without EOS is never paid. ``eos_token`` defaults to 0 here: without an EOS
+    every response has the same length, so the task requires one.
+    """
+
+    name = "Length"
+
+    def __init__(self, reward_scale: float = 3.0, eos_token: int | None = 0, **kwargs):
+        if eos_token is None:
+            raise ValueError("env.eos_token must be set for Length (the task rewards where the response ends)")
+        super().__init__(eos_token=eos_token, **kwargs)
+        finite("reward_scale", reward_scale)
+        self.reward_scale = reward_scale
+        n = self.prompts.shape[0]
+        spread = torch.linspace(1, self.horizon, n).round().long()
+        #: ``[num_prompts]``: each prompt's target length, EOS included.
+        self.target = spread[torch.randperm(n, generator=self.rng)]
+
+    def terminal_reward(self, prompt_index: Tensor, response: Tensor) -> Tensor:
+        hit = (response[:, -1] == self.eos_token) & (response.shape[1] == self.target[prompt_index])
+        return hit.float() * self.reward_scale
+
+
 class BanditTask(ToyTask):
     """One-step bandit: reward table ``r(prompt, a)``; optimum in closed form
     ``pi*(a) ∝ pi_ref(a) exp(r(a)/beta)``. With ``horizon > 1`` the bandit repeats every step.
@@ -201,7 +230,7 @@ class BanditTask(ToyTask):
         return self.table[prompt_index]
 
 
-TASKS = [PatternTask, SumModTask, SumThresholdTask, ForbiddenTask, BanditTask]
+TASKS = [PatternTask, SumModTask, SumThresholdTask, ForbiddenTask, LengthTask, BanditTask]
 
 
 @hookimpl

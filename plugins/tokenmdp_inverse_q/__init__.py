@@ -104,16 +104,16 @@ class ConditionalOptimal(TrajectoryEstimator):
     @torch.no_grad()
     def estimate(self, batch, ctx):
         if self.target_model is not None:
-            logits = response_logits(self.target_model, batch)
+            model, prefix = self.target_model, None
         else:
-            phi = ctx.reference if self.options.phi == "reference" else ctx.policy
-            logits = response_logits(phi, batch, prefix_ids=self.prefix)  # one forward pass
+            model = ctx.reference if self.options.phi == "reference" else ctx.policy
+            prefix = self.prefix
+        if not self.options.full_vocab:  # the taken tokens only: an HF output layer in chunks
+            return {"target_logprobs": ctx.token_logprobs(model, batch, prefix_ids=prefix)}
+        logits = response_logits(model, batch, prefix_ids=prefix)  # one forward pass
         logp = torch.log_softmax(at_least_float32(logits), -1)
         taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
-        out = {"target_logprobs": taken}
-        if self.options.full_vocab:
-            out["target_logits"] = logp
-        return out
+        return {"target_logprobs": taken, "target_logits": logp}
 
 
 class LogRatio(AdvantageConstructor):

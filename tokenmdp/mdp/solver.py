@@ -88,11 +88,14 @@ class Solution:
         return self.q[t] - self.v[t][..., None]
 
     def evaluate(self, policy_logp: list[Tensor]) -> dict[str, float]:
-        """Exact E[R], KL(pi||pi_ref), J, regret and KL(pi||pi*) by forward reach probabilities."""
+        """Exact E[R], KL(pi||pi_ref), J, regret and KL(pi||pi*) by forward reach probabilities,
+        and the expected response length under the policy (``response_length``) and under
+        pi* (``optimal_length``), in tokens, EOS included (:meth:`expected_length`)."""
         reach = self.prompt_probs[:, None]
-        reward = kl_ref = kl_opt = 0.0
+        reward = kl_ref = kl_opt = length = 0.0
         for t, logp in enumerate(policy_logp):
             logp = logp.to(DTYPE)
+            length += float(reach.sum())  # P(the response has a token at position t)
             weight = reach[..., None] * logp.exp()
             safe = weight > 0  # 0 * log 0 = 0, even where a log-prob is -inf
             reward += float(torch.where(safe, weight * self.rewards[t], 0).sum())
@@ -107,7 +110,21 @@ class Solution:
             "objective": j,
             "regret": self.j_star - j,
             "kl_to_optimal": kl_opt,
+            "response_length": length,
+            "optimal_length": self.expected_length(self.opt_logp),
         }
+
+    def expected_length(self, policy_logp: list[Tensor]) -> float:
+        """``E_pi[|y|]`` over the prompts, in tokens: a response ends at EOS (which counts,
+        as in :class:`~tokenmdp.training.evaluation.SampledEvaluator`'s ``response_length``)
+        or at the horizon. It is ``sum_t P(|y| > t)``, the reach probability of each depth."""
+        reach = self.prompt_probs[:, None]
+        length = 0.0
+        for t, logp in enumerate(policy_logp):
+            length += float(reach.sum())
+            weight = reach[..., None] * logp.to(DTYPE).exp()
+            reach = (weight * ~self.task.ending_actions(t)).reshape(weight.shape[0], -1)
+        return length
 
     def policy_values(self, policy_logp: list[Tensor], kl_coef: float) -> tuple[list[Tensor], list[Tensor]]:
         """``(Q^pi, V^pi)`` per depth of the policy with tree log-probs ``policy_logp``, for

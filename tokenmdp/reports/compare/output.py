@@ -26,6 +26,8 @@ COLUMNS = [
     ("regret", "regret"),
     ("kl_to_optimal", "kl_to_optimal"),
     ("credit_corr", "credit_corr"),
+    ("response_length", "length"),
+    ("optimal_length", "pi* length"),
     ("ceiling", "ceiling"),
     ("data_tokens", "data tokens"),
     ("tokens_to_90", "tokens to 90% (RL)"),
