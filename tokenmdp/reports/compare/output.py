@@ -112,6 +112,20 @@ def text_columns(records: list[dict]) -> list[tuple[str, str]]:
     return [*TEXT_COLUMNS, *((k, k.removeprefix("judge/").replace("_win_rate", " win rate")) for k in judges)]
 
 
+#: The exact expected lengths (of the policy and of pi*), shown when some length varies.
+LENGTH_KEYS = ("response_length", "optimal_length")
+
+
+def exact_columns(records: list[dict]) -> list[tuple[str, str]]:
+    """A toy grid's table columns: :data:`COLUMNS`, without the two length columns when no
+    length varies anywhere (no env of the grid has an EOS, so every response is horizon
+    long); ``results.csv`` keeps them."""
+    lengths = [r[key] for r in records for key in LENGTH_KEYS if r.get(key) is not None]
+    if not lengths or max(lengths) - min(lengths) < 1e-6:  # float sums of one horizon
+        return [c for c in COLUMNS if c[0] not in LENGTH_KEYS]
+    return COLUMNS
+
+
 def summarise(records: list[dict], columns=COLUMNS) -> list[dict[str, Any]]:
     """One row per recipe x env (grid order): median, min and max across seeds per column."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -175,8 +189,9 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
     if any(text) and not all(text):
         raise ConfigError("the grid mixes toy envs (exact scores) and text envs (sampled); compare them as two grids")
     columns = text_columns(records) if all(text) else COLUMNS
+    shown = columns if all(text) else exact_columns(records)  # the CSV keeps every column
     rows = summarise(records, columns)
-    table = markdown_table(rows, columns)
+    table = markdown_table(rows, shown)
     envs = list(dict.fromkeys(r["env"] for r in records))
     recipes = list(dict.fromkeys(r["recipe"] for r in records))
 
@@ -216,7 +231,7 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
     write_csv(rows, out / "results.csv", columns)
     index = out / "index.html"
     mode = "text" if all(text) else "exact"
-    index.write_text(_html_page(grid_line, rows, out, columns, mode))
+    index.write_text(_html_page(grid_line, rows, out, shown, mode))
     return table, index
 
 
