@@ -24,6 +24,7 @@ def results_table(summary: dict) -> str:
     """Start vs. final policy against the exact optimum, as a Markdown table."""
     start = summary["start"]
     keys = ["true_reward", "kl_ref", "objective", "regret", "regret_frac", "closure", "kl_to_optimal"]
+    keys.append("response_length")
     # text envs (no exact solver) have sampled true_reward / kl_ref / objective only
     rows = [[k, f"{start[k]:.4f}", f"{summary[k]:.4f}"] for k in keys if k in summary and k in start]
     if summary.get("credit_corr") is not None:
@@ -32,6 +33,11 @@ def results_table(summary: dict) -> str:
         rows.append(["ceiling (closure of pi_hat*)", "", f"{summary['ceiling']:.4f}"])
     if "j_star" in summary:
         rows.append(["J* (exact optimum)", f"{summary['j_star']:.4f}", f"{summary['j_star']:.4f}"])
+    if summary.get("optimal_length") is not None:  # pi*'s expected length, the length to have
+        rows.append(["pi* length", f"{summary['optimal_length']:.4f}", f"{summary['optimal_length']:.4f}"])
+    if summary.get("credit_corr_mc") is not None:  # a text run's train.score_credit = N
+        low, high = summary["credit_corr_mc_interval"]
+        rows.append(["credit_corr_mc (95% interval)", "", f"{summary['credit_corr_mc']:.4f} [{low:.3f}, {high:.3f}]"])
     return _table(rows, ["metric", "reference (start)", "trained"])
 
 
