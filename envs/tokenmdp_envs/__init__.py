@@ -74,30 +74,17 @@ class ToyTask(TokenTask):
         last = prefix[:, -1] if prefix.shape[1] else self._prompts[prompt_index, -1]
         return self.base_table[last]
 
-    def response_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
-        if self.rewards is None:
-            return super().response_rewards(prompt_index, response, mask)
-        lengths = mask.sum(1).long().tolist()
-        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
-        self.reward_calls += len(responses)
-        return self.rewards.response_rewards(lengths, response.shape[1], **self._scoring_batch(prompt_index, responses))
-
-    def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
-        if self.rewards is None:
-            return super().sequence_rewards(prompt_index, response, mask)
-        return self.response_rewards(prompt_index, response, mask).sum(1)
-
-    def _scoring_batch(self, prompt_index: Tensor, responses: list[list[int]]) -> dict:
+    def _scoring_batch(self, prompt_index: list[int], responses: list[list[int]]) -> dict:
         """What ``env.reward`` is called with: the prompts (BOS dropped) and whole responses
         (EOS included: on a toy task it is a token like any other) as token ids, and their texts."""
-        prompts = [self._prompts[int(i), 1:].tolist() for i in prompt_index]
+        prompts = [self._prompts[i, 1:].tolist() for i in prompt_index]
         words = [[str(t) for t in r] for r in responses]
         return dict(
             prompts=prompts,
             completions=responses,
             text_prompts=[" ".join(map(str, p)) for p in prompts],
             text_completions=[" ".join(w) for w in words],
-            indices=[int(i) for i in prompt_index],
+            indices=list(prompt_index),
             ids=responses,
             extra={},
             # token k's text ends after its digits, the spaces between tokens included

@@ -133,22 +133,28 @@ class TokenTask:
 
     def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
         """``[N]`` float64 ``R(x, y) = sum_t r(s_t, y_t)`` of whole responses (0-padded,
-        with their 0/1 mask), from :meth:`next_token_rewards` (float64, so that ties are
-        exact sums of the task's rewards). Text tasks score finished responses instead."""
+        with their 0/1 mask): :meth:`response_rewards` summed token by token, left to right
+        (float64, so that ties are exact sums of the task's rewards); a Python reward's
+        totals (``RewardSet.score``)."""
+        if self.pays_on_finish:
+            totals = self.rewards.score(**self._reward_batch(prompt_index, response, mask)[1])
+            return torch.tensor(totals, dtype=torch.float64)
+        per_token = self.response_rewards(prompt_index, response, mask)
         total = torch.zeros(response.shape[0], dtype=torch.float64)
         for t in range(response.shape[1]):
-            live = mask[:, t] > 0
-            if not bool(live.any()):
-                break
-            table = self.next_token_rewards(prompt_index[live], response[live, :t])
-            total[live] += table.gather(1, response[live, t : t + 1]).squeeze(1).double()
+            total += per_token[:, t]
         return total
 
     def response_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
         """``[N, T]`` float64 reward of every token of whole responses (0-padded, with their
-        0/1 mask; 0 on padding): ``r(s_t, y_t)`` from :meth:`next_token_rewards`. Its row
-        sums are :meth:`sequence_rewards`. Text tasks score finished responses, and a
-        dense or step reward (:mod:`tokenmdp.text.rewards`) spreads its values over them."""
+        0/1 mask; 0 on padding): ``r(s_t, y_t)`` from :meth:`next_token_rewards`, or, for a
+        task paid on the finished response (a Python ``env.reward``: text tasks, a toy task
+        given one), the values its rewards place on the tokens
+        (``RewardSet.response_rewards``: a sequence reward on the last token, dense, span
+        and step values where they land)."""
+        if self.pays_on_finish:
+            lengths, batch = self._reward_batch(prompt_index, response, mask)
+            return self.rewards.response_rewards(lengths, response.shape[1], **batch)
         out = torch.zeros(response.shape, dtype=torch.float64)
         for t in range(response.shape[1]):
             live = mask[:, t] > 0
@@ -157,6 +163,27 @@ class TokenTask:
             table = self.next_token_rewards(prompt_index[live], response[live, :t])
             out[live, t] = table.gather(1, response[live, t : t + 1]).squeeze(1).double()
         return out
+
+    def _reward_batch(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> tuple[list[int], dict]:
+        """The lengths of whole responses (0-padded, with their 0/1 mask) and what the
+        task's Python rewards are called with for them (:meth:`_reward_call`)."""
+        lengths = mask.sum(1).long().tolist()
+        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
+        return lengths, self._reward_call([int(i) for i in prompt_index], responses)
+
+    def _reward_call(self, prompt_index: list[int], responses: list[list[int]]) -> dict:
+        """What the task's Python rewards are called with for ``responses`` (token ids) to
+        the prompts in rows ``prompt_index`` (:meth:`_scoring_batch`), counted in
+        ``reward_calls``; a task made without ``env.reward`` refuses."""
+        if self.rewards is None:
+            raise TokenMDPError(f"tokenmdp/{self.name}-v0 was made without env.reward")
+        self.reward_calls += len(responses)
+        return self._scoring_batch(prompt_index, responses)
+
+    def _scoring_batch(self, prompt_index: list[int], responses: list[list[int]]) -> dict:
+        """The keywords of ``RewardSet.score_tokens`` for ``responses`` (token ids) to the
+        prompts in rows ``prompt_index``: a task with a Python ``env.reward`` defines it."""
+        raise NotImplementedError(f"{type(self).__name__} has no Python reward to call")
 
     def encode_guide(self, text: str) -> Tensor:
         """A guide given as text -> the ids of the conditioning prefix; only a task with a

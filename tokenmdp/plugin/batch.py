@@ -157,18 +157,22 @@ def prompts_with_prefix(batch: RolloutBatch, prefix_ids: Tensor | GuidedPrompts)
     return ids, mask
 
 
+def _whole_sequences(batch: RolloutBatch, prefix_ids) -> tuple[Tensor, Tensor, Tensor]:
+    """``(prompt ids, prompt + response ids, their mask)``, the prompts with ``prefix_ids``
+    in them when given (:func:`prompts_with_prefix`): what a scoring forward reads."""
+    ids, mask = (batch.prompt_ids, batch.prompt_mask) if prefix_ids is None else prompts_with_prefix(batch, prefix_ids)
+    full_ids = torch.cat([ids, batch.response_ids], dim=1)
+    full_mask = torch.cat([mask.to(batch.response_ids.dtype), torch.ones_like(batch.response_ids)], dim=1)
+    return ids, full_ids, full_mask
+
+
 def response_logits(model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None) -> Tensor:
     """``[B, T, V]`` logits of each response token's distribution under ``model``,
     optionally with a conditioning prefix in front of the prompt (one forward pass).
 
     The prefix goes where :func:`prompts_with_prefix` puts it. Models that can (HF causal
     LMs) compute the output layer on the response positions only."""
-    if prefix_ids is None:
-        ids, mask = batch.prompt_ids, batch.prompt_mask
-    else:
-        ids, mask = prompts_with_prefix(batch, prefix_ids)
-    full_ids = torch.cat([ids, batch.response_ids], dim=1)
-    full_mask = torch.cat([mask.to(batch.response_ids.dtype), torch.ones_like(batch.response_ids)], dim=1)
+    ids, full_ids, full_mask = _whole_sequences(batch, prefix_ids)
     t = batch.response_ids.shape[1]
     if getattr(model, "supports_logits_to_keep", False):
         return model(full_ids, full_mask, logits_to_keep=t + 1)[:, :t]
@@ -214,9 +218,7 @@ def token_logprobs(
 def _chunked_logprobs(model, batch: RolloutBatch, prefix_ids, return_entropy: bool, chunk: int, entropy_grad: bool):
     """:func:`token_logprobs` through :func:`.chunked.chunked_token_stats`, on the real
     response tokens only (padding gets 0 without a logit computed for it)."""
-    ids, mask = (batch.prompt_ids, batch.prompt_mask) if prefix_ids is None else prompts_with_prefix(batch, prefix_ids)
-    full_ids = torch.cat([ids, batch.response_ids], dim=1)
-    full_mask = torch.cat([mask.to(batch.response_ids.dtype), torch.ones_like(batch.response_ids)], dim=1)
+    _, full_ids, full_mask = _whole_sequences(batch, prefix_ids)
     b, t = batch.response_ids.shape
     hidden, head = model.response_hidden(full_ids, full_mask, keep=t + 1)
     real = (batch.response_mask > 0).flatten().nonzero().squeeze(1)

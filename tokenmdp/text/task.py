@@ -247,10 +247,7 @@ class TextTask(TokenTask):
 
     def score_tokens(self, prompt_index: list[int], responses: list[list[int]]) -> list[Scored]:
         """:meth:`score_responses` with where each reward lands (:class:`Scored`)."""
-        if self.rewards is None:
-            raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
-        self.reward_calls += len(responses)
-        return self.rewards.score_tokens(**self._scoring_batch(prompt_index, responses))
+        return self.rewards.score_tokens(**self._reward_call(prompt_index, responses))
 
     def judge_responses(self, prompt_index: list[int], responses: list[list[int]]) -> dict[str, list[float]]:
         """Each judge's scores of finished responses (as :meth:`score_responses` calls rewards)."""
@@ -279,25 +276,6 @@ class TextTask(TokenTask):
         if self.eos_token is not None and self.eos_token in ids:
             ids = ids[: ids.index(self.eos_token)]
         return ids
-
-    def sequence_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
-        """``[N]`` float64 rewards ``R(x, y)`` of whole responses (0-padded, with their 0/1 mask)."""
-        lengths = mask.sum(1).long().tolist()
-        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
-        values = self.score_responses([int(i) for i in prompt_index], responses)
-        return torch.tensor(values, dtype=torch.float64)
-
-    def response_rewards(self, prompt_index: Tensor, response: Tensor, mask: Tensor) -> Tensor:
-        """``[N, T]`` float64 reward of every token of whole responses (0 on padding): a
-        sequence reward on the response's last token (its EOS when it has one), per-token,
-        span and step values on the tokens they name (:mod:`.reward_tokens`)."""
-        if self.rewards is None:
-            raise TokenMDPError("tokenmdp/Text-v0 was made without env.reward")
-        lengths = mask.sum(1).long().tolist()
-        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
-        self.reward_calls += len(responses)
-        batch = self._scoring_batch([int(i) for i in prompt_index], responses)
-        return self.rewards.response_rewards(lengths, response.shape[1], **batch)
 
     def describe(self) -> dict[str, Any]:
         return {

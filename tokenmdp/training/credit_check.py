@@ -24,9 +24,10 @@ def credit_against_monte_carlo(trainer, responses: int, k: int, seed: int) -> di
     env = trainer.make_env(count)
     generator = torch.Generator().manual_seed(seed)
     batch = collect(trainer.policy, env, seed=seed, generator=generator, samples_per_prompt=group)
-    batch.logprobs = token_logprobs(trainer.policy, batch)
-    batch.ref_logprobs = token_logprobs(trainer.reference, batch)
     ctx, run = trainer.ctx, trainer.composition
+    # the output layer in chunks (train.logit_chunk), as the training steps score
+    batch.logprobs = token_logprobs(trainer.policy, batch, chunk=ctx.logit_chunk)
+    batch.ref_logprobs = token_logprobs(trainer.reference, batch, chunk=ctx.logit_chunk)
     signals = dict(run.estimator.estimate(batch, ctx))
     credit = run.advantage.construct(batch, signals, ctx)["advantages"].double().cpu()
     truth = monte_carlo_credit(trainer.policy, trainer.reference, task, batch, ctx.beta, k, generator)
