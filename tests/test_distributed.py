@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, torchrun_two_ranks
 
 import tokenmdp
 from tokenmdp import distributed
@@ -39,7 +39,7 @@ TWO_RANKS_SCRIPT = textwrap.dedent('''
     import torch.distributed as dist
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from helpers import TINY
+    from helpers import TINY, torchrun_two_ranks
     from test_trainer import GuideOnly, _plugin
     from tokenmdp import distributed
     from tokenmdp.cli import main
@@ -119,7 +119,6 @@ TWO_RANKS_SCRIPT = textwrap.dedent('''
 def two_ranks(tmp_path_factory):
     """One ``python -m torch.distributed.run --standalone --nproc_per_node=2`` launch (gloo,
     CPU) of TWO_RANKS_SCRIPT; each process pays torch's import once for both scenarios."""
-    import os
 
     tmp = tmp_path_factory.mktemp("two_ranks")
     ddp_dir, fail_dir = tmp / "ddp", tmp / "fail"
@@ -134,10 +133,7 @@ def two_ranks(tmp_path_factory):
             out=str(tmp),
         )
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENMDP_DIST_TIMEOUT": "120"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun_two_ranks(script, tmp / "logs", timeout=180)
     results = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
     return types.SimpleNamespace(ddp_dir=ddp_dir, fail_dir=fail_dir, stdout=done.stdout, results=results)
 

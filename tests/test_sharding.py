@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_two_ranks
 from test_real_lm import text_files, text_run  # noqa: F401  (the tiny GPT-2, tokenizer and prompts)
 
 import tokenmdp
@@ -102,11 +103,8 @@ def launch_two_ranks(tmp: Path, scenarios: list[tuple[str, list[str]]]) -> dict[
             tests=str(Path(__file__).parent), store=str(tmp / "store"), scenarios=scenarios, out=str(tmp)
         )
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENMDP_DIST_TIMEOUT": "120"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pythonpath = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    torchrun_two_ranks(script, tmp / "logs", timeout=300, env={"PYTHONPATH": pythonpath})
     codes = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
     assert codes[0] == codes[1]
     return codes[0]
