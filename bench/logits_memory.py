@@ -1,5 +1,6 @@
-"""Peak memory of one GRPO step: tokenmdp with the chunked output layer, without it, and
-TRL's GRPOTrainer, on the same model and shape, each in a fresh process.
+"""Peak memory of one GRPO step: tokenmdp with the chunked output layer, without it, with
+freed memory released, and TRL's GRPOTrainer (as it is, and with the same release), on the
+same model and shape, each in a fresh process.
 
     pip install "torch==2.13.0" -e ".[bench]"            # TRL, only for this bench
     python bench/logits_memory.py --threads 2            # Gemma-3 270M + LoRA r = 16
@@ -19,6 +20,13 @@ step: an indication, not a speed figure).
 
 The output layer's share of a step's peak is the peak with the whole logits minus the
 peak without them: tokenmdp unchunked minus tokenmdp chunked (the same step otherwise).
+
+Two more variants hand freed memory back to the system: tokenmdp with
+``train.release_memory = true`` (tokenmdp/host_memory.py), and TRL with the same glibc
+setting through its environment variable (``MALLOC_MMAP_THRESHOLD_=1048576``), so the
+allocator's share is compared like for like; and both with gradient checkpointing (TRL's
+``GRPOConfig`` default; ``train.gradient_checkpointing`` in tokenmdp). ``--variants``
+picks a subset.
 """
 
 from __future__ import annotations
@@ -38,7 +46,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-VARIANTS = ("tokenmdp-chunked", "tokenmdp-unchunked", "trl")
+VARIANTS = (
+    "tokenmdp-chunked",
+    "tokenmdp-unchunked",
+    "tokenmdp-released",
+    "trl",
+    "trl-released",
+    "tokenmdp-checkpointed",
+    "trl-checkpointed",
+)
+#: glibc's environment variable for the threshold ``train.release_memory`` sets (the same
+#: setting, for TRL's process: what a TRL user would do for the same effect)
+RELEASED_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def rss() -> int:
@@ -78,7 +97,7 @@ def child(args: argparse.Namespace) -> None:
     meter, measured = PeakMemory(), {}
     with tempfile.TemporaryDirectory() as tmp:
         files, model_dir = bench_setup(args, Path(tmp))
-        if args.variant == "trl":
+        if args.variant.startswith("trl"):
             from transformers import TrainerCallback
 
             class Meter(TrainerCallback):
@@ -98,6 +117,7 @@ def child(args: argparse.Namespace) -> None:
                 Path(tmp) / "trl",
                 callbacks=(Meter(),),
                 generation_kwargs={"min_new_tokens": args.tokens},
+                gradient_checkpointing=args.variant == "trl-checkpointed",
             )
         else:
 
@@ -109,8 +129,10 @@ def child(args: argparse.Namespace) -> None:
                 if step == 2:
                     measured.update(meter.end())
 
-            chunk = "train.logit_chunk=auto" if args.variant == "tokenmdp-chunked" else "train.logit_chunk=0"
-            extra = ("env.stop_at_eos=false", chunk)
+            chunk = "train.logit_chunk=0" if args.variant == "tokenmdp-unchunked" else "train.logit_chunk=auto"
+            release = f"train.release_memory={str(args.variant == 'tokenmdp-released').lower()}"
+            checkpointed = f"train.gradient_checkpointing={str(args.variant == 'tokenmdp-checkpointed').lower()}"
+            extra = ("env.stop_at_eos=false", chunk, release, checkpointed)
             times = tokenmdp_step_times(
                 model_dir, files["prompts"], shape, 2, Path(tmp) / "ours", extra, around_step=around
             )
@@ -124,6 +146,7 @@ def main() -> int:
     parser.add_argument("--completions", type=int, default=16, help="a multiple of 8 (8 per prompt)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--gemma-dir", type=Path, default=HERE.parent / "models" / "gemma-3-270m")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
     if args.variant:
@@ -134,7 +157,7 @@ def main() -> int:
         "each variant in a fresh process, both its steps measured"
     )
     results = {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         command = [
             sys.executable,
             __file__,
@@ -153,7 +176,8 @@ def main() -> int:
             "--gemma-dir",
             str(args.gemma_dir),
         ]
-        done = subprocess.run(command, capture_output=True, text=True)
+        env = {**os.environ, **(RELEASED_ENV if variant == "trl-released" else {})}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
             print(f"{variant} failed:\n{done.stderr[-2000:]}")
@@ -162,10 +186,16 @@ def main() -> int:
         r = results[variant]
         steps, peak, seconds = r["steps_mib"], r["peak_mib"], r["step_seconds"]
         print(f"{variant:20s} steps' peak {steps:7.0f} MiB, process peak {peak:7.0f} MiB, step 2: {seconds:.1f} s")
-    ours, full, trl = (results[v]["steps_mib"] for v in VARIANTS)
-    logits_share_full = full - ours
-    print(f"tokenmdp (chunked) / TRL, the steps' peak: {ours / trl:.2f}")
-    print(f"tokenmdp unchunked / chunked: {full / ours:.2f}; the whole logits' share: {logits_share_full:.0f} MiB")
+    peak = {v: r["steps_mib"] for v, r in results.items()}
+    for a, b in [
+        ("tokenmdp-chunked", "trl"),
+        ("tokenmdp-released", "trl"),
+        ("tokenmdp-released", "trl-released"),
+        ("tokenmdp-unchunked", "tokenmdp-chunked"),
+        ("tokenmdp-checkpointed", "trl-checkpointed"),
+    ]:
+        if a in peak and b in peak:
+            print(f"{a} / {b}, the steps' peak: {peak[a] / peak[b]:.2f} ({peak[a] - peak[b]:+.0f} MiB)")
     return 0
 
 

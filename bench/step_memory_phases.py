@@ -1,9 +1,17 @@
 """Where a tokenmdp GRPO step's memory goes: the resident set's peak while sampling
 (``Trainer._collect``) and while updating (the updater's ``update``), each above its start,
-for two steps of bench/logits_memory.py's Gemma-3 270M + LoRA step.
+and inside the update the resident size at the forward's end and after the backward, for
+two steps of bench/logits_memory.py's Gemma-3 270M + LoRA step.
 
     python bench/step_memory_phases.py --threads 2                 # chunked output layer
     python bench/step_memory_phases.py --threads 2 --logit-chunk 0 # the whole logits
+    python bench/step_memory_phases.py --threads 2 --recipe inverse-q-distill   # reverse-kl
+    python bench/step_memory_phases.py --threads 2 --release-memory  # train.release_memory
+
+``--recipe inverse-q-distill`` runs Inverse-Q*'s distillation (the text guide of
+configs/compare_paper_gemma.toml) instead of GRPO: its estimator scores the guided reference
+over the whole vocabulary and its update takes the KL to it at every position, so both
+phases carry a full-vocabulary distribution (``tokenmdp.token_kl``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ def main() -> int:
     parser.add_argument("--completions", type=int, default=16, help="a multiple of 8 (8 per prompt)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--logit-chunk", default="auto")
+    parser.add_argument("--recipe", choices=("grpo", "inverse-q-distill"), default="grpo")
+    parser.add_argument("--release-memory", action="store_true", help="train.release_memory = true")
     parser.add_argument("--gemma-dir", type=Path, default=HERE.parent / "models" / "gemma-3-270m")
     args = parser.parse_args()
     import torch
@@ -44,19 +54,25 @@ def main() -> int:
             return 2
         overrides = [
             *text_overrides({"model": model_dir, "prompts": files["prompts"]}, Path(tmp) / "run", args.tokens),
-            "algorithm.name=grpo",
+            f"algorithm.name={args.recipe}",
+            *(
+                ['estimator.guide="Be cheerful and warm: write with love, joy and gratitude."']
+                if args.recipe != "grpo"
+                else []
+            ),
             f"train.batch_size={args.completions}",
             "train.samples_per_prompt=8",
             "train.steps=2",
             "updater.epochs=1",
             "updater.minibatches=1",
             "updater.lr=1e-3",
-            "estimator.kl_coef=0",
+            *(["estimator.kl_coef=0"] if args.recipe == "grpo" else []),
             "train.log_kl=false",
             "train.device=cpu",
             "run.overwrite=true",
             "policy.lora={r = 16, alpha = 32}",
             f"train.logit_chunk={args.logit_chunk}",
+            f"train.release_memory={str(args.release_memory).lower()}",
         ]
         trainer = Trainer(load_config(None, overrides))
         trainer.build_models()
@@ -76,6 +92,16 @@ def main() -> int:
 
         trainer._collect = measured("sampling", collect)
         trainer.composition.updater.update = measured("update", update)
+        backward = torch.Tensor.backward
+
+        def marked_backward(loss, *a, **k):
+            # inside the update: the resident size when its forward has ended, and after its backward
+            print(f"    the forward's end: {rss() / mib:.0f} MiB resident")
+            out = backward(loss, *a, **k)
+            print(f"    after the backward: {rss() / mib:.0f} MiB resident")
+            return out
+
+        torch.Tensor.backward = marked_backward
         for step in (1, 2):
             started = time.perf_counter()
             trainer.train_step(step)

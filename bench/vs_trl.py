@@ -73,10 +73,12 @@ def trl_step_times(
     out: Path,
     callbacks: tuple = (),
     generation_kwargs: dict | None = None,
+    gradient_checkpointing: bool = False,
 ) -> list[float]:
     """TRL's GRPOTrainer on ``shape``: each step's seconds. ``callbacks``: more
     ``TrainerCallback``s (bench/logits_memory.py measures memory with one);
-    ``generation_kwargs``: GRPOConfig's (e.g. ``min_new_tokens``)."""
+    ``generation_kwargs``: GRPOConfig's (e.g. ``min_new_tokens``); ``gradient_checkpointing``:
+    GRPOConfig's (its default is true; this bench's false, as tokenmdp's)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -105,7 +107,7 @@ def trl_step_times(
         bf16=False,
         fp16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        gradient_checkpointing=gradient_checkpointing,
         report_to="none",
         save_strategy="no",
         logging_steps=10**9,

@@ -1,17 +1,20 @@
 """The chunked output layer (tokenmdp/plugin/chunked.py): the log-probs and entropies of
-the taken tokens, and their gradients, equal the unchunked path's to a float tolerance, in
-fp32 and bf16, on GPT-2 (fast path and library), Gemma-3 and LoRA; toy runs keep the
-unchunked path, so their metrics.jsonl stays byte-identical."""
+the taken tokens, the KL to a full-vocabulary target (reverse-kl's loss), and their
+gradients, equal the unchunked path's to a float tolerance, in fp32 and bf16, on GPT-2
+(fast path and library), Gemma-3 and LoRA; toy runs keep the unchunked path, so their
+metrics.jsonl stays byte-identical."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 from helpers import TINY_GPT2
 from test_real_lm import text_files, text_run  # noqa: F401 (fixture)
 
-from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
-from tokenmdp.plugin.chunked import auto_chunk, chunked_token_stats
+from tokenmdp.plugin.batch import RolloutBatch, token_distribution, token_kl, token_logprobs
+from tokenmdp.plugin.chunked import auto_chunk, chunked_kl, chunked_token_stats
 from tokenmdp.plugin.updaters import entropy_of
 from tokenmdp.policies.hf import HFCausalLMPolicy
 
@@ -97,6 +100,14 @@ def test_chunked_values_and_gradients_equal_the_unchunked_path(kind, lora, preci
     assert not logp_c[batch.response_mask == 0].any() and not ent_c[batch.response_mask == 0].any()
 
 
+@contextlib.contextmanager
+def saved_sizes():
+    """The number of elements of every tensor autograd saves inside the block."""
+    sizes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        yield sizes
+
+
 def test_the_kernel_never_holds_a_batchs_logits():
     """With gradients on, the forward keeps each chunk's hidden states, not its logits:
     the saved tensors of the graph have no [*, vocab] tensor bigger than one chunk."""
@@ -105,13 +116,7 @@ def test_the_kernel_never_holds_a_batchs_logits():
     head = torch.nn.Linear(width, vocab, bias=False)
     hidden = torch.randn(n, width, requires_grad=True)
     targets = torch.randint(0, vocab, (n,))
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_sizes() as saved:
         logp, ent = chunked_token_stats(hidden, head, targets, chunk, entropy=True)
     assert max(saved) < chunk * vocab  # nothing of a chunk's logits size is kept
     (logp.sum() + ent.sum()).backward()
@@ -214,3 +219,104 @@ def test_a_frozen_output_layer_takes_the_precomputed_backward_with_the_same_grad
 def test_a_trainable_output_layer_is_not_frozen():
     assert _policy("gpt2", "fp32").frozen_output_layer() is None  # full fine-tuning trains it
     assert _policy("gemma", "fp32", lora=True).frozen_output_layer() is None  # a soft cap follows it
+
+
+# --- the KL to a full-vocabulary target (reverse-kl's loss) ------------------------------
+
+
+def _target(kind: str, precision: str) -> HFCausalLMPolicy:
+    config = TINY_GEMMA if kind == "gemma" else TINY_GPT2
+    target = HFCausalLMPolicy.from_config(config, seed=1)
+    target.fast_path = kind == "gpt2-fast"
+    target.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    return target.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind, lora", [("gpt2-fast", False), ("gemma", False), ("gpt2", True)])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_the_kl_to_a_target_equals_the_whole_logits_path(kind, lora, precision, chunk):
+    """``token_kl`` against a target held as hidden states, a chunk at a time (through the
+    frozen layer's precomputed backward under LoRA), against the same KL from the whole
+    logits of both models (written out here), values and gradients; the target's taken
+    log-probs too."""
+    from tokenmdp.plugin import chunked
+
+    policy, target = _policy(kind, precision, lora), _target(kind, precision)
+    batch, prefix = _batch(policy.vocab_size), torch.tensor([5, 6])
+    taken, held = token_distribution(target, batch, prefix_ids=prefix, chunk=chunk)
+    assert held.log_probs is None and held.hidden is not None  # no [B, T, V] tensor
+    whole_taken, whole = token_distribution(target, batch, prefix_ids=prefix)
+    tol = TOLERANCE[precision]
+    torch.testing.assert_close(taken, whole_taken, **tol)
+    torch.testing.assert_close(held.whole(), whole.log_probs, **tol)
+
+    frozen_calls = []
+    original = chunked._FrozenHeadKL.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunked._FrozenHeadKL, "apply", lambda *a: frozen_calls.append(1) or original(*a))
+        kl, entropy = token_kl(policy, batch, held, chunk=chunk)
+    assert bool(frozen_calls) == (policy.frozen_output_layer() is not None)
+    kl.sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    assert not entropy.requires_grad
+
+    policy.zero_grad()
+    _, logits = token_logprobs(policy, batch, return_logits=True)
+    logp, q = torch.log_softmax(logits, -1), whole.log_probs
+    expected = (logp.exp() * (logp - q)).sum(-1) * batch.response_mask
+    expected.sum().backward()
+    torch.testing.assert_close(kl.detach(), expected.detach(), **tol)
+    torch.testing.assert_close(entropy, entropy_of(logits.detach()) * batch.response_mask, **tol)
+    assert (expected[batch.response_mask > 0] > 0).all()  # two different models: a real KL
+    assert grads
+    for name, p in policy.named_parameters():
+        if p.grad is not None:
+            scale = float(p.grad.abs().max()) or 1.0
+            torch.testing.assert_close(grads[name] / scale, p.grad / scale, **tol, msg=name)
+
+
+def test_the_kl_kernel_never_holds_a_batchs_logits():
+    """Neither side's [N, vocab] is kept for the backward: the policy's chunk is recomputed,
+    the target's is made inside the chunk; the gradient equals the whole formula's."""
+    torch.manual_seed(0)
+    vocab, width, n, chunk = 5000, 16, 64, 8
+    head, target_head = (torch.nn.Linear(width, vocab, bias=False) for _ in range(2))
+    hidden = torch.randn(n, width, requires_grad=True)
+    target_hidden = torch.randn(n, width)
+    with saved_sizes() as saved:
+        kl, _ = chunked_kl(hidden, head, target_hidden, chunk, target_head=target_head)
+    assert max(saved) < chunk * vocab
+    kl.sum().backward()
+    logp = torch.log_softmax(head(hidden), -1)
+    q = torch.log_softmax(target_head(target_hidden), -1).detach()
+    whole = (logp.exp() * (logp - q)).sum(-1)
+    torch.testing.assert_close(kl.detach(), whole.detach(), atol=1e-5, rtol=1e-5)
+    reference = torch.autograd.grad(whole.sum(), hidden)[0]
+    torch.testing.assert_close(hidden.grad, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_q_distill_on_text_trains_the_same_with_and_without_chunks(text_files, tmp_path):  # noqa: F811
+    """reverse-kl's update and the estimator's target through the kernel, in a 3-step text
+    run (2-position chunks), against the whole logits (train.logit_chunk = 0)."""
+    import json
+
+    from tokenmdp.cli import main
+
+    rows = {}
+    for name, chunk in (("whole", "0"), ("chunked", "2")):
+        sets = text_run(
+            text_files,
+            tmp_path / name,
+            "algorithm.name=inverse-q-distill",
+            'estimator.guide="kind"',
+            "train.steps=3",
+            f"train.logit_chunk={chunk}",
+        )
+        assert main(["train", *[a for s in sets for a in ("--set", s)]]) == 0
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert all("losses/reverse_kl" in row for row in rows["whole"][1:])
+    for whole, chunked_row in zip(rows["whole"], rows["chunked"], strict=True):
+        for key in ("losses/reverse_kl", "policy/entropy", "true_reward", "kl_ref"):
+            if key in whole:
+                assert chunked_row[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), key

@@ -181,9 +181,34 @@ def test_log_ratio_options(tmp_path):
     assert real.mean().abs() < 1e-5 and (real.std(unbiased=False) - 1).abs() < 1e-3
 
 
-def test_reverse_kl_without_full_vocab_is_an_impossible_composition(tmp_path):
-    with pytest.raises(CompositionError, match="updater 'reverse-kl' requires signal\\(s\\) target_logits"):
-        Trainer(iq_config(tmp_path, "algorithm.updater=reverse-kl", "estimator.full_vocab=false"))
+def test_reverse_kl_reads_the_target_distribution_so_full_vocab_changes_nothing(tmp_path):
+    """reverse-kl reads ``target_distribution`` (a toy policy's: its whole log-probs), so the
+    whole ``target_logits`` are only for components that read them: the two runs are the same."""
+    metrics = []
+    for flag in ("true", "false"):
+        Trainer(iq_config(tmp_path, "algorithm.updater=reverse-kl", f"estimator.full_vocab={flag}", name=flag)).train()
+        metrics.append((tmp_path / flag / "metrics.jsonl").read_text())
+    assert metrics[0] == metrics[1]
+
+
+def test_the_whole_target_logits_are_made_only_for_a_component_that_reads_them(tmp_path):
+    """conditional-optimal skips the [B, T, V] target_logits that nothing later requires
+    (read_later, set when composed), and gives them, equal to the distribution's whole
+    log-probs, to a component that does (an outside updater, say)."""
+    trainer = Trainer(iq_config(tmp_path, "algorithm.updater=reverse-kl"))
+    estimator = trainer.composition.estimator
+    assert "target_logits" in estimator.provides and "target_logits" not in estimator.read_later
+    _, signals, _ = first_batch(trainer)
+    assert "target_logits" not in signals and "target_distribution" in signals
+    estimator.read_later = frozenset({"target_logits"})
+    batch, signals, _ = first_batch(trainer)
+    assert signals["target_logits"].shape == (*batch.response_ids.shape, trainer.task.vocab_size)
+    torch.testing.assert_close(signals["target_logits"], signals["target_distribution"].whole(), rtol=0, atol=0)
+
+
+def test_reverse_kl_after_an_estimator_without_the_distribution_is_an_impossible_composition(tmp_path):
+    with pytest.raises(CompositionError, match="updater 'reverse-kl' requires signal\\(s\\) target_distribution"):
+        Trainer(iq_config(tmp_path, "algorithm.name=reinforce", "algorithm.updater=reverse-kl"))
 
 
 def test_clipped_pg_k3_and_metrics(tmp_path):

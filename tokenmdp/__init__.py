@@ -39,7 +39,17 @@ _LAZY = {
         ".options",
     ),
     **dict.fromkeys(
-        ["RolloutBatch", "concat_batches", "prompts_with_prefix", "response_logits", "token_logprobs"], ".plugin.batch"
+        [
+            "RolloutBatch",
+            "TokenDistribution",
+            "concat_batches",
+            "prompts_with_prefix",
+            "response_logits",
+            "token_distribution",
+            "token_kl",
+            "token_logprobs",
+        ],
+        ".plugin.batch",
     ),
     **dict.fromkeys(
         [

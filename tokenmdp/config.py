@@ -214,6 +214,11 @@ class TrainConfig:
     #: slower update, the same gradients. HF policies only; the fast GPT-2 path then serves
     #: sampling and scoring, and the training forward goes through the library's.
     gradient_checkpointing: bool = attrs.field(default=False, validator=_boolean)
+    #: Hand the memory of freed tensors of 1 MiB and more back to the system at once
+    #: (glibc's ``malloc``, Linux; tokenmdp/host_memory.py): a lower resident peak for a
+    #: few percent of step time (docs/performance.md, "Memory"). The process keeps the
+    #: setting. Numbers are unchanged.
+    release_memory: bool = attrs.field(default=False, validator=_boolean)
     #: Text tasks: a response ends, as at EOS, after the token that makes its decoded
     #: completion contain one of these strings, which stays in the completion (as with
     #: transformers' ``stop_strings``); in training and evaluation. Empty = EOS and

@@ -29,9 +29,7 @@ from tokenmdp import (
     GradientUpdater,
     Recipe,
     TrajectoryEstimator,
-    at_least_float32,
     distributed,
-    entropy_of,
     hookimpl,
     load_policy,
     masked_whiten,
@@ -39,7 +37,6 @@ from tokenmdp import (
     one_of,
     positive,
     positive_int,
-    response_logits,
     suffix_sums,
     zero_padding,
 )
@@ -49,7 +46,7 @@ class ConditionalOptimal(TrajectoryEstimator):
     """Scores the policy's own responses under the conditionally optimal policy pi_hat*."""
 
     name = "conditional-optimal"
-    provides = frozenset({"target_logprobs", "target_logits"})
+    provides = frozenset({"target_logprobs", "target_distribution", "target_logits"})
 
     @attrs.frozen
     class Options:
@@ -61,12 +58,14 @@ class ConditionalOptimal(TrajectoryEstimator):
         guide: tuple[int, ...] | str | None = None
         #: source=teacher: a run directory (its last checkpoint) or a model directory.
         teacher: str | None = None
-        #: Also return full-vocabulary ``target_logits`` (needed by ``reverse-kl``).
+        #: Also return the whole ``[B, T, V]`` ``target_logits``, when a later component reads
+        #: them (none built in: ``reverse-kl`` reads ``target_distribution``, given either
+        #: way, which an HF model keeps as hidden states under ``train.logit_chunk``).
         full_vocab: bool = True
 
     @classmethod
     def provides_for(cls, options):
-        return cls.provides if options.full_vocab else frozenset({"target_logprobs"})
+        return cls.provides if options.full_vocab else frozenset({"target_logprobs", "target_distribution"})
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -108,12 +107,12 @@ class ConditionalOptimal(TrajectoryEstimator):
         else:
             model = ctx.reference if self.options.phi == "reference" else ctx.policy
             prefix = self.prefix
-        if not self.options.full_vocab:  # the taken tokens only: an HF output layer in chunks
-            return {"target_logprobs": ctx.token_logprobs(model, batch, prefix_ids=prefix)}
-        logits = response_logits(model, batch, prefix_ids=prefix)  # one forward pass
-        logp = torch.log_softmax(at_least_float32(logits), -1)
-        taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
-        return {"target_logprobs": taken, "target_logits": logp}
+        # one forward pass; an HF model's distribution stays hidden states (train.logit_chunk)
+        taken, target = ctx.token_distribution(model, batch, prefix_ids=prefix)
+        out = {"target_logprobs": taken, "target_distribution": target}
+        if self.options.full_vocab and (self.read_later is None or "target_logits" in self.read_later):
+            out["target_logits"] = target.whole()
+        return out
 
 
 class LogRatio(AdvantageConstructor):
@@ -383,7 +382,7 @@ class ReverseKL(GradientUpdater):
     over the visited states, exactly, over the full vocabulary."""
 
     name = "reverse-kl"
-    requires = frozenset({"target_logits"})
+    requires = frozenset({"target_distribution"})
 
     @attrs.frozen
     class Options(GradientOptions):
@@ -395,17 +394,16 @@ class ReverseKL(GradientUpdater):
         minibatches: int = attrs.field(default=4, validator=positive_int)
 
     def update(self, batch, signals, advantages, ctx):
-        target = signals["target_logits"].detach()
+        target = signals["target_distribution"]
 
         def share(micro):
             mb, m = micro.batch, micro.batch.response_mask
-            _, logits = ctx.token_logprobs(ctx.policy, mb, return_logits=True)
-            logp = torch.log_softmax(logits, -1)
-            kl = (logp.exp() * (logp - target[micro.rows])).sum(-1)
+            # over the whole vocabulary; an HF output layer a chunk of positions at a time
+            kl, entropy = ctx.token_kl(ctx.policy, mb, target[micro.rows])
             loss = micro.token_mean(kl, m)
             return loss, {
                 "losses/reverse_kl": loss.item(),
-                "policy/entropy": micro.token_mean(entropy_of(logits.detach()), m).item(),
+                "policy/entropy": micro.token_mean(entropy, m).item(),
             }
 
         for rows in self.minibatches(batch, ctx):

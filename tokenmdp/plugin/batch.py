@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..policies.base import TokenPolicy
-from .chunked import chunked_token_stats
+from .chunked import chunked_kl, chunked_token_stats
 from .ops import at_least_float32
 
 
@@ -215,12 +215,17 @@ def token_logprobs(
     return taken
 
 
-def _chunked_logprobs(model, batch: RolloutBatch, prefix_ids, return_entropy: bool, chunk: int, entropy_grad: bool):
+def _chunked_logprobs(
+    model, batch: RolloutBatch, prefix_ids, return_entropy: bool, chunk: int, entropy_grad: bool, forward=None
+):
     """:func:`token_logprobs` through :func:`.chunked.chunked_token_stats`, on the real
-    response tokens only (padding gets 0 without a logit computed for it)."""
-    _, full_ids, full_mask = _whole_sequences(batch, prefix_ids)
+    response tokens only (padding gets 0 without a logit computed for it); ``forward``:
+    ``model.response_hidden``'s result when the caller has it already."""
     b, t = batch.response_ids.shape
-    hidden, head = model.response_hidden(full_ids, full_mask, keep=t + 1)
+    if forward is None:
+        _, full_ids, full_mask = _whole_sequences(batch, prefix_ids)
+        forward = model.response_hidden(full_ids, full_mask, keep=t + 1)
+    hidden, head = forward
     real = (batch.response_mask > 0).flatten().nonzero().squeeze(1)
     rows = hidden[:, :t].reshape(b * t, -1)[real]
     frozen = model.frozen_output_layer() if hasattr(model, "frozen_output_layer") else None
@@ -231,6 +236,84 @@ def _chunked_logprobs(model, batch: RolloutBatch, prefix_ids, return_entropy: bo
         return out
     entropies = torch.zeros(b * t, dtype=entropy.dtype, device=entropy.device).index_put((real,), entropy)
     return out, entropies.view(b, t)
+
+
+@attrs.frozen
+class TokenDistribution:
+    """A policy's distribution over the vocabulary at every response position of a batch
+    (``[batch, response_len]`` positions), held one of two ways: its whole log-probs
+    (``log_probs``, ``[B, T, V]``: a toy policy's, or whenever the logits were made anyway),
+    or the model's last hidden states (``hidden``, ``[B, T, width]``) with the output layer
+    that makes its logits from them (``head``), which :func:`token_kl` applies a chunk of
+    positions at a time, so the ``[B, T, V]`` tensor never exists. Rows select as a
+    tensor's do (``dist[rows]``)."""
+
+    log_probs: Tensor | None = None
+    hidden: Tensor | None = None
+    head: object = None
+
+    def __getitem__(self, rows) -> TokenDistribution:
+        if self.log_probs is not None:
+            return TokenDistribution(log_probs=self.log_probs[rows])
+        return TokenDistribution(hidden=self.hidden[rows], head=self.head)
+
+    def whole(self) -> Tensor:
+        """``[B, T, V]`` log-probs (made here, all at once, when held as hidden states)."""
+        if self.log_probs is not None:
+            return self.log_probs
+        with torch.no_grad():
+            return torch.log_softmax(at_least_float32(self.head(self.hidden)), dim=-1)
+
+
+def token_distribution(
+    model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None, chunk: int | None = None
+) -> tuple[Tensor, TokenDistribution]:
+    """``(log-probs of the taken tokens [B, T], the distribution at every position)`` under
+    ``model``, without gradients: with ``chunk`` and a model that gives its hidden states,
+    the distribution is held as those (the output layer applied to the taken tokens ``chunk``
+    positions at a time); else as the whole log-probs, from one forward as always."""
+    with torch.no_grad():
+        if chunk and getattr(model, "supports_hidden_states", False):
+            _, full_ids, full_mask = _whole_sequences(batch, prefix_ids)
+            t = batch.response_ids.shape[1]
+            hidden, head = model.response_hidden(full_ids, full_mask, keep=t + 1)
+            taken = _chunked_logprobs(model, batch, prefix_ids, False, chunk, False, (hidden, head))
+            return taken, TokenDistribution(hidden=hidden[:, :t], head=head)
+        logp = torch.log_softmax(at_least_float32(response_logits(model, batch, prefix_ids)), -1)
+        taken = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+        return taken, TokenDistribution(log_probs=logp)
+
+
+def token_kl(
+    model: TokenPolicy, batch: RolloutBatch, target: TokenDistribution, chunk: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(KL(pi || q), pi's entropy)``, each ``[B, T]`` and 0 on padding: ``pi`` is ``model``
+    on the batch's responses (with gradients), ``q`` the ``target`` distribution at the
+    same positions (over the whole vocabulary; no gradient). The entropy is a value only.
+    With ``chunk`` and a model that gives its hidden states, both sides' logits are made
+    ``chunk`` positions at a time (:func:`.chunked.chunked_kl`); else from the whole logits."""
+    mask = batch.response_mask
+    if chunk and getattr(model, "supports_hidden_states", False):
+        _, full_ids, full_mask = _whole_sequences(batch, None)
+        b, t = batch.response_ids.shape
+        hidden, head = model.response_hidden(full_ids, full_mask, keep=t + 1)
+        real = (mask > 0).flatten().nonzero().squeeze(1)
+        rows = hidden[:, :t].reshape(b * t, -1)[real]
+        if target.log_probs is not None:
+            q, target_head = target.log_probs.reshape(b * t, -1)[real], None
+        else:
+            q, target_head = target.hidden.reshape(b * t, -1)[real], target.head
+        frozen = model.frozen_output_layer() if hasattr(model, "frozen_output_layer") else None
+        kl, entropy = chunked_kl(rows, head, q, chunk, target_head, frozen)
+        spread = [
+            torch.zeros(b * t, dtype=v.dtype, device=v.device).index_put((real,), v).view(b, t) for v in (kl, entropy)
+        ]
+        return spread[0], spread[1]
+    logits = at_least_float32(response_logits(model, batch))
+    logp = torch.log_softmax(logits, -1)
+    kl = (logp.exp() * (logp - target.whole())).sum(-1)
+    own = torch.log_softmax(logits.detach(), dim=-1)  # as entropy_of computes it
+    return kl * mask, -(own.exp() * own).sum(-1) * mask
 
 
 def response_nll(

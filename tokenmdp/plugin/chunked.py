@@ -126,3 +126,79 @@ def chunked_token_stats(
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, (empty if entropy else None)
     return torch.cat(taken), (torch.cat(entropies) if entropy else None)
+
+
+# --- the KL to a target distribution over the whole vocabulary ---------------------------
+# KL(pi || q) = sum_v p_v (log p_v - log q_v), and its gradient through pi's logits,
+# p_v (log p_v - log q_v - KL): a chunk's target log-probs are made from the target's own
+# hidden states inside the chunk (no gradient), so neither side's [N, vocab] ever exists whole.
+
+
+def _target_logp(target: Tensor, target_head: Callable[[Tensor], Tensor] | None) -> Tensor:
+    if target_head is None:  # already log-probabilities
+        return target
+    with torch.no_grad():
+        return torch.log_softmax(at_least_float32(target_head(target)), dim=-1)
+
+
+def _kl(hidden: Tensor, target: Tensor, head: Callable[[Tensor], Tensor], target_head):
+    logp = torch.log_softmax(at_least_float32(head(hidden)), dim=-1)
+    p = logp.exp()
+    kl = (p * (logp - _target_logp(target, target_head))).sum(-1)
+    return kl, -(p.detach() * logp.detach()).sum(-1)
+
+
+class _FrozenHeadKL(torch.autograd.Function):
+    """:func:`_kl` through a :class:`FrozenLinear`: the gradient's vector back through the
+    layer (``p (log p - log q - KL)``, ``[chunk, width]``) is made while ``p`` exists, so the
+    backward recomputes nothing; the entropy is a value only."""
+
+    @staticmethod
+    def forward(ctx, hidden, target, layer: FrozenLinear, target_head):
+        logp = torch.log_softmax(layer.logits(hidden), dim=-1)
+        p = logp.exp()
+        diff = logp - _target_logp(target, target_head)
+        kl = (p * diff).sum(-1)
+        ctx.save_for_backward(layer.back(p * (diff - kl[:, None])))
+        ctx.input_dtype = hidden.dtype
+        entropy = -(p * logp).sum(-1)
+        ctx.mark_non_differentiable(entropy)
+        return kl, entropy
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_entropy=None):
+        (vector,) = ctx.saved_tensors
+        return (grad_kl[:, None] * vector).to(ctx.input_dtype), None, None, None
+
+
+def chunked_kl(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    target: Tensor,
+    chunk: int,
+    target_head: Callable[[Tensor], Tensor] | None = None,
+    frozen: FrozenLinear | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(kl, entropy)`` ``[N]``: ``KL(pi || q)`` over the whole vocabulary at each of ``N``
+    positions, and pi's entropy (a value, no gradient), where pi's logits are
+    ``head(hidden)`` (``hidden``: ``[N, width]``) and q's log-probs are ``target`` (``[N,
+    vocab]``) or, with ``target_head``, ``log_softmax(target_head(target))`` from the target
+    model's ``[N, width]`` hidden states (no gradient). ``chunk`` positions at a time; with
+    gradients each chunk is recomputed in the backward, unless the output layer is
+    ``frozen`` (:class:`_FrozenHeadKL`)."""
+    grad = torch.is_grad_enabled() and hidden.shape[0] > chunk
+    kls, entropies = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        h, q = hidden[start : start + chunk], target[start : start + chunk]
+        if grad and frozen is not None and hidden.requires_grad:
+            kl, entropy = _FrozenHeadKL.apply(h, q, frozen, target_head)
+        elif grad:
+            kl, entropy = checkpoint(_kl, h, q, head, target_head, use_reentrant=False)
+        else:
+            kl, entropy = _kl(h, q, head, target_head)
+        kls.append(kl)
+        entropies.append(entropy)
+    if not kls:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(kls), torch.cat(entropies)

@@ -50,6 +50,10 @@ class Component:
         # its options says how in requires_for / provides_for
         self.requires = frozenset(self.requires_for(self.options))
         self.provides = frozenset(self.provides_for(self.options))
+        #: The signals the later components of its composition require (set when composed;
+        #: None outside one): a component may skip making an expensive signal it provides
+        #: that nothing later reads (``conditional-optimal``'s whole ``target_logits``).
+        self.read_later: frozenset[str] | None = None
 
     @classmethod
     def requires_for(cls, options: Any) -> frozenset[str]:

@@ -56,6 +56,8 @@ def compose(registry: Registry, config: Config) -> Composition:
         options = build(cls.Options, defaults | getattr(config, kind), f"[{kind}] ({name})")
         parts[kind] = cls(options)
     check_signals(parts)
+    for i, kind in enumerate(KINDS):
+        parts[kind].read_later = frozenset().union(*(parts[later].requires for later in KINDS[i + 1 :]))
     return Composition(**parts, recipe=recipe.name if recipe else None)
 
 

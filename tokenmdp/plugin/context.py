@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..policies.base import TokenPolicy
-from .batch import RolloutBatch, token_logprobs
+from .batch import RolloutBatch, TokenDistribution, token_distribution, token_kl, token_logprobs
 from .chunked import resolve_chunk
 
 
@@ -104,6 +104,17 @@ class TrainContext:
             chunk=self.logit_chunk,
             entropy_grad=entropy_grad,
         )
+
+    def token_distribution(self, model: TokenPolicy, batch: RolloutBatch, prefix_ids: Tensor | None = None):
+        """``(log-probs of the taken tokens, TokenDistribution)`` under ``model`` (no
+        gradients): an HF model's distribution is kept as its hidden states when
+        :attr:`logit_chunk` is on (:func:`tokenmdp.token_distribution`)."""
+        return token_distribution(model, batch, prefix_ids=prefix_ids, chunk=self.logit_chunk)
+
+    def token_kl(self, model: TokenPolicy, batch: RolloutBatch, target: TokenDistribution):
+        """``(KL(model || target), model's entropy)`` per response token, the output layer
+        :attr:`logit_chunk` positions at a time (:func:`tokenmdp.token_kl`)."""
+        return token_kl(model, batch, target, chunk=self.logit_chunk)
 
     @property
     def logit_chunk(self) -> int | None:

@@ -110,6 +110,13 @@ COMPONENT_TABLE = (
         "floating",
         "the target policy's log-probabilities over the full vocabulary (for distillation)",
     ),
+    Signal(
+        "target_distribution",
+        None,
+        "TokenDistribution",
+        "the target policy's distribution at every response position, as whole log-probs or as hidden states "
+        "with the output layer (made a chunk of positions at a time)",
+    ),
     _per_token("advantages", "the per-token advantage A_t the updater trains on, 0 on padding"),
     _per_token("returns", "the return (reward-to-go) from each token, the critic's target"),
     Signal("preference_pairs", None, "PairBatch", "the preference pairs a pair updater trains on this step"),

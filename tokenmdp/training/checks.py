@@ -6,8 +6,9 @@ written."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 
-from .. import distributed
+from .. import distributed, host_memory
 from ..config import Config
 from ..devices import PRECISIONS
 from ..errors import ConfigError
@@ -36,7 +37,8 @@ def check_text_setup(config: Config, task) -> None:
 
 
 def check_model_options(config: Config) -> None:
-    """``train.precision`` and ``train.gradient_checkpointing`` apply to HF models only."""
+    """``train.precision`` and ``train.gradient_checkpointing`` apply to HF models only;
+    ``train.release_memory`` needs glibc."""
     kind = config.policy.get("kind", "gru")
     if PRECISIONS[config.train.precision] is not None and kind != "hf":
         raise ConfigError(
@@ -45,6 +47,11 @@ def check_model_options(config: Config) -> None:
         )
     if config.train.gradient_checkpointing and kind != "hf":
         raise ConfigError(f'train.gradient_checkpointing applies to HF models (policy.kind = "hf"), not {kind!r}')
+    if config.train.release_memory and host_memory.glibc() is None:
+        raise ConfigError(
+            f"train.release_memory needs glibc's malloc (Linux); this process runs on {sys.platform} "
+            "without it: unset train.release_memory"
+        )
 
 
 def check_launch(config: Config) -> None:

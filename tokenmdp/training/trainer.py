@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from .. import distributed, sharding
+from .. import distributed, host_memory, sharding
 from ..config import Config, dump_config
 from ..devices import PRECISIONS, resolve_device
 from ..errors import ConfigError, PluginError, RewardError, TrainingInterrupted
@@ -158,6 +158,8 @@ class Trainer:
         """The policy, its reference (on ``train.device``), the evaluator, ``ctx``, and each
         component's ``setup``."""
         cfg = self.config
+        if cfg.train.release_memory and not host_memory.release_freed_memory():
+            raise ConfigError("train.release_memory: glibc's mallopt refused the threshold; unset train.release_memory")
         sharded = cfg.train.sharding == "fsdp"
         # a sharded full fine-tune of a saved model loads each rank's shards only; anything else
         # (LoRA, a model object, a reference fine-tuned first) is built whole, then sharded
