@@ -234,12 +234,13 @@ def _target(kind: str, precision: str) -> HFCausalLMPolicy:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kind, lora", [("gpt2-fast", False), ("gemma", False), ("gpt2", True)])
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_the_kl_to_a_target_equals_the_whole_logits_path(kind, lora, precision, chunk):
+@pytest.mark.parametrize("chunk, direction", [(1, "reverse"), (4, "reverse"), (4, "forward")])
+def test_the_kl_to_a_target_equals_the_whole_logits_path(kind, lora, precision, chunk, direction):
     """``token_kl`` against a target held as hidden states, a chunk at a time (through the
     frozen layer's precomputed backward under LoRA), against the same KL from the whole
-    logits of both models (written out here), values and gradients; the target's taken
-    log-probs too."""
+    logits of both models (written out here), in both directions (reverse-kl's KL(pi || q),
+    TDPO's KL(q || pi)), values and gradients, with the taken tokens' log-probs of the same
+    forward in the loss; the target's taken log-probs too."""
     from tokenmdp.plugin import chunked
 
     policy, target = _policy(kind, precision, lora), _target(kind, precision)
@@ -255,18 +256,22 @@ def test_the_kl_to_a_target_equals_the_whole_logits_path(kind, lora, precision, 
     original = chunked._FrozenHeadKL.apply
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(chunked._FrozenHeadKL, "apply", lambda *a: frozen_calls.append(1) or original(*a))
-        kl, entropy = token_kl(policy, batch, held, chunk=chunk)
+        kl, entropy, taken_logp = token_kl(policy, batch, held, chunk, direction, return_logprobs=True)
     assert bool(frozen_calls) == (policy.frozen_output_layer() is not None)
-    kl.sum().backward()
+    (kl.sum() + 0.3 * taken_logp.sum()).backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
     assert not entropy.requires_grad
 
     policy.zero_grad()
-    _, logits = token_logprobs(policy, batch, return_logits=True)
+    whole_taken, logits = token_logprobs(policy, batch, return_logits=True)
     logp, q = torch.log_softmax(logits, -1), whole.log_probs
-    expected = (logp.exp() * (logp - q)).sum(-1) * batch.response_mask
-    expected.sum().backward()
+    if direction == "reverse":
+        expected = (logp.exp() * (logp - q)).sum(-1) * batch.response_mask
+    else:
+        expected = (q.exp() * (q - logp)).sum(-1) * batch.response_mask
+    (expected.sum() + 0.3 * whole_taken.sum()).backward()
     torch.testing.assert_close(kl.detach(), expected.detach(), **tol)
+    torch.testing.assert_close(taken_logp.detach(), whole_taken.detach(), **tol)
     torch.testing.assert_close(entropy, entropy_of(logits.detach()) * batch.response_mask, **tol)
     assert (expected[batch.response_mask > 0] > 0).all()  # two different models: a real KL
     assert grads

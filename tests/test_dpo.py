@@ -156,6 +156,27 @@ def test_scoring_a_pair_batch_matches_scoring_each_side(tmp_path):
     assert scores.chosen.abs().max() > 1e-4  # the policy differs from the reference
 
 
+def test_tdpo_scores_its_sequence_kl_through_the_kernel_as_the_formula_gives_it(tmp_path):
+    """``score_pairs(..., kl=True)``: the log-ratios of the plain scoring, and each
+    response's SeqKL(pi_ref || pi) equal to :func:`sequence_kl` on the whole logits."""
+    trainer = built(dpo_config(tmp_path, "estimator.num_pairs=64", "algorithm.updater=tdpo"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    pairs = trainer.composition.estimator.pairs.select(torch.arange(9))
+    plain, scores = score_pairs(trainer.ctx, pairs), score_pairs(trainer.ctx, pairs, kl=True)
+    assert plain.sequence_kl is None
+    torch.testing.assert_close(scores.chosen, plain.chosen, rtol=0, atol=0)
+    torch.testing.assert_close(scores.rejected, plain.rejected, rtol=0, atol=0)
+    responses = pairs.responses()
+    _, logits = token_logprobs(trainer.policy, responses, return_logits=True)
+    _, ref_logits = token_logprobs(trainer.reference, responses, return_logits=True)
+    expect = sequence_kl(ref_logits, logits, responses.response_mask)
+    torch.testing.assert_close(scores.sequence_kl, expect, rtol=0, atol=0)
+    assert scores.sequence_kl.min() > 0 and scores.sequence_kl.requires_grad
+
+
 # --- pairs from a file ------------------------------------------------------------------
 
 GOOD = '{"prompt": [0], "chosen": [3, 1, 3], "rejected": [0, 3, 1]}'

@@ -212,20 +212,32 @@ class PairScores:
 
     chosen: Tensor  # [m] sequence log-ratio log pi/pi_ref (y_w|x), with grad
     rejected: Tensor  # [m] the same for y_l
-    logits: Tensor  # [2m, T, V] policy logits, with grad
-    ref_logits: Tensor  # [2m, T, V] reference logits
     mask: Tensor  # [2m, T]
+    #: [2m]: sum_t KL(pi_ref(.|s_t) || pi(.|s_t)) over each response's real tokens, with
+    #: grad; only when :func:`score_pairs` is asked for it (TDPO), else None
+    sequence_kl: Tensor | None = None
 
 
-def score_pairs(ctx, pairs: PairBatch) -> PairScores:
-    """One forward pass of the policy (and one of the reference) over both responses."""
+def score_pairs(ctx, pairs: PairBatch, kl: bool = False) -> PairScores:
+    """One forward pass of the policy (and one of the reference) over both responses: the
+    taken tokens' log-probs (an HF output layer a chunk of positions at a time, never the
+    whole logits); with ``kl`` also each response's KL(pi_ref || pi) over the whole
+    vocabulary, from the same forwards (``ctx.token_kl``: the reference kept as its hidden
+    states on an HF model)."""
     responses = pairs.responses().to(ctx.device)
-    logp, logits = ctx.token_logprobs(ctx.policy, responses, return_logits=True)
-    with torch.no_grad():
-        ref_logp, ref_logits = ctx.token_logprobs(ctx.reference, responses, return_logits=True)
-    ratio = sequence_logratio(logp, ref_logp, responses.response_mask)
+    mask = responses.response_mask
+    if kl:
+        ref_logp, reference = ctx.token_distribution(ctx.reference, responses)
+        per_token, _, logp = ctx.token_kl(ctx.policy, responses, reference, direction="forward", return_logprobs=True)
+        sequence_kl = per_token.sum(1)
+    else:
+        logp = ctx.token_logprobs(ctx.policy, responses)
+        with torch.no_grad():
+            ref_logp = ctx.token_logprobs(ctx.reference, responses)
+        sequence_kl = None
+    ratio = sequence_logratio(logp, ref_logp, mask)
     m = pairs.size
-    return PairScores(ratio[:m], ratio[m:], logits, ref_logits, responses.response_mask)
+    return PairScores(ratio[:m], ratio[m:], mask, sequence_kl)
 
 
 def pair_metrics(scores: PairScores, beta: float) -> dict[str, Tensor]:
@@ -251,6 +263,8 @@ class DPOUpdater(GradientUpdater):
 
     name = "dpo"
     requires = frozenset({"preference_pairs"})
+    #: Whether :meth:`pair_loss` reads ``PairScores.sequence_kl`` (TDPO's does).
+    scores_kl = False
 
     @attrs.frozen
     class Options(PairOptions):
@@ -274,7 +288,7 @@ class DPOUpdater(GradientUpdater):
         beta = self.options.beta or ctx.beta
 
         def share(micro):
-            losses, stats = self.pair_loss(score_pairs(ctx, micro.batch), beta)
+            losses, stats = self.pair_loss(score_pairs(ctx, micro.batch, kl=self.scores_kl), beta)
             # per-pair sums (for the step's means below); the loss is the minibatch's mean
             sums = {key: value.sum() for key, value in {"losses/dpo": losses.detach(), **stats}.items()}
             return micro.row_mean(losses), sums

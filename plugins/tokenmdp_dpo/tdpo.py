@@ -23,7 +23,9 @@ from .components import DPOUpdater, PairOptions, PairScores, pair_metrics
 
 
 def sequence_kl(ref_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
-    """``[N]``: ``sum_t KL(pi_ref(.|s_t) || pi(.|s_t))`` over the real tokens."""
+    """``[N]``: ``sum_t KL(pi_ref(.|s_t) || pi(.|s_t))`` over the real tokens, from whole
+    logits: the formula, which the updater computes through ``ctx.token_kl`` instead
+    (``score_pairs(..., kl=True)``; tests/test_dpo.py checks the two agree)."""
     ref_logp, logp = torch.log_softmax(ref_logits, -1), torch.log_softmax(logits, -1)
     per_token = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     return torch.where(mask > 0, per_token, 0.0).sum(1)
@@ -51,6 +53,7 @@ class TDPOUpdater(DPOUpdater):
     """DPO's updater with the TDPO loss; every other step (pairs, minibatches, metrics) is DPO's."""
 
     name = "tdpo"
+    scores_kl = True
 
     @attrs.frozen
     class Options(PairOptions):
@@ -61,7 +64,7 @@ class TDPOUpdater(DPOUpdater):
         alpha: float = attrs.field(default=0.5, validator=positive)
 
     def pair_loss(self, scores: PairScores, beta: float):
-        kl = sequence_kl(scores.ref_logits, scores.logits, scores.mask)
+        kl = scores.sequence_kl  # SeqKL(pi_ref || pi) of each response, a chunk at a time on an LM
         m = scores.chosen.shape[0]
         kl_w, kl_l = kl[:m], kl[m:]
         loss = tdpo_loss(scores.chosen, scores.rejected, kl_w, kl_l, beta, self.options.variant, self.options.alpha)

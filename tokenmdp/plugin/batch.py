@@ -285,13 +285,20 @@ def token_distribution(
 
 
 def token_kl(
-    model: TokenPolicy, batch: RolloutBatch, target: TokenDistribution, chunk: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """``(KL(pi || q), pi's entropy)``, each ``[B, T]`` and 0 on padding: ``pi`` is ``model``
-    on the batch's responses (with gradients), ``q`` the ``target`` distribution at the
-    same positions (over the whole vocabulary; no gradient). The entropy is a value only.
-    With ``chunk`` and a model that gives its hidden states, both sides' logits are made
-    ``chunk`` positions at a time (:func:`.chunked.chunked_kl`); else from the whole logits."""
+    model: TokenPolicy,
+    batch: RolloutBatch,
+    target: TokenDistribution,
+    chunk: int | None = None,
+    direction: str = "reverse",
+    return_logprobs: bool = False,
+) -> tuple[Tensor, ...]:
+    """``(KL, pi's entropy)``, each ``[B, T]`` and 0 on padding, and with ``return_logprobs``
+    the log-probs of the taken tokens third, from the same forward: ``pi`` is ``model`` on
+    the batch's responses (with gradients), ``q`` the ``target`` distribution at the same
+    positions (over the whole vocabulary; no gradient); ``direction`` ``"reverse"`` is
+    ``KL(pi || q)``, ``"forward"`` ``KL(q || pi)``. The entropy is a value only. With
+    ``chunk`` and a model that gives its hidden states, both sides' logits are made ``chunk``
+    positions at a time (:func:`.chunked.chunked_kl`); else from the whole logits."""
     mask = batch.response_mask
     if chunk and getattr(model, "supports_hidden_states", False):
         _, full_ids, full_mask = _whole_sequences(batch, None)
@@ -304,16 +311,20 @@ def token_kl(
         else:
             q, target_head = target.hidden.reshape(b * t, -1)[real], target.head
         frozen = model.frozen_output_layer() if hasattr(model, "frozen_output_layer") else None
-        kl, entropy = chunked_kl(rows, head, q, chunk, target_head, frozen)
-        spread = [
-            torch.zeros(b * t, dtype=v.dtype, device=v.device).index_put((real,), v).view(b, t) for v in (kl, entropy)
-        ]
-        return spread[0], spread[1]
+        ids = batch.response_ids.flatten()[real] if return_logprobs else None
+        out = chunked_kl(rows, head, q, chunk, target_head, frozen, direction, ids)
+        return tuple(torch.zeros(b * t, dtype=v.dtype, device=v.device).index_put((real,), v).view(b, t) for v in out)
     logits = at_least_float32(response_logits(model, batch))
-    logp = torch.log_softmax(logits, -1)
-    kl = (logp.exp() * (logp - target.whole())).sum(-1)
+    # the taken tokens' log-probs first and the KL from its own log-softmax, the graph that
+    # token_logprobs and a KL of the logits made before: a toy run's gradients, bit for bit
+    taken = None
+    if return_logprobs:
+        taken = torch.log_softmax(logits, -1).gather(-1, batch.response_ids[..., None]).squeeze(-1) * mask
+    logp, q = torch.log_softmax(logits, -1), target.whole()
+    kl = (q.exp() * (q - logp)).sum(-1) if direction == "forward" else (logp.exp() * (logp - q)).sum(-1)
     own = torch.log_softmax(logits.detach(), dim=-1)  # as entropy_of computes it
-    return kl * mask, -(own.exp() * own).sum(-1) * mask
+    out = (kl * mask, -(own.exp() * own).sum(-1) * mask)
+    return out if taken is None else (*out, taken)
 
 
 def response_nll(

@@ -129,9 +129,14 @@ def chunked_token_stats(
 
 
 # --- the KL to a target distribution over the whole vocabulary ---------------------------
-# KL(pi || q) = sum_v p_v (log p_v - log q_v), and its gradient through pi's logits,
-# p_v (log p_v - log q_v - KL): a chunk's target log-probs are made from the target's own
-# hidden states inside the chunk (no gradient), so neither side's [N, vocab] ever exists whole.
+# reverse: KL(pi || q) = sum_v p_v (log p_v - log q_v), its gradient through pi's logits
+#          p_v (log p_v - log q_v - KL);
+# forward: KL(q || pi) = sum_v q_v (log q_v - log p_v), its gradient p_v - q_v.
+# A chunk's target log-probs are made from the target's own hidden states inside the chunk
+# (no gradient), so neither side's [N, vocab] ever exists whole.
+
+#: ``direction`` values: ``"reverse"`` is KL(pi || q) (reverse-kl's), ``"forward"`` KL(q || pi) (TDPO's).
+KL_DIRECTIONS = ("reverse", "forward")
 
 
 def _target_logp(target: Tensor, target_head: Callable[[Tensor], Tensor] | None) -> Tensor:
@@ -141,34 +146,55 @@ def _target_logp(target: Tensor, target_head: Callable[[Tensor], Tensor] | None)
         return torch.log_softmax(at_least_float32(target_head(target)), dim=-1)
 
 
-def _kl(hidden: Tensor, target: Tensor, head: Callable[[Tensor], Tensor], target_head):
+def _kl(hidden, target, head, target_head, forward: bool, targets):
     logp = torch.log_softmax(at_least_float32(head(hidden)), dim=-1)
+    q = _target_logp(target, target_head)
     p = logp.exp()
-    kl = (p * (logp - _target_logp(target, target_head))).sum(-1)
-    return kl, -(p.detach() * logp.detach()).sum(-1)
+    kl = (q.exp() * (q - logp)).sum(-1) if forward else (p * (logp - q)).sum(-1)
+    entropy = -(p.detach() * logp.detach()).sum(-1)
+    if targets is None:
+        return kl, entropy
+    return kl, entropy, logp.gather(-1, targets[:, None]).squeeze(-1)
 
 
 class _FrozenHeadKL(torch.autograd.Function):
-    """:func:`_kl` through a :class:`FrozenLinear`: the gradient's vector back through the
-    layer (``p (log p - log q - KL)``, ``[chunk, width]``) is made while ``p`` exists, so the
-    backward recomputes nothing; the entropy is a value only."""
+    """:func:`_kl` through a :class:`FrozenLinear`: the gradients' vectors back through the
+    layer (the KL's, and the taken tokens' ``onehot - p`` when asked) are made while ``p``
+    exists, ``[chunk, width]`` each, so the backward recomputes nothing; the entropy is a
+    value only."""
 
     @staticmethod
-    def forward(ctx, hidden, target, layer: FrozenLinear, target_head):
+    def forward(ctx, hidden, target, layer: FrozenLinear, target_head, forward_kl: bool, targets):
         logp = torch.log_softmax(layer.logits(hidden), dim=-1)
         p = logp.exp()
-        diff = logp - _target_logp(target, target_head)
-        kl = (p * diff).sum(-1)
-        ctx.save_for_backward(layer.back(p * (diff - kl[:, None])))
-        ctx.input_dtype = hidden.dtype
+        q = _target_logp(target, target_head)
+        if forward_kl:
+            kl = (q.exp() * (q - logp)).sum(-1)
+            saved = [layer.back(p - q.exp())]
+        else:
+            diff = logp - q
+            kl = (p * diff).sum(-1)
+            saved = [layer.back(p * (diff - kl[:, None]))]
         entropy = -(p * logp).sum(-1)
         ctx.mark_non_differentiable(entropy)
-        return kl, entropy
+        out = (kl, entropy)
+        if targets is not None:
+            onehot_minus_p = -p
+            taken = logp.gather(-1, targets[:, None]).squeeze(-1)
+            onehot_minus_p.scatter_add_(-1, targets[:, None], torch.ones_like(taken)[:, None])
+            saved.append(layer.back(onehot_minus_p))
+            out = (kl, entropy, taken)
+        ctx.save_for_backward(*saved)
+        ctx.input_dtype = hidden.dtype
+        return out
 
     @staticmethod
-    def backward(ctx, grad_kl, grad_entropy=None):
-        (vector,) = ctx.saved_tensors
-        return (grad_kl[:, None] * vector).to(ctx.input_dtype), None, None, None
+    def backward(ctx, grad_kl, grad_entropy=None, grad_taken=None):
+        saved = ctx.saved_tensors
+        grad = grad_kl[:, None] * saved[0]
+        if len(saved) > 1 and grad_taken is not None:
+            grad = grad + grad_taken[:, None] * saved[1]
+        return grad.to(ctx.input_dtype), None, None, None, None, None
 
 
 def chunked_kl(
@@ -178,27 +204,33 @@ def chunked_kl(
     chunk: int,
     target_head: Callable[[Tensor], Tensor] | None = None,
     frozen: FrozenLinear | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(kl, entropy)`` ``[N]``: ``KL(pi || q)`` over the whole vocabulary at each of ``N``
-    positions, and pi's entropy (a value, no gradient), where pi's logits are
-    ``head(hidden)`` (``hidden``: ``[N, width]``) and q's log-probs are ``target`` (``[N,
-    vocab]``) or, with ``target_head``, ``log_softmax(target_head(target))`` from the target
-    model's ``[N, width]`` hidden states (no gradient). ``chunk`` positions at a time; with
-    gradients each chunk is recomputed in the backward, unless the output layer is
-    ``frozen`` (:class:`_FrozenHeadKL`)."""
+    direction: str = "reverse",
+    targets: Tensor | None = None,
+) -> tuple[Tensor, ...]:
+    """``(kl, entropy)`` ``[N]``, and with ``targets`` (``[N]`` token ids) their log-probs
+    third: the KL between pi and q over the whole vocabulary at each of ``N`` positions
+    (``direction``: :data:`KL_DIRECTIONS`) and pi's entropy (a value, no gradient), where
+    pi's logits are ``head(hidden)`` (``hidden``: ``[N, width]``) and q's log-probs are
+    ``target`` (``[N, vocab]``) or, with ``target_head``, ``log_softmax(target_head(target))``
+    from the target model's ``[N, width]`` hidden states (no gradient). ``chunk`` positions at
+    a time; with gradients each chunk is recomputed in the backward, unless the output layer
+    is ``frozen`` (:class:`_FrozenHeadKL`)."""
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {KL_DIRECTIONS}, got {direction!r}")
+    forward = direction == "forward"
     grad = torch.is_grad_enabled() and hidden.shape[0] > chunk
-    kls, entropies = [], []
+    parts = []
     for start in range(0, hidden.shape[0], chunk):
         h, q = hidden[start : start + chunk], target[start : start + chunk]
+        ids = None if targets is None else targets[start : start + chunk]
         if grad and frozen is not None and hidden.requires_grad:
-            kl, entropy = _FrozenHeadKL.apply(h, q, frozen, target_head)
+            parts.append(_FrozenHeadKL.apply(h, q, frozen, target_head, forward, ids))
         elif grad:
-            kl, entropy = checkpoint(_kl, h, q, head, target_head, use_reentrant=False)
+            parts.append(checkpoint(_kl, h, q, head, target_head, forward, ids, use_reentrant=False))
         else:
-            kl, entropy = _kl(h, q, head, target_head)
-        kls.append(kl)
-        entropies.append(entropy)
-    if not kls:
+            parts.append(_kl(h, q, head, target_head, forward, ids))
+    width = 2 if targets is None else 3
+    if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(kls), torch.cat(entropies)
+        return (empty,) * width
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(width))

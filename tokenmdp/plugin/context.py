@@ -111,10 +111,19 @@ class TrainContext:
         :attr:`logit_chunk` is on (:func:`tokenmdp.token_distribution`)."""
         return token_distribution(model, batch, prefix_ids=prefix_ids, chunk=self.logit_chunk)
 
-    def token_kl(self, model: TokenPolicy, batch: RolloutBatch, target: TokenDistribution):
-        """``(KL(model || target), model's entropy)`` per response token, the output layer
-        :attr:`logit_chunk` positions at a time (:func:`tokenmdp.token_kl`)."""
-        return token_kl(model, batch, target, chunk=self.logit_chunk)
+    def token_kl(
+        self,
+        model: TokenPolicy,
+        batch: RolloutBatch,
+        target: TokenDistribution,
+        direction: str = "reverse",
+        return_logprobs: bool = False,
+    ):
+        """``(KL(model || target), model's entropy)`` per response token (``direction =
+        "forward"``: ``KL(target || model)``; ``return_logprobs``: the taken tokens' log-probs
+        third), the output layer :attr:`logit_chunk` positions at a time
+        (:func:`tokenmdp.token_kl`)."""
+        return token_kl(model, batch, target, self.logit_chunk, direction, return_logprobs)
 
     @property
     def logit_chunk(self) -> int | None:
