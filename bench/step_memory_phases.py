@@ -11,7 +11,9 @@ two steps of bench/logits_memory.py's Gemma-3 270M + LoRA step.
 ``--recipe inverse-q-distill`` runs Inverse-Q*'s distillation (the text guide of
 configs/compare_paper_gemma.toml) instead of GRPO: its estimator scores the guided reference
 over the whole vocabulary and its update takes the KL to it at every position, so both
-phases carry a full-vocabulary distribution (``tokenmdp.token_kl``).
+phases carry a full-vocabulary distribution (``tokenmdp.token_kl``). ``--recipe dpo
+--tokens 32`` is the paper grid's DPO step: 64 pairs of 32-token responses scored by the
+policy and the reference.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ sys.path.insert(0, str(HERE))
 
 from logits_memory import PeakMemory, rss  # noqa: E402
 
+#: Each ``--recipe``'s own settings: one optimizer step per batch; DPO's step is one
+#: minibatch of 64 pairs (128 responses) that its estimator samples from the reference.
+ONE_STEP = ["updater.epochs=1", "updater.minibatches=1"]
+RECIPE_SETS = {
+    "grpo": ["estimator.kl_coef=0", *ONE_STEP],
+    "inverse-q-distill": ['estimator.guide="Be cheerful and warm: write with love, joy and gratitude."', *ONE_STEP],
+    "dpo": ["estimator.num_pairs=64", "updater.minibatch_size=64"],
+}
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +45,7 @@ def main() -> int:
     parser.add_argument("--completions", type=int, default=16, help="a multiple of 8 (8 per prompt)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--logit-chunk", default="auto")
-    parser.add_argument("--recipe", choices=("grpo", "inverse-q-distill"), default="grpo")
+    parser.add_argument("--recipe", choices=tuple(RECIPE_SETS), default="grpo")
     parser.add_argument("--release-memory", action="store_true", help="train.release_memory = true")
     parser.add_argument("--gemma-dir", type=Path, default=HERE.parent / "models" / "gemma-3-270m")
     args = parser.parse_args()
@@ -55,18 +66,11 @@ def main() -> int:
         overrides = [
             *text_overrides({"model": model_dir, "prompts": files["prompts"]}, Path(tmp) / "run", args.tokens),
             f"algorithm.name={args.recipe}",
-            *(
-                ['estimator.guide="Be cheerful and warm: write with love, joy and gratitude."']
-                if args.recipe != "grpo"
-                else []
-            ),
+            *RECIPE_SETS[args.recipe],
             f"train.batch_size={args.completions}",
             "train.samples_per_prompt=8",
             "train.steps=2",
-            "updater.epochs=1",
-            "updater.minibatches=1",
             "updater.lr=1e-3",
-            *(["estimator.kl_coef=0"] if args.recipe == "grpo" else []),
             "train.log_kl=false",
             "train.device=cpu",
             "run.overwrite=true",

@@ -1,5 +1,6 @@
-"""Per-token log-probs and entropies from the last hidden states and the output layer, a
-chunk of positions at a time, never holding the ``[B, T, vocab]`` logits of a batch.
+"""Per-token log-probs, entropies and KLs to a full-vocabulary target from the last hidden
+states and the output layer, a chunk of positions at a time, never holding the
+``[B, T, vocab]`` logits of a batch (:func:`chunked_token_stats`, :func:`chunked_kl`).
 
 A training forward's output layer is the largest tensor of a step on a large vocabulary:
 Gemma-3's 262,144 entries make ``batch x tokens x 262,144`` float32 logits, then a
