@@ -215,11 +215,10 @@ def token_logprobs(
     return taken
 
 
-def _chunked_logprobs(
-    model, batch: RolloutBatch, prefix_ids, return_entropy: bool, chunk: int, entropy_grad: bool, forward=None
-):
-    """:func:`token_logprobs` through :func:`.chunked.chunked_token_stats`, on the real
-    response tokens only (padding gets 0 without a logit computed for it); ``forward``:
+def _response_rows(model, batch: RolloutBatch, prefix_ids, forward=None):
+    """What the chunked paths read: ``(rows [N, width], head, frozen, real)``, the last hidden
+    states of the batch's ``N`` real response tokens (``real``: their flat indices), the
+    function that makes logits from them, and the frozen output layer or None; ``forward``:
     ``model.response_hidden``'s result when the caller has it already."""
     b, t = batch.response_ids.shape
     if forward is None:
@@ -229,13 +228,26 @@ def _chunked_logprobs(
     real = (batch.response_mask > 0).flatten().nonzero().squeeze(1)
     rows = hidden[:, :t].reshape(b * t, -1)[real]
     frozen = model.frozen_output_layer() if hasattr(model, "frozen_output_layer") else None
+    return rows, head, frozen, real
+
+
+def _spread(values: Tensor, real: Tensor, batch: RolloutBatch) -> Tensor:
+    """``[B, T]``: ``values`` of the real response tokens at their places, 0 on padding."""
+    b, t = batch.response_ids.shape
+    return torch.zeros(b * t, dtype=values.dtype, device=values.device).index_put((real,), values).view(b, t)
+
+
+def _chunked_logprobs(
+    model, batch: RolloutBatch, prefix_ids, return_entropy: bool, chunk: int, entropy_grad: bool, forward=None
+):
+    """:func:`token_logprobs` through :func:`.chunked.chunked_token_stats`, on the real
+    response tokens only (padding gets 0 without a logit computed for it); ``forward``:
+    ``model.response_hidden``'s result when the caller has it already."""
+    rows, head, frozen, real = _response_rows(model, batch, prefix_ids, forward)
     targets = batch.response_ids.flatten()[real]
     taken, entropy = chunked_token_stats(rows, head, targets, chunk, return_entropy, frozen, entropy_grad)
-    out = torch.zeros(b * t, dtype=taken.dtype, device=taken.device).index_put((real,), taken).view(b, t)
-    if not return_entropy:
-        return out
-    entropies = torch.zeros(b * t, dtype=entropy.dtype, device=entropy.device).index_put((real,), entropy)
-    return out, entropies.view(b, t)
+    out = _spread(taken, real, batch)
+    return (out, _spread(entropy, real, batch)) if return_entropy else out
 
 
 @attrs.frozen
@@ -301,19 +313,14 @@ def token_kl(
     positions at a time (:func:`.chunked.chunked_kl`); else from the whole logits."""
     mask = batch.response_mask
     if chunk and getattr(model, "supports_hidden_states", False):
-        _, full_ids, full_mask = _whole_sequences(batch, None)
-        b, t = batch.response_ids.shape
-        hidden, head = model.response_hidden(full_ids, full_mask, keep=t + 1)
-        real = (mask > 0).flatten().nonzero().squeeze(1)
-        rows = hidden[:, :t].reshape(b * t, -1)[real]
+        rows, head, frozen, real = _response_rows(model, batch, None)
         if target.log_probs is not None:
-            q, target_head = target.log_probs.reshape(b * t, -1)[real], None
+            q, target_head = target.log_probs.flatten(0, 1)[real], None
         else:
-            q, target_head = target.hidden.reshape(b * t, -1)[real], target.head
-        frozen = model.frozen_output_layer() if hasattr(model, "frozen_output_layer") else None
+            q, target_head = target.hidden.flatten(0, 1)[real], target.head
         ids = batch.response_ids.flatten()[real] if return_logprobs else None
         out = chunked_kl(rows, head, q, chunk, target_head, frozen, direction, ids)
-        return tuple(torch.zeros(b * t, dtype=v.dtype, device=v.device).index_put((real,), v).view(b, t) for v in out)
+        return tuple(_spread(v, real, batch) for v in out)
     logits = at_least_float32(response_logits(model, batch))
     # the taken tokens' log-probs first and the KL from its own log-softmax, the graph that
     # token_logprobs and a KL of the logits made before: a toy run's gradients, bit for bit

@@ -58,6 +58,14 @@ def _stats(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor], en
     return taken, -(logp.exp() * logp).sum(-1)
 
 
+def _taken(logp: Tensor, p: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The taken tokens' log-probs and their gradient through the logits, ``onehot - p``."""
+    taken = logp.gather(-1, targets[:, None]).squeeze(-1)
+    onehot_minus_p = -p
+    onehot_minus_p.scatter_add_(-1, targets[:, None], torch.ones_like(taken)[:, None])
+    return taken, onehot_minus_p
+
+
 class _FrozenHeadStats(torch.autograd.Function):
     """:func:`_stats` through a :class:`FrozenLinear`, its backward precomputed in the
     forward (see the module docstring); the entropy takes a gradient only if
@@ -66,10 +74,8 @@ class _FrozenHeadStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, targets, layer: FrozenLinear, entropy: bool, entropy_grad: bool):
         logp = torch.log_softmax(layer.logits(hidden), dim=-1)
-        taken = logp.gather(-1, targets[:, None]).squeeze(-1)
         p = logp.exp()
-        onehot_minus_p = -p
-        onehot_minus_p.scatter_add_(-1, targets[:, None], torch.ones_like(taken)[:, None])
+        taken, onehot_minus_p = _taken(logp, p, targets)
         saved = [layer.back(onehot_minus_p)]
         ent = None
         if entropy:
@@ -180,9 +186,7 @@ class _FrozenHeadKL(torch.autograd.Function):
         ctx.mark_non_differentiable(entropy)
         out = (kl, entropy)
         if targets is not None:
-            onehot_minus_p = -p
-            taken = logp.gather(-1, targets[:, None]).squeeze(-1)
-            onehot_minus_p.scatter_add_(-1, targets[:, None], torch.ones_like(taken)[:, None])
+            taken, onehot_minus_p = _taken(logp, p, targets)
             saved.append(layer.back(onehot_minus_p))
             out = (kl, entropy, taken)
         ctx.save_for_backward(*saved)
