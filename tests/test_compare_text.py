@@ -8,13 +8,27 @@ import csv
 import gzip
 import io
 import json
+import re
+import statistics
 
 import pytest
 from test_real_lm import text_files  # noqa: F401 (a fixture)
 
 from tokenmdp import cli
 
-RECIPES = ["grpo", "rloo", "inverse-q-distill", "context-distill", "dpo"]
+#: configs/compare_paper_gemma.toml's nine methods
+RECIPES = [
+    "inverse-q-distill",
+    "inverse-q",
+    "inverse-q-refreshed",
+    "context-distill",
+    "ppo",
+    "grpo",
+    "rloo",
+    "dpo",
+    "dpo-online",
+]
+GUIDED = ("inverse-q-distill", "inverse-q", "inverse-q-refreshed", "context-distill")
 
 
 def length_judge(completions, **kwargs):
@@ -40,14 +54,20 @@ def write_text_grid(root, files, extra_set=(), out="out"):
         "train.eval_samples=8",
         *extra_set,
     ]
-    guide = '["estimator.guide=\\"answer kindly\\""]'
+    guide = 'estimator.guide="answer kindly"'
+    recipes = {
+        "inverse-q-distill": ["algorithm.name=inverse-q-distill", guide],
+        "inverse-q": ["algorithm.name=inverse-q", guide],
+        "inverse-q-refreshed": ["algorithm.name=inverse-q-distill", 'estimator.phi="policy"', guide],
+        "context-distill": ["algorithm.name=context-distill", guide],
+        "dpo": ["algorithm.name=dpo", "estimator.num_pairs=16"],
+        "dpo-online": ["algorithm.name=dpo-online", "estimator.num_pairs=16"],
+    }
     path = root / "grid.toml"
     path.write_text(
         f'[compare]\nrecipes = {json.dumps(RECIPES)}\nenvs = ["Text"]\nseeds = [0, 1, 2]\n'
         f'out = "{root / out}"\nset = {json.dumps(shared)}\n'
-        f'[recipes.inverse-q-distill]\nset = ["algorithm.name=inverse-q-distill", {guide[1:-1]}]\n'
-        f'[recipes.context-distill]\nset = ["algorithm.name=context-distill", {guide[1:-1]}]\n'
-        '[recipes.dpo]\nset = ["algorithm.name=dpo", "estimator.num_pairs=16"]\n'
+        + "".join(f"[recipes.{name}]\nset = {json.dumps(keys)}\n" for name, keys in recipes.items())
     )
     return path
 
@@ -101,6 +121,38 @@ def test_the_page_and_plots_say_what_was_measured(text_grid):
     assert page.count("data:image/png;base64,") == 2
 
 
+def test_the_reference_and_the_guided_reference_are_rows(text_grid):
+    """The two baselines every method is read against: their rows hold the cells' own
+    held-out scores of the reference and of the guided reference, one per seed."""
+    out, printed = text_grid
+    with open(out / "results.csv") as fh:
+        rows = {r["recipe"]: r for r in csv.DictReader(fh)}
+    summaries = {
+        (recipe, seed): json.loads((out / "cells" / f"{recipe}__Text__seed{seed}" / "summary.json").read_text())
+        for recipe in RECIPES
+        for seed in (0, 1, 2)
+    }
+    for (recipe, _), summary in summaries.items():  # only the guide methods score the guided reference
+        assert ("guided_reference" in summary) == (recipe in GUIDED), recipe
+    reference, guided = rows["reference"], rows["guided reference"]
+    assert reference["seeds"] == guided["seeds"] == "3"
+    assert reference["supervision"] == "-" and guided["supervision"] == "none"  # as the guide methods
+    for key in ("kl_ref", "true_reward", "judge/vader", "judge/vader_win_rate", "distinct_2"):
+        for row, where in ((reference, "start"), (guided, "guided_reference")):
+            per_seed = [summaries["inverse-q", s][where][key] for s in (0, 1, 2)]
+            # every guide method of a seed scored the same guided reference (the same draw)
+            assert all(summaries[r, s][where] == summaries["inverse-q", s][where] for r in GUIDED for s in (0, 1, 2))
+            expected = [statistics.median(per_seed), min(per_seed), max(per_seed)]
+            got = [float(row[f"{key}_{part}"]) for part in ("median", "min", "max")]
+            assert got == pytest.approx(expected), (row["recipe"], key)
+    assert float(reference["kl_ref_max"]) == 0.0 and float(reference["judge/vader_win_rate_max"]) == 0.5
+    # the guide moves the reference (a sampled estimate of 8 responses: its sign may not hold)
+    assert float(guided["kl_ref_min"]) != 0 and float(guided["kl_ref_max"]) != 0
+    assert float(guided["env_tokens_max"]) == float(guided["data_tokens_max"]) == 0  # scored, never trained
+    assert re.search(r"\| reference +\| Text +\| - +\|", printed)
+    assert re.search(r"\| guided reference +\| Text +\| none +\|", printed)
+
+
 def test_every_held_out_response_is_kept_to_judge_again(text_grid, text_files):  # noqa: F811
     out, _ = text_grid
     with gzip.open(out / "completions.jsonl.gz", "rt") as fh:
@@ -121,6 +173,10 @@ def test_every_held_out_response_is_kept_to_judge_again(text_grid, text_files): 
             assert sum(r[f"judge/{judge}"] for r in reference) / 8 == pytest.approx(summary["start"][f"judge/{judge}"])
         assert all(length_judge([r["completion"]]) == [r["judge/length_judge"]] for r in policy)
         assert sum(r["reward"] for r in policy) / 8 == pytest.approx(summary["true_reward"])
+        guided = [row for row in mine if row["role"] == "guided_reference"]
+        assert len(guided) == (8 if mine[0]["recipe"] in GUIDED else 0)
+        if guided:
+            assert sum(r["reward"] for r in guided) / 8 == pytest.approx(summary["guided_reference"]["true_reward"])
         assert all(r["prompt"] in held_out for r in mine)  # never a training prompt
 
 

@@ -4,6 +4,7 @@ evaluation's spread and diversity (``kl_ref_se``, ``distinct_2``)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -130,3 +131,60 @@ def test_a_judge_returning_the_wrong_number_stops_the_run_naming_it(text_files, 
     trainer = Trainer(load_config(None, [*overrides, 'env.judges=["test_judges:short_judge"]']))
     with pytest.raises(RewardError, match="test_judges:short_judge"):
         trainer.train()
+
+
+# --- the guided reference (the baseline row of every guide method) -------------------------
+
+
+def test_the_guided_reference_is_pi_ref_given_the_guide_on_the_same_draw(text_files, tmp_path):  # noqa: F811
+    """``evaluate(reference, prefix_ids=guide)`` samples the held-out draw from
+    ``pi_ref(.|c + x)``, scores it as answers to the plain prompts, and its ``kl_ref`` is
+    ``sum_t log pi_ref(y_t|c + x, y_<t) - log pi_ref(y_t|x, y_<t)``, recomputed here from whole
+    forwards; a guide run reports it in summary.json and keeps its responses."""
+    from tokenmdp.plugin.batch import prompts_with_prefix
+
+    guide = "answer kindly"
+    overrides = text_run(
+        text_files,
+        tmp_path / "run",
+        "algorithm.name=context-distill",
+        f'estimator.guide="{guide}"',
+        "train.steps=1",
+        "train.batch_size=4",
+        "train.eval_samples=12",
+        'env.judges=["vader", "test_judges:length_judge"]',
+    )
+    trainer = Trainer(load_config(None, overrides))
+    trainer.build_models()
+    evaluator, reference, task = trainer.evaluator, trainer.reference, trainer.task.eval_task
+    prefix = task.encode_guide(guide)
+    scores = evaluator.evaluate(reference, prefix_ids=prefix)
+    guided, plain = evaluator.sample(reference, prefix), evaluator.sample(reference)
+    assert torch.equal(guided.prompt_index, plain.prompt_index)  # the same held-out prompts
+    assert torch.equal(guided.prompt_ids, plain.prompt_ids)  # scored as answers to the plain prompts
+    assert not torch.equal(guided.response_ids, plain.response_ids)  # drawn with the guide in front
+
+    def logprobs(prompt_ids, prompt_mask):
+        full = torch.cat([prompt_ids, guided.response_ids], 1)
+        mask = torch.cat([prompt_mask, torch.ones_like(guided.response_ids)], 1)
+        with torch.no_grad():
+            logits = reference(full, mask)[:, prompt_ids.shape[1] - 1 : -1].double()
+        taken = torch.log_softmax(logits, -1).gather(-1, guided.response_ids[..., None]).squeeze(-1)
+        return (taken * guided.response_mask).sum(1)
+
+    kl = logprobs(*prompts_with_prefix(guided, prefix)) - logprobs(guided.prompt_ids, guided.prompt_mask)
+    assert scores["kl_ref"] == pytest.approx(float(kl.mean()), abs=1e-4)  # float32 forwards, 6 tokens
+    responses = [r[: int(n)] for r, n in zip(guided.response_ids.tolist(), guided.response_mask.sum(1).tolist())]
+    rewards = task.score_responses(guided.prompt_index.tolist(), responses)
+    assert scores["true_reward"] == pytest.approx(sum(rewards) / len(rewards))
+    lengths = length_judge([task.completion_text(r) for r in responses])
+    assert scores["judge/length_judge"] == pytest.approx(sum(lengths) / len(lengths))
+    reference_lengths = [row["judge/length_judge"] for row in evaluator.samples if row["role"] == "reference"]
+    assert scores["judge/length_judge_win_rate"] == win_rate(lengths, reference_lengths)
+
+    summary = trainer.train()
+    assert summary["guided_reference"] == scores  # the same draw at the end of the run
+    kept = [json.loads(line) for line in gzip.open(tmp_path / "run" / "eval_completions.jsonl.gz", "rt")]
+    assert [r["completion"] for r in kept if r["role"] == "guided_reference"] == [
+        task.completion_text(r) for r in responses
+    ]

@@ -111,6 +111,9 @@ class GuidedSamples(TrajectoryEstimator):
         }
         return {"distill_ids": response, "distill_mask": response_mask, "distill_info": info}
 
+    def guide(self):
+        return self.options.guide
+
     def report(self):
         if not self.ceiling:
             return {}

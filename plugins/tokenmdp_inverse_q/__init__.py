@@ -91,6 +91,9 @@ class ConditionalOptimal(TrajectoryEstimator):
         phi = ctx.reference if self.options.phi == "reference" else ctx.policy
         return ctx.evaluator.evaluate(phi, prefix_ids=self.prefix)
 
+    def guide(self):
+        return self.options.guide if self.options.source == "guide" else None
+
     def report(self):
         if not self.ceiling:
             return {}

@@ -78,6 +78,14 @@ class Component:
         """Extra keys for ``summary.json`` (e.g. the ceiling of a target policy)."""
         return {}
 
+    def guide(self) -> str | tuple[int, ...] | None:
+        """The guide ``c`` this component conditions the reference on (its ``[estimator]
+        guide`` as text or token ids), or None. On a text env the trainer scores the guided
+        reference ``pi_ref(.|c + x)`` on the held-out prompts once, at the end, as
+        ``guided_reference`` in ``summary.json``: the row every guide method is read against
+        (what distilling the guide can reach at best)."""
+        return None
+
     def state_dict(self) -> dict:
         """Extra state to checkpoint (optimiser, KL controller, ...)."""
         return {}

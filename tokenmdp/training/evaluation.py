@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..devices import module_device
 from ..mdp.solver import Solution, solve, tree_logprobs
-from ..plugin.batch import RolloutBatch
+from ..plugin.batch import GuidedPrompts, RolloutBatch, prompts_with_prefix
 from ..plugin.ops import masked_correlation
 from ..plugin.sampling import SamplingParams
 from ..policies.base import TokenPolicy
@@ -50,6 +50,11 @@ class ExactEvaluator:
             "credit_corr": masked_correlation(credit.detach().cpu(), true, mask),
             "credit_corr_advantages": masked_correlation(advantages["advantages"].detach().cpu(), true, mask),
         }
+
+
+#: The roles of the held-out responses a text run keeps (``eval_completions.jsonl.gz``), in
+#: file order: the reference's, the trained policy's, the guided reference's.
+ROLES = ("reference", "policy", "guided_reference")
 
 
 def _standard_error(values: list[float]) -> float:
@@ -135,44 +140,51 @@ class SampledEvaluator:
         return self._start
 
     @torch.no_grad()
-    def sample(self, policy: TokenPolicy) -> RolloutBatch:
+    def sample(self, policy: TokenPolicy, prefix_ids: Tensor | GuidedPrompts | None = None) -> RolloutBatch:
+        """The held-out draw's responses from ``policy``; with ``prefix_ids``, from ``policy``
+        conditioned on that guide (:func:`prompts_with_prefix`). The batch holds the plain
+        prompts either way: what the responses are scored and judged as answers to."""
         from .rollout import generate_samples, sampling_generator
 
         task = self.task
         generator = torch.Generator().manual_seed(self.seed)
         index = torch.multinomial(task.prompt_probs, self.num_samples, replacement=True, generator=generator)
-        prompt_ids, prompt_mask = task.prompts[index], task.prompt_mask[index]
-        device = module_device(policy)
-        if device.type != "cpu":  # the same stream for every policy scored on this device
-            generator = sampling_generator(self.seed, device)
-        sample = self.backend.sample if self.backend is not None else generate_samples
-        drawn = sample(policy, prompt_ids, prompt_mask, task.horizon, task.eos_token, generator, self.params)
-        response, mask = drawn.response, drawn.mask
         batch = RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=response,
-            response_mask=mask,
-            rewards=torch.zeros_like(mask),
+            prompt_ids=task.prompts[index],
+            prompt_mask=task.prompt_mask[index],
+            response_ids=torch.zeros(0),
+            response_mask=torch.zeros(0),
+            rewards=torch.zeros(0),
             prompt_index=index,
             rewards_observed=False,
             prefix_offset=task.prefix_offset,
         )
+        ids, ids_mask = (
+            (batch.prompt_ids, batch.prompt_mask) if prefix_ids is None else prompts_with_prefix(batch, prefix_ids)
+        )
+        device = module_device(policy)
+        if device.type != "cpu":  # the same stream for every policy scored on this device
+            generator = sampling_generator(self.seed, device)
+        sample = self.backend.sample if self.backend is not None else generate_samples
+        drawn = sample(policy, ids, ids_mask, task.horizon, task.eos_token, generator, self.params)
+        batch.response_ids, batch.response_mask = drawn.response, drawn.mask
+        batch.rewards = torch.zeros_like(drawn.mask)
         return batch.to(device)
 
     @torch.no_grad()
-    def evaluate(self, policy: TokenPolicy, prefix_ids: Tensor | None = None) -> dict[str, float]:
+    def evaluate(self, policy: TokenPolicy, prefix_ids: Tensor | GuidedPrompts | None = None) -> dict[str, float]:
+        """The scores of ``policy`` (with ``prefix_ids``: of ``policy`` conditioned on that
+        guide, its ``kl_ref`` that of ``pi(.|c + x)`` to ``pi_ref(.|x)``)."""
         from ..plugin.batch import token_logprobs
 
-        if prefix_ids is not None:
-            raise NotImplementedError("SampledEvaluator scores unconditioned policies only")
         judged = getattr(self.task, "judges", None) is not None
-        if judged and self._reference_judged is None and policy is not self.reference:
+        if judged and self._reference_judged is None and (policy is not self.reference or prefix_ids is not None):
             self.start  # noqa: B018 (the reference's own judgements: each win rate's other side)
-        batch = self.sample(policy)
+        batch = self.sample(policy, prefix_ids)
         mask = batch.response_mask
         chunk = self.logit_chunk
-        own, ref = token_logprobs(policy, batch, chunk=chunk), token_logprobs(self.reference, batch, chunk=chunk)
+        own = token_logprobs(policy, batch, prefix_ids=prefix_ids, chunk=chunk)
+        ref = token_logprobs(self.reference, batch, chunk=chunk)
         kl = ((own - ref) * mask).sum(1)
         scores = {
             "kl_ref": float(kl.mean()),
@@ -188,7 +200,7 @@ class SampledEvaluator:
         responses = [row[: int(n)] for row, n in zip(batch.response_ids.tolist(), mask.sum(1).tolist())]
         if judged:
             judgements = self.task.judge_responses(batch.prompt_index.tolist(), responses)
-            if policy is self.reference:
+            if policy is self.reference and prefix_ids is None:
                 self._reference_judged = judgements
             for name, values in judgements.items():
                 scores[f"judge/{name}"] = sum(values) / len(values)
@@ -196,15 +208,17 @@ class SampledEvaluator:
                 scores[f"judge/{name}_win_rate"] = win_rate(values, self._reference_judged[name])
         if getattr(self.task, "tokenizer", None) is not None:  # text: keep the responses to judge again
             role = "reference" if policy is self.reference else "policy"
+            role = role if prefix_ids is None else f"guided_{role}"
             self._samples[role] = self._rows(role, batch.prompt_index.tolist(), responses, reward, judgements)
         return scores
 
     @property
     def samples(self) -> list[dict]:
-        """The held-out responses of the reference's evaluation and of the latest one of a
-        policy, as text with their scores and the sampling settings: what a judge needs to
-        score them again without training (``eval_completions.jsonl.gz``)."""
-        return [row for role in ("reference", "policy") for row in self._samples.get(role, [])]
+        """The held-out responses of the reference's evaluation, of the latest one of a
+        policy and of the guided reference's (when scored), as text with their scores and the
+        sampling settings: what a judge needs to score them again without training
+        (``eval_completions.jsonl.gz``)."""
+        return [row for role in ROLES for row in self._samples.get(role, [])]
 
     def _rows(self, role: str, index: list[int], responses: list[list[int]], reward, judgements) -> list[dict]:
         p = self.params

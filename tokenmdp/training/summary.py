@@ -26,12 +26,14 @@ def run_summary(
     stopped_at: int | None = None,
     recent_credit: list[float] = (),
     warnings: list[str] = (),
+    guided_reference: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The summary of a run of ``composition`` on ``task``: ``start`` and ``final``, the
     reference's and the trained policy's scores; for a toy task (exact), ``j_star``, the step
     the run reached its target at (``stopped_at``, None if it did not stop early) and its
     last steps' ``credit_corr`` values (``recent_credit``); for a text task, the health
-    watch's ``warnings``."""
+    watch's ``warnings`` and, for a guide method, the guided reference's scores
+    (``guided_reference``: :meth:`Component.guide`)."""
     reports = {k: v for c in composition.components for k, v in c.report().items()}
     common = {
         **composition.describe(),
@@ -51,6 +53,7 @@ def run_summary(
                 else "the training prompts (env.eval_prompts unset)"
             ),
             "start": dict(start),
+            **({"guided_reference": dict(guided_reference)} if guided_reference is not None else {}),
             **final,
             **reports,
             # a collapse or a run-away policy (training/health.py); empty for a healthy run

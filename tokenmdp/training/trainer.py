@@ -335,6 +335,7 @@ class Trainer:
                         stopped_at=end.stopped_at,
                         recent_credit=end.recent_credit,
                         warnings=log.warnings,
+                        guided_reference=self._guided_reference(),
                     )
                     score = cfg.train.score_credit
                     if not self.task.exact and not isinstance(score, bool):
@@ -391,6 +392,14 @@ class Trainer:
                     signum=signum,
                 )
         return LoopEnd(env_tokens, None, recent_credit)
+
+    def _guided_reference(self) -> dict[str, float] | None:
+        """A text run's guided reference ``pi_ref(.|c + x)`` on the held-out prompts, for the
+        first text guide of its components (:meth:`Component.guide`); None without one."""
+        guide = next((g for c in self.composition.components if isinstance(g := c.guide(), str)), None)
+        if self.task.exact or guide is None:
+            return None
+        return self.evaluator.evaluate(self.reference, prefix_ids=self.task.eval_task.encode_guide(guide))
 
     def _evaluate(self, step: int) -> dict[str, float]:
         """Score the policy, once per step: the summary reuses the last step's scores (the

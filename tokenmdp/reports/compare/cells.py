@@ -121,6 +121,10 @@ def text_record(cell: Cell, registry: Registry, summary: dict, rows: list[dict])
         **{key: value for key, value in summary.items() if key in TEXT_KEYS or key.startswith("judge/")},
         "data_tokens": sum(rows[-1].get(m, 0) for m in counters),
         "eval_rows": rows,
+        # the baselines' rows (output.baseline_rows): the reference's own held-out scores and,
+        # for a guide method, the guided reference's
+        "start": summary["start"],
+        "guided_reference": summary.get("guided_reference"),
         "frontier": None,
         "cell": cell.dir.name,
         "eval_completions": str(cell.dir / EVAL_COMPLETIONS),

@@ -140,6 +140,34 @@ def summarise(records: list[dict], columns=COLUMNS) -> list[dict[str, Any]]:
     return rows
 
 
+#: A text grid's baseline rows: (label, the record's key holding its scores, supervision).
+BASELINES = (("reference", "start", "-"), ("guided reference", "guided_reference", "none"))
+#: What a baseline consumed: it is scored, never trained.
+_UNTRAINED = {"env_tokens": 0, "data_tokens": 0}
+
+
+def _one_per_seed(records: list[dict], env: str, key: str) -> list[dict]:
+    """One record of ``env`` per seed among those holding ``key`` (a baseline's scores):
+    every cell of a seed shares the reference and its held-out draw, so each seed counts once."""
+    return list({r["seed"]: r for r in records if r["env"] == env and r.get(key)}.values())
+
+
+def baseline_rows(records: list[dict], columns) -> list[dict[str, Any]]:
+    """A text grid's rows for the reference and the guided reference (``pi_ref(.|c + x)``, from
+    the cells of guide methods), per env: their held-out scores, median [min, max] across seeds."""
+    rows = []
+    for label, key, supervision in BASELINES:
+        for env in dict.fromkeys(r["env"] for r in records):
+            scored = [r[key] for r in _one_per_seed(records, env, key)]
+            if not scored:
+                continue
+            row = {"recipe": label, "env": env, "supervision": supervision, "seeds": len(scored)}
+            for k, _ in [*columns, ("frontier_excess", "")]:
+                row[k] = _spread([scores.get(k, _UNTRAINED.get(k)) for scores in scored])
+            rows.append(row)
+    return rows
+
+
 def _table(rows: list[dict], columns=COLUMNS) -> tuple[list[str], list[list[str]]]:
     """The results table's header and cells (median [min, max] across seeds)."""
     header = ["recipe", "env", "supervision", *(title for _, title in columns)]
@@ -191,6 +219,8 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
     columns = text_columns(records) if all(text) else COLUMNS
     shown = columns if all(text) else exact_columns(records)  # the CSV keeps every column
     rows = summarise(records, columns)
+    if all(text):
+        rows = baseline_rows(records, columns) + rows
     table = markdown_table(rows, shown)
     envs = list(dict.fromkeys(r["env"] for r in records))
     recipes = list(dict.fromkeys(r["recipe"] for r in records))
@@ -213,7 +243,11 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
         write_completions(records, out / COMPLETIONS)
         score = next((k for k, _ in columns if k.startswith("judge/") and not k.endswith("_win_rate")), "true_reward")
         plots.score_vs_tokens(per_seed("env_tokens", score), score, out / "judge_vs_tokens.png")
-        plots.reward_kl_frontier(per_seed("kl_ref", score), {}, out / "judge_vs_kl.png", ylabel=score)
+        points = per_seed("kl_ref", score)
+        for label, key, _ in BASELINES:  # a point per seed
+            for e in envs:
+                points[e][label] = [([r[key]["kl_ref"]], [r[key][score]]) for r in _one_per_seed(records, e, key)]
+        plots.reward_kl_frontier(points, {}, out / "judge_vs_kl.png", ylabel=score)
     else:
         curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
         frontiers = {}
