@@ -7,7 +7,8 @@ with all of them off (the step as it was before them), interleaved over rounds
     python bench/step_means.py --threads 2 --model gemma   # Gemma-3 270M + LoRA r = 16
 
 ``--only TEXT`` (repeatable) keeps "all on" and the variants whose name holds TEXT, e.g.
-``--only chunked`` for the chunked output layer alone.
+``--only chunked`` for the chunked output layer alone. The means that are not config keys
+(:data:`SWITCHES`) are switched off by patching the code they live in.
 
 Every response runs to the horizon (``env.stop_at_eos = false``), so that every variant
 does the same work. Prints each variant's median step time and its ratio to the all-on step (> 1: that means
@@ -18,6 +19,7 @@ sum per trained tensor, batched).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -37,6 +39,36 @@ MEANS = {
     "no reference forward when unread": "train.log_kl=true",
     "log-probs from the sampling pass": "train.logprobs_from=rescore",
     "the chunked output layer": "train.logit_chunk=0",
+}
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+def _linear_for_few_rows():
+    from tokenmdp.policies.hf import OutputLayer
+
+    return _patched(OutputLayer, "FEW_ROWS", range(0))
+
+
+def _logits_with_hidden_states():
+    from tokenmdp.policies import hf
+
+    return _patched(hf, "_none_kept", lambda input_ids: 1)
+
+
+#: Means that are not config keys (they have no reason to be switched off), undone for the
+#: bench by patching the code they live in.
+SWITCHES = {
+    "the decoding output layer as W @ x^T": _linear_for_few_rows,
+    "no logits in hidden-state forwards": _logits_with_hidden_states,
 }
 
 
@@ -68,7 +100,12 @@ def main() -> int:
     args = bench_arguments(__doc__.splitlines()[0], rounds=6)
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.model]
-    variants = {"all on": (), **{f"without {k}": (v,) for k, v in MEANS.items()}, "all off": tuple(MEANS.values())}
+    variants = {
+        "all on": (),
+        **{f"without {k}": (v,) for k, v in MEANS.items()},
+        **{f"without {k}": (v,) for k, v in SWITCHES.items()},
+        "all off": (*MEANS.values(), *SWITCHES.values()),
+    }
     if args.only:  # "all on" and the named means only (substrings of their names)
         variants = {k: v for k, v in variants.items() if k == "all on" or any(o in k for o in args.only)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), model {args.model}")
@@ -82,14 +119,17 @@ def main() -> int:
         for r in range(args.rounds):
             names = list(variants)
             for name in names[r % len(names) :] + names[: r % len(names)]:  # each round starts elsewhere
-                extra = variants[name]
+                extra = [v for v in variants[name] if isinstance(v, str)]
                 run = tmp / f"{r}-{len(times[name])}"
                 # every response runs to the horizon: the sampler changes the draws, and with
                 # them where responses would stop, so EOS would make the work differ
                 same_work = ("env.stop_at_eos=false", *extra)
-                times[name] += tokenmdp_step_times(model_dir, files["prompts"], shape, total, run, same_work)[
-                    args.warmup :
-                ]
+                with contextlib.ExitStack() as stack:
+                    for switch in variants[name]:
+                        if not isinstance(switch, str):
+                            stack.enter_context(switch())
+                    step_times = tokenmdp_step_times(model_dir, files["prompts"], shape, total, run, same_work)
+                times[name] += step_times[args.warmup :]
             print(f"round {r + 1} done", flush=True)
         base = statistics.median(times["all on"])
         print("| variant | median s/step | vs all on |\n|---|---|---|")

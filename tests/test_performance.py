@@ -15,7 +15,7 @@ from tokenmdp import NonFiniteError, devices
 from tokenmdp.plugin.batch import NotScored, RolloutBatch
 from tokenmdp.plugin.ops import check_finite
 from tokenmdp.policies import fast_gpt2
-from tokenmdp.policies.hf import HFCausalLMPolicy
+from tokenmdp.policies.hf import HFCausalLMPolicy, OutputLayer
 from tokenmdp.training.rollout import _draw, generate
 
 GPT2 = {"model_type": "gpt2", "vocab_size": 96, "n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 128}
@@ -365,3 +365,58 @@ def test_a_groups_shared_prompt_is_read_once_and_decodes_as_if_read_per_row():
     # which could move a draw only if a uniform fell within ~1e-7 of a bucket edge (seeded)
     assert torch.equal(r1, r2) and torch.equal(m1, m2)  # the same draws
     assert (lp1 - lp2).abs().max() < 1e-5
+
+
+# --- the output layer: few rows as W @ x^T, and no logits where only hidden states are read ---
+
+
+def test_few_rows_against_a_large_output_layer_give_linear_s_logits(monkeypatch):
+    """``OutputLayer`` multiplies 2-32 rows without gradient against a weight of 2^24 or more
+    entries as ``W @ x^T`` (measured twice as fast on Gemma-3's layer while decoding); the
+    logits are ``linear``'s to float32 rounding, and everything else still goes through
+    ``linear``."""
+    g = torch.Generator().manual_seed(0)
+    layer = OutputLayer(4096, 4096)  # 2^24 weights: the least the W @ x^T path takes
+    torch.nn.init.normal_(layer.weight, generator=g)
+    torch.nn.init.normal_(layer.bias, generator=g)
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[0].shape) or linear(*a))
+    for shape in [(8, 4096), (8, 1, 4096), (2, 4096), (32, 4096)]:
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            got = layer(x)
+        want = linear(x, layer.weight, layer.bias)
+        assert got.shape == want.shape and got.is_contiguous()
+        # a 4096-term float32 dot product of N(0, 1) terms (|sum| ~ 64): rounding ~ 1e-4
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-4)
+    assert calls == []  # every one of them by W @ x^T
+    for shape, grad in [((1, 4096), False), ((33, 4096), False), ((8, 4096), True)]:
+        x = torch.randn(*shape, generator=g)
+        with torch.set_grad_enabled(grad):
+            layer(x.requires_grad_(grad))
+    assert calls == [(1, 4096), (33, 4096), (8, 4096)]  # one row, many rows, a gradient: linear
+
+
+def test_a_policy_s_output_layer_is_an_output_layer_and_the_hidden_states_need_no_logits():
+    """An HF policy's ``nn.Linear`` output layer becomes an :class:`OutputLayer` (the same
+    module: tied to the embeddings, the same state-dict names); the hidden-state forwards
+    (the chunked training forward, a critic's input) run it on no position, and their
+    hidden states are the library's."""
+    policy = tiny_gpt2()
+    policy.fast_path = False  # transformers' forward, as every HF model but a plain GPT-2 runs
+    head = policy.model.get_output_embeddings()
+    assert type(head) is OutputLayer and head.weight is policy.model.get_input_embeddings().weight
+    assert "lm_head.weight" in dict(policy.model.named_parameters(remove_duplicate=False))
+    rows_seen = []
+    head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[:-1].numel()))
+    ids, mask = padded_prompts()
+    with torch.no_grad():
+        hidden, _ = policy.response_hidden(ids, mask, keep=3)
+        states = policy.hidden_states(ids, mask)
+        library = policy.model(
+            input_ids=ids, attention_mask=mask, position_ids=policy._positions(mask), output_hidden_states=True
+        ).hidden_states[-1]
+    assert rows_seen[:2] == [0, 0]  # the two hidden-state forwards computed no logits
+    torch.testing.assert_close(states, library, rtol=0, atol=0)
+    torch.testing.assert_close(hidden, library[:, -3:], rtol=0, atol=0)

@@ -57,7 +57,9 @@ class HFCausalLMPolicy(TokenPolicy):
         # transformers >= 5 renamed ``past_key_values`` to ``cache``; accept both.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if output_layer is not None:
+        if type(output_layer) is torch.nn.Linear:
+            output_layer.__class__ = OutputLayer  # the same module (tied weights, names), another forward
+        elif output_layer is not None:
             output_layer.register_forward_pre_hook(_contiguous_input)
         self.lora = dict(lora) if lora else None
         if self.lora:
@@ -207,7 +209,7 @@ class HFCausalLMPolicy(TokenPolicy):
         if decoder is not None:
             with self.autocast():
                 return decoder.forward(input_ids, attention_mask, keep, hidden=True), self.output_logits
-        out = self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1)
+        out = self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=_none_kept(input_ids))
         return out.hidden_states[-1][:, -keep:], self.output_logits
 
     def output_logits(self, hidden):
@@ -226,7 +228,7 @@ class HFCausalLMPolicy(TokenPolicy):
         no gradient (a LoRA policy's, which peft leaves alone) and is a plain linear layer
         with nothing after it (no soft cap, not sharded); else None."""
         head = self.model.get_output_embeddings()
-        plain = type(head) is torch.nn.Linear and type(head.weight.data) is torch.Tensor
+        plain = type(head) in (torch.nn.Linear, OutputLayer) and type(head.weight.data) is torch.Tensor
         if not plain or head.weight.requires_grad or getattr(self.model.config, "final_logit_softcapping", None):
             return None
         if head.bias is not None and head.bias.requires_grad:
@@ -236,7 +238,9 @@ class HFCausalLMPolicy(TokenPolicy):
     def hidden_states(self, input_ids, attention_mask=None):
         """``[B, L, width]``: the last layer's hidden state at every position (a critic's
         input); the output layer is skipped."""
-        return self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        return self._full(
+            input_ids, attention_mask, output_hidden_states=True, logits_to_keep=_none_kept(input_ids)
+        ).hidden_states[-1]
 
     def enable_gradient_checkpointing(self) -> None:
         """Checkpoint every transformer block in training forwards (``train.gradient_checkpointing``):
@@ -371,6 +375,40 @@ class AdapterDisabledReference(TokenPolicy):
     def advance(self, state, tokens):
         with self.policy.adapter_disabled():
             return self.policy.advance(state, tokens)
+
+
+class OutputLayer(torch.nn.Linear):
+    """An HF model's ``nn.Linear`` output layer with two ways of multiplying that give the
+    same logits (to float32 rounding), chosen by shape:
+
+    * its input made contiguous first (:func:`_contiguous_input`);
+    * a few rows without gradient against a large weight (decoding: one row per sequence)
+      as ``W @ x^T``: torch's ``linear`` (``x @ W^T``) reads Gemma-3's 262,144 x 640 weight
+      at about half the speed there (8 rows, 2 threads: 107 ms against 48 ms;
+      docs/performance.md, section 9). Elsewhere (training, many rows, small models) it is
+      ``linear`` as before."""
+
+    #: The rows (and least weight elements) where ``W @ x^T`` was measured faster.
+    FEW_ROWS = range(2, 33)
+    LARGE = 1 << 24
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.contiguous()
+        rows = x.numel() // x.shape[-1]
+        few = rows in self.FEW_ROWS and self.weight.numel() >= self.LARGE and x.device.type == "cpu"
+        if few and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            out = (self.weight @ x.reshape(rows, -1).t()).t().contiguous()
+            out = out if self.bias is None else out + self.bias
+            return out.view(*x.shape[:-1], -1)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _none_kept(input_ids: Tensor) -> Tensor:
+    """``logits_to_keep`` for a forward that wants the hidden states only: no position (an
+    empty index), so the model's output layer runs on nothing. ``logits_to_keep = 1`` ran it
+    on the last position of every row: 121 ms of Gemma-3's 262k-row layer per 8-row
+    training forward, never read (docs/performance.md, section 9)."""
+    return torch.empty(0, dtype=torch.long, device=input_ids.device)
 
 
 def _contiguous_input(module, args):

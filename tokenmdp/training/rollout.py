@@ -62,7 +62,7 @@ def _draw(probs: Tensor, generator: torch.Generator, sampler: str = "multinomial
     probability 0 is never drawn by either."""
     device = generator.device
     if sampler == "inverse-cdf":
-        cdf = probs.to(device, torch.float64).cumsum(-1)
+        cdf = torch.cumsum(probs.to(device), -1, dtype=torch.float64)  # no float64 copy of probs first
         u = torch.rand(cdf.shape[0], 1, generator=generator, device=device, dtype=torch.float64) * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u, right=True).squeeze(1)
         # u rounds up to the total only with probability ~2^-53; the likeliest token then

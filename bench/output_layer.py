@@ -1,0 +1,94 @@
+"""The output layer's two means of docs/performance.md section 9, each on its own, on
+Gemma-3 270M + LoRA r = 16 (the shape of bench/vs_trl.py --model gemma: 1 prompt x 8
+completions x 16 tokens), interleaved in one process, as per-round ratios:
+
+* sampling (tokenmdp's ``generate``, the step's settings) with the decoding output layer
+  as ``W @ x^T`` (:class:`tokenmdp.policies.hf.OutputLayer`) against ``linear``;
+* the update's forward + backward (GRPO's chunked log-probs and entropy of the sampled
+  responses) with the hidden-state forward running no output layer against its old
+  ``logits_to_keep = 1``.
+
+    python bench/output_layer.py --threads 2 [--rounds 5]
+
+Prints each round's seconds and ratio (old / new: > 1 means the new way is faster) and
+the median of the ratios, with bench/vs_trl.py's warning when rounds disagree by > 30%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from step_means import _linear_for_few_rows, _logits_with_hidden_states  # noqa: E402
+from vs_trl import spread_warning  # noqa: E402
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not (args.gemma_dir / "config.json").is_file():
+        print(f"no model in {args.gemma_dir}: tokenmdp models fetch-gemma {args.gemma_dir}")
+        return 2
+    from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
+    from tokenmdp.plugin.chunked import auto_chunk
+    from tokenmdp.policies.hf import HFCausalLMPolicy
+    from tokenmdp.training.rollout import generate
+
+    policy = HFCausalLMPolicy.from_pretrained(args.gemma_dir, lora={"r": 16, "alpha": 32})
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1000, 50000, (1, 20), generator=g).repeat(8, 1)  # 1 prompt x 8 completions
+    mask = torch.ones_like(prompt)
+
+    def sample():
+        generator = torch.Generator().manual_seed(1)
+        return generate(policy, prompt, 16, None, generator, sampler="inverse-cdf", prompt_groups=8)
+
+    response, response_mask = sample()
+    index = torch.zeros(8, dtype=torch.long)
+    batch = RolloutBatch(prompt, mask, response, response_mask.float(), torch.zeros(8, 16), index)
+    chunk = auto_chunk(policy.vocab_size)
+
+    def update():
+        policy.train()
+        logp, entropy = token_logprobs(policy, batch, return_entropy=True, chunk=chunk, entropy_grad=False)
+        (-(logp * batch.response_mask).sum() / batch.response_mask.sum()).backward()
+        policy.zero_grad(set_to_none=True)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); Gemma-3 270M + LoRA r = 16, 8 x 16 tokens")
+    for name, work, old_way in (
+        ("sampling: the decoding output layer as W @ x^T", sample, _linear_for_few_rows),
+        ("update: no logits in the hidden-state forward", update, _logits_with_hidden_states),
+    ):
+        work()  # warm-up
+        ratios = []
+        for r in range(args.rounds):
+            new = timed(work)
+            with old_way():
+                old = timed(work)
+            ratios.append(old / new)
+            print(f"  {name}, round {r + 1}: old {old:.3f} s, new {new:.3f} s, ratio {old / new:.2f}", flush=True)
+        print(f"{name}: median ratio {statistics.median(ratios):.2f}; {spread_warning(ratios)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
