@@ -1,6 +1,7 @@
 """The training loop end to end: files, reproducibility, reward-free runs, faults, resume."""
 
 import json
+import time
 import types
 
 import attrs
@@ -326,3 +327,41 @@ def test_a_step_returns_its_tokens_and_its_completions_beside_its_metrics(tiny_c
     assert result.tokens == 16 * 3 and isinstance(result.tokens, int)
     assert "rollout/tokens" not in result.metrics and result.metrics["rollout/response_length"] == 3
     assert len(result.completions) == 8 and trainer.ctx.step == 1
+
+
+def slow_steps(trainer, seconds: float):
+    """Each of ``trainer``'s steps takes at least ``seconds`` longer."""
+    original = trainer.train_step
+
+    def step(n):
+        time.sleep(seconds)
+        return original(n)
+
+    trainer.train_step = step
+    return trainer
+
+
+def test_wall_seconds_count_every_piece_of_a_resumed_run(tiny_config, tmp_path):
+    """summary.json's wall_seconds covers the steps of every piece (each piece's time up to
+    its last checkpoint); a resume from a checkpoint that kept no count says where the count
+    starts (``wall_from_step``)."""
+    from tokenmdp.training.rundir import RunDir
+
+    part = tiny_config("train.steps=6", "run.checkpoint_every=3", run_dir=tmp_path / "part")
+    trainer = slow_steps(Trainer(part), 0.2)
+    train_until_interrupted(trainer, at_step=4)  # steps 1-3 and their checkpoint: >= 0.6 s
+    state = RunDir(tmp_path / "part").load_latest_checkpoint()
+    assert state["step"] == 3 and state["wall_seconds"] >= 0.6 and state["wall_from_step"] == 0
+    summary = slow_steps(Trainer.from_run_dir(tmp_path / "part"), 0.2).train()  # steps 4-6: >= 0.6 s
+    assert summary["wall_seconds"] >= state["wall_seconds"] + 0.6 and "wall_from_step" not in summary
+
+    old = tiny_config("train.steps=6", "run.checkpoint_every=3", run_dir=tmp_path / "old")
+    train_until_interrupted(Trainer(old), at_step=4)
+    run = RunDir(tmp_path / "old")
+    state = run.load_latest_checkpoint()
+    del state["wall_seconds"], state["wall_from_step"]  # as a checkpoint of an older tokenmdp
+    for path in run.checkpoints.iterdir():
+        path.unlink()
+    run.save_checkpoint(3, state, keep=2)
+    summary = Trainer.from_run_dir(tmp_path / "old").train()
+    assert summary["wall_from_step"] == 3  # the count covers steps 4-6 only, and says so

@@ -122,6 +122,9 @@ class Trainer:
         self.policy = self.reference = self.evaluator = self.ctx = None
         self.sft_losses: list[float] = []
         self._last_eval: tuple[int, dict[str, float]] | None = None
+        #: The run's wall clock across resumes: (this piece's start, seconds of the earlier
+        #: pieces, the step the count starts at: 0, or where a checkpoint without a count resumed)
+        self._clock: tuple[float, float, int] = (time.perf_counter(), 0.0, 0)
 
     def _make_env(self, config: Config) -> None:
         """The training env and its task, and how the run samples from it."""
@@ -309,7 +312,7 @@ class Trainer:
         start_step, env_tokens = self._prepare_run_dir(staged)
         run = Run(dir=self.run_dir, config=cfg, composition=self.composition, start_step=start_step)
         log = RunLog(self.rundir, self.pm, run)
-        started = time.perf_counter()
+        self._clock = (time.perf_counter(), *self._clock[1:])
         recent_credit: list[float] = []
         summary, outcome, ended = None, "failed", False
         try:
@@ -330,13 +333,15 @@ class Trainer:
                         start=self.evaluator.start,
                         final=final,
                         env_tokens=end.env_tokens,
-                        wall_seconds=time.perf_counter() - started,
+                        wall_seconds=self._wall_seconds(),
                         j_star=self.evaluator.solution.j_star if self.task.exact else None,
                         stopped_at=end.stopped_at,
                         recent_credit=end.recent_credit,
                         warnings=log.warnings,
                         guided_reference=self._guided_reference(),
                     )
+                    if self._clock[2]:  # the earlier pieces' time is unknown (resumed from an older checkpoint)
+                        summary["wall_from_step"] = self._clock[2]
                     score = cfg.train.score_credit
                     if not self.task.exact and not isinstance(score, bool):
                         # the run's own credit against a Monte-Carlo ground truth (no A* on text)
@@ -530,6 +535,8 @@ class Trainer:
             self.policy.load_checkpoint_state(state["policy"])
             for component in self.composition.components:
                 component.load_state_dict(state["components"].get(component.kind, {}))
+            # a checkpoint written before the clock was kept resumes the count at its step
+            self._clock = (self._clock[0], state.get("wall_seconds", 0.0), state.get("wall_from_step", state["step"]))
             return state["step"], state["env_tokens"]
         reference = self.reference_state()  # gathered on every rank when sharded
         with distributed.agreement("preparing the run directory"):
@@ -547,6 +554,13 @@ class Trainer:
         folder = Path(distributed.broadcast_object(str(folder)))
         sharding.write_shards(tensors, folder)
         return folder
+
+    def _wall_seconds(self) -> float:
+        """Seconds of training so far over every piece of the run (from step
+        ``self._clock[2]``): the earlier pieces' time up to their last checkpoint, and this
+        piece's. Time after a piece's last checkpoint is lost with the steps it redoes."""
+        started, before, _ = self._clock
+        return before + time.perf_counter() - started
 
     def _checkpoint_state(self) -> dict:
         """The policy's and the components' states, as a checkpoint holds them."""
@@ -570,6 +584,7 @@ class Trainer:
             shards = self._write_shards(step, tensors)
         with distributed.agreement(f"the checkpoint at step {step}"):
             if distributed.is_main():
-                state = {"step": step, "env_tokens": env_tokens, **(state or self._checkpoint_state())}
+                clock = {"wall_seconds": self._wall_seconds(), "wall_from_step": self._clock[2]}
+                state = {"step": step, "env_tokens": env_tokens, **clock, **(state or self._checkpoint_state())}
                 self.rundir.save_checkpoint(step, state, self.config.run.keep_checkpoints, shards=shards)
         return self.rundir.checkpoint_path(step)
