@@ -189,3 +189,19 @@ def test_a_grid_over_two_models_is_refused_before_training(text_files, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train different models or tokenizers" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_trained_cell_exports_as_a_transformers_folder(text_grid, tmp_path):
+    """`tokenmdp export` takes any cell of a text grid (seed 0 of each method here): a
+    folder transformers loads, without a pickle."""
+    from transformers import AutoModelForCausalLM
+
+    out, _ = text_grid
+    for recipe in RECIPES:
+        folder = tmp_path / recipe
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main(["export", str(out / "cells" / f"{recipe}__Text__seed0"), str(folder)]) == 0
+        names = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors"} <= names, recipe
+        assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+        AutoModelForCausalLM.from_pretrained(folder)
