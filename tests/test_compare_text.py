@@ -35,7 +35,7 @@ def length_judge(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def write_text_grid(root, files, extra_set=(), out="out"):
+def write_text_grid(root, files, extra_set=(), out="out", methods=RECIPES):
     shared = [
         "env.id=tokenmdp/Text-v0",
         f"env.prompts={files / 'train.jsonl'}",
@@ -65,9 +65,9 @@ def write_text_grid(root, files, extra_set=(), out="out"):
     }
     path = root / "grid.toml"
     path.write_text(
-        f'[compare]\nrecipes = {json.dumps(RECIPES)}\nenvs = ["Text"]\nseeds = [0, 1, 2]\n'
+        f'[compare]\nrecipes = {json.dumps(list(methods))}\nenvs = ["Text"]\nseeds = [0, 1, 2]\n'
         f'out = "{root / out}"\nset = {json.dumps(shared)}\n'
-        + "".join(f"[recipes.{name}]\nset = {json.dumps(keys)}\n" for name, keys in recipes.items())
+        + "".join(f"[recipes.{name}]\nset = {json.dumps(keys)}\n" for name, keys in recipes.items() if name in methods)
     )
     return path
 
@@ -205,3 +205,42 @@ def test_every_trained_cell_exports_as_a_transformers_folder(text_grid, tmp_path
         assert {"config.json", "model.safetensors"} <= names, recipe
         assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_report_tables_the_finished_cells_while_the_grid_holds_its_folder(text_files, tmp_path, capsys):  # noqa: F811
+    """`tokenmdp compare --report`: the finished cells' table, plots and page in
+    <out>/partial/, with each row's seeds, training nothing, while another compare holds
+    the folder's lock; nothing finished yet is one line."""
+    import fcntl
+    import shutil
+
+    from tokenmdp.reports.compare import LOCK
+
+    grid = write_text_grid(tmp_path, text_files, out="grid", methods=["grpo", "inverse-q", "dpo"])
+    out = tmp_path / "grid"
+    assert cli.main(["compare", str(grid), "--report"]) == 2
+    assert "no cell under" in capsys.readouterr().err and not (out / "partial").exists()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["compare", str(grid), "--jobs", "1"]) == 0
+    finished = ["grpo__Text__seed0", "grpo__Text__seed1", "inverse-q__Text__seed2", "dpo__Text__seed0"]
+    for cell in (out / "cells").iterdir():  # as if the grid had run these four only
+        if cell.name not in finished:
+            shutil.rmtree(cell)
+    (out / "results.md").unlink()
+    with open(out / LOCK, "w") as lock:  # a running grid holds the folder
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert cli.main(["compare", str(grid), "--report"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in (out / "cells").iterdir()) == sorted(finished)  # nothing trained
+    assert not (out / "results.md").exists()  # the grid's own results are not touched
+    partial = out / "partial"
+    assert {"results.md", "results.csv", "index.html", "judge_vs_tokens.png", "completions.jsonl.gz"} <= {
+        p.name for p in partial.iterdir()
+    }
+    assert "partial: 4 of 9 cells finished" in (partial / "results.md").read_text()
+    assert "partial: 4 of" in (partial / "index.html").read_text()
+    with open(partial / "results.csv") as fh:
+        seeds = {r["recipe"]: r["seeds"] for r in csv.DictReader(fh)}
+    # the guided reference comes from inverse-q's seed 2 only; the reference from seeds 0-2
+    assert seeds == {"reference": "3", "guided reference": "1", "inverse-q": "1", "grpo": "2", "dpo": "1"}
+    assert re.search(r"\| grpo +\| Text +\| reward +\| 2 +\|", printed)

@@ -135,12 +135,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .reports.compare import load_grid, run_grid
+    from .reports.compare import load_grid, report_grid, run_grid
 
     jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
     if jobs < 1 or args.threads < 1:
         raise TokenMDPError("compare: --jobs and --threads must be at least 1")
-    table, index = run_grid(load_grid(args.config, args.set, out=args.out), jobs=jobs, threads=args.threads)
+    grid = load_grid(args.config, args.set, out=args.out)
+    table, index = report_grid(grid) if args.report else run_grid(grid, jobs=jobs, threads=args.threads)
     print(table)
     print(f"index.html: {index}")
     return 0
@@ -225,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, metavar="N", help="cells run at once, in worker processes (default: this machine's cores)"
     )
     compare.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per worker (default 1)")
+    compare.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: the finished cells' table, plots and page in OUT/partial/ (also while the grid runs)",
+    )
     compare.set_defaults(fn=cmd_compare)
     explain = sub.add_parser(
         "explain", help="each estimator's token credit beside the true A* (toy) or a Monte-Carlo estimate (text)"

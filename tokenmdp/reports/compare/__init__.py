@@ -37,7 +37,7 @@ from .cells import (
 from .grid import MIN_SEEDS, Cell, CompareOptions, Grid, RecipeEntry, load_grid, plan_cells, short_env
 from .output import COLUMNS, PLOTS, markdown_table, summarise, write_csv, write_results
 from .references import check_cached_reference, reference_cache
-from .run import LOCK, run_grid
+from .run import LOCK, PARTIAL, report_grid, run_grid
 
 __all__ = [
     "COLUMNS",
@@ -45,6 +45,7 @@ __all__ = [
     "FRONTIER_TOLERANCE",
     "LOCK",
     "MIN_SEEDS",
+    "PARTIAL",
     "PLOTS",
     "TARGET_CLOSURE",
     "Cell",
@@ -60,6 +61,7 @@ __all__ = [
     "markdown_table",
     "plan_cells",
     "reference_cache",
+    "report_grid",
     "run_cell",
     "run_grid",
     "short_env",

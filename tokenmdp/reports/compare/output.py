@@ -183,7 +183,9 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
     return markdown(body, header)
 
 
-def _cell_text(spread: tuple, key: str) -> str:
+def _cell_text(spread: tuple | int, key: str) -> str:
+    if isinstance(spread, int):  # the seeds a row has (a partial report's column)
+        return str(spread)
     median, low, high = spread
     if median is None:
         return "-"
@@ -209,10 +211,13 @@ def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> None:
             )
 
 
-def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
+def write_results(grid: Grid, records: list[dict], out: Path | None = None, partial: str = "") -> tuple[str, Path]:
+    """The results folder (``out``, default the grid's) of ``records``; ``partial`` (e.g.
+    "partial: 7 of 27 cells finished") is said in the grid line of the table and the page."""
     from .. import plots
 
-    out = grid.out
+    out = grid.out if out is None else out
+    out.mkdir(parents=True, exist_ok=True)
     text = [r["frontier"] is None for r in records]
     if any(text) and not all(text):
         raise ConfigError("the grid mixes toy envs (exact scores) and text envs (sampled); compare them as two grids")
@@ -221,6 +226,8 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
     rows = summarise(records, columns)
     if all(text):
         rows = baseline_rows(records, columns) + rows
+    if partial:  # rows may have fewer seeds than the grid: the table says how many
+        shown = [("seeds", "seeds"), *shown]
     table = markdown_table(rows, shown)
     envs = list(dict.fromkeys(r["env"] for r in records))
     recipes = list(dict.fromkeys(r["recipe"] for r in records))
@@ -261,6 +268,8 @@ def write_results(grid: Grid, records: list[dict]) -> tuple[str, Path]:
         f"{len(recipes)} recipes x {len(envs)} envs x {len(grid.options.seeds)} seeds "
         f"({', '.join(map(str, grid.options.seeds))}); median [min, max] across seeds; written {when}"
     )
+    if partial:  # some cells are missing: each row's seeds column says how many it has
+        grid_line += f"; {partial}"
     (out / "results.md").write_text(f"# tokenmdp compare\n\n{grid_line}\n\n{table}\n")
     write_csv(rows, out / "results.csv", columns)
     index = out / "index.html"

@@ -1,5 +1,6 @@
 """``tokenmdp compare``'s entry point: every unfinished cell run (in this process or in
-workers) under the ``out`` folder's lock, then the results folder (re)written."""
+workers) under the ``out`` folder's lock, then the results folder (re)written; or, with
+``--report``, the finished cells' results alone (:func:`report_grid`)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,25 @@ def run_grid(grid: Grid, pm=None, progress: bool = True, jobs: int = 1, threads:
                     bar.update()
         records = [cell_record(cell, registry) for cell in cells]
         return write_results(grid, records)
+
+
+#: ``tokenmdp compare --report`` writes here, inside ``out``: never the grid's own results.
+PARTIAL = "partial"
+
+
+def report_grid(grid: Grid, pm=None) -> tuple[str, Path]:
+    """The results folder of the grid's finished cells so far, in ``<out>/partial/``,
+    training nothing (``tokenmdp compare --report``): a long grid's table while it runs.
+    It takes no lock (the running grid holds it) and writes nothing outside that folder;
+    each row counts the seeds it has. Cells finished with another config are refused as
+    when the grid runs."""
+    pm = pm if pm is not None else plugin_manager()
+    registry = Registry(pm)
+    registry.register_envs()
+    cells = plan_cells(grid, registry)
+    finished = [cell for cell in cells if cell.finished]
+    if not finished:
+        raise ConfigError(f"compare --report: no cell under {str(grid.out / 'cells')!r} has finished yet")
+    records = [cell_record(cell, registry) for cell in finished]
+    partial = f"partial: {len(finished)} of {len(cells)} cells finished"
+    return write_results(grid, records, out=grid.out / PARTIAL, partial=partial)
