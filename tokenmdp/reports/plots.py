@@ -84,10 +84,13 @@ def reward_kl_frontier(
     frontiers: Mapping[str, list[Series]],
     path: str | Path,
     ylabel: str = "E_pi[R]  (true_reward)",
+    symlog: bool = False,
 ) -> Path:
     """``points[env][recipe]`` = one (kl_ref, true_reward) trajectory per seed, the last point
     being the final policy; ``frontiers[env]`` = the exact (KL(pi*_b || pi_ref), E_pi*_b[R])
-    curves over a sweep of b, one per reference model. As in the DPO paper's sentiment plot."""
+    curves over a sweep of b, one per reference model. As in the DPO paper's sentiment plot.
+    ``symlog``: the KL axis linear up to 1 nat and logarithmic past it (text grids, whose
+    methods end anywhere from 1 to 50 nats)."""
     fig, axes = _panels(len(points))
     for ax, (env, by_recipe) in zip(axes, points.items()):
         widest = 0.0
@@ -111,6 +114,8 @@ def reward_kl_frontier(
                 alpha=0.6,
                 label="exact frontier (solver)" if k == 0 else None,
             )
-        ax.set(title=env, xlabel="KL(pi || pi_ref)", ylabel=ylabel)
+        ax.set(title=env, xlabel="KL(pi || pi_ref)" + (", nats (symlog)" if symlog else ""), ylabel=ylabel)
+        if symlog:
+            ax.set_xscale("symlog", linthresh=1.0)
         ax.legend(fontsize=8)
     return _save(fig, path)

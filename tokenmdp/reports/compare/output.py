@@ -254,7 +254,7 @@ def write_results(grid: Grid, records: list[dict], out: Path | None = None, part
         for label, key, _ in BASELINES:  # a point per seed
             for e in envs:
                 points[e][label] = [([r[key]["kl_ref"]], [r[key][score]]) for r in _one_per_seed(records, e, key)]
-        plots.reward_kl_frontier(points, {}, out / "judge_vs_kl.png", ylabel=score)
+        plots.reward_kl_frontier(points, {}, out / "judge_vs_kl.png", ylabel=score, symlog=True)
     else:
         curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
         frontiers = {}
