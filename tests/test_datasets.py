@@ -198,3 +198,52 @@ def test_a_text_guide_is_the_system_message_of_chat_prompts(tokenizers, tmp_path
     assert torch.allclose(via_guide, direct, atol=1e-6)
     plain = task(_jsonl(tmp_path, PROMPTS), chat)  # string prompts, no template: the guide stays a prefix
     assert isinstance(plain.encode_guide("kind answer"), torch.Tensor)
+
+
+def test_the_guided_reference_of_chat_prompts_is_scored_on_the_held_out_conversations(tokenizers, tmp_path):
+    """With conversations the guide is each held-out prompt's system message: the guided
+    reference of a guide run is scored on the held-out conversations re-templated with it
+    (the eval task's own guided prompts), not on the training prompts of the same rows."""
+    import datasets
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tokenmdp.plugin.batch import prompts_with_prefix
+
+    chat, _ = tokenizers
+    for name, rows in (("train", PROMPTS[:8]), ("held_out", PROMPTS[8:])):
+        datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in rows]}).save_to_disk(
+            tmp_path / name
+        )
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(SPECIALS) + len(WORDS), n_positions=32)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
+    overrides = [
+        "env.id=tokenmdp/Text-v0",
+        f"env.prompts={tmp_path / 'train'}",
+        f"env.eval_prompts={tmp_path / 'held_out'}",
+        f"env.tokenizer={chat}",
+        "env.reward=tokenmdp.text:lexicon_score",
+        "env.horizon=4",
+        "policy.kind=hf",
+        f"policy.path={tmp_path / 'model'}",
+        "reference.init=init",
+        "algorithm.name=context-distill",
+        'estimator.guide="kind answer"',
+        "train.steps=1",
+        "train.batch_size=4",
+        "train.eval_samples=8",
+        "train.progress=false",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    trainer = Trainer(load_config(None, overrides))
+    trainer.build_models()
+    held_out = trainer.task.eval_task
+    guided = held_out.encode_guide("kind answer")
+    batch = trainer.evaluator.sample(trainer.reference, guided)
+    assert set(batch.prompt_index.tolist()) <= set(range(4))  # rows of the 4 held-out prompts
+    ids, _ = prompts_with_prefix(batch, guided)
+    for row, i in zip(ids, batch.prompt_index.tolist()):  # each one's own conversation, with the guide
+        text = held_out.tokenizer.decode(row[row != SPECIALS.index("<pad>")].tolist())
+        assert PROMPTS[8 + i] in text and "kind answer" in text
+    expected = trainer.evaluator.evaluate(trainer.reference, prefix_ids=guided)
+    summary = trainer.train()
+    assert summary["guided_reference"] == expected  # what the run's end scored: the held-out guided prompts
