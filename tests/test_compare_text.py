@@ -244,3 +244,44 @@ def test_report_tables_the_finished_cells_while_the_grid_holds_its_folder(text_f
     # the guided reference comes from inverse-q's seed 2 only; the reference from seeds 0-2
     assert seeds == {"reference": "3", "guided reference": "1", "inverse-q": "1", "grpo": "2", "dpo": "1"}
     assert re.search(r"\| grpo +\| Text +\| reward +\| 2 +\|", printed)
+
+
+JUDGE_CALLS = []
+
+
+def failing_judge(completions, **kwargs):
+    """Scores the first cell's evaluations (4 calls: the reference's and steps 0-2), then raises."""
+    JUDGE_CALLS.append(len(completions))
+    if len(JUDGE_CALLS) > 4:
+        raise ValueError("the judge's service is down")
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    ("judge", "message"),
+    [("failing_judge", "the judge's service is down"), ("bad_judge", "returned 'high' (str)")],
+)
+def test_a_judge_that_fails_mid_grid_is_one_line_naming_it_and_finished_cells_stay(
+    text_files,  # noqa: F811
+    tmp_path,
+    capsys,
+    judge,
+    message,
+):
+    JUDGE_CALLS.clear()
+    grid = write_text_grid(tmp_path, text_files, methods=["grpo"])
+    text = grid.read_text()
+    assert "test_compare_text:length_judge" in text
+    grid.write_text(text.replace("test_compare_text:length_judge", f"test_compare_text:{judge}"))
+    assert cli.main(["compare", str(grid), "--jobs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"judge 'test_compare_text:{judge}' (env.judges)" in err[0] and message in err[0], err
+    cells = tmp_path / "out" / "cells"
+    assert (cells / "grpo__Text__seed0" / "summary.json").is_file()  # the finished cell is kept
+    assert not (cells / "grpo__Text__seed1" / "summary.json").exists()
+
+
+def bad_judge(completions, **kwargs):
+    """Numbers for the first cell, then a string."""
+    JUDGE_CALLS.append(len(completions))
+    return [0.0 if len(JUDGE_CALLS) <= 4 else "high"] * len(completions)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RewardError
 from .rewards import RewardSet
 
 #: Built-in judges: name -> ``module:function``.
@@ -61,5 +61,14 @@ class Judges:
             self.sets[name] = RewardSet(BUILT_IN.get(spec, spec), None, timeout, key="env.judges")
 
     def score(self, **batch) -> dict[str, list[float]]:
-        """Each judge's scores of one batch of responses (``RewardSet.score``'s arguments)."""
-        return {name: judges.score(**batch) for name, judges in self.sets.items()}
+        """Each judge's scores of one batch of responses (``RewardSet.score``'s arguments). A
+        judge that raises or returns what is not a score is a ``RewardError`` that calls it
+        a judge (a reward's checks word their errors for rewards)."""
+        scores = {}
+        for name, judge in self.sets.items():
+            try:
+                scores[name] = judge.score(**batch)
+            except RewardError as exc:
+                message = str(exc).replace(f"reward {judge.name!r}", f"judge {judge.name!r} (env.judges)", 1)
+                raise RewardError(message) from exc
+        return scores
