@@ -285,3 +285,24 @@ def bad_judge(completions, **kwargs):
     """Numbers for the first cell, then a string."""
     JUDGE_CALLS.append(len(completions))
     return [0.0 if len(JUDGE_CALLS) <= 4 else "high"] * len(completions)
+
+
+def test_tokens_per_second_cover_the_steps_the_wall_time_covers(text_grid):
+    """tokens/s: env tokens over wall seconds, from ``wall_from_step`` on; unknown for a
+    summary without it (an older tokenmdp's, whose resumes were not counted)."""
+    from tokenmdp.reports.compare.cells import tokens_per_second
+
+    out, _ = text_grid
+    summary = json.loads((out / "cells" / "grpo__Text__seed0" / "summary.json").read_text())
+    assert summary["wall_from_step"] == 0
+    with open(out / "results.csv") as fh:
+        grpo = next(r for r in csv.DictReader(fh) if r["recipe"] == "grpo")
+    per_seed = []
+    for seed in (0, 1, 2):
+        s = json.loads((out / "cells" / f"grpo__Text__seed{seed}" / "summary.json").read_text())
+        per_seed.append(s["env_tokens"] / s["wall_seconds"])
+    assert float(grpo["tokens_per_second_median"]) == pytest.approx(statistics.median(per_seed))
+    rows = [{"step": 0, "env_tokens": 0}, {"step": 1, "env_tokens": 40}, {"step": 2, "env_tokens": 90}]
+    resumed = {"env_tokens": 90, "wall_seconds": 10.0, "wall_from_step": 1}
+    assert tokens_per_second(resumed, rows) == pytest.approx(5.0)  # steps 2 on: 50 tokens in 10 s
+    assert tokens_per_second({"env_tokens": 90, "wall_seconds": 10.0}, rows) is None

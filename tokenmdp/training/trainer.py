@@ -340,8 +340,8 @@ class Trainer:
                         warnings=log.warnings,
                         guided_reference=self._guided_reference(),
                     )
-                    if self._clock[2]:  # the earlier pieces' time is unknown (resumed from an older checkpoint)
-                        summary["wall_from_step"] = self._clock[2]
+                    # where wall_seconds starts: 0, or the step an older checkpoint without a count resumed at
+                    summary["wall_from_step"] = self._clock[2]
                     score = cfg.train.score_credit
                     if not self.task.exact and not isinstance(score, bool):
                         # the run's own credit against a Monte-Carlo ground truth (no A* on text)

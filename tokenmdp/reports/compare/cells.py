@@ -108,9 +108,23 @@ def _data_token_counters(cell: Cell, registry: Registry) -> list[str]:
     return [m for c in compose(registry, cell.config).components for m in c.data_token_metrics]
 
 
+def tokens_per_second(summary: dict, rows: list[dict]) -> float | None:
+    """The sampled policy tokens of a text cell per wall second (evaluations included), over
+    the steps its ``wall_seconds`` covers (from ``wall_from_step``, when a resume could not
+    count the earlier pieces: ``env_tokens`` of that step's row of ``metrics.jsonl``)."""
+    if "wall_from_step" not in summary:  # a summary of an older tokenmdp: its resumes were not counted
+        return None
+    since = summary["wall_from_step"]
+    before = next((row["env_tokens"] for row in rows if row.get("step") == since), None) if since else 0
+    if before is None or not summary.get("wall_seconds"):
+        return None  # no row for that step: the tokens the time covers are unknown
+    return (summary["env_tokens"] - before) / summary["wall_seconds"]
+
+
 def text_record(cell: Cell, registry: Registry, summary: dict, rows: list[dict]) -> dict[str, Any]:
     """A text cell's record: its sampled held-out scores (no exact optimum, so no regret,
     closure or frontier) and each judge's, with the data tokens it consumed."""
+    per_second = tokens_per_second(summary, rows)  # every step's row: where a resumed count starts
     rows = [row for row in rows if "kl_ref" in row]
     counters = _data_token_counters(cell, registry)
     return {
@@ -120,6 +134,7 @@ def text_record(cell: Cell, registry: Registry, summary: dict, rows: list[dict])
         "supervision": registry.recipe(cell.config.algorithm.name).supervision,
         **{key: value for key, value in summary.items() if key in TEXT_KEYS or key.startswith("judge/")},
         "data_tokens": sum(rows[-1].get(m, 0) for m in counters),
+        "tokens_per_second": per_second,
         "eval_rows": rows,
         # the baselines' rows (output.baseline_rows): the reference's own held-out scores and,
         # for a guide method, the guided reference's

@@ -45,9 +45,10 @@ TEXT_COLUMNS = [
     ("data_tokens", "data tokens"),
     ("env_tokens", "env tokens"),
     ("wall_seconds", "wall s"),
+    ("tokens_per_second", "tokens/s"),
 ]
 #: The keys of a text cell's summary its record keeps (with every ``judge/...`` key).
-TEXT_KEYS = frozenset(key for key, _ in TEXT_COLUMNS) - {"data_tokens"}
+TEXT_KEYS = frozenset(key for key, _ in TEXT_COLUMNS) - {"data_tokens", "tokens_per_second"}
 #: A text grid's held-out responses, every cell's (:func:`write_completions`).
 COMPLETIONS = "completions.jsonl.gz"
 TEXT_PLOTS = {"judge_vs_tokens.png": "Held-out score against environment tokens", "judge_vs_kl.png": "Score against KL"}
@@ -101,6 +102,8 @@ def _fmt(value: float | None, key: str) -> str:
         return "-"
     if value == float("inf"):
         return "never"
+    if key == "tokens_per_second":
+        return f"{value:.1f}"
     if "tokens" in key:
         return f"{value:,.0f}"
     return f"{value:.1f}" if key == "wall_seconds" else f"{value:.3f}"
