@@ -8,7 +8,9 @@ with all of them off (the step as it was before them), interleaved over rounds
 
 ``--only TEXT`` (repeatable) keeps "all on" and the variants whose name holds TEXT, e.g.
 ``--only chunked`` for the chunked output layer alone. The means that are not config keys
-(:data:`SWITCHES`) are switched off by patching the code they live in.
+(:data:`SWITCHES`) are switched off by patching the code they live in; the options that
+are off by default (:data:`OPTIONS`: fused and foreach Adam) are measured switched on
+("with ..." rows: < 1 means the option saves time).
 
 Every response runs to the horizon (``env.stop_at_eos = false``), so that every variant
 does the same work. Prints each variant's median step time and its ratio to the all-on step (> 1: that means
@@ -64,6 +66,14 @@ def _logits_with_hidden_states():
     return _patched(hf, "_none_kept", lambda input_ids: 1)
 
 
+#: Options that are off by default (they change the numbers at float rounding), measured
+#: switched on: "with ..." variants.
+OPTIONS = {
+    "fused Adam (updater.adam = fused)": "updater.adam=fused",
+    "foreach Adam (updater.adam = foreach)": "updater.adam=foreach",
+}
+
+
 #: Means that are not config keys (they have no reason to be switched off), undone for the
 #: bench by patching the code they live in.
 SWITCHES = {
@@ -96,6 +106,26 @@ def finiteness_check_times(model_dir: Path, lora: dict | None, repeats: int = 5)
     return statistics.median(times[old]), statistics.median(times[new])
 
 
+def adam_step_times(model_dir: Path, lora: dict | None, repeats: int = 20) -> dict[str, float]:
+    """Median seconds of one Adam step over the policy's trained parameters (random
+    gradients), for each ``updater.adam``, interleaved."""
+    from tokenmdp.plugin.updaters import ADAM_IMPLEMENTATIONS
+    from tokenmdp.policies.hf import HFCausalLMPolicy
+
+    policy = HFCausalLMPolicy.from_pretrained(model_dir, lora=lora)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizers = {how: torch.optim.Adam(trained, lr=1e-6, **kw) for how, kw in ADAM_IMPLEMENTATIONS.items()}
+    times = {how: [] for how in optimizers}
+    for _ in range(repeats):
+        for how, optimizer in optimizers.items():
+            started = time.perf_counter()
+            optimizer.step()
+            times[how].append(time.perf_counter() - started)
+    return {how: statistics.median(t) for how, t in times.items()}
+
+
 def main() -> int:
     args = bench_arguments(__doc__.splitlines()[0], rounds=6)
     torch.set_num_threads(args.threads)
@@ -104,6 +134,7 @@ def main() -> int:
         "all on": (),
         **{f"without {k}": (v,) for k, v in MEANS.items()},
         **{f"without {k}": (v,) for k, v in SWITCHES.items()},
+        **{f"with {k}": (v,) for k, v in OPTIONS.items()},
         "all off": (*MEANS.values(), *SWITCHES.values()),
     }
     if args.only:  # "all on" and the named means only (substrings of their names)
@@ -136,6 +167,9 @@ def main() -> int:
         for name in variants:
             median = statistics.median(times[name])
             print(f"| {name} | {median:.3f} | {median / base:.2f} |")
+        adam = adam_step_times(model_dir, shape["lora"])
+        shown = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in adam.items())
+        print(f"one Adam step over the trained parameters: {shown}")
         old, new = finiteness_check_times(model_dir, shape["lora"])
         print(
             f"finiteness check of the policy after an update: {old * 1e3:.1f} ms (every parameter, isfinite) "

@@ -118,6 +118,7 @@ def test_warmup_ratio_is_a_fraction_of_train_steps_rounded_up():
         ("updater.warmup_ratio=1.5", "warmup_ratio must be in [0, 1] (got 1.5)"),
         ("updater.weight_decay=-0.1", "weight_decay must be a number >= 0 (got -0.1)"),
         ("updater.lr_scheduler=constant", "lr_scheduler = 'constant' has no warm-up; use 'constant_with_warmup'"),
+        ("updater.adam=apex", "adam must be one of 'for-loop', 'foreach', 'fused'"),
     ],
 )
 def test_bad_schedule_options_are_one_line_errors_naming_the_key(tiny_config, capsys, tmp_path, override, message):
@@ -165,6 +166,31 @@ def test_weight_decay_is_applied_in_a_run_and_zero_keeps_adam(tiny_config):
     trainer = Trainer(tiny_config("updater.weight_decay=0", run_dir=trainer.run_dir.parent / "zero"))
     trainer.build_models()
     assert type(trainer.composition.components[2].optimizer) is torch.optim.Adam
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_foreach_adam_is_the_for_loop_s_numbers_and_fused_is_within_rounding(decay):
+    """``updater.adam``: "foreach" gives the default for-loop's parameters bit for bit after
+    20 steps; "fused" (not the same arithmetic) stays within float32 rounding of them."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Embedding(50, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 50))
+    data = torch.randint(0, 50, (20, 8, 6), generator=torch.Generator().manual_seed(1))
+    trained = {}
+    for how in ("for-loop", "foreach", "fused"):
+        model = copy.deepcopy(base)
+        u = updater(20, policy=model, weight_decay=decay, adam=how, lr=1e-2)
+        kind = torch.optim.AdamW if decay else torch.optim.Adam
+        assert type(u.optimizer) is kind and u.optimizer.defaults["fused"] is (True if how == "fused" else None)
+        for batch in data:
+            u.optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+            u.optimizer.step()
+        trained[how] = list(model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(trained["for-loop"], trained["foreach"]))
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(trained["for-loop"], base.parameters()))
+    assert moved > 0.1  # the steps moved the weights, far beyond the tolerance below
+    for a, b in zip(trained["for-loop"], trained["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # 20 steps of lr 1e-2: rounding only
 
 
 # --- a resume that extends train.steps --------------------------------------------------------

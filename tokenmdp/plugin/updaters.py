@@ -37,6 +37,8 @@ from .ops import zero_padding
 
 #: ``updater.lr_scheduler`` names: ``transformers.get_scheduler``'s schedules that need
 #: nothing beyond the warm-up and ``train.steps``.
+#: ``updater.adam``: torch's three implementations of Adam and AdamW, as their keyword arguments.
+ADAM_IMPLEMENTATIONS = {"for-loop": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
@@ -68,6 +70,11 @@ class OptimizerOptions:
     #: AdamW's decoupled weight decay, on the weight matrices and embeddings only (biases and
     #: norm scales are left alone, as TRL's trainers do); 0 = plain Adam.
     weight_decay: float = attrs.field(default=0.0, validator=non_negative)
+    #: How Adam updates the tensors: "for-loop" (torch's CPU default, one tensor at a time:
+    #: every run's numbers so far), "foreach" (each operation over all tensors at once: the
+    #: same numbers) or "fused" (one kernel per parameter group, TRL's "adamw_torch_fused":
+    #: equal to "for-loop" to float rounding, not bit for bit; docs/performance.md).
+    adam: str = attrs.field(default="for-loop", validator=one_of(*ADAM_IMPLEMENTATIONS))
 
     def __attrs_post_init__(self):
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -222,10 +229,11 @@ class GradientUpdater(PolicyUpdater):
     def setup(self, ctx):
         o = self.options
         decay = getattr(o, "weight_decay", 0.0)
+        how = ADAM_IMPLEMENTATIONS[getattr(o, "adam", "for-loop")]
         if decay:
-            self.optimizer = torch.optim.AdamW(_decay_groups(self.parameter_groups(ctx), decay), lr=o.lr)
+            self.optimizer = torch.optim.AdamW(_decay_groups(self.parameter_groups(ctx), decay), lr=o.lr, **how)
         else:  # exactly the optimizer of before, so every existing run keeps its numbers
-            self.optimizer = torch.optim.Adam(self.parameter_groups(ctx), lr=o.lr)
+            self.optimizer = torch.optim.Adam(self.parameter_groups(ctx), lr=o.lr, **how)
         #: ``train.steps`` of this run (a resume may have changed it: load_state_dict re-plans)
         self.train_steps = ctx.config.train.steps
         self.lr_schedule = Schedule(o, self.train_steps, warmup_steps(o, self.train_steps))
