@@ -92,33 +92,45 @@ def _jsonl(folder: Path, prompts) -> Path:
 
 
 def test_a_grpo_run_trains_on_a_conversational_dataset(tokenizers, tmp_path):
+    chat, _ = tokenizers
+    overrides = chat_run(
+        tmp_path,
+        chat,
+        {"chat": PROMPTS},
+        "algorithm.name=grpo",
+        "train.steps=2",
+        "train.batch_size=8",
+        "train.samples_per_prompt=4",
+    )
+    summary = Trainer(load_config(None, overrides)).train()
+    assert summary["steps"] == 2
+
+
+def chat_run(tmp_path: Path, chat: Path, datasets_: dict[str, list[str]], *extra: str) -> list[str]:
+    """A text run's overrides on conversations: each of ``datasets_`` (folder name -> user
+    messages) saved as a dataset under ``tmp_path``, the first the training prompts; a
+    one-layer GPT-2 over the chat tokenizer's words; ``extra`` last."""
     import datasets
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    chat, _ = tokenizers
-    datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]}).save_to_disk(
-        tmp_path / "chat"
-    )
+    for name, rows in datasets_.items():
+        conversations = [[{"role": "user", "content": p}] for p in rows]
+        datasets.Dataset.from_dict({"prompt": conversations}).save_to_disk(tmp_path / name)
     config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(SPECIALS) + len(WORDS), n_positions=32)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
-    overrides = [
+    return [
         "env.id=tokenmdp/Text-v0",
-        f"env.prompts={tmp_path / 'chat'}",
+        f"env.prompts={tmp_path / next(iter(datasets_))}",
         f"env.tokenizer={chat}",
         "env.reward=tokenmdp.text:lexicon_score",
         "env.horizon=4",
         "policy.kind=hf",
         f"policy.path={tmp_path / 'model'}",
         "reference.init=init",
-        "algorithm.name=grpo",
-        "train.steps=2",
-        "train.batch_size=8",
-        "train.samples_per_prompt=4",
         "train.progress=false",
         f"run.dir={tmp_path / 'run'}",
+        *extra,
     ]
-    summary = Trainer(load_config(None, overrides)).train()
-    assert summary["steps"] == 2
 
 
 def test_bad_datasets_and_chat_settings_are_one_line_errors(tokenizers, tmp_path):
@@ -204,36 +216,20 @@ def test_the_guided_reference_of_chat_prompts_is_scored_on_the_held_out_conversa
     """With conversations the guide is each held-out prompt's system message: the guided
     reference of a guide run is scored on the held-out conversations re-templated with it
     (the eval task's own guided prompts), not on the training prompts of the same rows."""
-    import datasets
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from tokenmdp.plugin.batch import prompts_with_prefix
 
     chat, _ = tokenizers
-    for name, rows in (("train", PROMPTS[:8]), ("held_out", PROMPTS[8:])):
-        datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in rows]}).save_to_disk(
-            tmp_path / name
-        )
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(SPECIALS) + len(WORDS), n_positions=32)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "model")
-    overrides = [
-        "env.id=tokenmdp/Text-v0",
-        f"env.prompts={tmp_path / 'train'}",
+    overrides = chat_run(
+        tmp_path,
+        chat,
+        {"train": PROMPTS[:8], "held_out": PROMPTS[8:]},
         f"env.eval_prompts={tmp_path / 'held_out'}",
-        f"env.tokenizer={chat}",
-        "env.reward=tokenmdp.text:lexicon_score",
-        "env.horizon=4",
-        "policy.kind=hf",
-        f"policy.path={tmp_path / 'model'}",
-        "reference.init=init",
         "algorithm.name=context-distill",
         'estimator.guide="kind answer"',
         "train.steps=1",
         "train.batch_size=4",
         "train.eval_samples=8",
-        "train.progress=false",
-        f"run.dir={tmp_path / 'run'}",
-    ]
+    )
     trainer = Trainer(load_config(None, overrides))
     trainer.build_models()
     held_out = trainer.task.eval_task

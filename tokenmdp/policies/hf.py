@@ -209,8 +209,7 @@ class HFCausalLMPolicy(TokenPolicy):
         if decoder is not None:
             with self.autocast():
                 return decoder.forward(input_ids, attention_mask, keep, hidden=True), self.output_logits
-        out = self._full(input_ids, attention_mask, output_hidden_states=True, logits_to_keep=_none_kept(input_ids))
-        return out.hidden_states[-1][:, -keep:], self.output_logits
+        return self.hidden_states(input_ids, attention_mask)[:, -keep:], self.output_logits
 
     def output_logits(self, hidden):
         """This model's logits from its last hidden states: the output layer (under the
