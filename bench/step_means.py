@@ -66,6 +66,12 @@ def _logits_with_hidden_states():
     return _patched(hf, "_none_kept", lambda input_ids: 1)
 
 
+def _prompt_read_per_row():
+    from tokenmdp.policies.hf import HFCausalLMPolicy
+
+    return _patched(HFCausalLMPolicy, "share_prompt", False)
+
+
 #: Options that are off by default (they change the numbers at float rounding), measured
 #: switched on: "with ..." variants.
 OPTIONS = {
@@ -79,6 +85,7 @@ OPTIONS = {
 SWITCHES = {
     "the decoding output layer as W @ x^T": _linear_for_few_rows,
     "no logits in hidden-state forwards": _logits_with_hidden_states,
+    "a group's prompt read once in training forwards": _prompt_read_per_row,
 }
 
 

@@ -411,8 +411,11 @@ def test_micro_batches_on_an_hf_model(text_files, tmp_path):
     whole, micro = run("whole"), run("micro", "updater.micro_batch_size=3")
     assert [sorted(a) for a in whole] == [sorted(b) for b in micro]
     for a, b in zip(whole[1:], micro[1:]):
+        # abs 1e-6: a log-prob of ~6 nats in float32 moves by a few ulps (~1e-6) when a
+        # micro-batch holds another set of a group's rows (its shared prompt is run once per
+        # forward, tokenmdp/policies/shared_prompt.py), and objective/kl is a difference of two
         for key in ("losses/policy", "policy/approxkl", "objective/kl", "rollout/reward_mean"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert whole[-1]["kl_ref"] == pytest.approx(micro[-1]["kl_ref"], rel=1e-3, abs=1e-5)
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .shared_prompt import SharedPrefix
+
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
@@ -47,6 +49,11 @@ def dropout_active(model: nn.Module) -> bool:
 def _conv1d(module, x: Tensor) -> Tensor:
     """transformers' ``Conv1D``: ``x @ weight + bias`` (weight stored as [in, out])."""
     return torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), module.weight).view(*x.shape[:-1], -1)
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    """Each token's position id: its count of real tokens before it (left padding: 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Cache:
@@ -98,19 +105,36 @@ class GPT2Decoder:
     def _split_heads(self, x: Tensor) -> Tensor:  # [B, T, width] -> [B, heads, T, head_dim]
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def _blocks(self, x: Tensor, allowed: Tensor, cache: Cache | None = None) -> Tensor:
+    def _blocks(
+        self,
+        x: Tensor,
+        allowed: Tensor,
+        cache: Cache | None = None,
+        past: list[tuple[Tensor, Tensor]] | None = None,
+        keys_out: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
         """Every block on ``x`` ([B, T, width]); ``allowed`` ([B, 1, T, keys]) says which
         keys each query sees. With a cache, the T new keys/values are written at its end
-        and attention reads the whole filled cache."""
+        and attention reads the whole filled cache. With ``past`` (each layer's earlier
+        keys and values, ``[B, heads, P, head_dim]``, gradients kept) attention reads them
+        before the T new ones. With ``keys_out`` each layer's keys and values are appended
+        to it, and nothing after the last layer's is computed (None is returned)."""
         b, t = x.shape[:2]
         at = cache.length if cache is not None else 0
+        last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
             q, k, v = _conv1d(block.attn.c_attn, block.ln_1(x)).split(self.width, dim=2)
             k, v = self._split_heads(k), self._split_heads(v)
+            if keys_out is not None:
+                keys_out.append((k, v))
+                if i == last:
+                    return None
             if cache is not None:
                 cache.keys[i, :, :, at : at + t] = k
                 cache.values[i, :, :, at : at + t] = v
                 k, v = cache.keys[i, :, :, : at + t], cache.values[i, :, :, : at + t]
+            if past is not None:
+                k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
             attended = F.scaled_dot_product_attention(
                 self._split_heads(q), k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, scale=self.scale
             )
@@ -138,17 +162,31 @@ class GPT2Decoder:
     ) -> Tensor:
         """``[B, L or logits_to_keep, vocab]`` logits of whole sequences (with gradients);
         with ``hidden``, the last hidden states the output layer would read instead."""
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = _positions(attention_mask)
         x = self._blocks(self._embed(input_ids, positions), self._prefix_attention(attention_mask))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return x if hidden else self.model.lm_head(x)
 
+    def shared_hidden(self, input_ids: Tensor, attention_mask: Tensor, keep: int, shared: SharedPrefix) -> Tensor:
+        """``[B, keep, width]``: :meth:`forward`'s last hidden states of the last ``keep``
+        positions, with the leading positions run once per distinct row of them (``shared``,
+        :mod:`.shared_prompt`) and their keys and values handed to every row that has them."""
+        lead = shared.length
+        kv: list[tuple[Tensor, Tensor]] = []
+        self._blocks(self._embed(shared.ids, _positions(shared.mask)), self._prefix_attention(shared.mask), keys_out=kv)
+        past = [(k.index_select(0, shared.rows), v.index_select(0, shared.rows)) for k, v in kv]
+        b = input_ids.shape[0]
+        lead_keys = shared.mask.bool().index_select(0, shared.rows)[:, None, None, :].expand(b, 1, keep, lead)
+        allowed = torch.cat([lead_keys, self._prefix_attention(attention_mask[:, lead:])], dim=-1)
+        positions = _positions(attention_mask)[:, lead:]
+        return self._blocks(self._embed(input_ids[:, lead:], positions), allowed, past=past)
+
     @torch.no_grad()
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Cache]:
         """The prompt's last logits, and a cache holding the prompt."""
         b, length = input_ids.shape
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = _positions(attention_mask)
         x = self._embed(input_ids, positions)
         layers, capacity = len(self.transformer.h), length + self.initial_room
         keys = x.new_zeros(layers, b, self.heads, capacity, self.head_dim)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokenMDPError
-from . import fast_gpt2
+from . import fast_gpt2, shared_prompt
 from .base import FrozenLinear, TokenPolicy
 
 
@@ -30,6 +30,9 @@ class HFCausalLMPolicy(TokenPolicy):
     #: ``forward(..., logits_to_keep=n)`` computes the output layer on the last n positions only.
     supports_logits_to_keep = True
     supports_autocast = True
+    #: :meth:`response_hidden` runs the leading positions that rows share once
+    #: (:mod:`.shared_prompt`); bench/step_means.py switches it off to measure it.
+    share_prompt = True
 
     def __init__(
         self,
@@ -206,10 +209,48 @@ class HFCausalLMPolicy(TokenPolicy):
         positions, and the function that turns hidden states into this model's logits
         (:meth:`output_logits`), so that a caller can apply it in chunks."""
         decoder = self.fast_decoder
+        shared = shared_prompt.find(input_ids, attention_mask, keep) if self._may_share() else None
         if decoder is not None:
             with self.autocast():
+                if shared is not None:
+                    return decoder.shared_hidden(input_ids, attention_mask, keep, shared), self.output_logits
                 return decoder.forward(input_ids, attention_mask, keep, hidden=True), self.output_logits
+        if shared is not None:
+            return self._shared_hidden(input_ids, attention_mask, shared), self.output_logits
         return self.hidden_states(input_ids, attention_mask)[:, -keep:], self.output_logits
+
+    def _may_share(self) -> bool:
+        """Whether this forward may share leading positions between rows: not when the
+        library checkpoints its blocks (it turns the cache off in a training forward) and
+        not when the model is sharded (its forward is one call per shard gather)."""
+        if not self.share_prompt or not self.supports_hidden_states:
+            return False
+        return not (self.gradient_checkpointing and self.model.training and torch.is_grad_enabled())
+
+    def _shared_hidden(self, input_ids, attention_mask, shared):
+        """The library's forward in two calls: the shared leading rows once, with a cache,
+        that cache repeated to the batch's rows (``reorder_cache``, gradients kept), then
+        every row's last positions reading it; the last layer's hidden states of those."""
+        lead = shared.length
+        with self.autocast():
+            out = self.model(
+                input_ids=shared.ids,
+                attention_mask=shared.mask,
+                position_ids=self._positions(shared.mask),
+                use_cache=True,
+                logits_to_keep=_none_kept(input_ids),
+            )
+            past = self._cache_of(out)
+            past.reorder_cache(shared.rows)
+            return self.model(
+                input_ids=input_ids[:, lead:],
+                attention_mask=attention_mask,
+                position_ids=self._positions(attention_mask)[:, lead:],
+                use_cache=True,
+                output_hidden_states=True,
+                logits_to_keep=_none_kept(input_ids),
+                **{self._cache_arg: past},
+            ).hidden_states[-1]
 
     def output_logits(self, hidden):
         """This model's logits from its last hidden states: the output layer (under the
