@@ -1,4 +1,4 @@
-"""The output layer's two means of docs/performance.md section 9, each on its own, on
+"""The means of docs/performance.md sections 9 and 11, each on its own, on
 Gemma-3 270M + LoRA r = 16 (the shape of bench/vs_trl.py --model gemma: 1 prompt x 8
 completions x 16 tokens), interleaved in one process, as per-round ratios:
 
@@ -6,7 +6,12 @@ completions x 16 tokens), interleaved in one process, as per-round ratios:
   as ``W @ x^T`` (:class:`tokenmdp.policies.hf.OutputLayer`) against ``linear``;
 * the update's forward + backward (GRPO's chunked log-probs and entropy of the sampled
   responses) with the hidden-state forward running no output layer against its old
-  ``logits_to_keep = 1``.
+  ``logits_to_keep = 1``;
+* the same update with the group's shared prompt run once (tokenmdp/policies/shared_prompt.py)
+  against once per row, and with the frozen output layer's taken-token gradient as
+  ``W[y] - p @ W`` against a ``[chunk, vocab]`` pass making ``onehot - p`` first;
+* sampling with the inverse-CDF sampler's fallback argmax taken only when a draw needs it
+  against on every draw.
 
     python bench/output_layer.py --threads 2 [--rounds 5]
 
@@ -28,7 +33,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from step_means import _linear_for_few_rows, _logits_with_hidden_states  # noqa: E402
+from step_means import (  # noqa: E402
+    _argmax_every_draw,
+    _linear_for_few_rows,
+    _logits_with_hidden_states,
+    _onehot_minus_p_pass,
+    _prompt_read_per_row,
+)
 from vs_trl import spread_warning  # noqa: E402
 
 
@@ -77,13 +88,21 @@ def main() -> int:
     for name, work, old_way in (
         ("sampling: the decoding output layer as W @ x^T", sample, _linear_for_few_rows),
         ("update: no logits in the hidden-state forward", update, _logits_with_hidden_states),
+        ("update: the group's prompt read once", update, _prompt_read_per_row),
+        ("update: the taken tokens' gradient as W[y] - p @ W", update, _onehot_minus_p_pass),
+        ("sampling: the sampler's argmax only when needed", sample, _argmax_every_draw),
     ):
         work()  # warm-up
         ratios = []
         for r in range(args.rounds):
-            new = timed(work)
-            with old_way():
-                old = timed(work)
+            if r % 2:  # each way goes first in every other round
+                with old_way():
+                    old = timed(work)
+                new = timed(work)
+            else:
+                new = timed(work)
+                with old_way():
+                    old = timed(work)
             ratios.append(old / new)
             print(f"  {name}, round {r + 1}: old {old:.3f} s, new {new:.3f} s, ratio {old / new:.2f}", flush=True)
         print(f"{name}: median ratio {statistics.median(ratios):.2f}; {spread_warning(ratios)}")

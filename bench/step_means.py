@@ -72,6 +72,34 @@ def _prompt_read_per_row():
     return _patched(HFCausalLMPolicy, "share_prompt", False)
 
 
+def _onehot_minus_p_pass():
+    """The frozen output layer's taken-token gradient as it was: ``onehot - p`` made as a
+    ``[chunk, vocab]`` tensor, then carried back through the layer."""
+    from tokenmdp.plugin import chunked
+
+    def taken(logp, p, targets, layer):
+        onehot_minus_p = -p
+        onehot_minus_p.scatter_add_(-1, targets[:, None], torch.ones_like(p[:, :1]))
+        return logp.gather(-1, targets[:, None]).squeeze(-1), layer.back(onehot_minus_p)
+
+    return _patched(chunked, "_taken", taken)
+
+
+def _argmax_every_draw():
+    """The inverse-CDF draw's fallback token (an argmax over the vocabulary) computed for
+    every draw, as it was, instead of only for a draw that runs past the end."""
+    from tokenmdp.training import rollout
+
+    draw = rollout._draw
+
+    def old(probs, generator, sampler="multinomial"):
+        if sampler == "inverse-cdf":
+            probs.argmax(-1)
+        return draw(probs, generator, sampler)
+
+    return _patched(rollout, "_draw", old)
+
+
 #: Options that are off by default (they change the numbers at float rounding), measured
 #: switched on: "with ..." variants.
 OPTIONS = {
@@ -86,6 +114,8 @@ SWITCHES = {
     "the decoding output layer as W @ x^T": _linear_for_few_rows,
     "no logits in hidden-state forwards": _logits_with_hidden_states,
     "a group's prompt read once in training forwards": _prompt_read_per_row,
+    "the taken tokens' gradient as W[y] - p @ W": _onehot_minus_p_pass,
+    "the sampler's argmax only when needed": _argmax_every_draw,
 }
 
 

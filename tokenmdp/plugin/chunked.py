@@ -58,12 +58,12 @@ def _stats(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor], en
     return taken, -(logp.exp() * logp).sum(-1)
 
 
-def _taken(logp: Tensor, p: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """The taken tokens' log-probs and their gradient through the logits, ``onehot - p``."""
+def _taken(logp: Tensor, p: Tensor, targets: Tensor, layer: FrozenLinear) -> tuple[Tensor, Tensor]:
+    """The taken tokens' log-probs, and their gradient (``onehot - p`` on the logits) carried
+    back to the hidden states as ``W[targets] - p @ W``: the same product, without a pass
+    over ``[chunk, vocab]`` to make ``onehot - p`` (18 ms a chunk on Gemma-3)."""
     taken = logp.gather(-1, targets[:, None]).squeeze(-1)
-    onehot_minus_p = -p
-    onehot_minus_p.scatter_add_(-1, targets[:, None], torch.ones_like(taken)[:, None])
-    return taken, onehot_minus_p
+    return taken, layer.rows(targets) - layer.back(p)
 
 
 class _FrozenHeadStats(torch.autograd.Function):
@@ -75,8 +75,8 @@ class _FrozenHeadStats(torch.autograd.Function):
     def forward(ctx, hidden, targets, layer: FrozenLinear, entropy: bool, entropy_grad: bool):
         logp = torch.log_softmax(layer.logits(hidden), dim=-1)
         p = logp.exp()
-        taken, onehot_minus_p = _taken(logp, p, targets)
-        saved = [layer.back(onehot_minus_p)]
+        taken, taken_back = _taken(logp, p, targets, layer)
+        saved = [taken_back]
         ent = None
         if entropy:
             ent = -(p * logp).sum(-1)
@@ -186,8 +186,8 @@ class _FrozenHeadKL(torch.autograd.Function):
         ctx.mark_non_differentiable(entropy)
         out = (kl, entropy)
         if targets is not None:
-            taken, onehot_minus_p = _taken(logp, p, targets)
-            saved.append(layer.back(onehot_minus_p))
+            taken, taken_back = _taken(logp, p, targets, layer)
+            saved.append(taken_back)
             out = (kl, entropy, taken)
         ctx.save_for_backward(*saved)
         ctx.input_dtype = hidden.dtype

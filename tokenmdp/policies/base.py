@@ -148,6 +148,11 @@ class FrozenLinear:
         dtype = self.dtype or self.weight.dtype
         return _at_least_float32(grad_logits.to(dtype) @ self.weight[: self.vocab].to(dtype))
 
+    def rows(self, tokens: Tensor) -> Tensor:
+        """``weight[tokens]`` as :meth:`back` multiplies it (``onehot(tokens) @ weight``)."""
+        dtype = self.dtype or self.weight.dtype
+        return _at_least_float32(self.weight[tokens].to(dtype))
+
 
 def _at_least_float32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
