@@ -11,17 +11,21 @@ completions x 16 tokens), interleaved in one process, as per-round ratios:
   against once per row, and with the frozen output layer's taken-token gradient as
   ``W[y] - p @ W`` against a ``[chunk, vocab]`` pass making ``onehot - p`` first;
 * sampling with the inverse-CDF sampler's fallback argmax taken only when a draw needs it
-  against on every draw.
+  against on every draw, and with its two-level search (tokenmdp/training/inverse_cdf.py)
+  against one float64 cumulative sum over the row.
 
-    python bench/output_layer.py --threads 2 [--rounds 5]
+    python bench/output_layer.py --threads 2 [--rounds 5] [--only TEXT]
 
 Prints each round's seconds and ratio (old / new: > 1 means the new way is faster) and
-the median of the ratios, with bench/vs_trl.py's warning when rounds disagree by > 30%.
+the median of the ratios, with bench/vs_trl.py's warning when rounds disagree by > 30%;
+for the sampling means also the median seconds of one token's draw inside the loop (the
+sampler's own share, less noisy than the whole loop's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -37,6 +41,7 @@ from step_means import (  # noqa: E402
     _argmax_every_draw,
     _linear_for_few_rows,
     _logits_with_hidden_states,
+    _one_cumulative_sum,
     _onehot_minus_p_pass,
     _prompt_read_per_row,
 )
@@ -49,11 +54,33 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def draw_seconds(spent: list[float]):
+    """Each token draw's seconds inside the sampling loop appended to ``spent`` (the draw as
+    it is now patched: installed inside an old way's patch, so its work is counted)."""
+    from tokenmdp.training import rollout
+
+    inner = rollout._draw
+
+    def draw(*args, **kwargs):
+        started = time.perf_counter()
+        out = inner(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+        return out
+
+    rollout._draw = draw
+    try:
+        yield
+    finally:
+        rollout._draw = inner
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gemma-dir", type=Path, default=ROOT / "models" / "gemma-3-270m")
+    parser.add_argument("--only", action="append", default=[], help="the means whose name holds TEXT (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (args.gemma_dir / "config.json").is_file():
@@ -91,21 +118,29 @@ def main() -> int:
         ("update: the group's prompt read once", update, _prompt_read_per_row),
         ("update: the taken tokens' gradient as W[y] - p @ W", update, _onehot_minus_p_pass),
         ("sampling: the sampler's argmax only when needed", sample, _argmax_every_draw),
+        ("sampling: the two-level inverse-CDF search", sample, _one_cumulative_sum),
     ):
+        if args.only and not any(text in name for text in args.only):
+            continue
         work()  # warm-up
-        ratios = []
+        ratios, draws = [], {"old": [], "new": []}
+
         for r in range(args.rounds):
-            if r % 2:  # each way goes first in every other round
-                with old_way():
-                    old = timed(work)
-                new = timed(work)
-            else:
-                new = timed(work)
-                with old_way():
-                    old = timed(work)
-            ratios.append(old / new)
-            print(f"  {name}, round {r + 1}: old {old:.3f} s, new {new:.3f} s, ratio {old / new:.2f}", flush=True)
+            order = ("old", "new") if r % 2 else ("new", "old")  # each way first in every other round
+            seconds = {}
+            for way in order:
+                with old_way() if way == "old" else contextlib.nullcontext(), draw_seconds(draws[way]):
+                    seconds[way] = timed(work)
+            ratios.append(seconds["old"] / seconds["new"])
+            print(
+                f"  {name}, round {r + 1}: old {seconds['old']:.3f} s, new {seconds['new']:.3f} s, "
+                f"ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
         print(f"{name}: median ratio {statistics.median(ratios):.2f}; {spread_warning(ratios)}")
+        if work is sample:
+            old_ms, new_ms = (1e3 * statistics.median(draws[w]) for w in ("old", "new"))
+            print(f"  one token's draw in the loop (median of all rounds): old {old_ms:.2f} ms, new {new_ms:.2f} ms")
     return 0
 
 

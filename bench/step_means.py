@@ -100,6 +100,14 @@ def _argmax_every_draw():
     return _patched(rollout, "_draw", old)
 
 
+def _one_cumulative_sum():
+    """The inverse-CDF draw through one float64 cumulative sum over the whole row at every
+    vocabulary size, as it was (tokenmdp/training/inverse_cdf.py)."""
+    from tokenmdp.training import inverse_cdf
+
+    return _patched(inverse_cdf, "TWO_LEVELS_FROM", 1 << 62)
+
+
 #: Options that are off by default (they change the numbers at float rounding), measured
 #: switched on: "with ..." variants.
 OPTIONS = {
@@ -116,6 +124,7 @@ SWITCHES = {
     "a group's prompt read once in training forwards": _prompt_read_per_row,
     "the taken tokens' gradient as W[y] - p @ W": _onehot_minus_p_pass,
     "the sampler's argmax only when needed": _argmax_every_draw,
+    "the two-level inverse-CDF search": _one_cumulative_sum,
 }
 
 

@@ -429,3 +429,47 @@ def test_a_policy_s_output_layer_is_an_output_layer_and_the_hidden_states_need_n
     assert rows_seen[:2] == [0, 0]  # the two hidden-state forwards computed no logits
     torch.testing.assert_close(states, library, rtol=0, atol=0)
     torch.testing.assert_close(hidden, library[:, -3:], rtol=0, atol=0)
+
+
+# --- the two-level inverse-CDF search (tokenmdp/training/inverse_cdf.py) --------------------
+
+
+def _large_distribution(v: int = 3 * 1024 * 4 + 517, seed: int = 0) -> torch.Tensor:
+    """Two rows over ``v`` entries (not a multiple of the block): a spiky row with zeros
+    scattered, a block of zeros and a zero at a block's edges, and a flat row."""
+    g = torch.Generator().manual_seed(seed)
+    spiky = torch.rand(v, generator=g) ** 8
+    spiky[torch.rand(v, generator=g) < 0.3] = 0
+    spiky[2048:3072] = 0  # a whole block of mass 0
+    spiky[[1023, 1024, v - 1]] = 0
+    probs = torch.stack([spiky, torch.ones(v)])
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def test_the_two_level_search_draws_what_one_cumulative_sum_draws():
+    from tokenmdp.training import inverse_cdf
+
+    probs = _large_distribution()
+    assert probs.shape[1] >= inverse_cdf.TWO_LEVELS_FROM
+    uniform = torch.rand(2, 4000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    for k in range(uniform.shape[1]):
+        u = uniform[:, k : k + 1]
+        one_level = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        assert torch.equal(inverse_cdf.draw(probs, u), one_level), k
+        assert (probs.gather(1, one_level[:, None]) > 0).all()
+
+
+def test_the_two_level_search_never_draws_a_zero_and_falls_back_inside_its_block(monkeypatch):
+    from tokenmdp.training import inverse_cdf
+
+    probs = _large_distribution()
+    # a block's own cumulative sum ending below its block sum (float rounding, ~1e-16): a
+    # point in that gap takes the block's last token of positive probability
+    edge = float(probs[0, :1024].double().sum() / probs[0].double().sum())  # the first block's end
+    real_cumsum = torch.cumsum
+    monkeypatch.setattr(torch, "cumsum", lambda x, *a, **k: real_cumsum(x, *a, **k) * (1 - 1e-3))
+    drawn = inverse_cdf.draw(probs, torch.tensor([[edge - 1e-6], [0.0]], dtype=torch.float64))
+    last_positive = int((probs[0, :1024] > 0).nonzero().max())
+    assert probs[0, last_positive + 1 : 1024].sum() == 0 and last_positive < 1023  # zeros after it in the block
+    assert drawn.tolist() == [last_positive, 0]

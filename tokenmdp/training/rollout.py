@@ -18,6 +18,7 @@ from ..plugin.ops import at_least_float32
 from ..plugin.sampling import Samples, SamplingBackend, SamplingParams
 from ..policies.base import TokenPolicy
 from ..policies.hf import HFCausalLMPolicy
+from . import inverse_cdf
 
 
 def filter_logits(
@@ -57,17 +58,16 @@ def _draw(probs: Tensor, generator: torch.Generator, sampler: str = "multinomial
 
     ``multinomial``: ``torch.multinomial`` (on the CPU it draws an exponential variate per
     vocabulary entry: 0.6 ms for 32 rows of 512). ``inverse-cdf``: one uniform per row,
-    placed in the row's cumulative distribution (float64): the same distribution, a
-    different stream of draws, 13x cheaper there (docs/performance.md). A token of
-    probability 0 is never drawn by either."""
+    placed in the row's cumulative distribution (float64, :mod:`.inverse_cdf`): the same
+    distribution, a different stream of draws, 13x cheaper there (docs/performance.md). A
+    token of probability 0 is never drawn by either."""
     device = generator.device
     if sampler == "inverse-cdf":
-        cdf = torch.cumsum(probs.to(device), -1, dtype=torch.float64)  # no float64 copy of probs first
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=device, dtype=torch.float64) * cdf[:, -1:]
-        drawn = torch.searchsorted(cdf, u, right=True).squeeze(1)
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=device, dtype=torch.float64)
+        drawn = inverse_cdf.draw(probs.to(device), u)
         # u rounds up to the total only with probability ~2^-53; the likeliest token then
         # (looked for only then: an argmax over Gemma's 262k entries is ~1.5 ms a token)
-        over = drawn >= cdf.shape[1]
+        over = drawn >= probs.shape[1]
         if bool(over.any()):
             drawn = torch.where(over, probs.argmax(-1).to(device), drawn)
         return drawn.to(probs.device)
