@@ -233,7 +233,6 @@ def test_the_inverse_cdf_sampler_draws_from_the_distribution_and_never_a_zero_pr
     assert torch.equal(again[0], drawn[0])  # the same seed draws the same tokens
 
 
-
 def test_a_uniform_that_rounds_up_to_the_total_draws_the_likeliest_token(monkeypatch):
     """The ~2^-53 case where ``u`` lands on the cumulative total: searchsorted answers past
     the end, and that row (only) takes its likeliest token instead."""
@@ -241,6 +240,7 @@ def test_a_uniform_that_rounds_up_to_the_total_draws_the_likeliest_token(monkeyp
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([[1.0], [0.5]], dtype=torch.float64))
     drawn = _draw(probs, torch.Generator().manual_seed(0), "inverse-cdf")
     assert drawn.tolist() == [1, 2]  # row 0 past the end: its argmax; row 1 at u = 0.5: token 2
+
 
 def test_generation_with_either_sampler_respects_top_k():
     policy = tiny_gpt2()
