@@ -5,6 +5,8 @@ window shorter than the sequences) and LoRA, in fp32 and bf16; rows are matched 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from test_chunked_logits import TOLERANCE, _policy
@@ -81,3 +83,34 @@ def test_rows_share_by_value_and_only_when_it_saves_enough():
     assert shared_prompt.find(ids[:2], mask[:2], keep=2) is None
     assert shared_prompt.find(ids, mask, keep=5) is None
     assert shared_prompt.find(ids, mask, keep=4) is None  # 2 of 20 positions saved: under 1/8
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma"])
+def test_a_language_model_critic_reads_the_shared_prompt_once_with_the_same_values(kind, monkeypatch):
+    """PPO's separate LM critic (plugins/tokenmdp_ppo/critics.py) takes the last hidden
+    states of the response positions through ``response_hidden``: the values and their
+    gradients equal those from every position's hidden states (the critic as it was)."""
+    from tokenmdp import response_logits
+    from tokenmdp_ppo.critics import _ResponseValues
+
+    policy = _policy(kind, "fp32")  # eval mode: no dropout, so the two passes compare
+    head = torch.nn.Linear(policy.model.get_input_embeddings().embedding_dim, 1)
+    network = types.SimpleNamespace(lm=policy, head=head)
+    batch = _grouped_batch(policy.vocab_size)
+    found = []
+    real_find = shared_prompt.find
+    monkeypatch.setattr(shared_prompt, "find", lambda *a: found.append(real_find(*a)) or found[-1])
+    out = []
+    for values_of in (lambda ids, mask=None: head(policy.hidden_states(ids, mask)), _ResponseValues(network)):
+        policy.zero_grad()
+        head.zero_grad()
+        values = response_logits(values_of, batch)[..., 0] * batch.response_mask
+        values.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in [*policy.named_parameters(), *head.named_parameters()]}
+        out.append((values.detach(), grads))
+    assert found and found[-1] is not None  # the new critic shared the prompt
+    (values, grads), (values_s, grads_s) = out
+    torch.testing.assert_close(values_s, values, **TOLERANCE["fp32"])
+    for name in grads:
+        scale = float(grads[name].abs().max()) or 1.0
+        torch.testing.assert_close(grads_s[name] / scale, grads[name] / scale, **TOLERANCE["fp32"], msg=name)

@@ -73,10 +73,30 @@ class LMValueNetwork(Critic):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, policy, batch) -> Tensor:
-        return at_least_float32(response_logits(self._values, batch)[..., 0]) * batch.response_mask
+        return at_least_float32(response_logits(_ResponseValues(self), batch)[..., 0]) * batch.response_mask
 
-    def _values(self, ids, mask=None):
-        return self.head(self.lm.hidden_states(ids, mask).to(self.head.weight.dtype))
+
+class _ResponseValues:
+    """An :class:`LMValueNetwork`'s values as :func:`response_logits` reads a model: asked
+    for the last positions only (``logits_to_keep``), it takes the LM's last hidden states
+    of those through ``response_hidden``, which runs a group's shared prompt once
+    (tokenmdp/policies/shared_prompt.py) as the policy's own forward does; a sharded LM
+    (``train.sharding = "fsdp"``) keeps its whole forward, as the policy's chunked path does."""
+
+    supports_logits_to_keep = True
+
+    def __init__(self, network: LMValueNetwork):
+        self.network = network
+
+    def __call__(self, ids, mask=None, logits_to_keep: int = 0) -> Tensor:
+        lm, head = self.network.lm, self.network.head
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if logits_to_keep and lm.supports_hidden_states:  # a sharded LM runs its own forward only
+            hidden = lm.response_hidden(ids, mask, keep=logits_to_keep)[0]
+        else:
+            hidden = lm.hidden_states(ids, mask)
+        return head(hidden.to(head.weight.dtype))
 
 
 def value_network(policy_spec: dict, task, seed: int, hidden: int | None = None) -> Critic:
