@@ -25,8 +25,9 @@ Two more variants hand freed memory back to the system: tokenmdp with
 ``train.release_memory = true`` (tokenmdp/host_memory.py), and TRL with the same glibc
 setting through its environment variable (``MALLOC_MMAP_THRESHOLD_=1048576``), so the
 allocator's share is compared like for like; and both with gradient checkpointing (TRL's
-``GRPOConfig`` default; ``train.gradient_checkpointing`` in tokenmdp). ``--variants``
-picks a subset.
+``GRPOConfig`` default; ``train.gradient_checkpointing`` in tokenmdp). The ``-per-row``
+variants read every row's prompt in the update (``HFCausalLMPolicy.share_prompt`` off:
+what a group's shared prompt read once saves). ``--variants`` picks a subset.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ VARIANTS = (
     "tokenmdp-chunked",
     "tokenmdp-unchunked",
     "tokenmdp-released",
+    "tokenmdp-per-row",
+    "tokenmdp-released-per-row",
     "trl",
     "trl-released",
     "tokenmdp-checkpointed",
@@ -130,7 +133,11 @@ def child(args: argparse.Namespace) -> None:
                     measured.update(meter.end())
 
             chunk = "train.logit_chunk=0" if args.variant == "tokenmdp-unchunked" else "train.logit_chunk=auto"
-            release = f"train.release_memory={str(args.variant == 'tokenmdp-released').lower()}"
+            release = f"train.release_memory={str(args.variant.startswith('tokenmdp-released')).lower()}"
+            if args.variant.endswith("-per-row"):  # the update reads each row's prompt itself
+                from tokenmdp.policies.hf import HFCausalLMPolicy
+
+                HFCausalLMPolicy.share_prompt = False
             checkpointed = f"train.gradient_checkpointing={str(args.variant == 'tokenmdp-checkpointed').lower()}"
             extra = ("env.stop_at_eos=false", chunk, release, checkpointed)
             times = tokenmdp_step_times(
@@ -192,6 +199,8 @@ def main() -> int:
         ("tokenmdp-released", "trl"),
         ("tokenmdp-released", "trl-released"),
         ("tokenmdp-unchunked", "tokenmdp-chunked"),
+        ("tokenmdp-chunked", "tokenmdp-per-row"),
+        ("tokenmdp-released", "tokenmdp-released-per-row"),
         ("tokenmdp-checkpointed", "trl-checkpointed"),
     ]:
         if a in peak and b in peak:

@@ -82,7 +82,9 @@ def test_rows_share_by_value_and_only_when_it_saves_enough():
     # nothing shared, nothing to share, or too little saved: the plain forward
     assert shared_prompt.find(ids[:2], mask[:2], keep=2) is None
     assert shared_prompt.find(ids, mask, keep=5) is None
-    assert shared_prompt.find(ids, mask, keep=4) is None  # 2 of 20 positions saved: under 1/8
+    assert shared_prompt.find(ids, mask, keep=4).length == 1  # 2 of 20 positions saved: 1/10
+    long = torch.cat([ids[:, :1], torch.arange(4 * 39).view(4, 39)], dim=1)
+    assert shared_prompt.find(long, torch.ones_like(long), keep=39) is None  # 2 of 160: under 1/16
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma"])
