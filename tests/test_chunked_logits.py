@@ -83,6 +83,15 @@ def _both(policy, batch, chunk):
     return out
 
 
+def assert_grads_close(got: dict, expected: dict, tol: dict) -> None:
+    """The same parameters have gradients in both, and each of ``got``'s equals
+    ``expected``'s at ``tol``, both divided by the expected tensor's largest entry."""
+    assert expected and got.keys() == expected.keys()
+    for name in expected:
+        scale = float(expected[name].abs().max()) or 1.0
+        torch.testing.assert_close(got[name] / scale, expected[name] / scale, **tol, msg=name)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kind, lora", [("gpt2-fast", False), ("gpt2", False), ("gemma", False), ("gpt2", True)])
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
@@ -93,10 +102,7 @@ def test_chunked_values_and_gradients_equal_the_unchunked_path(kind, lora, preci
     tol = TOLERANCE[precision]
     torch.testing.assert_close(logp_c, logp, **tol)
     torch.testing.assert_close(ent_c, ent, **tol)
-    assert grads and grads.keys() == grads_c.keys()
-    for name in grads:
-        scale = float(grads[name].abs().max()) or 1.0
-        torch.testing.assert_close(grads_c[name] / scale, grads[name] / scale, **tol, msg=name)
+    assert_grads_close(grads_c, grads, tol)
     assert not logp_c[batch.response_mask == 0].any() and not ent_c[batch.response_mask == 0].any()
 
 

@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from test_chunked_logits import TOLERANCE, _policy
+from test_chunked_logits import TOLERANCE, _policy, assert_grads_close
 
 from tokenmdp.plugin.batch import RolloutBatch, token_logprobs
 from tokenmdp.policies import shared_prompt
@@ -62,10 +62,7 @@ def test_reading_a_shared_prompt_once_gives_the_per_row_values_and_gradients(kin
     tol = TOLERANCE[precision]
     torch.testing.assert_close(logp_s, logp, **tol)
     torch.testing.assert_close(ent_s, ent, **tol)
-    assert grads and grads.keys() == grads_s.keys()
-    for name in grads:
-        scale = float(grads[name].abs().max()) or 1.0
-        torch.testing.assert_close(grads_s[name] / scale, grads[name] / scale, **tol, msg=name)
+    assert_grads_close(grads_s, grads, tol)
 
 
 def test_rows_share_by_value_and_only_when_it_saves_enough():
@@ -113,6 +110,4 @@ def test_a_language_model_critic_reads_the_shared_prompt_once_with_the_same_valu
     assert found and found[-1] is not None  # the new critic shared the prompt
     (values, grads), (values_s, grads_s) = out
     torch.testing.assert_close(values_s, values, **TOLERANCE["fp32"])
-    for name in grads:
-        scale = float(grads[name].abs().max()) or 1.0
-        torch.testing.assert_close(grads_s[name] / scale, grads[name] / scale, **TOLERANCE["fp32"], msg=name)
+    assert_grads_close(grads_s, grads, TOLERANCE["fp32"])

@@ -80,8 +80,8 @@ class _ResponseValues:
     """An :class:`LMValueNetwork`'s values as :func:`response_logits` reads a model: asked
     for the last positions only (``logits_to_keep``), it takes the LM's last hidden states
     of those through ``response_hidden``, which runs a group's shared prompt once
-    (tokenmdp/policies/shared_prompt.py) as the policy's own forward does; a sharded LM
-    (``train.sharding = "fsdp"``) keeps its whole forward, as the policy's chunked path does."""
+    (tokenmdp/policies/shared_prompt.py) as the policy's own forward does (a sharded LM
+    shares nothing there: :func:`tokenmdp.sharding.shard_policy`)."""
 
     supports_logits_to_keep = True
 
@@ -92,7 +92,7 @@ class _ResponseValues:
         lm, head = self.network.lm, self.network.head
         if mask is None:
             mask = torch.ones_like(ids)
-        if logits_to_keep and lm.supports_hidden_states:  # a sharded LM runs its own forward only
+        if logits_to_keep:
             hidden = lm.response_hidden(ids, mask, keep=logits_to_keep)[0]
         else:
             hidden = lm.hidden_states(ids, mask)

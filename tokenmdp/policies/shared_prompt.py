@@ -7,7 +7,7 @@ forward over prompt + response per row reads that prompt G times (so does TRL's
 last ``keep`` positions only (:meth:`HFCausalLMPolicy.response_hidden`) can instead run the
 first ``L - keep`` positions once per distinct row of them and hand their keys and values
 to the ``keep`` positions of every row, gradients included: the same function of the
-parameters, its sums taken in another order (float rounding; tests/test_performance.py).
+parameters, its sums taken in another order (float rounding; tests/test_shared_prompt.py).
 Sampling reads a group's prompt once the same way (``prompt_groups``, rollout.py).
 
 The rows are matched by value, not by position, so a shuffled minibatch, a guide in front of
