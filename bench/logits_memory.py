@@ -27,7 +27,9 @@ setting through its environment variable (``MALLOC_MMAP_THRESHOLD_=1048576``), s
 allocator's share is compared like for like; and both with gradient checkpointing (TRL's
 ``GRPOConfig`` default; ``train.gradient_checkpointing`` in tokenmdp). The ``-per-row``
 variants read every row's prompt in the update (``HFCausalLMPolicy.share_prompt`` off:
-what a group's shared prompt read once saves). ``--variants`` picks a subset.
+what a group's shared prompt read once saves); the ``-stored`` variants keep gated MLPs'
+activation for the backward as the library does (``HFCausalLMPolicy.recompute_gated_activations``
+off: what recomputing it saves). ``--variants`` picks a subset.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ VARIANTS = (
     "tokenmdp-released",
     "tokenmdp-per-row",
     "tokenmdp-released-per-row",
+    "tokenmdp-stored",
+    "tokenmdp-released-stored",
     "trl",
     "trl-released",
     "tokenmdp-checkpointed",
@@ -138,6 +142,10 @@ def child(args: argparse.Namespace) -> None:
                 from tokenmdp.policies.hf import HFCausalLMPolicy
 
                 HFCausalLMPolicy.share_prompt = False
+            if args.variant.endswith("-stored"):  # gated MLPs keep their activation (the library's way)
+                from tokenmdp.policies.hf import HFCausalLMPolicy
+
+                HFCausalLMPolicy.recompute_gated_activations = False
             checkpointed = f"train.gradient_checkpointing={str(args.variant == 'tokenmdp-checkpointed').lower()}"
             extra = ("env.stop_at_eos=false", chunk, release, checkpointed)
             times = tokenmdp_step_times(
@@ -201,6 +209,8 @@ def main() -> int:
         ("tokenmdp-unchunked", "tokenmdp-chunked"),
         ("tokenmdp-chunked", "tokenmdp-per-row"),
         ("tokenmdp-released", "tokenmdp-released-per-row"),
+        ("tokenmdp-chunked", "tokenmdp-stored"),
+        ("tokenmdp-released", "tokenmdp-released-stored"),
         ("tokenmdp-checkpointed", "trl-checkpointed"),
     ]:
         if a in peak and b in peak:

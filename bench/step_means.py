@@ -72,6 +72,19 @@ def _prompt_read_per_row():
     return _patched(HFCausalLMPolicy, "share_prompt", False)
 
 
+def _gated_activation_kept():
+    from tokenmdp.policies.hf import HFCausalLMPolicy
+
+    return _patched(HFCausalLMPolicy, "recompute_gated_activations", False)
+
+
+def _play_step_by_step():
+    """The env played one ``step`` per token, as it was, instead of all columns at once."""
+    from tokenmdp.mdp.env import TokenVectorEnv
+
+    return _patched(TokenVectorEnv, "_play_at_once", lambda self, actions: False)
+
+
 def _onehot_minus_p_pass():
     """The frozen output layer's taken-token gradient as it was: ``onehot - p`` made as a
     ``[chunk, vocab]`` tensor, then carried back through the layer."""
@@ -125,6 +138,8 @@ SWITCHES = {
     "the taken tokens' gradient as W[y] - p @ W": _onehot_minus_p_pass,
     "the sampler's argmax only when needed": _argmax_every_draw,
     "the two-level inverse-CDF search": _one_cumulative_sum,
+    "gated MLPs' activation recomputed in the backward": _gated_activation_kept,
+    "the env played in one go": _play_step_by_step,
 }
 
 

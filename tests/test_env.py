@@ -532,3 +532,60 @@ def test_a_tasks_capabilities_are_attributes_not_probes():
     assert rewards.dtype == torch.float64
     assert rewards[0] == 1.0  # the one real token matches prompt 0's pattern
     assert rewards[1] == float((task.target[1] == 0).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    env_id=st.sampled_from(ENV_IDS),
+    vocab_size=st.integers(2, 6),
+    horizon=st.integers(1, 5),
+    use_eos=st.booleans(),
+    paid=st.booleans(),
+    data=st.data(),
+)
+def test_play_in_one_go_leaves_what_step_by_step_leaves(env_id, vocab_size, horizon, use_eos, paid, data):
+    """``play`` on a reward-free or pay-on-finish env without autoreset takes every column
+    at once: the same rewards, responses, lengths and done flags as stepping column by
+    column, also with rows that were not reset, columns past the horizon and EOS anywhere;
+    an out-of-range action still raises the step's error."""
+    if env_id.endswith("Bandit-v0"):
+        horizon = 1
+    eos = data.draw(st.integers(0, vocab_size - 1)) if use_eos else None
+    columns = data.draw(st.integers(1, horizon + 2))
+    actions = torch.tensor(
+        data.draw(
+            st.lists(
+                st.lists(st.integers(0, vocab_size - 1), min_size=columns, max_size=columns), min_size=4, max_size=4
+            )
+        )
+    )
+    if data.draw(st.booleans()):
+        actions[data.draw(st.integers(0, 3)), data.draw(st.integers(0, columns - 1))] = vocab_size  # out of range
+    reset_rows = data.draw(st.lists(st.booleans(), min_size=4, max_size=4))
+    envs, results = [], []
+    for at_once in (True, False):
+        env = make_vec(
+            env_id,
+            4,
+            vocab_size=vocab_size,
+            horizon=horizon,
+            eos_token=eos,
+            compute_rewards=paid,
+            autoreset_mode="Disabled",
+            **task_kwargs(env_id, vocab_size),
+        )
+        if not at_once:
+            env._play_at_once = lambda actions: False
+        env.reset(seed=0, options={"reset_mask": reset_rows})
+        try:
+            results.append(env.play(actions.clone()))
+        except InvalidActionError as error:
+            results.append(str(error))
+        envs.append(env)
+    fast, slow = envs
+    if isinstance(results[1], str):
+        assert results[0] == results[1]
+        return
+    assert torch.equal(results[0], results[1])
+    for name in ("response", "length", "done", "prompt_index"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokenMDPError
-from . import fast_gpt2, shared_prompt
+from . import fast_gpt2, gated_mlp, shared_prompt
 from .base import FrozenLinear, TokenPolicy
 
 
@@ -33,6 +33,9 @@ class HFCausalLMPolicy(TokenPolicy):
     #: :meth:`response_hidden` runs the leading positions that rows share once
     #: (:mod:`.shared_prompt`); bench/step_means.py switches it off to measure it.
     share_prompt = True
+    #: Gated MLPs keep ``gate`` and ``up`` for the backward and recompute the activation
+    #: (:mod:`.gated_mlp`, bit-identical gradients); bench/step_means.py switches it off.
+    recompute_gated_activations = True
 
     def __init__(
         self,
@@ -64,6 +67,8 @@ class HFCausalLMPolicy(TokenPolicy):
             output_layer.__class__ = OutputLayer  # the same module (tied weights, names), another forward
         elif output_layer is not None:
             output_layer.register_forward_pre_hook(_contiguous_input)
+        if self.recompute_gated_activations:
+            gated_mlp.recompute_activations(model)
         self.lora = dict(lora) if lora else None
         if self.lora:
             model = _add_lora(model, self.lora)
