@@ -39,11 +39,15 @@ def placed(scored: list[Scored], lengths: list[int], width: int) -> torch.Tensor
     ``tokens`` from the first token on, ``final`` on the response's last token
     (``lengths[i] - 1``)."""
     out = torch.zeros(len(scored), width, dtype=torch.float64)
-    for i, (row, n) in enumerate(zip(scored, lengths)):
+    for i, row in enumerate(scored):
         if row.tokens is not None:
             out[i, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.float64)
-        if n:
-            out[i, n - 1] += row.final
+    # every final in one indexed add (not two indexing ops per row: a step's 32 rows were
+    # ~190 small tensor operations)
+    rows = [i for i, n in enumerate(lengths) if n]
+    if rows:
+        finals = torch.tensor([scored[i].final for i in rows], dtype=torch.float64)
+        out.index_put_((torch.tensor(rows), torch.tensor([lengths[i] - 1 for i in rows])), finals, accumulate=True)
     return out
 
 
