@@ -12,7 +12,9 @@ completions x 16 tokens), interleaved in one process, as per-round ratios:
   ``W[y] - p @ W`` against a ``[chunk, vocab]`` pass making ``onehot - p`` first;
 * sampling with the inverse-CDF sampler's fallback argmax taken only when a draw needs it
   against on every draw, and with its two-level search (tokenmdp/training/inverse_cdf.py)
-  against one float64 cumulative sum over the row.
+  against one float64 cumulative sum over the row;
+* the update with gated MLPs recomputing their activation in the backward
+  (tokenmdp/policies/gated_mlp.py, section 12) against keeping it (the library's MLP).
 
     python bench/output_layer.py --threads 2 [--rounds 5] [--only TEXT]
 
@@ -75,6 +77,22 @@ def draw_seconds(spent: list[float]):
         rollout._draw = inner
 
 
+@contextlib.contextmanager
+def library_mlps(model):
+    """Inside the block, ``model``'s gated MLPs are the library's own classes again (they
+    keep their activation for the backward)."""
+    from tokenmdp.policies.gated_mlp import RecomputedGatedMLP
+
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, RecomputedGatedMLP)]
+    for module, cls in swapped:
+        module.__class__ = cls.__bases__[1]
+    try:
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -119,6 +137,7 @@ def main() -> int:
         ("update: the taken tokens' gradient as W[y] - p @ W", update, _onehot_minus_p_pass),
         ("sampling: the sampler's argmax only when needed", sample, _argmax_every_draw),
         ("sampling: the two-level inverse-CDF search", sample, _one_cumulative_sum),
+        ("update: gated MLPs' activation recomputed", update, lambda: library_mlps(policy)),
     ):
         if args.only and not any(text in name for text in args.only):
             continue
