@@ -8,6 +8,7 @@ recurrent or KV-cached models override them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import attrs
@@ -31,6 +32,8 @@ class TokenPolicy(nn.Module):
 
     def autocast(self):
         """The autocast context of this policy's forwards (nothing in float32)."""
+        if self.autocast_dtype is None:  # no device lookup: this runs once per decoded token
+            return contextlib.nullcontext()
         return devices.autocast(self.autocast_dtype, devices.module_device(self))
 
     def reference_view(self) -> TokenPolicy | None:
