@@ -19,6 +19,8 @@ active. Anything else runs through the library.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +48,48 @@ def dropout_active(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in model.modules())
 
 
-def _conv1d(module, x: Tensor) -> Tensor:
-    """transformers' ``Conv1D``: ``x @ weight + bias`` (weight stored as [in, out])."""
-    return torch.addmm(module.bias, x.reshape(-1, x.shape[-1]), module.weight).view(*x.shape[:-1], -1)
+class _Norm(NamedTuple):
+    """A ``LayerNorm``'s tensors, applied as its ``forward`` does."""
+
+    shape: tuple[int, ...]
+    weight: Tensor
+    bias: Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, norm: nn.LayerNorm) -> _Norm:
+        return cls(tuple(norm.normalized_shape), norm.weight, norm.bias, norm.eps)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
+class _Conv1D(NamedTuple):
+    """transformers' ``Conv1D`` on flat rows: ``x @ weight + bias`` (weight stored [in, out])."""
+
+    weight: Tensor
+    bias: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class _Layer(NamedTuple):
+    """One GPT-2 block's tensors."""
+
+    norm_1: _Norm
+    attn: _Conv1D
+    proj: _Conv1D
+    norm_2: _Norm
+    fc: _Conv1D
+    out: _Conv1D
+    act: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def of(cls, block, act) -> _Layer:
+        attn, mlp = block.attn, block.mlp
+        conv = [_Conv1D(m.weight, m.bias) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)]
+        return cls(_Norm.of(block.ln_1), conv[0], conv[1], _Norm.of(block.ln_2), conv[2], conv[3], act or mlp.act)
 
 
 def _positions(attention_mask: Tensor) -> Tensor:
@@ -100,7 +141,11 @@ class GPT2Decoder:
         self.head_dim = self.width // self.heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         fused = getattr(config, "activation_function", None) in _TANH_GELUS
-        self.act = (lambda x: F.gelu(x, approximate="tanh")) if fused else None
+        act = (lambda x: F.gelu(x, approximate="tanh")) if fused else None
+        # each block's tensors looked up once per decoder (a sampling pass or a forward), not
+        # through four module attributes per product per decoded token
+        self.layers = [_Layer.of(block, act) for block in self.transformer.h]
+        self.final_norm = _Norm.of(self.transformer.ln_f)
 
     def _split_heads(self, x: Tensor) -> Tensor:  # [B, T, width] -> [B, heads, T, head_dim]
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -121,9 +166,10 @@ class GPT2Decoder:
         to it, and nothing after the last layer's is computed (None is returned)."""
         b, t = x.shape[:2]
         at = cache.length if cache is not None else 0
-        last = len(self.transformer.h) - 1
-        for i, block in enumerate(self.transformer.h):
-            q, k, v = _conv1d(block.attn.c_attn, block.ln_1(x)).split(self.width, dim=2)
+        last = len(self.layers) - 1
+        x = x.reshape(b * t, self.width)  # rows flat: every product is one addmm, no reshapes
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.attn(layer.norm_1(x)).view(b, t, 3 * self.width).split(self.width, dim=2)
             k, v = self._split_heads(k), self._split_heads(v)
             if keys_out is not None:
                 keys_out.append((k, v))
@@ -135,14 +181,13 @@ class GPT2Decoder:
                 k, v = cache.keys[i, :, :, : at + t], cache.values[i, :, :, : at + t]
             if past is not None:
                 k, v = torch.cat([past[i][0], k], dim=2), torch.cat([past[i][1], v], dim=2)
-            attended = F.scaled_dot_product_attention(
-                self._split_heads(q), k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, scale=self.scale
-            )
-            x = x + _conv1d(block.attn.c_proj, attended.transpose(1, 2).reshape(b, t, self.width))
-            hidden = _conv1d(block.mlp.c_fc, block.ln_2(x))
-            hidden = self.act(hidden) if self.act is not None else block.mlp.act(hidden)
-            x = x + _conv1d(block.mlp.c_proj, hidden)
-        return self.transformer.ln_f(x)
+            q = self._split_heads(q)
+            if k.dtype != q.dtype:  # an autocast forward's half queries against a float32 cache
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
+            x = x + layer.proj(attended.transpose(1, 2).reshape(b * t, self.width))
+            x = x + layer.out(layer.act(layer.fc(layer.norm_2(x))))
+        return self.final_norm(x).view(b, t, self.width)
 
     def _embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         return self.transformer.wte(input_ids) + self.transformer.wpe(positions)
