@@ -168,7 +168,7 @@ class TokenTask:
         """The lengths of whole responses (0-padded, with their 0/1 mask) and what the
         task's Python rewards are called with for them (:meth:`_reward_call`)."""
         lengths = mask.sum(1).long().tolist()
-        responses = [response[i, :n].tolist() for i, n in enumerate(lengths)]
+        responses = [row[:n] for row, n in zip(response.tolist(), lengths)]  # one copy off the tensor
         return lengths, self._reward_call([int(i) for i in prompt_index], responses)
 
     def _reward_call(self, prompt_index: list[int], responses: list[list[int]]) -> dict:
