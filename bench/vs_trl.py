@@ -14,8 +14,9 @@ among the 64 target words (ids 4..67). TRL: ``GRPOTrainer`` (``use_vllm=False``,
 Gemma-3 270M (``models/gemma-3-270m``, LoRA r = 16, alpha 32, all linear layers): 1 prompt
 x 8 completions of 16 tokens per step, lr 1e-3.
 
-Each round trains TRL for ``--warmup + --steps`` steps, then tokenmdp for as many; the
-first ``--warmup`` steps of each are dropped. The figure is the median step time over
+Each round trains TRL for ``--warmup + --steps`` steps and tokenmdp for as many, TRL
+first in odd rounds and tokenmdp first in even ones; the first ``--warmup`` steps of each
+are dropped. The figure is the median step time over
 every round, and the ratio is tokenmdp's throughput over TRL's (TRL's time / tokenmdp's).
 It also prints each round's own ratio and the median of those (robust to one slow round),
 and a warning when the rounds disagree by more than 30% (another job shared the machine).
@@ -234,8 +235,13 @@ def main() -> int:
         trl_times, ours, ratios = [], [], []
         total = args.warmup + args.steps
         for r in range(args.rounds):
-            t = trl_step_times(model_dir, files["prompts"], shape, total, tmp / f"trl{r}")[args.warmup :]
-            o = tokenmdp_step_times(model_dir, files["prompts"], shape, total, tmp / f"ours{r}")[args.warmup :]
+            run = {
+                "trl": lambda r=r: trl_step_times(model_dir, files["prompts"], shape, total, tmp / f"trl{r}"),
+                "ours": lambda r=r: tokenmdp_step_times(model_dir, files["prompts"], shape, total, tmp / f"ours{r}"),
+            }
+            # each framework first in every other round: neither always meets the machine second
+            got = {name: run[name]()[args.warmup :] for name in (("trl", "ours") if r % 2 == 0 else ("ours", "trl"))}
+            t, o = got["trl"], got["ours"]
             trl_times += t
             ours += o
             ratios.append(statistics.median(t) / statistics.median(o))
