@@ -356,7 +356,7 @@ class HFCausalLMPolicy(TokenPolicy):
             decoder, cache = state
             with self.autocast():
                 logits, cache = decoder.advance(cache, tokens)
-            return logits[:, : self.vocab_size], (decoder, cache)
+            return _first_columns(logits, self.vocab_size), (decoder, cache)
         past, mask, last_pos = state
         mask = torch.cat([mask, torch.ones_like(tokens[:, None])], dim=1)
         pos = last_pos + 1
@@ -447,6 +447,11 @@ class OutputLayer(torch.nn.Linear):
             out = out if self.bias is None else out + self.bias
             return out.view(*x.shape[:-1], -1)
         return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _first_columns(logits: Tensor, n: int) -> Tensor:
+    """``logits[:, :n]``, without the slicing op when that is all of them (once per decoded token)."""
+    return logits if logits.shape[-1] == n else logits[:, :n]
 
 
 def _none_kept(input_ids: Tensor) -> Tensor:

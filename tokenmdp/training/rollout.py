@@ -160,9 +160,8 @@ def generate(
         actions = torch.where(active, _draw(probs, generator, sampler), 0)
         response[:, t] = actions
         mask[:, t] = active.float()
-        if logprobs is not None:
-            own = torch.log_softmax(at_least_float32(logits), dim=-1).gather(1, actions[:, None]).squeeze(1)
-            logprobs[:, t] = own * mask[:, t]
+        if logprobs is not None:  # 0 on padding: multiplied by the mask once, after the loop
+            logprobs[:, t] = torch.log_softmax(at_least_float32(logits), dim=-1).gather(1, actions[:, None]).squeeze(1)
         if eos_token is not None:
             active = active & (actions != eos_token)
         if stop is not None:
@@ -171,6 +170,8 @@ def generate(
             break
         logits, state = policy.advance(state, actions)
     policy.train(was_training)
+    if logprobs is not None:
+        logprobs *= mask
     return (response, mask, logprobs) if return_logprobs else (response, mask)
 
 
