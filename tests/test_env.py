@@ -589,3 +589,23 @@ def test_play_in_one_go_leaves_what_step_by_step_leaves(env_id, vocab_size, hori
     assert torch.equal(results[0], results[1])
     for name in ("response", "length", "done", "prompt_index"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+
+
+def test_play_calls_a_subclass_step():
+    class Counting(TokenVectorEnv):
+        calls = 0
+
+        def step(self, actions):
+            Counting.calls += 1
+            return super().step(actions)
+
+    vec = make_vec("tokenmdp/Pattern-v0", 2, vocab_size=3, horizon=3, compute_rewards=False, autoreset_mode="Disabled")
+    env = Counting(vec.task, num_envs=2, compute_rewards=False, autoreset_mode="Disabled")
+    env.reset(seed=0)
+    env.play(torch.tensor([[0, 1, 2], [2, 1, 0]]))
+    assert Counting.calls == 3 and env.length.tolist() == [3, 3]
+    plain = make_vec(
+        "tokenmdp/Pattern-v0", 2, vocab_size=3, horizon=3, compute_rewards=False, autoreset_mode="Disabled"
+    )
+    plain.reset(seed=0)
+    assert plain._play_at_once(torch.tensor([[0, 1, 2], [2, 1, 0]]))  # the plain env takes them at once

@@ -311,6 +311,8 @@ class TokenVectorEnv(gymnasium.vector.VectorEnv):
         nothing per step and never restarts a row (the state they would leave, without 25
         small tensor operations per token); False, having changed nothing, where rows are
         already under way or an action is out of range (the steps then raise as usual)."""
+        if type(self).step is not TokenVectorEnv.step:  # a subclass's own step is always called
+            return False
         if actions.dim() != 2 or actions.shape[0] != self.num_envs or actions.dtype not in _INTEGERS:
             return False
         if bool((self.length != 0).any()) or bool(((actions < 0) | (actions >= self.task.vocab_size)).any()):
