@@ -80,7 +80,10 @@ def _is_plain(cls: type) -> bool:
     except (OSError, TypeError, SyntaxError):
         return False
     function = tree.body[0]
-    if not isinstance(function, ast.FunctionDef) or [a.arg for a in function.args.args] != ["self", "x"]:
+    if not isinstance(function, ast.FunctionDef) or function.decorator_list:
+        return False
+    arguments = function.args
+    if [a.arg for a in arguments.args] != ["self", "x"] or arguments.vararg or arguments.kwarg or arguments.kwonlyargs:
         return False
     body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
     return "\n".join(ast.unparse(s) for s in body) in _PLAIN_BODIES
