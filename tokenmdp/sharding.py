@@ -141,6 +141,7 @@ def shard_policy(policy, autocast_dtype: torch.dtype | None) -> None:
     this rank's shard on the way in."""
     policy.fast_path = False
     policy.share_prompt = False
+    policy.sharded = True
     shard_model(policy.model, autocast_dtype)
     policy.model.register_load_state_dict_pre_hook(_whole_to_shards)
 

@@ -36,6 +36,8 @@ class HFCausalLMPolicy(TokenPolicy):
     #: Gated MLPs keep ``gate`` and ``up`` for the backward and recompute the activation
     #: (:mod:`.gated_mlp`, bit-identical gradients); bench/step_means.py switches it off.
     recompute_gated_activations = True
+    #: Set by ``sharding.shard_policy`` (``train.sharding = "fsdp"``).
+    sharded = False
 
     def __init__(
         self,
@@ -204,10 +206,11 @@ class HFCausalLMPolicy(TokenPolicy):
     def supports_hidden_states(self) -> bool:
         """Whether :meth:`response_hidden` can hand the output layer to a caller that applies
         it a chunk of positions at a time (``train.logit_chunk``, tokenmdp/plugin/chunked.py):
-        yes, unless the layer is sharded (``train.sharding = "fsdp"``), whose weights exist
-        whole only inside the model's own forward; a sharded run takes the whole logits."""
-        weight = self.model.get_output_embeddings().weight
-        return type(weight.data) is torch.Tensor
+        yes, unless the model is sharded (``train.sharding = "fsdp"``), whose weights exist
+        whole only inside the model's own forward; a sharded run takes the whole logits.
+        Read off :attr:`sharded`, not the weight's type (FSDP2 may hold a root module's
+        parameters unsharded between its forward and backward)."""
+        return not self.sharded
 
     def response_hidden(self, input_ids, attention_mask, keep: int):
         """``([B, keep, width], head)``: the last hidden states of the last ``keep``
