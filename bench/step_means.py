@@ -9,8 +9,8 @@ with all of them off (the step as it was before them), interleaved over rounds
 ``--only TEXT`` (repeatable) keeps "all on" and the variants whose name holds TEXT, e.g.
 ``--only chunked`` for the chunked output layer alone. The means that are not config keys
 (:data:`SWITCHES`) are switched off by patching the code they live in; the options that
-are off by default (:data:`OPTIONS`: fused and foreach Adam, `train.release_memory`) are measured switched on
-("with ..." rows: < 1 means the option saves time).
+are off by default (:data:`OPTIONS`: fused and foreach Adam, ``train.release_memory``) are
+measured switched on ("with ..." rows: < 1 means the option saves time).
 
 Every response runs to the horizon (``env.stop_at_eos = false``), so that every variant
 does the same work. Prints each variant's median step time and its ratio to the all-on step (> 1: that means
