@@ -14,16 +14,17 @@ from tokenmdp.plugin.batch import token_logprobs
 from tokenmdp.policies import gated_mlp
 from tokenmdp.policies.hf import HFCausalLMPolicy
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 300,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 64,
-}
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+#: A Llama of the tiny Gemma's sizes (its own attention and activation).
+TINY_LLAMA = {"model_type": "llama", **{key: TINY_GEMMA[key] for key in _SIZES}}
 
 
 def _policy(config, recompute: bool, precision: str, lora: bool, monkeypatch) -> HFCausalLMPolicy:

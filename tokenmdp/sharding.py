@@ -134,13 +134,13 @@ def shard_model(model: torch.nn.Module, autocast_dtype: torch.dtype | None) -> N
 
 def shard_policy(policy, autocast_dtype: torch.dtype | None) -> None:
     """Shard an :class:`~tokenmdp.policies.hf.HFCausalLMPolicy` in place. Its fast GPT-2
-    path reads the weights directly, bypassing FSDP's gathers, so it is switched off; so is
-    reading a group's shared prompt once (``share_prompt``), which makes a forward's number
-    of model calls depend on the rank's own rows, where FSDP's gathers must match on every
-    rank. It then loads whole tensors (a checkpoint's) as well as shards: each is cut into
-    this rank's shard on the way in."""
+    path reads the weights directly, bypassing FSDP's gathers, so it is switched off. The
+    policy is marked ``sharded``, which also keeps it from reading a group's shared prompt
+    once (``HFCausalLMPolicy._may_share``): that makes a forward's number of model calls
+    depend on the rank's own rows, where FSDP's gathers must match on every rank. It then
+    loads whole tensors (a checkpoint's) as well as shards: each is cut into this rank's
+    shard on the way in."""
     policy.fast_path = False
-    policy.share_prompt = False
     policy.sharded = True
     shard_model(policy.model, autocast_dtype)
     policy.model.register_load_state_dict_pre_hook(_whole_to_shards)

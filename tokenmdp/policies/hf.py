@@ -230,9 +230,9 @@ class HFCausalLMPolicy(TokenPolicy):
     def _may_share(self) -> bool:
         """Whether this forward may share leading positions between rows: not when the
         library checkpoints its blocks (it turns the cache off in a training forward), and
-        not for a model whose output layer is sharded (``share_prompt`` is off there too:
-        :func:`tokenmdp.sharding.shard_policy`)."""
-        if not self.share_prompt or not self.supports_hidden_states:
+        not for a sharded model (:func:`tokenmdp.sharding.shard_policy`: FSDP's gathers must
+        match on every rank, and sharing makes the number of model calls depend on the rows)."""
+        if not self.share_prompt or self.sharded:
             return False
         return not (self.gradient_checkpointing and self.model.training and torch.is_grad_enabled())
 
