@@ -306,3 +306,35 @@ def test_tokens_per_second_cover_the_steps_the_wall_time_covers(text_grid):
     resumed = {"env_tokens": 90, "wall_seconds": 10.0, "wall_from_step": 1}
     assert tokens_per_second(resumed, rows) == pytest.approx(5.0)  # steps 2 on: 50 tokens in 10 s
     assert tokens_per_second({"env_tokens": 90, "wall_seconds": 10.0}, rows) is None
+
+
+def test_the_sampled_scores_are_also_means_with_standard_errors_over_seeds(text_grid):
+    """Beside median [min, max], a text grid gives the held-out scores as mean ± standard
+    error over seeds (stdev / sqrt(seeds)) of each seed's mean over its responses: in
+    results.csv (``_mean``, ``_se``), results.md and the page."""
+    out, _ = text_grid
+    with open(out / "results.csv") as fh:
+        rows = {r["recipe"]: r for r in csv.DictReader(fh)}
+    for recipe in ("grpo", "inverse-q-distill"):
+        summaries = [
+            json.loads((out / "cells" / f"{recipe}__Text__seed{s}" / "summary.json").read_text()) for s in (0, 1, 2)
+        ]
+        for key in ("true_reward", "kl_ref", "distinct_2", "judge/vader", "judge/vader_win_rate", "judge/length_judge"):
+            values = [s[key] for s in summaries]
+            assert float(rows[recipe][f"{key}_mean"]) == pytest.approx(statistics.fmean(values)), (recipe, key)
+            assert float(rows[recipe][f"{key}_se"]) == pytest.approx(statistics.stdev(values) / 3**0.5), (recipe, key)
+    assert "env_tokens_mean" not in rows["grpo"]  # budgets are not estimates
+    results = (out / "results.md").read_text()
+    means = results[results.index("## Mean ± standard error") :]
+    mean, se = float(rows["grpo"]["judge/vader_mean"]), float(rows["grpo"]["judge/vader_se"])
+    assert re.search(rf"\| grpo +\| Text +\| reward +\| 3 +\|.*\| {mean:.3f} ± {se:.3f} +\|", means)
+    assert "<h2>Mean ± standard error</h2>" in (out / "index.html").read_text()
+
+
+def test_a_mean_of_one_seed_has_no_standard_error():
+    from tokenmdp.reports.compare.output import mean_se
+
+    assert mean_se([0.25]) == (0.25, None)
+    assert mean_se([None, 0.25, None]) == (0.25, None)
+    assert mean_se([]) == (None, None)
+    assert mean_se([1.0, 3.0]) == (2.0, pytest.approx(1.0))  # stdev sqrt(2) over sqrt(2)

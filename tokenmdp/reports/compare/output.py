@@ -1,6 +1,7 @@
 """The results folder of a grid: the cells' records summarised across seeds (median, min,
-max) as ``results.md``, ``results.csv``, two plots and ``index.html``, a page filled in from
-:data:`PAGE` (``string.Template``: jinja2 is not among tokenmdp's dependencies).
+max; a text grid's sampled scores also as mean ± standard error) as ``results.md``,
+``results.csv``, two plots and ``index.html``, a page filled in from :data:`PAGE`
+(``string.Template``: jinja2 is not among tokenmdp's dependencies).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import csv
 import gzip
 import html
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -51,6 +53,10 @@ TEXT_COLUMNS = [
 TEXT_KEYS = frozenset(key for key, _ in TEXT_COLUMNS) - {"data_tokens", "tokens_per_second"}
 #: A text grid's held-out responses, every cell's (:func:`write_completions`).
 COMPLETIONS = "completions.jsonl.gz"
+#: A text grid's columns also given as mean ± standard error over seeds (with each judge's):
+#: each seed's value is a mean over its held-out responses, so the seeds' spread holds both
+#: the training seed's noise and the sampled responses'.
+MEAN_KEYS = ("true_reward", "kl_ref", "distinct_2")
 TEXT_PLOTS = {"judge_vs_tokens.png": "Held-out score against environment tokens", "judge_vs_kl.png": "Score against KL"}
 SCORES = {
     "exact": "Every score is exact (the soft-Bellman solver over the whole prefix tree).",
@@ -87,6 +93,7 @@ $figures
 _ROW = Template("<tr>$cells</tr>")
 _HEADER_CELL = Template("<th>$text</th>")
 _CELL = Template("<td>$text</td>")
+_MEANS = Template("<h2>Mean ± standard error</h2>\n<p>$line</p>\n<table>\n$table\n</table>")
 _FIGURE = Template('<h2>$title</h2>\n<img alt="$name" src="$uri">')
 
 
@@ -95,6 +102,19 @@ def _spread(values: list) -> tuple[float | None, float | None, float | None]:
     if not values:
         return None, None, None
     return statistics.median(values), min(values), max(values)
+
+
+def mean_se(values: list) -> tuple[float | None, float | None]:
+    """The mean of ``values`` (``None`` dropped) and its standard error, ``stdev / sqrt(n)``;
+    no error for fewer than two values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    if len(values) < 2:
+        return values[0], None
+    n = len(values)
+    mean = math.fsum(values) / n
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def _fmt(value: float | None, key: str) -> str:
@@ -113,6 +133,11 @@ def text_columns(records: list[dict]) -> list[tuple[str, str]]:
     """A text grid's columns: :data:`TEXT_COLUMNS`, then each judge's mean and win rate."""
     judges = sorted({k for r in records for k in r if k.startswith("judge/") and not k.endswith("_se")})
     return [*TEXT_COLUMNS, *((k, k.removeprefix("judge/").replace("_win_rate", " win rate")) for k in judges)]
+
+
+def mean_columns(columns) -> list[tuple[str, str]]:
+    """The columns of a text grid's mean ± s.e. table: :data:`MEAN_KEYS` and the judges'."""
+    return [(k, title) for k, title in columns if k in MEAN_KEYS or k.startswith("judge/")]
 
 
 #: The exact expected lengths (of the policy and of pi*), shown when some length varies.
@@ -137,10 +162,22 @@ def summarise(records: list[dict], columns=COLUMNS) -> list[dict[str, Any]]:
     rows = []
     for (recipe, env), cell_records in groups.items():
         row = {"recipe": recipe, "env": env, "supervision": cell_records[0]["supervision"], "seeds": len(cell_records)}
-        for key, _ in [*columns, ("frontier_excess", "")]:
-            row[key] = _spread([r.get(key) for r in cell_records])
-        rows.append(row)
+        rows.append(_with_stats(row, [*columns, ("frontier_excess", "")], cell_records))
     return rows
+
+
+def _with_stats(row: dict, columns, per_seed: list[dict], default: dict | None = None) -> dict:
+    """``row`` with each column's median [min, max] across the seeds' records ``per_seed``
+    (``row[key]``) and, for :data:`MEAN_KEYS` and judges, their mean ± s.e.
+    (``row["means"][key]``); a key a record lacks is ``default``'s, else ``None``."""
+    default = default or {}
+    row["means"] = {}
+    for key, _ in columns:
+        values = [record.get(key, default.get(key)) for record in per_seed]
+        row[key] = _spread(values)
+        if key in MEAN_KEYS or key.startswith("judge/"):
+            row["means"][key] = mean_se(values)
+    return row
 
 
 #: A text grid's baseline rows: (label, the record's key holding its scores, supervision).
@@ -165,9 +202,7 @@ def baseline_rows(records: list[dict], columns) -> list[dict[str, Any]]:
             if not scored:
                 continue
             row = {"recipe": label, "env": env, "supervision": supervision, "seeds": len(scored)}
-            for k, _ in [*columns, ("frontier_excess", "")]:
-                row[k] = _spread([scores.get(k, _UNTRAINED.get(k)) for scores in scored])
-            rows.append(row)
+            rows.append(_with_stats(row, [*columns, ("frontier_excess", "")], scored, _UNTRAINED))
     return rows
 
 
@@ -186,6 +221,36 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
     return markdown(body, header)
 
 
+def mean_table(rows: list[dict], columns) -> tuple[list[str], list[list[str]]]:
+    """A text grid's second table: mean ± standard error over seeds (:func:`mean_se`)."""
+    header = ["recipe", "env", "supervision", "seeds", *(title for _, title in columns)]
+    body = [
+        [
+            r["recipe"],
+            short_env(r["env"]),
+            r["supervision"],
+            str(r["seeds"]),
+            *(_mean_text(r, key) for key, _ in columns),
+        ]
+        for r in rows
+    ]
+    return header, body
+
+
+def _mean_text(row: dict, key: str) -> str:
+    mean, se = row["means"][key]
+    if mean is None:
+        return "-"
+    return _fmt(mean, key) if se is None else f"{_fmt(mean, key)} ± {_fmt(se, key)}"
+
+
+#: What the mean ± s.e. table shows, said above it in ``results.md`` and on the page.
+MEANS_LINE = (
+    "Mean ± standard error over seeds (stdev / sqrt(seeds); no error with one seed) of each seed's "
+    "mean over its held-out responses: the error holds both the training seed's and the samples' noise."
+)
+
+
 def _cell_text(spread: tuple | int, key: str) -> str:
     if isinstance(spread, int):  # the seeds a row has (a partial report's column)
         return str(spread)
@@ -195,12 +260,22 @@ def _cell_text(spread: tuple | int, key: str) -> str:
     return f"{_fmt(median, key)} [{_fmt(low, key)}, {_fmt(high, key)}]"
 
 
-def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> None:
+def write_csv(rows: list[dict], path: Path, columns=COLUMNS, means=()) -> None:
+    """One row per table row: each column's median, min and max, then the mean and s.e. of
+    each of ``means`` (a text grid's :func:`mean_columns`)."""
     keys = [key for key, _ in columns] + ["frontier_excess"]
+    mean_keys = [key for key, _ in means]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
-            ["recipe", "env", "supervision", "seeds", *(f"{k}_{s}" for k in keys for s in ("median", "min", "max"))]
+            [
+                "recipe",
+                "env",
+                "supervision",
+                "seeds",
+                *(f"{k}_{s}" for k in keys for s in ("median", "min", "max")),
+                *(f"{k}_{s}" for k in mean_keys for s in ("mean", "se")),
+            ]
         )
         for r in rows:
             writer.writerow(
@@ -210,6 +285,7 @@ def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> None:
                     r["supervision"],
                     r["seeds"],
                     *("" if v is None else v for k in keys for v in r[k]),
+                    *("" if v is None else v for k in mean_keys for v in r["means"][k]),
                 ]
             )
 
@@ -273,11 +349,16 @@ def write_results(grid: Grid, records: list[dict], out: Path | None = None, part
     )
     if partial:  # some cells are missing: each row's seeds column says how many it has
         grid_line += f"; {partial}"
-    (out / "results.md").write_text(f"# tokenmdp compare\n\n{grid_line}\n\n{table}\n")
-    write_csv(rows, out / "results.csv", columns)
+    means = mean_columns(columns) if all(text) else []
+    second = ""
+    if means:  # a text grid: the sampled scores also as mean ± s.e. over seeds
+        header, body = mean_table(rows, means)
+        second = f"\n## Mean ± standard error\n\n{MEANS_LINE}\n\n{markdown(body, header)}\n"
+    (out / "results.md").write_text(f"# tokenmdp compare\n\n{grid_line}\n\n{table}\n{second}")
+    write_csv(rows, out / "results.csv", columns, means)
     index = out / "index.html"
     mode = "text" if all(text) else "exact"
-    index.write_text(_html_page(grid_line, rows, out, shown, mode))
+    index.write_text(_html_page(grid_line, rows, out, shown, mode, means))
     return table, index
 
 
@@ -296,16 +377,25 @@ def write_completions(records: list[dict], path: Path) -> None:
     path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0))
 
 
-def _html_page(grid_line: str, rows: list[dict], out: Path, columns=COLUMNS, mode: str = "exact") -> str:
+def _html_rows(header: list[str], body: list[list[str]]) -> str:
+    rows = [_ROW.substitute(cells="".join(_HEADER_CELL.substitute(text=html.escape(h)) for h in header))]
+    rows += [_ROW.substitute(cells="".join(_CELL.substitute(text=html.escape(str(c))) for c in row)) for row in body]
+    return "\n".join(rows)
+
+
+def _html_page(grid_line: str, rows: list[dict], out: Path, columns=COLUMNS, mode: str = "exact", means=()) -> str:
     from ..plots import png_data_uri
 
-    header, body = _table(rows, columns)
-    table = [_ROW.substitute(cells="".join(_HEADER_CELL.substitute(text=html.escape(h)) for h in header))]
-    table += [_ROW.substitute(cells="".join(_CELL.substitute(text=html.escape(str(c))) for c in row)) for row in body]
     figures = [
         _FIGURE.substitute(title=html.escape(title), name=name, uri=png_data_uri(out / name))
         for name, title in (TEXT_PLOTS if mode == "text" else PLOTS).items()
     ]
+    if means:
+        second = _MEANS.substitute(line=html.escape(MEANS_LINE), table=_html_rows(*mean_table(rows, means)))
+        figures.insert(0, second)
     return PAGE.substitute(
-        grid_line=html.escape(grid_line), scores=SCORES[mode], table="\n".join(table), figures="\n".join(figures)
+        grid_line=html.escape(grid_line),
+        scores=SCORES[mode],
+        table=_html_rows(*_table(rows, columns)),
+        figures="\n".join(figures),
     )
