@@ -33,6 +33,17 @@ def _panels(count: int):
     return fig, axes[0]
 
 
+def _colours(ax, count: int) -> None:
+    """Distinct colours for ``count`` series: matplotlib's cycle repeats after ten."""
+    if count > 10:
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+
+
+#: How baselines (series that are not methods: a text grid's reference and guided
+#: reference) are drawn on the KL plot, in the order given: outside the methods' colours.
+BASELINE_STYLES = ({"color": "black", "marker": "*"}, {"color": "dimgray", "marker": "D"})
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -44,6 +55,7 @@ def _median_bands(ax, by_recipe: Mapping[str, list[Series]], floor: float | None
     """One line per recipe (the median over seeds) with a band from the seeds' min to max;
     the smallest and largest y drawn."""
     low, high = float("inf"), float("-inf")
+    _colours(ax, len(by_recipe))
     for recipe, seeds in by_recipe.items():
         # Seeds share the evaluation steps; one that stopped early is cut to the shortest.
         length = min(len(x) for x, _ in seeds)
@@ -85,16 +97,25 @@ def reward_kl_frontier(
     path: str | Path,
     ylabel: str = "E_pi[R]  (true_reward)",
     symlog: bool = False,
+    baselines: Sequence[str] = (),
 ) -> Path:
     """``points[env][recipe]`` = one (kl_ref, true_reward) trajectory per seed, the last point
     being the final policy; ``frontiers[env]`` = the exact (KL(pi*_b || pi_ref), E_pi*_b[R])
     curves over a sweep of b, one per reference model. As in the DPO paper's sentiment plot.
     ``symlog``: the KL axis linear up to 1 nat and logarithmic past it (text grids, whose
-    methods end anywhere from 1 to 50 nats)."""
+    methods end anywhere from 1 to 50 nats). ``baselines``: the recipes of ``points`` that
+    are not methods, drawn as points in :data:`BASELINE_STYLES` (a star, a diamond)."""
     fig, axes = _panels(len(points))
     for ax, (env, by_recipe) in zip(axes, points.items()):
         widest = 0.0
+        _colours(ax, len([r for r in by_recipe if r not in baselines]))
         for recipe, seeds in by_recipe.items():
+            if recipe in baselines:
+                style = BASELINE_STYLES[list(baselines).index(recipe) % len(BASELINE_STYLES)]
+                kls, scores = [kl[-1] for kl, _ in seeds], [score[-1] for _, score in seeds]
+                ax.scatter(kls, scores, s=70, zorder=4, label=recipe, **style)
+                widest = max(widest, *kls)
+                continue
             color = None
             for k, (kl, reward) in enumerate(seeds):
                 (line,) = ax.plot(kl, reward, color=color, alpha=0.35, linewidth=0.8)

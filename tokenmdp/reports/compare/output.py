@@ -333,7 +333,8 @@ def write_results(grid: Grid, records: list[dict], out: Path | None = None, part
         for label, key, _ in BASELINES:  # a point per seed
             for e in envs:
                 points[e][label] = [([r[key]["kl_ref"]], [r[key][score]]) for r in _one_per_seed(records, e, key)]
-        plots.reward_kl_frontier(points, {}, out / "judge_vs_kl.png", ylabel=score, symlog=True)
+        baselines = [label for label, _, _ in BASELINES]
+        plots.reward_kl_frontier(points, {}, out / "judge_vs_kl.png", ylabel=score, symlog=True, baselines=baselines)
     else:
         curves, points = per_seed("env_tokens", "regret"), per_seed("kl_ref", "true_reward")
         frontiers = {}
