@@ -252,7 +252,7 @@ def test_lora_reference_is_exactly_the_base_model(model_dir):
     # 2 layers of 6 sequential matrix products (the widest sums 4 * n_embd = 128 terms),
     # then the output layer: 13 stages. Measured: equal here, 1.2e-7 (2 ulps) on another CPU.
     tolerance = rounding_tolerance(expected, reduction=128, depth=13, ulps=1)
-    moved = float((policy(ids) - expected).abs().max())
+    moved = float((policy(ids) - expected).detach().abs().max())
     assert moved > 100 * tolerance  # the adapter moved the policy, far past any rounding
     assert float((reference(ids) - expected).abs().max()) <= tolerance  # the reference is still the base
     assert policy.training  # the reference's eval-mode switch is undone
