@@ -86,6 +86,7 @@ Columns: docs/compare.md. Data: results.csv; runs: cells/.</p>
 <table>
 $table
 </table>
+$means
 $figures
 </body>
 </html>
@@ -112,6 +113,8 @@ def mean_se(values: list) -> tuple[float | None, float | None]:
         return None, None
     if len(values) < 2:
         return values[0], None
+    # Not statistics.stdev: it raises on an infinite value, where this gives nan (the page
+    # is written after hours of training; one odd score must not stop it).
     n = len(values)
     mean = math.fsum(values) / n
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1) / n)
@@ -135,9 +138,14 @@ def text_columns(records: list[dict]) -> list[tuple[str, str]]:
     return [*TEXT_COLUMNS, *((k, k.removeprefix("judge/").replace("_win_rate", " win rate")) for k in judges)]
 
 
+def _has_mean(key: str) -> bool:
+    """Whether ``key`` is a sampled score given as mean ± s.e.: :data:`MEAN_KEYS` and the judges'."""
+    return key in MEAN_KEYS or key.startswith("judge/")
+
+
 def mean_columns(columns) -> list[tuple[str, str]]:
-    """The columns of a text grid's mean ± s.e. table: :data:`MEAN_KEYS` and the judges'."""
-    return [(k, title) for k, title in columns if k in MEAN_KEYS or k.startswith("judge/")]
+    """The columns of a text grid's mean ± s.e. table."""
+    return [(k, title) for k, title in columns if _has_mean(k)]
 
 
 #: The exact expected lengths (of the policy and of pi*), shown when some length varies.
@@ -175,7 +183,7 @@ def _with_stats(row: dict, columns, per_seed: list[dict], default: dict | None =
     for key, _ in columns:
         values = [record.get(key, default.get(key)) for record in per_seed]
         row[key] = _spread(values)
-        if key in MEAN_KEYS or key.startswith("judge/"):
+        if _has_mean(key):
             row["means"][key] = mean_se(values)
     return row
 
@@ -206,13 +214,12 @@ def baseline_rows(records: list[dict], columns) -> list[dict[str, Any]]:
     return rows
 
 
-def _table(rows: list[dict], columns=COLUMNS) -> tuple[list[str], list[list[str]]]:
-    """The results table's header and cells (median [min, max] across seeds)."""
+def _table(rows: list[dict], columns=COLUMNS, means: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The results table's header and cells: median [min, max] across seeds, or with
+    ``means`` mean ± s.e. where a column has one (:func:`_mean_text`)."""
     header = ["recipe", "env", "supervision", *(title for _, title in columns)]
-    body = [
-        [r["recipe"], short_env(r["env"]), r["supervision"], *(_cell_text(r[key], key) for key, _ in columns)]
-        for r in rows
-    ]
+    text = _mean_text if means else (lambda r, key: _cell_text(r[key], key))
+    body = [[r["recipe"], short_env(r["env"]), r["supervision"], *(text(r, key) for key, _ in columns)] for r in rows]
     return header, body
 
 
@@ -222,22 +229,14 @@ def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def mean_table(rows: list[dict], columns) -> tuple[list[str], list[list[str]]]:
-    """A text grid's second table: mean ± standard error over seeds (:func:`mean_se`)."""
-    header = ["recipe", "env", "supervision", "seeds", *(title for _, title in columns)]
-    body = [
-        [
-            r["recipe"],
-            short_env(r["env"]),
-            r["supervision"],
-            str(r["seeds"]),
-            *(_mean_text(r, key) for key, _ in columns),
-        ]
-        for r in rows
-    ]
-    return header, body
+    """A text grid's second table: each row's seeds, then mean ± standard error over seeds
+    (:func:`mean_se`) of ``columns``."""
+    return _table(rows, [("seeds", "seeds"), *columns], means=True)
 
 
 def _mean_text(row: dict, key: str) -> str:
+    if key not in row["means"]:  # the seeds column
+        return _cell_text(row[key], key)
     mean, se = row["means"][key]
     if mean is None:
         return "-"
@@ -391,12 +390,13 @@ def _html_page(grid_line: str, rows: list[dict], out: Path, columns=COLUMNS, mod
         _FIGURE.substitute(title=html.escape(title), name=name, uri=png_data_uri(out / name))
         for name, title in (TEXT_PLOTS if mode == "text" else PLOTS).items()
     ]
-    if means:
+    second = ""
+    if means:  # a text grid's mean ± s.e. table, under the main one
         second = _MEANS.substitute(line=html.escape(MEANS_LINE), table=_html_rows(*mean_table(rows, means)))
-        figures.insert(0, second)
     return PAGE.substitute(
         grid_line=html.escape(grid_line),
         scores=SCORES[mode],
         table=_html_rows(*_table(rows, columns)),
+        means=second,
         figures="\n".join(figures),
     )
