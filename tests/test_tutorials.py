@@ -8,8 +8,12 @@ the reader creates; it is written to ``PATH`` before the code runs.
 
 from __future__ import annotations
 
+import gzip
+import json
+import math
 import re
 import shutil
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -103,10 +107,23 @@ def test_tutorial_4_dense_rewards_and_credit_on_text(tmp_path, monkeypatch, caps
     module = run_tutorial("04_dense_rewards_and_credit_on_text.md", tmp_path, monkeypatch)
     page = (TUTORIALS / "04_dense_rewards_and_credit_on_text.md").read_text()
     out = capsys.readouterr().out
-    # the figures quoted on the page are this run's (loosely: other CPUs round differently)
-    start, end = (float(x) for x in re.search(r"held-out lexicon score (\d\.\d\d) -> (\d\.\d\d)", page).groups())
-    assert module.dense["start"]["true_reward"] == pytest.approx(start, abs=0.02)
-    assert module.dense["true_reward"] == pytest.approx(end, abs=0.25)
+    # The held-out scores are means over a few sampled responses, and another CPU rounds the
+    # tiny model's training differently, so it samples other responses (an AVX-512 Xeon with
+    # one thread: 0.31 -> 1.62, where the page says 0.53 -> 1.31). So the tolerances are the
+    # sampling noise, read off this run's own held-out responses: the policy beats the
+    # reference by more than 3 standard errors, and the page's figures are within 4 standard
+    # errors of a difference between two independent draws of this run's.
+    rewards = {"reference": [], "policy": []}
+    with gzip.open("runs/tutorial4/dense/eval_completions.jsonl.gz", "rt") as lines:
+        for row in map(json.loads, lines):
+            rewards[row["role"]].append(row["reward"])
+    start, end = (statistics.fmean(rewards[role]) for role in ("reference", "policy"))
+    assert (start, end) == pytest.approx((module.dense["start"]["true_reward"], module.dense["true_reward"]))
+    se = {role: statistics.stdev(v) / math.sqrt(len(v)) for role, v in rewards.items()}
+    assert end - start > 3 * math.hypot(se["reference"], se["policy"])
+    quoted = re.search(r"held-out lexicon score (\d\.\d\d) -> (\d\.\d\d)", page).groups()
+    assert float(quoted[0]) == pytest.approx(start, abs=4 * math.sqrt(2) * se["reference"])
+    assert float(quoted[1]) == pytest.approx(end, abs=4 * math.sqrt(2) * se["policy"])
     quoted = re.search(r"```\nestimator +corr with truth +95% interval\n(.*?)```", page, re.S)
     rows = re.findall(r"^(.*?)\s+(-?\d\.\d{3})  \[([-+]\d\.\d{3}), ([-+]\d\.\d{3})\]$", quoted.group(1), flags=re.M)
     assert {label for label, *_ in rows} == set(module.result.labels)
