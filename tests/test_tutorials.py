@@ -121,9 +121,9 @@ def test_tutorial_4_dense_rewards_and_credit_on_text(tmp_path, monkeypatch, caps
     assert (start, end) == pytest.approx((module.dense["start"]["true_reward"], module.dense["true_reward"]))
     se = {role: statistics.stdev(v) / math.sqrt(len(v)) for role, v in rewards.items()}
     assert end - start > 3 * math.hypot(se["reference"], se["policy"])
-    quoted = re.search(r"held-out lexicon score (\d\.\d\d) -> (\d\.\d\d)", page).groups()
-    assert float(quoted[0]) == pytest.approx(start, abs=4 * math.sqrt(2) * se["reference"])
-    assert float(quoted[1]) == pytest.approx(end, abs=4 * math.sqrt(2) * se["policy"])
+    page_start, page_end = re.search(r"held-out lexicon score (\d\.\d\d) -> (\d\.\d\d)", page).groups()
+    assert float(page_start) == pytest.approx(start, abs=4 * math.sqrt(2) * se["reference"])
+    assert float(page_end) == pytest.approx(end, abs=4 * math.sqrt(2) * se["policy"])
     quoted = re.search(r"```\nestimator +corr with truth +95% interval\n(.*?)```", page, re.S)
     rows = re.findall(r"^(.*?)\s+(-?\d\.\d{3})  \[([-+]\d\.\d{3}), ([-+]\d\.\d{3})\]$", quoted.group(1), flags=re.M)
     assert {label for label, *_ in rows} == set(module.result.labels)
